@@ -1,0 +1,226 @@
+//! The proxy's shared state and the one way a calculation happens: [`App::calculation`], a
+//! single-flight upstream call whose good result lands in the cache.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use http::{HeaderName, HeaderValue, Method};
+use tokio::sync::Semaphore;
+
+use crate::auth::Credential;
+use crate::cache::{CacheKey, Entry, EntryError, InsightCache, PartitionKeyer};
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::flights::{Flight, Flights};
+use crate::query::QueryParams;
+use crate::refresh::UpstreamRefresh;
+use crate::status::StatusRegistry;
+use crate::upstream::{UpstreamClient, UpstreamError, UpstreamRequest, UpstreamResponse};
+use crate::workers::JobQueue;
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum FlightKind {
+    /// Reading the upstream's cache (`refresh=force_cache`): cheap, never calculates.
+    Peek,
+    Calculate,
+}
+
+pub type FlightKey = (CacheKey, FlightKind);
+
+/// Why an upstream call produced nothing to answer with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    Upstream(UpstreamError),
+    /// The upstream answered 5xx.
+    Status(u16),
+    /// The upstream answered 200 with something that is not an insight.
+    Garbage,
+}
+
+impl Failure {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Failure::Upstream(e) => e.as_str(),
+            Failure::Status(_) => "status_5xx",
+            Failure::Garbage => "garbage",
+        }
+    }
+
+    pub fn to_api_error(&self) -> ApiError {
+        match self {
+            Failure::Upstream(UpstreamError::Timeout) => ApiError::gateway_timeout("The upstream did not answer in time."),
+            Failure::Upstream(UpstreamError::Connect) => ApiError::bad_gateway("The upstream is unreachable."),
+            Failure::Upstream(UpstreamError::TooLarge(n)) => {
+                ApiError::bad_gateway(format!("The upstream's answer is larger than {n} bytes."))
+            }
+            Failure::Upstream(UpstreamError::Broken) => ApiError::bad_gateway("The upstream closed the connection."),
+            Failure::Status(s) => ApiError::bad_gateway(format!("The upstream answered with status {s}.")),
+            Failure::Garbage => ApiError::bad_gateway("The upstream's answer is not a valid insight."),
+        }
+    }
+}
+
+/// What one upstream call for an insight came to. Cheap to clone: every waiter gets a copy.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// A good result, now in the cache (unless a purge raced it).
+    Stored(Arc<Entry>),
+    /// An answer to relay as it is and never cache: 4xx, or 200 with no result or an error status.
+    Relay(Arc<UpstreamResponse>),
+    Failed(Failure),
+}
+
+/// Everything needed to ask the upstream about one insight on a caller's behalf.
+#[derive(Debug, Clone)]
+pub struct CalcSpec {
+    pub key: CacheKey,
+    pub project: u64,
+    pub insight: u64,
+    /// The path as the client sent it, so the upstream sees the same alias.
+    pub path: String,
+    pub query: QueryParams,
+    pub credential: Credential,
+}
+
+/// Query parameters that never go upstream from the proxy's own calls: the proxy sets `refresh`
+/// itself, and a client's `client_query_id` names the client's query, not ours.
+const NOT_FORWARDED: [&str; 2] = ["refresh", "client_query_id"];
+
+impl CalcSpec {
+    pub fn dashboard_id(&self) -> Option<u64> {
+        self.query.get("from_dashboard").and_then(|d| d.parse().ok())
+    }
+
+    pub fn upstream_request(&self, refresh: UpstreamRefresh) -> UpstreamRequest {
+        let query = self.query.encode_without(&NOT_FORWARDED, &[("refresh", refresh.as_str())]);
+        UpstreamRequest {
+            method: Method::GET,
+            path_and_query: format!("{}?{}", self.path, query),
+            headers: credential_headers(&self.credential),
+            body: None,
+        }
+    }
+}
+
+/// The headers that carry a credential upstream. Only the session cookie is forwarded from
+/// `Cookie`, so what authenticates upstream is exactly what the partition was derived from.
+pub fn credential_headers(c: &Credential) -> Vec<(HeaderName, HeaderValue)> {
+    let mut h = Vec::new();
+    if let Some(a) = c.authorization.as_deref().and_then(|a| HeaderValue::from_str(a).ok()) {
+        h.push((http::header::AUTHORIZATION, a));
+    }
+    if let Some(s) = &c.session_cookie {
+        if let Ok(v) = HeaderValue::from_str(&format!("{}={s}", crate::auth::SESSION_COOKIE)) {
+            h.push((http::header::COOKIE, v));
+        }
+    }
+    h
+}
+
+/// Counters the proxy keeps about itself (exported as metrics by the operations layer).
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub calculations: AtomicU64,
+    pub peeks: AtomicU64,
+    pub coalesced: AtomicU64,
+    pub upstream_errors: AtomicU64,
+}
+
+pub struct App {
+    pub config: Arc<Config>,
+    pub clock: Clock,
+    pub cache: InsightCache,
+    pub keyer: PartitionKeyer,
+    pub flights: Flights<FlightKey, Outcome>,
+    pub statuses: StatusRegistry,
+    pub upstream: UpstreamClient,
+    pub jobs: JobQueue,
+    /// Bounds concurrent upstream calculations, blocking and background alike.
+    pub calc_permits: Semaphore,
+    pub stats: Stats,
+}
+
+impl App {
+    pub fn new(config: Arc<Config>, clock: Clock, upstream: UpstreamClient) -> Arc<App> {
+        Arc::new(App {
+            cache: InsightCache::new(config.cache_max_bytes, config.cache_ttl),
+            keyer: PartitionKeyer::new(config.partition_secret.as_deref()),
+            flights: Flights::default(),
+            statuses: StatusRegistry::new(config.status_ttl, config.status_max_records),
+            jobs: JobQueue::new(config.queue_capacity),
+            calc_permits: Semaphore::new(config.max_concurrent_calculations),
+            stats: Stats::default(),
+            upstream,
+            clock,
+            config,
+        })
+    }
+
+    /// Joins the running calculation for the key, or starts one. Returns the flight and whether
+    /// this call started it.
+    pub fn calculation(self: &Arc<Self>, spec: &Arc<CalcSpec>, refresh: UpstreamRefresh) -> (Arc<Flight<Outcome>>, bool) {
+        let (flight, started) = self.flights.join_or_start((spec.key, FlightKind::Calculate), || {
+            let (app, spec) = (self.clone(), spec.clone());
+            async move {
+                let _permit = app.calc_permits.acquire().await;
+                app.stats.calculations.fetch_add(1, Ordering::Relaxed);
+                app.call(&spec, refresh).await
+            }
+        });
+        if !started {
+            self.stats.coalesced.fetch_add(1, Ordering::Relaxed);
+        }
+        (flight, started)
+    }
+
+    /// Reads the upstream's cache for the key (never calculates), sharing concurrent peeks.
+    pub fn peek(self: &Arc<Self>, spec: &Arc<CalcSpec>) -> Arc<Flight<Outcome>> {
+        self.flights
+            .join_or_start((spec.key, FlightKind::Peek), || {
+                let (app, spec) = (self.clone(), spec.clone());
+                async move {
+                    app.stats.peeks.fetch_add(1, Ordering::Relaxed);
+                    app.call(&spec, UpstreamRefresh::ForceCache).await
+                }
+            })
+            .0
+    }
+
+    async fn call(&self, spec: &CalcSpec, refresh: UpstreamRefresh) -> Outcome {
+        let epoch = self.cache.begin();
+        let resp = self.upstream.send(&spec.upstream_request(refresh)).await;
+        let outcome = self.absorb(spec, epoch, resp).await;
+        if let Outcome::Failed(f) = &outcome {
+            self.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(project = spec.project, insight = spec.insight, refresh = refresh.as_str(), failure = f.as_str(), "upstream call failed");
+        }
+        outcome
+    }
+
+    /// Turns an upstream answer into an outcome, caching it only if it is a good insight.
+    async fn absorb(&self, spec: &CalcSpec, epoch: u64, resp: Result<UpstreamResponse, UpstreamError>) -> Outcome {
+        let resp = match resp {
+            Err(e) => return Outcome::Failed(Failure::Upstream(e)),
+            Ok(r) => r,
+        };
+        match resp.status {
+            200 => match Entry::from_upstream(&resp.body, spec.insight, epoch) {
+                Ok(e) => {
+                    let e = Arc::new(e);
+                    self.cache.insert(spec.key, e.clone()).await;
+                    Outcome::Stored(e)
+                }
+                Err(EntryError::NotAnObject | EntryError::WrongInsight(_)) => Outcome::Failed(Failure::Garbage),
+                Err(_) => Outcome::Relay(Arc::new(resp)),
+            },
+            s if s >= 500 => Outcome::Failed(Failure::Status(s)),
+            401 | 403 => {
+                // The upstream no longer accepts this credential for this project.
+                self.cache.purge_partition(spec.key.partition);
+                Outcome::Relay(Arc::new(resp))
+            }
+            _ => Outcome::Relay(Arc::new(resp)),
+        }
+    }
+}

@@ -1,0 +1,179 @@
+//! A cached insight: its body pre-rendered once, plus the facts staleness needs.
+//!
+//! The per-response fields (`is_cached`, `query_status`) are cut out of the stored body and spliced
+//! in front of it on every answer, so a hit never parses or re-serialises JSON.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde_json::{Map, Value};
+use time::OffsetDateTime;
+
+use crate::clock::parse_datetime;
+use crate::refresh::{Interval, StaleInfo};
+
+#[derive(Debug)]
+pub struct Entry {
+    /// The insight object without `is_cached` and `query_status`, starting with `{`.
+    body: Bytes,
+    pub stale: StaleInfo,
+    /// The cache epoch at which the calculation that produced this entry started (see `Epochs`).
+    pub epoch: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EntryError {
+    #[error("the upstream body is not a JSON object")]
+    NotAnObject,
+    #[error("the upstream body has no result")]
+    NoResult,
+    #[error("the upstream body reports an error in query_status")]
+    StatusError,
+    #[error("the upstream body has no valid last_refresh")]
+    NoLastRefresh,
+    #[error("the upstream body is for insight {0}, not the one asked for")]
+    WrongInsight(String),
+}
+
+impl Entry {
+    /// Accepts only a well-formed insight with a non-null result and no error: anything else is
+    /// never cached (refresh-semantics.md §1.3: errors come back with HTTP 200).
+    pub fn from_upstream(body: &[u8], insight: u64, epoch: u64) -> Result<Entry, EntryError> {
+        let value: Value = serde_json::from_slice(body).map_err(|_| EntryError::NotAnObject)?;
+        Self::from_value(value, insight, epoch)
+    }
+
+    pub fn from_value(value: Value, insight: u64, epoch: u64) -> Result<Entry, EntryError> {
+        let Value::Object(mut map) = value else { return Err(EntryError::NotAnObject) };
+        if map.get("result").is_none_or(Value::is_null) {
+            return Err(EntryError::NoResult);
+        }
+        if let Some(Value::Object(qs)) = map.get("query_status") {
+            if qs.get("error").and_then(Value::as_bool) == Some(true) {
+                return Err(EntryError::StatusError);
+            }
+        }
+        match map.get("id") {
+            Some(Value::Number(n)) if n.as_u64() == Some(insight) => {}
+            Some(other) => return Err(EntryError::WrongInsight(other.to_string())),
+            None => {}
+        }
+        let last_refresh = map
+            .get("last_refresh")
+            .and_then(Value::as_str)
+            .and_then(parse_datetime)
+            .ok_or(EntryError::NoLastRefresh)?;
+        let (interval, date_to) = interval_and_date_to(&map);
+        map.remove("is_cached");
+        map.remove("query_status");
+        let body = Bytes::from(serde_json::to_vec(&map).expect("a JSON map serialises"));
+        Ok(Entry { body, stale: StaleInfo { last_refresh, interval, date_to }, epoch })
+    }
+
+    /// The answer body: `{"is_cached":..,"query_status":..,` + the stored fields.
+    pub fn render(&self, is_cached: bool, query_status: Option<&[u8]>) -> Bytes {
+        let qs = query_status.unwrap_or(b"null");
+        let mut out = BytesMut::with_capacity(self.body.len() + qs.len() + 40);
+        out.put_slice(if is_cached { b"{\"is_cached\":true,\"query_status\":" } else { b"{\"is_cached\":false,\"query_status\":" });
+        out.put_slice(qs);
+        if self.body.len() > 2 {
+            out.put_u8(b',');
+        }
+        out.put_slice(&self.body[1..]);
+        out.freeze()
+    }
+
+    /// The stored body as a JSON value (for list pages and status results, not the hit path).
+    pub fn to_value(&self, is_cached: bool) -> Value {
+        let mut v: Value = serde_json::from_slice(&self.body).unwrap_or(Value::Null);
+        if let Value::Object(m) = &mut v {
+            m.insert("is_cached".into(), Value::Bool(is_cached));
+            m.insert("query_status".into(), Value::Null);
+        }
+        v
+    }
+
+    /// Bytes this entry holds, for the cache's weigher.
+    pub fn weight(&self) -> usize {
+        self.body.len() + std::mem::size_of::<Entry>()
+    }
+
+    pub fn last_refresh(&self) -> OffsetDateTime {
+        self.stale.last_refresh
+    }
+}
+
+/// The query's interval and the end of a fixed date range, from `query` (which upstream returns
+/// with dashboard filters and overrides applied). No interval but a date range: PostHog's default
+/// `day`; neither: `minute`, as for runners without a date range (§2.1).
+fn interval_and_date_to(map: &Map<String, Value>) -> (Interval, Option<OffsetDateTime>) {
+    let query = map.get("query");
+    let source = query.and_then(|q| q.get("source")).or(query);
+    let Some(source) = source else { return (Interval::Minute, None) };
+    let date_range = source.get("dateRange");
+    let interval = match source.get("interval").and_then(Value::as_str).and_then(|s| s.parse().ok()) {
+        Some(i) => i,
+        None if date_range.is_some() => Interval::Day,
+        None => Interval::Minute,
+    };
+    let date_to = date_range.and_then(|d| d.get("date_to")).and_then(Value::as_str).and_then(parse_fixed_date);
+    (interval, date_to)
+}
+
+/// An absolute `date_to` ("2024-01-31" → the end of that day, or a full datetime); relative values
+/// such as "-1d" are not fixed and yield `None`.
+fn parse_fixed_date(s: &str) -> Option<OffsetDateTime> {
+    if let Some(t) = parse_datetime(s) {
+        return Some(t);
+    }
+    let fmt = time::macros::format_description!("[year]-[month]-[day]");
+    let date = time::Date::parse(s.get(..10)?, &fmt).ok()?;
+    Some(date.with_hms(23, 59, 59).ok()?.assume_utc())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn body(v: Value) -> Vec<u8> {
+        serde_json::to_vec(&v).unwrap()
+    }
+
+    #[test]
+    fn accepts_a_good_insight_and_renders_it() {
+        let b = body(json!({"id": 7, "result": [1], "last_refresh": "2026-01-01T00:00:00Z", "is_cached": false,
+            "query_status": null, "query": {"kind":"InsightVizNode","source":{"interval":"hour","dateRange":{"date_to":null}}}}));
+        let e = Entry::from_upstream(&b, 7, 1).unwrap();
+        assert_eq!(e.stale.interval, Interval::Hour);
+        assert_eq!(e.stale.date_to, None);
+        let out: Value = serde_json::from_slice(&e.render(true, Some(b"{\"id\":\"x\"}"))).unwrap();
+        assert_eq!(out["is_cached"], json!(true));
+        assert_eq!(out["query_status"], json!({"id":"x"}));
+        assert_eq!(out["result"], json!([1]));
+        let out: Value = serde_json::from_slice(&e.render(false, None)).unwrap();
+        assert_eq!(out["is_cached"], json!(false));
+        assert_eq!(out["query_status"], Value::Null);
+    }
+
+    #[test]
+    fn refuses_what_must_not_be_cached() {
+        let lr = "2026-01-01T00:00:00Z";
+        assert_eq!(Entry::from_upstream(b"nope", 1, 1).unwrap_err(), EntryError::NotAnObject);
+        assert_eq!(Entry::from_upstream(b"[1]", 1, 1).unwrap_err(), EntryError::NotAnObject);
+        assert_eq!(Entry::from_upstream(&body(json!({"id":1,"result":null,"last_refresh":lr})), 1, 1).unwrap_err(), EntryError::NoResult);
+        let err = json!({"id":1,"result":[1],"last_refresh":lr,"query_status":{"error":true,"error_message":"concurrency_limit_exceeded"}});
+        assert_eq!(Entry::from_upstream(&body(err), 1, 1).unwrap_err(), EntryError::StatusError);
+        assert_eq!(Entry::from_upstream(&body(json!({"id":1,"result":[1]})), 1, 1).unwrap_err(), EntryError::NoLastRefresh);
+        assert!(matches!(Entry::from_upstream(&body(json!({"id":2,"result":[1],"last_refresh":lr})), 1, 1), Err(EntryError::WrongInsight(_))));
+    }
+
+    #[test]
+    fn fixed_ranges_and_defaults() {
+        let lr = "2026-01-01T00:00:00Z";
+        let e = Entry::from_upstream(&body(json!({"result":[1],"last_refresh":lr,
+            "query":{"source":{"dateRange":{"date_from":"2025-01-01","date_to":"2025-01-31"}}}})), 1, 1).unwrap();
+        assert_eq!(e.stale.interval, Interval::Day);
+        assert_eq!(e.stale.date_to, Some(time::macros::datetime!(2025-01-31 23:59:59 UTC)));
+        let e = Entry::from_upstream(&body(json!({"result":[1],"last_refresh":lr,"query":{"kind":"HogQLQuery"}})), 1, 1).unwrap();
+        assert_eq!(e.stale.interval, Interval::Minute);
+    }
+}

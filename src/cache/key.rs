@@ -1,0 +1,151 @@
+//! Cache keys. Every key carries the caller's partition (a keyed hash of the credential), so an
+//! entry, an in-flight calculation or a query status can only ever be found by the credential that
+//! created it (refresh-semantics.md §5: per-user property restrictions and access control make
+//! results principal-specific).
+
+use std::fmt;
+
+use crate::auth::Credential;
+use crate::query::QueryParams;
+
+/// 128 bits of a keyed BLAKE3 hash of the credential.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Partition(pub [u8; 16]);
+
+impl fmt::Debug for Partition {
+    /// A short prefix is enough to correlate log lines and cannot be reversed.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "p:{:02x}{:02x}{:02x}{:02x}", self.0[0], self.0[1], self.0[2], self.0[3])
+    }
+}
+
+/// Derives partitions. The key is either configured (stable across restarts and replicas) or
+/// random per process.
+#[derive(Clone)]
+pub struct PartitionKeyer {
+    key: [u8; 32],
+}
+
+impl PartitionKeyer {
+    pub fn new(secret: Option<&str>) -> Self {
+        let key = match secret {
+            Some(s) => blake3::derive_key("insights-proxy partition key v1", s.as_bytes()),
+            None => rand::random(),
+        };
+        Self { key }
+    }
+
+    pub fn partition(&self, credential: &Credential) -> Partition {
+        let h = blake3::keyed_hash(&self.key, &credential.canonical_bytes());
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&h.as_bytes()[..16]);
+        Partition(out)
+    }
+
+    /// An id for a query status: unguessable and unique per key, so a status can be polled only by
+    /// someone who was given it.
+    pub fn status_id(&self, key: &CacheKey) -> String {
+        let h = blake3::keyed_hash(&self.key, &key.to_bytes());
+        format!("ipx_{}_{}", key.project, &h.to_hex()[..32])
+    }
+}
+
+/// Which variant of an insight's result: the parameters that change the query (refresh-semantics.md
+/// §5). `refresh`, `client_query_id` and the like are deliberately not part of it.
+pub const VARIANT_PARAMS: [&str; 4] = ["from_dashboard", "filters_override", "variables_override", "tile_filters_override"];
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct CacheKey {
+    pub partition: Partition,
+    /// The project (environment) id; both URL aliases share entries.
+    pub project: u64,
+    pub insight: u64,
+    /// Hash of the normalised variant parameters; 0 when none is given.
+    pub variant: u128,
+}
+
+impl CacheKey {
+    pub fn new(partition: Partition, project: u64, insight: u64, query: &QueryParams) -> Self {
+        Self { partition, project, insight, variant: variant_of(query) }
+    }
+
+    pub fn to_bytes(&self) -> [u8; 48] {
+        let mut b = [0u8; 48];
+        b[..16].copy_from_slice(&self.partition.0);
+        b[16..24].copy_from_slice(&self.project.to_le_bytes());
+        b[24..32].copy_from_slice(&self.insight.to_le_bytes());
+        b[32..].copy_from_slice(&self.variant.to_le_bytes());
+        b
+    }
+}
+
+/// JSON parameters are normalised (key order, whitespace) so equivalent overrides share an entry;
+/// anything that is not JSON is hashed as given.
+fn variant_of(query: &QueryParams) -> u128 {
+    let mut hasher = blake3::Hasher::new();
+    let mut any = false;
+    for name in VARIANT_PARAMS {
+        let Some(raw) = query.get(name) else { continue };
+        let normalised = serde_json::from_str::<serde_json::Value>(raw).map(|v| v.to_string());
+        let value = normalised.as_deref().unwrap_or(raw);
+        if value.is_empty() || value == "null" {
+            continue;
+        }
+        any = true;
+        for part in [name, value] {
+            hasher.update(&(part.len() as u64).to_le_bytes());
+            hasher.update(part.as_bytes());
+        }
+    }
+    if !any {
+        return 0;
+    }
+    let h = hasher.finalize();
+    u128::from_le_bytes(h.as_bytes()[..16].try_into().expect("16 bytes"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cred(token: &str) -> Credential {
+        Credential { authorization: Some(format!("Bearer {token}")), ..Default::default() }
+    }
+
+    fn q(s: &str) -> QueryParams {
+        QueryParams::parse(Some(s)).unwrap()
+    }
+
+    #[test]
+    fn partitions_differ_per_credential_and_key() {
+        let k = PartitionKeyer::new(Some("0123456789abcdef"));
+        assert_ne!(k.partition(&cred("a")), k.partition(&cred("b")));
+        assert_eq!(k.partition(&cred("a")), k.partition(&cred("a")));
+        let other = PartitionKeyer::new(Some("fedcba9876543210"));
+        assert_ne!(k.partition(&cred("a")), other.partition(&cred("a")));
+    }
+
+    #[test]
+    fn variant_ignores_refresh_and_normalises_json() {
+        let p = Partition([0; 16]);
+        let base = CacheKey::new(p, 1, 2, &q(""));
+        assert_eq!(base.variant, 0);
+        assert_eq!(CacheKey::new(p, 1, 2, &q("refresh=blocking&client_query_id=x")), base);
+        let a = CacheKey::new(p, 1, 2, &q("filters_override=%7B%22a%22%3A1%2C%22b%22%3A2%7D"));
+        let b = CacheKey::new(p, 1, 2, &q("filters_override=%7B%22b%22%3A2%2C+%22a%22%3A1%7D"));
+        assert_eq!(a, b);
+        assert_ne!(a, base);
+        assert_ne!(CacheKey::new(p, 1, 2, &q("from_dashboard=3")), CacheKey::new(p, 1, 2, &q("from_dashboard=4")));
+        // A value moved between parameters is a different variant.
+        assert_ne!(CacheKey::new(p, 1, 2, &q("filters_override=1")), CacheKey::new(p, 1, 2, &q("variables_override=1")));
+    }
+
+    #[test]
+    fn status_ids_are_per_partition() {
+        let k = PartitionKeyer::new(None);
+        let a = CacheKey::new(k.partition(&cred("a")), 1, 2, &q(""));
+        let b = CacheKey::new(k.partition(&cred("b")), 1, 2, &q(""));
+        assert_ne!(k.status_id(&a), k.status_id(&b));
+        assert!(k.status_id(&a).starts_with("ipx_1_"));
+    }
+}

@@ -1,0 +1,200 @@
+//! The proxy's cache: one small type, [`InsightCache`], in front of moka. A second tier joins here.
+//!
+//! Invalidation is by epoch. Every calculation takes an epoch when it starts; purging an insight,
+//! a project or a partition records the epoch of the purge. An entry is served only if its
+//! calculation started after every purge that covers it, so a calculation racing a PATCH can never
+//! store a result from before the PATCH. The purge records are bounded; when one is evicted, its
+//! epoch raises a global floor instead (only extra misses, never a stale answer).
+
+pub mod entry;
+pub mod key;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use moka::future::Cache;
+
+pub use entry::{Entry, EntryError};
+pub use key::{CacheKey, Partition, PartitionKeyer};
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+enum Scope {
+    Insight { project: u64, insight: u64 },
+    Project(u64),
+    Partition(Partition),
+}
+
+/// Purge records beyond this many are folded into the floor.
+const MAX_PURGE_RECORDS: u64 = 100_000;
+
+struct Epochs {
+    counter: AtomicU64,
+    /// Epoch of the newest purge of any scope: entries newer than it skip the lookups.
+    newest_purge: AtomicU64,
+    floor: Arc<AtomicU64>,
+    purges: moka::sync::Cache<Scope, u64>,
+}
+
+impl Epochs {
+    fn new() -> Self {
+        let floor = Arc::new(AtomicU64::new(0));
+        let f = floor.clone();
+        let purges = moka::sync::Cache::builder()
+            .max_capacity(MAX_PURGE_RECORDS)
+            .eviction_listener(move |_k, v: u64, _cause| {
+                f.fetch_max(v, Ordering::Relaxed);
+            })
+            .build();
+        Self { counter: AtomicU64::new(1), newest_purge: AtomicU64::new(0), floor, purges }
+    }
+
+    fn next(&self) -> u64 {
+        self.counter.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn purge(&self, scope: Scope) {
+        let e = self.next();
+        self.purges.insert(scope, e);
+        self.newest_purge.fetch_max(e, Ordering::Release);
+    }
+
+    fn is_current(&self, key: &CacheKey, epoch: u64) -> bool {
+        if epoch > self.newest_purge.load(Ordering::Acquire) {
+            return true;
+        }
+        let scopes = [
+            Scope::Insight { project: key.project, insight: key.insight },
+            Scope::Project(key.project),
+            Scope::Partition(key.partition),
+        ];
+        let newest = scopes.iter().filter_map(|s| self.purges.get(s)).max().unwrap_or(0);
+        epoch > newest.max(self.floor.load(Ordering::Relaxed))
+    }
+}
+
+pub struct InsightCache {
+    entries: Cache<CacheKey, Arc<Entry>>,
+    epochs: Epochs,
+}
+
+impl InsightCache {
+    pub fn new(max_bytes: u64, ttl: Duration) -> Self {
+        let entries = Cache::builder()
+            .name("insights")
+            .max_capacity(max_bytes)
+            .weigher(|_k: &CacheKey, v: &Arc<Entry>| -> u32 {
+                (v.weight() + std::mem::size_of::<CacheKey>()).try_into().unwrap_or(u32::MAX)
+            })
+            .time_to_live(ttl)
+            .support_invalidation_closures()
+            .build();
+        Self { entries, epochs: Epochs::new() }
+    }
+
+    /// The epoch a calculation must carry: call it before asking the upstream.
+    pub fn begin(&self) -> u64 {
+        self.epochs.next()
+    }
+
+    pub async fn get(&self, key: &CacheKey) -> Option<Arc<Entry>> {
+        let e = self.entries.get(key).await?;
+        self.epochs.is_current(key, e.epoch).then_some(e)
+    }
+
+    /// Stores `entry` unless a purge happened since its calculation started, or a newer result is
+    /// already there. Returns whether it was stored.
+    pub async fn insert(&self, key: CacheKey, entry: Arc<Entry>) -> bool {
+        if !self.epochs.is_current(&key, entry.epoch) {
+            return false;
+        }
+        if let Some(old) = self.get(&key).await {
+            if old.last_refresh() > entry.last_refresh() {
+                return false;
+            }
+        }
+        self.entries.insert(key, entry).await;
+        true
+    }
+
+    pub fn purge_insight(&self, project: u64, insight: u64) {
+        self.epochs.purge(Scope::Insight { project, insight });
+        let _ = self.entries.invalidate_entries_if(move |k, _| k.project == project && k.insight == insight);
+    }
+
+    pub fn purge_project(&self, project: u64) {
+        self.epochs.purge(Scope::Project(project));
+        let _ = self.entries.invalidate_entries_if(move |k, _| k.project == project);
+    }
+
+    pub fn purge_partition(&self, partition: Partition) {
+        self.epochs.purge(Scope::Partition(partition));
+        let _ = self.entries.invalidate_entries_if(move |k, _| k.partition == partition);
+    }
+
+    pub fn entry_count(&self) -> u64 {
+        self.entries.entry_count()
+    }
+
+    pub fn weighted_size(&self) -> u64 {
+        self.entries.weighted_size()
+    }
+
+    pub async fn run_pending_tasks(&self) {
+        self.entries.run_pending_tasks().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::query::QueryParams;
+    use serde_json::json;
+
+    fn entry(cache: &InsightCache, insight: u64, lr: &str) -> Arc<Entry> {
+        let b = serde_json::to_vec(&json!({"id": insight, "result": [1], "last_refresh": lr})).unwrap();
+        Arc::new(Entry::from_upstream(&b, insight, cache.begin()).unwrap())
+    }
+
+    fn key(p: u8, project: u64, insight: u64) -> CacheKey {
+        CacheKey::new(Partition([p; 16]), project, insight, &QueryParams::default())
+    }
+
+    #[tokio::test]
+    async fn purge_beats_a_racing_calculation() {
+        let c = InsightCache::new(1 << 20, Duration::from_secs(60));
+        let early = entry(&c, 1, "2026-01-01T00:00:00Z"); // calculation started
+        c.purge_insight(1, 1); // PATCH lands meanwhile
+        assert!(!c.insert(key(1, 1, 1), early).await, "a result from before the purge is refused");
+        let late = entry(&c, 1, "2026-01-01T00:00:01Z");
+        assert!(c.insert(key(1, 1, 1), late).await);
+        assert!(c.get(&key(1, 1, 1)).await.is_some());
+    }
+
+    #[tokio::test]
+    async fn purges_cover_their_scope_only() {
+        let c = InsightCache::new(1 << 20, Duration::from_secs(60));
+        for (p, proj, ins) in [(1, 1, 1), (2, 1, 1), (1, 1, 2), (1, 2, 3)] {
+            let e = entry(&c, ins, "2026-01-01T00:00:00Z");
+            assert!(c.insert(key(p, proj, ins), e).await);
+        }
+        c.purge_insight(1, 1);
+        assert!(c.get(&key(1, 1, 1)).await.is_none() && c.get(&key(2, 1, 1)).await.is_none());
+        assert!(c.get(&key(1, 1, 2)).await.is_some());
+        c.purge_partition(Partition([1; 16]));
+        assert!(c.get(&key(1, 1, 2)).await.is_none() && c.get(&key(1, 2, 3)).await.is_none());
+        let e = entry(&c, 3, "2026-01-01T00:00:00Z");
+        assert!(c.insert(key(2, 2, 3), e).await);
+        c.purge_project(2);
+        assert!(c.get(&key(2, 2, 3)).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn an_older_result_never_replaces_a_newer_one() {
+        let c = InsightCache::new(1 << 20, Duration::from_secs(60));
+        let older = entry(&c, 1, "2026-01-01T00:00:00Z");
+        let newer = entry(&c, 1, "2026-01-01T00:05:00Z");
+        assert!(c.insert(key(1, 1, 1), newer).await);
+        assert!(!c.insert(key(1, 1, 1), older).await);
+    }
+}

@@ -1,0 +1,72 @@
+//! Wall clock shared by the proxy and the simulated backend.
+//!
+//! Staleness is decided from wall-clock timestamps (`last_refresh` in bodies), so tests need to move
+//! time forward without sleeping. Every component reads time through a [`Clock`]; tests share one
+//! clock between the proxy and the simulated backend and call [`Clock::advance`].
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+#[derive(Clone, Debug, Default)]
+pub struct Clock {
+    offset_ms: Arc<AtomicI64>,
+}
+
+impl Clock {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn now(&self) -> OffsetDateTime {
+        let off = self.offset_ms.load(Ordering::Relaxed);
+        OffsetDateTime::now_utc() + time::Duration::milliseconds(off)
+    }
+
+    /// Moves this clock (and every clone of it) forward.
+    pub fn advance(&self, by: Duration) {
+        let ms = i64::try_from(by.as_millis()).unwrap_or(i64::MAX / 2);
+        self.offset_ms.fetch_add(ms, Ordering::Relaxed);
+    }
+}
+
+/// RFC 3339 in UTC with `Z`, with sub-seconds only when non-zero, as PostHog's renderer
+/// (orjson `OPT_UTC_Z`) writes datetimes (refresh-semantics.md §3).
+pub fn format_datetime(t: OffsetDateTime) -> String {
+    let t = t.to_offset(time::UtcOffset::UTC);
+    let t = if t.microsecond() == 0 {
+        t.replace_nanosecond(0).unwrap_or(t)
+    } else {
+        t.replace_nanosecond(t.microsecond() * 1000).unwrap_or(t)
+    };
+    t.format(&Rfc3339).unwrap_or_default()
+}
+
+/// Parses an RFC 3339 datetime, as found in `last_refresh`.
+pub fn parse_datetime(s: &str) -> Option<OffsetDateTime> {
+    OffsetDateTime::parse(s, &Rfc3339).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_like_posthog() {
+        let t = parse_datetime("2012-01-15T04:01:34Z").unwrap();
+        assert_eq!(format_datetime(t), "2012-01-15T04:01:34Z");
+        let t = parse_datetime("2012-01-15T04:01:34.123456789+00:00").unwrap();
+        assert_eq!(format_datetime(t), "2012-01-15T04:01:34.123456Z");
+    }
+
+    #[test]
+    fn advance_moves_all_clones() {
+        let c = Clock::new();
+        let c2 = c.clone();
+        let before = c2.now();
+        c.advance(Duration::from_secs(600));
+        assert!(c2.now() - before >= time::Duration::seconds(600));
+    }
+}

@@ -1,0 +1,487 @@
+//! Configuration: a TOML file, overridden by `INSIGHTS_PROXY_*` environment variables and flags.
+//!
+//! [`FileConfig`] is what the file says (every field defaulted, unknown keys rejected);
+//! [`Config::from_file_config`] checks it and reports *every* problem at once, then produces the
+//! validated [`Config`] the rest of the program sees. Each default lives once, in a `DEFAULT_*`
+//! constant, and `config/example.toml` documents each key with its default and unit.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::refresh::staleness::{Interval, Thresholds};
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_THREADS: usize = 2;
+pub const DEFAULT_GRACE_PERIOD_MS: u64 = 1_000;
+pub const DEFAULT_SHUTDOWN_TIMEOUT_MS: u64 = 2_000;
+pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
+pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 2_000;
+/// PostHog lets a query run for minutes (CLICKHOUSE_MAX_EXECUTION_TIME = 180 s).
+pub const DEFAULT_READ_TIMEOUT_MS: u64 = 180_000;
+pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
+pub const DEFAULT_CACHE_MAX_BYTES: u64 = 256 * 1024 * 1024;
+/// PostHog keeps results for 7 days (CACHED_RESULTS_TTL).
+pub const DEFAULT_CACHE_TTL_SECONDS: u64 = 7 * 24 * 3600;
+pub const DEFAULT_WORKERS: usize = 8;
+pub const DEFAULT_QUEUE_CAPACITY: usize = 1024;
+/// PostHog's STATUS_TTL_SECONDS.
+pub const DEFAULT_STATUS_TTL_SECONDS: u64 = 20 * 60;
+pub const DEFAULT_STATUS_MAX_RECORDS: u64 = 100_000;
+pub const DEFAULT_MAX_CONCURRENT_CALCULATIONS: usize = 16;
+pub const DEFAULT_SIM_CALC_DELAY_MS: u64 = 200;
+pub const DEFAULT_SIM_SEED: u64 = 42;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FileConfig {
+    pub server: ServerSection,
+    pub upstream: UpstreamSection,
+    pub cache: CacheSection,
+    pub staleness: StalenessSection,
+    pub refresh: RefreshSection,
+    pub simulator: SimulatorSection,
+    pub log: LogSection,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerSection {
+    pub listen: String,
+    pub threads: usize,
+    pub grace_period_ms: u64,
+    pub shutdown_timeout_ms: u64,
+    pub max_body_bytes: usize,
+    pub public_url: Option<String>,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_LISTEN.into(),
+            threads: DEFAULT_THREADS,
+            grace_period_ms: DEFAULT_GRACE_PERIOD_MS,
+            shutdown_timeout_ms: DEFAULT_SHUTDOWN_TIMEOUT_MS,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            public_url: None,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamSection {
+    pub url: Option<String>,
+    pub connect_timeout_ms: u64,
+    pub read_timeout_ms: u64,
+    pub max_response_bytes: usize,
+}
+
+impl Default for UpstreamSection {
+    fn default() -> Self {
+        Self {
+            url: None,
+            connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
+            read_timeout_ms: DEFAULT_READ_TIMEOUT_MS,
+            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheSection {
+    pub max_bytes: u64,
+    pub ttl_seconds: u64,
+    pub partition_secret: Option<String>,
+}
+
+impl Default for CacheSection {
+    fn default() -> Self {
+        Self { max_bytes: DEFAULT_CACHE_MAX_BYTES, ttl_seconds: DEFAULT_CACHE_TTL_SECONDS, partition_secret: None }
+    }
+}
+
+/// Seconds per interval name; keys not given keep PostHog's values.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StalenessSection {
+    pub default: BTreeMap<String, u64>,
+    pub lazy: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RefreshSection {
+    pub workers: usize,
+    pub queue_capacity: usize,
+    pub status_ttl_seconds: u64,
+    pub status_max_records: u64,
+    pub max_concurrent_calculations: usize,
+}
+
+impl Default for RefreshSection {
+    fn default() -> Self {
+        Self {
+            workers: DEFAULT_WORKERS,
+            queue_capacity: DEFAULT_QUEUE_CAPACITY,
+            status_ttl_seconds: DEFAULT_STATUS_TTL_SECONDS,
+            status_max_records: DEFAULT_STATUS_MAX_RECORDS,
+            max_concurrent_calculations: DEFAULT_MAX_CONCURRENT_CALCULATIONS,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SimulatorSection {
+    pub listen: String,
+    pub calc_delay_ms: u64,
+    pub seed: u64,
+}
+
+impl Default for SimulatorSection {
+    fn default() -> Self {
+        Self { listen: "127.0.0.1:0".into(), calc_delay_ms: DEFAULT_SIM_CALC_DELAY_MS, seed: DEFAULT_SIM_SEED }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSection {
+    pub format: LogFormat,
+}
+
+/// Where calculations go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamTarget {
+    /// A real PostHog (or anything speaking its API).
+    Remote(UpstreamUrl),
+    /// No upstream configured: start the built-in simulated backend on `listen`.
+    Simulated { listen: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamUrl {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    pub addr: SocketAddr,
+}
+
+impl UpstreamUrl {
+    /// The `Host` header the upstream expects: the port is omitted when it is the scheme's default.
+    pub fn host_header(&self) -> String {
+        let default_port = if self.tls { 443 } else { 80 };
+        if self.port == default_port {
+            self.host.clone()
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+
+    pub fn origin(&self) -> String {
+        format!("{}://{}", if self.tls { "https" } else { "http" }, self.host_header())
+    }
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: String,
+    pub threads: usize,
+    pub grace_period: Duration,
+    pub shutdown_timeout: Duration,
+    pub max_body_bytes: usize,
+    pub public_url: Option<String>,
+    pub upstream: UpstreamTarget,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub max_response_bytes: usize,
+    pub cache_max_bytes: u64,
+    pub cache_ttl: Duration,
+    pub partition_secret: Option<String>,
+    pub thresholds: Thresholds,
+    pub workers: usize,
+    pub queue_capacity: usize,
+    pub status_ttl: Duration,
+    pub status_max_records: u64,
+    pub max_concurrent_calculations: usize,
+    pub sim_calc_delay: Duration,
+    pub sim_seed: u64,
+    pub log_format: LogFormat,
+}
+
+/// One thing wrong with the configuration: which key, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub reason: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{}", format_problems(.0))]
+    Invalid(Vec<Problem>),
+}
+
+fn format_problems(problems: &[Problem]) -> String {
+    let mut s = format!("{} problem(s) in the configuration:", problems.len());
+    for p in problems {
+        s.push_str(&format!("\n  {}: {}", p.key, p.reason));
+    }
+    s
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.reason)
+    }
+}
+
+/// Values given on the command line or in the environment; they win over the file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub upstream: Option<String>,
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        Self::parse(&text).map_err(|message| ConfigError::Parse { path: path.display().to_string(), message })
+    }
+
+    pub fn parse(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+}
+
+impl Config {
+    pub fn from_file_config(mut file: FileConfig, overrides: &Overrides) -> Result<Config, ConfigError> {
+        if let Some(l) = &overrides.listen {
+            file.server.listen = l.clone();
+        }
+        if let Some(u) = &overrides.upstream {
+            file.upstream.url = Some(u.clone());
+        }
+        let mut problems = Vec::new();
+        let mut bad = |key: &str, reason: String| problems.push(Problem { key: key.into(), reason });
+
+        if file.server.listen.parse::<SocketAddr>().is_err() {
+            bad("server.listen", format!("{:?} is not an address like 127.0.0.1:8080", file.server.listen));
+        }
+        if file.server.threads == 0 || file.server.threads > 1024 {
+            bad("server.threads", "must be between 1 and 1024".into());
+        }
+        if file.server.max_body_bytes == 0 {
+            bad("server.max_body_bytes", "must be at least 1".into());
+        }
+        if let Some(u) = &file.server.public_url {
+            if !(u.starts_with("http://") || u.starts_with("https://")) {
+                bad("server.public_url", format!("{u:?} must start with http:// or https://"));
+            }
+        }
+        let upstream = match file.upstream.url.as_deref().map(str::trim) {
+            None | Some("") => {
+                if file.simulator.listen.parse::<SocketAddr>().is_err() {
+                    bad("simulator.listen", format!("{:?} is not an address", file.simulator.listen));
+                }
+                Some(UpstreamTarget::Simulated { listen: file.simulator.listen.clone() })
+            }
+            Some(url) => match parse_upstream_url(url) {
+                Ok(u) => Some(UpstreamTarget::Remote(u)),
+                Err(reason) => {
+                    bad("upstream.url", reason);
+                    None
+                }
+            },
+        };
+        if file.upstream.connect_timeout_ms == 0 {
+            bad("upstream.connect_timeout_ms", "must be at least 1".into());
+        }
+        if file.upstream.read_timeout_ms == 0 {
+            bad("upstream.read_timeout_ms", "must be at least 1".into());
+        }
+        if file.upstream.max_response_bytes < 1024 {
+            bad("upstream.max_response_bytes", "must be at least 1024".into());
+        }
+        if file.cache.max_bytes < 1024 * 1024 {
+            bad("cache.max_bytes", "must be at least 1048576 (1 MiB)".into());
+        }
+        if file.cache.ttl_seconds == 0 {
+            bad("cache.ttl_seconds", "must be at least 1".into());
+        }
+        if let Some(s) = &file.cache.partition_secret {
+            if s.len() < 16 {
+                bad("cache.partition_secret", "must be at least 16 characters (or left out for a random key)".into());
+            }
+        }
+        let mut thresholds = Thresholds::posthog();
+        for (table, values) in [("default", &file.staleness.default), ("lazy", &file.staleness.lazy)] {
+            for (name, secs) in values {
+                match name.parse::<Interval>() {
+                    Ok(interval) if *secs > 0 => {
+                        let d = Duration::from_secs(*secs);
+                        if table == "default" {
+                            thresholds.set_default(interval, Some(d));
+                        } else {
+                            thresholds.set_lazy(interval, Some(d));
+                        }
+                    }
+                    Ok(_) => bad(&format!("staleness.{table}.{name}"), "must be at least 1 second".into()),
+                    Err(_) => bad(
+                        &format!("staleness.{table}.{name}"),
+                        "unknown interval (minute, hour, day, week, month, quarter, year)".into(),
+                    ),
+                }
+            }
+        }
+        if file.refresh.workers == 0 || file.refresh.workers > 1024 {
+            bad("refresh.workers", "must be between 1 and 1024".into());
+        }
+        if file.refresh.queue_capacity == 0 {
+            bad("refresh.queue_capacity", "must be at least 1".into());
+        }
+        if file.refresh.status_ttl_seconds == 0 {
+            bad("refresh.status_ttl_seconds", "must be at least 1".into());
+        }
+        if file.refresh.status_max_records == 0 {
+            bad("refresh.status_max_records", "must be at least 1".into());
+        }
+        if file.refresh.max_concurrent_calculations == 0 {
+            bad("refresh.max_concurrent_calculations", "must be at least 1".into());
+        }
+
+        let Some(upstream) = upstream.filter(|_| problems.is_empty()) else {
+            return Err(ConfigError::Invalid(problems));
+        };
+        Ok(Config {
+            listen: file.server.listen,
+            threads: file.server.threads,
+            grace_period: Duration::from_millis(file.server.grace_period_ms),
+            shutdown_timeout: Duration::from_millis(file.server.shutdown_timeout_ms),
+            max_body_bytes: file.server.max_body_bytes,
+            public_url: file.server.public_url.map(|u| u.trim_end_matches('/').to_string()),
+            upstream,
+            connect_timeout: Duration::from_millis(file.upstream.connect_timeout_ms),
+            read_timeout: Duration::from_millis(file.upstream.read_timeout_ms),
+            max_response_bytes: file.upstream.max_response_bytes,
+            cache_max_bytes: file.cache.max_bytes,
+            cache_ttl: Duration::from_secs(file.cache.ttl_seconds),
+            partition_secret: file.cache.partition_secret,
+            thresholds,
+            workers: file.refresh.workers,
+            queue_capacity: file.refresh.queue_capacity,
+            status_ttl: Duration::from_secs(file.refresh.status_ttl_seconds),
+            status_max_records: file.refresh.status_max_records,
+            max_concurrent_calculations: file.refresh.max_concurrent_calculations,
+            sim_calc_delay: Duration::from_millis(file.simulator.calc_delay_ms),
+            sim_seed: file.simulator.seed,
+            log_format: file.log.format,
+        })
+    }
+
+    /// Defaults with nothing but the given overrides: what tests and the demo start from.
+    pub fn defaults() -> Config {
+        Config::from_file_config(FileConfig::default(), &Overrides::default()).expect("defaults are valid")
+    }
+}
+
+/// `http(s)://host[:port][/]`; a path prefix is not supported because PostHog serves `/api` at the root.
+pub fn parse_upstream_url(url: &str) -> Result<UpstreamUrl, String> {
+    let (tls, rest) = if let Some(r) = url.strip_prefix("https://") {
+        (true, r)
+    } else if let Some(r) = url.strip_prefix("http://") {
+        (false, r)
+    } else {
+        return Err(format!("{url:?} must start with http:// or https://"));
+    };
+    let authority = rest.trim_end_matches('/');
+    if authority.is_empty() || authority.contains('/') || authority.contains('@') || authority.contains('?') {
+        return Err(format!("{url:?} must be scheme://host[:port] with no path"));
+    }
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => match p.parse::<u16>() {
+            Ok(p) if p > 0 => (h.to_string(), p),
+            _ => return Err(format!("{url:?} has an invalid port")),
+        },
+        _ => (authority.to_string(), if tls { 443 } else { 80 }),
+    };
+    if tls && !cfg!(feature = "tls") {
+        return Err("https upstreams need the `tls` cargo feature".into());
+    }
+    let addr = (host.trim_start_matches('[').trim_end_matches(']'), port)
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {host:?}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{host:?} resolves to no address"))?;
+    Ok(UpstreamUrl { tls, host, port, addr })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_simulated() {
+        let c = Config::defaults();
+        assert!(matches!(c.upstream, UpstreamTarget::Simulated { .. }));
+        assert_eq!(c.listen, DEFAULT_LISTEN);
+    }
+
+    #[test]
+    fn reports_every_problem_at_once() {
+        let file = FileConfig::parse(
+            "[server]\nlisten = \"nope\"\nthreads = 0\n[cache]\nmax_bytes = 5\n[staleness.default]\nfortnight = 3\n",
+        )
+        .unwrap();
+        let Err(ConfigError::Invalid(problems)) = Config::from_file_config(file, &Overrides::default()) else {
+            panic!("expected invalid");
+        };
+        let keys: Vec<_> = problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["server.listen", "server.threads", "cache.max_bytes", "staleness.default.fortnight"]);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let err = FileConfig::parse("[server]\nlisten_addr = \"x\"\n").unwrap_err();
+        assert!(err.contains("listen_addr"), "{err}");
+    }
+
+    #[test]
+    fn overrides_win() {
+        let file = FileConfig::parse("[server]\nlisten = \"127.0.0.1:1\"\n").unwrap();
+        let o = Overrides { listen: Some("127.0.0.1:2".into()), upstream: Some("http://127.0.0.1:9".into()) };
+        let c = Config::from_file_config(file, &o).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:2");
+        let UpstreamTarget::Remote(u) = c.upstream else { panic!() };
+        assert_eq!((u.tls, u.port, u.host_header()), (false, 9, "127.0.0.1:9".to_string()));
+    }
+
+    #[test]
+    fn upstream_urls() {
+        assert!(parse_upstream_url("ftp://x").is_err());
+        assert!(parse_upstream_url("http://127.0.0.1:0").is_err());
+        assert!(parse_upstream_url("http://127.0.0.1/api").is_err());
+        let u = parse_upstream_url("http://127.0.0.1/").unwrap();
+        assert_eq!((u.port, u.host_header()), (80, "127.0.0.1".to_string()));
+    }
+}

@@ -1,0 +1,367 @@
+//! Answering insight requests from the cache: retrieve, list and query-status polling. Each handler
+//! turns a request into a [`Reply`]; the pingora glue in `proxy` only parses and writes.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde_json::Value;
+
+use crate::app::{App, CalcSpec, Failure, Outcome};
+use crate::auth::Credential;
+use crate::cache::{CacheKey, Entry};
+use crate::error::ApiError;
+use crate::query::QueryParams;
+use crate::refresh::{decide, Background, CacheState, Decision, RefreshMode, UpstreamRefresh};
+use crate::workers::Job;
+
+/// The `Cache-Status` cache name (RFC 9211).
+pub const CACHE_NAME: &str = "insights-proxy";
+
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub body: Bytes,
+    pub content_type: Option<String>,
+    /// The `Cache-Status` header value.
+    pub cache_status: String,
+}
+
+impl Reply {
+    pub fn json(status: u16, body: Bytes, cache_status: String) -> Self {
+        Self { status, body, content_type: None, cache_status }
+    }
+
+    pub fn error(e: &ApiError, cache_status: String) -> Self {
+        Self::json(e.status, e.body(), cache_status)
+    }
+
+    fn relay(resp: &crate::upstream::UpstreamResponse, cache_status: String) -> Self {
+        Self { status: resp.status, body: resp.body.clone(), content_type: resp.content_type.clone(), cache_status }
+    }
+}
+
+/// One insight request, already routed and parsed.
+#[derive(Debug, Clone)]
+pub struct InsightCall {
+    pub project: u64,
+    pub insight: u64,
+    pub path: String,
+    pub query: QueryParams,
+    pub credential: Credential,
+    pub mode: RefreshMode,
+}
+
+pub async fn retrieve(app: &Arc<App>, call: InsightCall) -> Reply {
+    let key = CacheKey::new(app.keyer.partition(&call.credential), call.project, call.insight, &call.query);
+    let spec = Arc::new(CalcSpec {
+        key,
+        project: call.project,
+        insight: call.insight,
+        path: call.path,
+        query: call.query,
+        credential: call.credential,
+    });
+    answer(app, &spec, call.mode, None).await
+}
+
+fn hit_status(app: &App, entry: &Entry, detail: Option<&str>) -> String {
+    let ttl = entry.stale.ttl_seconds(app.clock.now(), &app.config.thresholds);
+    let mut s = format!("{CACHE_NAME}; hit");
+    if let Some(ttl) = ttl {
+        s.push_str(&format!("; ttl={ttl}"));
+    }
+    if let Some(d) = detail {
+        s.push_str(&format!("; detail={d}"));
+    }
+    s
+}
+
+/// Answers one insight under `mode`. `peeked` is the upstream's own answer when the caller already
+/// has it (a list page), so a miss does not ask again.
+async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, mode: RefreshMode, peeked: Option<Outcome>) -> Reply {
+    let mut peeked = peeked;
+    let mut entry = app.cache.get(&spec.key).await;
+    loop {
+        let now = app.clock.now();
+        let state = CacheState::of(entry.as_ref().map(|e| &e.stale), now, &app.config.thresholds);
+        let in_flight = app.flights.is_running(&(spec.key, crate::app::FlightKind::Calculate));
+        let decision = decide(mode, state, in_flight);
+        match decision {
+            Decision::Serve { background } => {
+                let entry = entry.expect("Serve implies an entry");
+                let qs = match background {
+                    Background::None if in_flight => running_status(app, spec),
+                    Background::None => None,
+                    Background::IfAbsent => Some(enqueue(app, spec, false, UpstreamRefresh::Blocking)),
+                    Background::Always => Some(enqueue(app, spec, true, UpstreamRefresh::Blocking)),
+                };
+                let detail = match (state, background) {
+                    (CacheState::Fresh, _) => None,
+                    (_, Background::None) => Some("stale"),
+                    _ => Some("stale-while-revalidate"),
+                };
+                return Reply::json(200, entry.render(true, qs.as_deref()), hit_status(app, &entry, detail));
+            }
+            Decision::Calculate { refresh, .. } => {
+                let fwd = match (refresh, state) {
+                    (UpstreamRefresh::ForceBlocking, _) => "request",
+                    (_, CacheState::Miss) => "miss",
+                    _ => "stale",
+                };
+                let (flight, started) = app.calculation(spec, refresh);
+                let outcome = flight.wait().await.unwrap_or(Outcome::Failed(Failure::Upstream(
+                    crate::upstream::UpstreamError::Broken,
+                )));
+                let collapsed = if started { "" } else { "; collapsed" };
+                return match outcome {
+                    Outcome::Stored(e) => Reply::json(
+                        200,
+                        e.render(false, None),
+                        format!("{CACHE_NAME}; fwd={fwd}; fwd-status=200; stored{collapsed}"),
+                    ),
+                    Outcome::Relay(r) => {
+                        Reply::relay(&r, format!("{CACHE_NAME}; fwd={fwd}; fwd-status={}{collapsed}", r.status))
+                    }
+                    Outcome::Failed(f) => match entry {
+                        // stale-if-error: a result we have beats an error.
+                        Some(e) => {
+                            Reply::json(200, e.render(true, None), hit_status(app, &e, Some("stale-if-error")))
+                        }
+                        _ => Reply::error(&f.to_api_error(), format!("{CACHE_NAME}; fwd={fwd}; detail={}", f.as_str())),
+                    },
+                };
+            }
+            Decision::Peek | Decision::MissRunning | Decision::MissEnqueue => {
+                let outcome = match peeked.take() {
+                    Some(o) => o,
+                    None => app.peek(spec).wait().await.unwrap_or(Outcome::Failed(Failure::Upstream(
+                        crate::upstream::UpstreamError::Broken,
+                    ))),
+                };
+                match outcome {
+                    // The upstream's cache had a result: answer as if it had been ours.
+                    Outcome::Stored(e) if entry.is_none() => {
+                        entry = Some(e);
+                        continue;
+                    }
+                    Outcome::Stored(_) => unreachable!("a peek happens only on a miss"),
+                    Outcome::Relay(r) => {
+                        let qs = match decision {
+                            Decision::MissEnqueue => Some(enqueue(app, spec, false, UpstreamRefresh::Blocking)),
+                            _ => running_status(app, spec),
+                        };
+                        let cs = format!("{CACHE_NAME}; fwd=miss; fwd-status={}", r.status);
+                        return match (r.status, qs) {
+                            (200, Some(qs)) => Reply::json(200, overlay_miss(&r.body, Some(&qs), false), cs),
+                            _ => Reply::relay(&r, cs),
+                        };
+                    }
+                    Outcome::Failed(f) => {
+                        return Reply::error(&f.to_api_error(), format!("{CACHE_NAME}; fwd=miss; detail={}", f.as_str()))
+                    }
+                }
+            }
+            Decision::ForceEnqueue => {
+                let qs = enqueue(app, spec, true, UpstreamRefresh::ForceBlocking);
+                let cs = format!("{CACHE_NAME}; fwd=request; detail=enqueued");
+                let base = match (&entry, peeked.take()) {
+                    (Some(e), _) => Bytes::from(e.to_value(false).to_string()),
+                    (None, Some(Outcome::Stored(e))) => Bytes::from(e.to_value(false).to_string()),
+                    (None, Some(Outcome::Relay(r))) => r.body.clone(),
+                    (None, _) => match app.peek(spec).wait().await {
+                        Some(Outcome::Stored(e)) => Bytes::from(e.to_value(false).to_string()),
+                        Some(Outcome::Relay(r)) if r.status == 200 => r.body.clone(),
+                        Some(Outcome::Relay(r)) => return Reply::relay(&r, cs),
+                        Some(Outcome::Failed(f)) => return Reply::error(&f.to_api_error(), cs),
+                        None => return Reply::error(&ApiError::bad_gateway("The upstream closed the connection."), cs),
+                    },
+                };
+                return Reply::json(200, overlay_miss(&base, Some(&qs), true), cs);
+            }
+        }
+    }
+}
+
+/// The status of a background calculation for the key that is still running, if any.
+fn running_status(app: &App, spec: &CalcSpec) -> Option<Bytes> {
+    app.statuses.running(spec.key.partition, &app.keyer.status_id(&spec.key)).map(|s| s.to_json())
+}
+
+/// PostHog's `enqueue_async_calculation`: with `rr=false` an existing status is returned as it is.
+fn enqueue(app: &Arc<App>, spec: &Arc<CalcSpec>, refresh_requested: bool, refresh: UpstreamRefresh) -> Bytes {
+    let id = app.keyer.status_id(&spec.key);
+    let owner = spec.key.partition;
+    if !refresh_requested {
+        if let Some(s) = app.statuses.get(owner, &id) {
+            return s.to_json();
+        }
+    }
+    let now = app.clock.now();
+    let status = app.statuses.start(owner, id.clone(), spec.project, spec.insight, spec.dashboard_id(), now);
+    let job = Job { spec: spec.clone(), refresh, status_id: id.clone() };
+    if app.jobs.push(job).is_err() {
+        // Bounded queue: say so the way PostHog does when it cannot take more work.
+        app.statuses.finish(&id, now, Err("concurrency_limit_exceeded".into()));
+        return app.statuses.get(owner, &id).map(|s| s.to_json()).unwrap_or_else(|| status.to_json());
+    }
+    status.to_json()
+}
+
+/// A cache-miss answer built from the upstream's insight body (PostHog's `NothingInCacheResult`):
+/// the insight's metadata with no result, carrying our `query_status`. For `force_async` the cache
+/// key is null too (refresh-semantics.md §1.3).
+fn overlay_miss(body: &[u8], query_status: Option<&[u8]>, force_async: bool) -> Bytes {
+    let Ok(Value::Object(mut m)) = serde_json::from_slice::<Value>(body) else { return Bytes::copy_from_slice(body) };
+    let qs = query_status.and_then(|q| serde_json::from_slice(q).ok()).unwrap_or(Value::Null);
+    for k in ["result", "last_refresh", "timezone", "next_allowed_client_refresh", "cache_target_age", "columns"] {
+        m.insert(k.into(), Value::Null);
+    }
+    if force_async {
+        m.insert("filters_hash".into(), Value::Null);
+    }
+    m.insert("is_cached".into(), Value::Bool(false));
+    m.insert("query_status".into(), qs);
+    Bytes::from(Value::Object(m).to_string())
+}
+
+/// One page of `GET /insights/`.
+#[derive(Debug, Clone)]
+pub struct ListCall {
+    pub project: u64,
+    pub path: String,
+    pub query: QueryParams,
+    pub credential: Credential,
+    pub mode: RefreshMode,
+    /// Where the client reaches the proxy (`http://host:port`), for `next`/`previous`.
+    pub public_base: String,
+}
+
+/// Each insight on the page is answered under the request's mode from the same per-insight
+/// entries as retrieve; the calculations a page needs run concurrently.
+pub async fn list(app: &Arc<App>, call: ListCall) -> Reply {
+    let partition = app.keyer.partition(&call.credential);
+    let epoch = app.cache.begin();
+    let q = call.query.encode_without(&["refresh", "client_query_id"], &[("refresh", "force_cache")]);
+    let req = crate::upstream::UpstreamRequest {
+        method: http::Method::GET,
+        path_and_query: format!("{}?{}", call.path, q),
+        headers: crate::app::credential_headers(&call.credential),
+        body: None,
+    };
+    let bypass = format!("{CACHE_NAME}; fwd=uri-miss");
+    let resp = match app.upstream.send(&req).await {
+        Ok(r) => r,
+        Err(e) => {
+            let f = Failure::Upstream(e);
+            return Reply::error(&f.to_api_error(), format!("{bypass}; detail={}", f.as_str()));
+        }
+    };
+    if resp.status != 200 {
+        if resp.status == 401 || resp.status == 403 {
+            app.cache.purge_partition(partition);
+        }
+        return Reply::relay(&resp, format!("{bypass}; fwd-status={}", resp.status));
+    }
+    let Ok(Value::Object(mut page)) = serde_json::from_slice::<Value>(&resp.body) else {
+        return Reply::error(&Failure::Garbage.to_api_error(), format!("{bypass}; detail=garbage"));
+    };
+    let items = match page.get_mut("results") {
+        Some(Value::Array(items)) => std::mem::take(items),
+        _ => return Reply::error(&Failure::Garbage.to_api_error(), format!("{bypass}; detail=garbage")),
+    };
+    let item_path = format!("{}/", call.path.trim_end_matches('/'));
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut answered: Vec<Value> = Vec::with_capacity(items.len());
+    for (i, item) in items.into_iter().enumerate() {
+        let Some(insight) = item.get("id").and_then(Value::as_u64) else {
+            answered.push(item);
+            continue;
+        };
+        let spec = Arc::new(CalcSpec {
+            key: CacheKey::new(partition, call.project, insight, &call.query),
+            project: call.project,
+            insight,
+            path: format!("{item_path}{insight}/"),
+            query: call.query.clone(),
+            credential: call.credential.clone(),
+        });
+        // The page came from the upstream's cache: a result on it is a peek worth keeping.
+        let peeked = match Entry::from_value(item.clone(), insight, epoch) {
+            Ok(e) => {
+                let e = Arc::new(e);
+                app.cache.insert(spec.key, e.clone()).await;
+                Outcome::Stored(e)
+            }
+            Err(_) => Outcome::Relay(Arc::new(crate::upstream::UpstreamResponse {
+                status: 200,
+                content_type: None,
+                body: Bytes::from(item.to_string()),
+            })),
+        };
+        answered.push(item);
+        let (app, mode) = (app.clone(), call.mode);
+        tasks.spawn(async move { (i, answer(&app, &spec, mode, Some(peeked)).await) });
+    }
+    while let Some(done) = tasks.join_next().await {
+        let Ok((i, reply)) = done else { continue };
+        if reply.status == 200 {
+            if let Ok(v) = serde_json::from_slice::<Value>(&reply.body) {
+                answered[i] = v;
+            }
+        }
+    }
+    page.insert("results".into(), Value::Array(answered));
+    for link in ["next", "previous"] {
+        if let Some(Value::String(url)) = page.get(link) {
+            let rewritten = rewrite_origin(url, &call.public_base);
+            page.insert(link.into(), Value::String(rewritten));
+        }
+    }
+    Reply::json(200, Bytes::from(Value::Object(page).to_string()), format!("{CACHE_NAME}; fwd=uri-miss; fwd-status=200"))
+}
+
+/// Points an absolute URL the upstream built from its own host back at the proxy.
+pub fn rewrite_origin(url: &str, public_base: &str) -> String {
+    let Some(scheme_end) = url.find("://") else { return url.to_string() };
+    let rest = &url[scheme_end + 3..];
+    let path = rest.find('/').map(|i| &rest[i..]).unwrap_or("/");
+    format!("{public_base}{path}")
+}
+
+/// `GET .../query/:id/` for ids the proxy issued: 202 running, 200 complete, 400 failed, 404
+/// unknown, expired, or another partition's. `None`: not ours, pass it through.
+pub fn query_status(app: &App, project: u64, query_id: &str, credential: Option<&Credential>) -> Option<Reply> {
+    if !query_id.starts_with("ipx_") {
+        return None;
+    }
+    let cs = format!("{CACHE_NAME}; hit");
+    let Some(credential) = credential else {
+        return Some(Reply::error(&ApiError::not_authenticated(), cs));
+    };
+    let status = app.statuses.get(app.keyer.partition(credential), query_id).filter(|s| s.team_id == project);
+    let Some(status) = status else {
+        return Some(Reply::error(&ApiError::not_found(), cs));
+    };
+    let code = match (status.complete, status.error) {
+        (false, _) => 202,
+        (true, false) => 200,
+        (true, true) => 400,
+    };
+    let body = serde_json::json!({ "query_status": status });
+    Some(Reply::json(code, Bytes::from(body.to_string()), cs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origins_are_rewritten() {
+        assert_eq!(
+            rewrite_origin("http://127.0.0.1:9/api/projects/1/insights/?limit=2&offset=2", "http://proxy:8080"),
+            "http://proxy:8080/api/projects/1/insights/?limit=2&offset=2"
+        );
+        assert_eq!(rewrite_origin("https://us.posthog.com", "http://p"), "http://p/");
+        assert_eq!(rewrite_origin("/relative", "http://p"), "/relative");
+    }
+}

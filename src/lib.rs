@@ -1,0 +1,32 @@
+//! insights-proxy: a caching reverse proxy for PostHog's insights API.
+//!
+//! # Layout
+//! - [`config`]: file + flags + environment → one validated [`config::Config`].
+//! - [`routes`]: the only place that knows URL shapes; a pure `route()`. [`query`] parses query strings strictly.
+//! - [`auth`]: the caller's credential; [`cache::key`] hashes it into the partition every key carries.
+//! - [`refresh`]: parsing `refresh`, staleness, and the pure mode decision.
+//! - [`cache`]: entries and [`cache::InsightCache`], the one type the rest talks to.
+//! - [`flights`]: single flight; [`app`]: shared state and the one way a calculation happens.
+//! - [`workers`]: the bounded background queue and its workers; [`status`]: query statuses.
+//! - [`insights`]: answering retrieve, list and status polls; [`proxy`]: the thin pingora glue.
+//! - [`upstream`]: the client for the proxy's own upstream calls.
+//! - [`simulate`]: a built-in simulated PostHog insights backend for demos, tests and benchmarks.
+//! - [`server`]: assembling pingora services and running them until a shutdown signal.
+
+pub mod app;
+pub mod auth;
+pub mod cache;
+pub mod clock;
+pub mod config;
+pub mod error;
+pub mod flights;
+pub mod insights;
+pub mod proxy;
+pub mod query;
+pub mod refresh;
+pub mod routes;
+pub mod server;
+pub mod simulate;
+pub mod status;
+pub mod upstream;
+pub mod workers;

@@ -1,0 +1,122 @@
+//! The `insights-proxy` binary: command line → configuration → logging → server.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use insights_proxy::clock::Clock;
+use insights_proxy::config::{Config, ConfigError, FileConfig, LogFormat, Overrides, UpstreamTarget};
+use insights_proxy::server;
+use insights_proxy::simulate::{SimConfig, Simulator};
+
+/// A caching reverse proxy for PostHog's insights API.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    /// Configuration file (TOML). Without one, every key has its default.
+    #[arg(short, long, env = "INSIGHTS_PROXY_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to listen on, e.g. 0.0.0.0:8080 (overrides server.listen).
+    #[arg(long, env = "INSIGHTS_PROXY_LISTEN")]
+    listen: Option<String>,
+    /// Upstream PostHog, e.g. https://us.posthog.com (overrides upstream.url). Without one, the
+    /// built-in simulated backend is started.
+    #[arg(long, env = "INSIGHTS_PROXY_UPSTREAM")]
+    upstream: Option<String>,
+    /// Validate the configuration and exit.
+    #[arg(long)]
+    check_config: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run only the simulated PostHog insights backend.
+    Simulate {
+        #[arg(long, default_value = "127.0.0.1:8010")]
+        listen: String,
+        /// How long one calculation takes, in milliseconds.
+        #[arg(long, default_value_t = 200)]
+        calc_delay_ms: u64,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
+}
+
+fn load(cli: &Cli) -> Result<Config, ConfigError> {
+    let file = match &cli.config {
+        Some(p) => FileConfig::load(p)?,
+        None => FileConfig::default(),
+    };
+    let overrides = Overrides { listen: cli.listen.clone(), upstream: cli.upstream.clone() };
+    Config::from_file_config(file, &overrides)
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,pingora_core=warn,pingora_proxy=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(Command::Simulate { listen, calc_delay_ms, seed }) = &cli.command {
+        init_logging(LogFormat::Text);
+        return run_simulator(listen, *calc_delay_ms, *seed);
+    }
+    let config = match load(&cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("insights-proxy: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if cli.check_config {
+        println!("configuration is valid");
+        return ExitCode::SUCCESS;
+    }
+    init_logging(config.log_format);
+    let listen = config.listen.clone();
+    let simulated = matches!(config.upstream, UpstreamTarget::Simulated { .. });
+    let (max_bytes, ttl) = (config.cache_max_bytes, config.cache_ttl);
+    let built = match server::build(config, Clock::new()) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("insights-proxy: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    tracing::info!(listen = %listen, upstream = %built.upstream.origin(), cache_max_bytes = max_bytes, cache_ttl_s = ttl.as_secs(), "insights-proxy starting");
+    if simulated {
+        println!("No upstream configured: proxying to the built-in simulated PostHog at {}", built.upstream.origin());
+        println!("Try:  curl -H 'Authorization: Bearer phx_demo_all' 'http://{listen}/api/environments/1/insights/1/?refresh=blocking'");
+    }
+    built.server.run_forever()
+}
+
+fn run_simulator(listen: &str, calc_delay_ms: u64, seed: u64) -> ExitCode {
+    if let Err(e) = server::check_bind(listen) {
+        eprintln!("insights-proxy simulate: {e}");
+        return ExitCode::from(1);
+    }
+    let cfg = SimConfig { calc_delay: std::time::Duration::from_millis(calc_delay_ms), seed, ..SimConfig::default() };
+    let sim = Simulator::new(cfg, Clock::new());
+    let mut srv = pingora::server::Server::new_with_opt_and_conf(
+        None,
+        pingora::server::configuration::ServerConf {
+            threads: 2,
+            grace_period_seconds: Some(0),
+            graceful_shutdown_timeout_seconds: Some(1),
+            ..Default::default()
+        },
+    );
+    srv.bootstrap();
+    srv.add_service(sim.service(listen));
+    println!("Simulated PostHog insights backend on http://{listen} (credentials: phx_demo_all, phx_demo_p1, phx_demo_p2)");
+    srv.run_forever()
+}

@@ -1,0 +1,357 @@
+//! The pingora `ProxyHttp` implementation. Hooks stay thin: parse, route, call `insights`, write.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::header;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::HttpPeer;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::{Error, ErrorType, Result};
+use serde_json::Value;
+
+use crate::app::App;
+use crate::auth::Credential;
+use crate::error::ApiError;
+use crate::insights::{self, InsightCall, ListCall, Reply, CACHE_NAME};
+use crate::query::QueryParams;
+use crate::refresh::RefreshParam;
+use crate::routes::{route, Route};
+
+/// More request headers than this is refused (431) before any work.
+pub const MAX_REQUEST_HEADERS: usize = 100;
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) are never forwarded. pingora manages `Connection` and
+/// keep-alive for each side itself.
+const HOP_BY_HOP: [&str; 7] =
+    ["connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade", "proxy-authorization"];
+
+pub struct InsightsProxy {
+    pub app: Arc<App>,
+    pub peer: HttpPeer,
+}
+
+#[derive(Debug)]
+pub struct RequestCtx {
+    started: Instant,
+    route: &'static str,
+    mode: Option<&'static str>,
+    cache_status: Option<String>,
+    /// A write to this insight is being passed through: purge it once the upstream accepts it.
+    purge_on_success: Option<(u64, u64)>,
+    body_bytes: usize,
+}
+
+impl InsightsProxy {
+    fn max_body(&self) -> usize {
+        self.app.config.max_body_bytes
+    }
+}
+
+/// What the client sent in a JSON body that matters here: `refresh` and `personal_api_key`.
+#[derive(Default)]
+struct BodyFields {
+    refresh: Option<Value>,
+    api_key: Option<String>,
+}
+
+enum BodyError {
+    TooLarge,
+    Malformed,
+    Read,
+}
+
+/// Reads a (small, GET) request body fully, refusing more than `limit` bytes.
+async fn read_body(session: &mut Session, limit: usize) -> std::result::Result<Bytes, BodyError> {
+    let mut buf = Vec::new();
+    loop {
+        match session.read_request_body().await {
+            Ok(Some(chunk)) => {
+                if buf.len() + chunk.len() > limit {
+                    return Err(BodyError::TooLarge);
+                }
+                buf.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(Bytes::from(buf)),
+            Err(_) => return Err(BodyError::Read),
+        }
+    }
+}
+
+fn body_fields(body: &[u8]) -> std::result::Result<BodyFields, BodyError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(BodyFields::default());
+    }
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(mut m)) => Ok(BodyFields {
+            refresh: m.remove("refresh"),
+            api_key: m.remove("personal_api_key").and_then(|v| v.as_str().map(str::to_string)),
+        }),
+        Ok(_) => Ok(BodyFields::default()),
+        Err(_) => Err(BodyError::Malformed),
+    }
+}
+
+fn public_base(app: &App, req: &RequestHeader) -> String {
+    if let Some(u) = &app.config.public_url {
+        return u.clone();
+    }
+    let host = req
+        .headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri.authority().map(|a| a.as_str()))
+        .unwrap_or("localhost");
+    let proto = match req.headers.get("x-forwarded-proto").and_then(|h| h.to_str().ok()) {
+        Some("https") => "https",
+        _ => "http",
+    };
+    format!("{proto}://{host}")
+}
+
+pub async fn write_reply(session: &mut Session, reply: &Reply) -> Result<()> {
+    let mut resp = ResponseHeader::build(reply.status, Some(4))?;
+    resp.insert_header(header::CONTENT_TYPE, reply.content_type.as_deref().unwrap_or("application/json"))?;
+    resp.insert_header(header::CONTENT_LENGTH, reply.body.len().to_string())?;
+    resp.insert_header("cache-status", &reply.cache_status)?;
+    resp.insert_header(header::VARY, "Authorization, Cookie")?;
+    session.write_response_header(Box::new(resp), false).await?;
+    session.write_response_body(Some(reply.body.clone()), true).await?;
+    Ok(())
+}
+
+async fn write_error(session: &mut Session, ctx: &mut RequestCtx, e: &ApiError) -> Result<bool> {
+    let reply = Reply::error(e, format!("{CACHE_NAME}; fwd=bypass; detail=rejected"));
+    ctx.cache_status = Some(reply.cache_status.clone());
+    write_reply(session, &reply).await?;
+    Ok(true)
+}
+
+#[async_trait]
+impl ProxyHttp for InsightsProxy {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx {
+            started: Instant::now(),
+            route: "passthrough",
+            mode: None,
+            cache_status: None,
+            purge_on_success: None,
+            body_bytes: 0,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let req = session.req_header();
+        if req.headers.len() > MAX_REQUEST_HEADERS {
+            return write_error(session, ctx, &ApiError::headers_too_large()).await;
+        }
+        let declared_len = req.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
+        if declared_len.is_some_and(|n| n > self.max_body()) {
+            return write_error(session, ctx, &ApiError::payload_too_large(self.max_body())).await;
+        }
+        let query = match QueryParams::parse(req.uri.query()) {
+            Ok(q) => q,
+            Err(e) => return write_error(session, ctx, &ApiError::bad_request(e.to_string())).await,
+        };
+        let route = route(&req.method, req.uri.path(), &query);
+        ctx.route = match &route {
+            Route::InsightRetrieve { .. } => "insight",
+            Route::InsightList { .. } => "insight_list",
+            Route::InsightWrite { .. } => "insight_write",
+            Route::QueryStatus { .. } => "query_status",
+            Route::Passthrough => "passthrough",
+            Route::Reject(_) => "rejected",
+        };
+        match route {
+            Route::Reject(e) => write_error(session, ctx, &e).await,
+            Route::Passthrough => Ok(false),
+            Route::InsightWrite { project, insight } => {
+                ctx.purge_on_success = Some((project, insight));
+                Ok(false)
+            }
+            Route::QueryStatus { project, query_id } => {
+                let cred = Credential::from_request(&session.req_header().headers, query.get("personal_api_key"));
+                match insights::query_status(&self.app, project, &query_id, cred.as_ref()) {
+                    Some(reply) => {
+                        ctx.cache_status = Some(reply.cache_status.clone());
+                        write_reply(session, &reply).await?;
+                        Ok(true)
+                    }
+                    None => Ok(false),
+                }
+            }
+            Route::InsightRetrieve { .. } | Route::InsightList { .. } => {
+                // A GET may carry a JSON body with `refresh` or `personal_api_key` (PostHog reads
+                // `request.data`); it is read here because the proxy answers the request itself.
+                let fields = if session.is_body_empty() {
+                    BodyFields::default()
+                } else {
+                    let body = match read_body(session, self.max_body()).await {
+                        Ok(b) => b,
+                        Err(BodyError::TooLarge) => {
+                            return write_error(session, ctx, &ApiError::payload_too_large(self.max_body())).await
+                        }
+                        Err(_) => return Err(Error::new(ErrorType::ReadError)),
+                    };
+                    match body_fields(&body) {
+                        Ok(f) => f,
+                        Err(_) => {
+                            let e = ApiError::new(400, "validation_error", "parse_error", "JSON parse error - the request body is not valid JSON.");
+                            return write_error(session, ctx, &e).await;
+                        }
+                    }
+                };
+                let req = session.req_header();
+                let api_key = query.get("personal_api_key").or(fields.api_key.as_deref());
+                let Some(credential) = Credential::from_request(&req.headers, api_key) else {
+                    // Never answered from the cache: the upstream says what it says (401).
+                    ctx.cache_status = Some(format!("{CACHE_NAME}; fwd=bypass; detail=no-credential"));
+                    return Ok(false);
+                };
+                let param = match (query.get("refresh"), &fields.refresh) {
+                    (Some(q), _) => RefreshParam::Text(q),
+                    (None, Some(Value::Bool(b))) => RefreshParam::Bool(*b),
+                    (None, Some(Value::String(s))) => RefreshParam::Text(s.as_str()),
+                    _ => RefreshParam::Absent,
+                };
+                let mode = param.mode();
+                ctx.mode = Some(mode.as_str());
+                let path = req.uri.path().to_string();
+                let reply = match route {
+                    Route::InsightRetrieve { project, insight } => {
+                        let call = InsightCall { project, insight, path, query, credential, mode };
+                        insights::retrieve(&self.app, call).await
+                    }
+                    Route::InsightList { project } => {
+                        let public_base = public_base(&self.app, req);
+                        let call = ListCall { project, path, query, credential, mode, public_base };
+                        insights::list(&self.app, call).await
+                    }
+                    _ => unreachable!("matched above"),
+                };
+                ctx.cache_status = Some(reply.cache_status.clone());
+                write_reply(session, &reply).await?;
+                Ok(true)
+            }
+        }
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        // Chunked bodies declare no length: count what passes through.
+        ctx.body_bytes += body.as_ref().map_or(0, Bytes::len);
+        if ctx.body_bytes > self.max_body() {
+            return Err(Error::explain(ErrorType::HTTPStatus(413), "request body too large"));
+        }
+        Ok(())
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+        Ok(Box::new(self.peer.clone()))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        _ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let client_host = upstream_request.headers.get(header::HOST).cloned();
+        for h in HOP_BY_HOP {
+            upstream_request.remove_header(h);
+        }
+        // Headers named in `Connection` are hop-by-hop too.
+        let named: Vec<String> = session
+            .req_header()
+            .headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|s| s.trim().to_ascii_lowercase())
+            .filter(|s| !s.is_empty())
+            .collect();
+        for h in named {
+            upstream_request.remove_header(&h);
+        }
+        upstream_request.insert_header(header::HOST, self.app.upstream.settings().url.host_header())?;
+        if let Some(h) = client_host {
+            upstream_request.insert_header("x-forwarded-host", h)?;
+        }
+        if let Some(addr) = session.client_addr().and_then(|a| a.as_inet()) {
+            let ip = addr.ip().to_string();
+            let xff = match upstream_request.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+                Some(prev) => format!("{prev}, {ip}"),
+                None => ip,
+            };
+            upstream_request.insert_header("x-forwarded-for", xff)?;
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some((project, insight)) = ctx.purge_on_success {
+            if upstream_response.status.is_success() {
+                self.app.cache.purge_insight(project, insight);
+            }
+        }
+        if ctx.route != "passthrough" {
+            let cs = ctx.cache_status.get_or_insert_with(|| format!("{CACHE_NAME}; fwd=bypass"));
+            upstream_response.insert_header("cache-status", cs.as_str())?;
+        }
+        Ok(())
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
+        let api = match e.etype() {
+            ErrorType::HTTPStatus(413) => ApiError::payload_too_large(self.max_body()),
+            ErrorType::HTTPStatus(code) if *code < 500 => ApiError::bad_request("The request could not be read."),
+            ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
+                ApiError::gateway_timeout("The upstream did not answer in time.")
+            }
+            _ => match e.esource() {
+                pingora::ErrorSource::Downstream => {
+                    return FailToProxy { error_code: 0, can_reuse_downstream: false };
+                }
+                _ => ApiError::bad_gateway("The upstream is unreachable or failed to answer."),
+            },
+        };
+        ctx.cache_status = Some(format!("{CACHE_NAME}; fwd=bypass; detail=upstream-error"));
+        let reply = Reply::error(&api, ctx.cache_status.clone().unwrap_or_default());
+        // The response may already have started; then there is nothing more to say.
+        if session.response_written().is_none() {
+            let _ = write_reply(session, &reply).await;
+        }
+        FailToProxy { error_code: api.status, can_reuse_downstream: false }
+    }
+
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let req = session.req_header();
+        // The path only: a query string may carry `personal_api_key`.
+        tracing::info!(
+            method = %req.method,
+            path = req.uri.path(),
+            route = ctx.route,
+            mode = ctx.mode.unwrap_or("-"),
+            status,
+            cache = ctx.cache_status.as_deref().unwrap_or("-"),
+            ms = ctx.started.elapsed().as_secs_f64() * 1000.0,
+            "request"
+        );
+    }
+}

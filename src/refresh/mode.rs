@@ -1,0 +1,117 @@
+//! Parsing `refresh` exactly as PostHog's `refresh_requested_by_client` + `execution_mode_from_refresh`
+//! do (refresh-semantics.md §1.1), except that `async_except_on_cache_miss` is accepted: the API
+//! document lists it, so the proxy makes it work.
+
+use std::fmt;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RefreshMode {
+    ForceCache,
+    Blocking,
+    Async,
+    LazyAsync,
+    ForceBlocking,
+    ForceAsync,
+    AsyncExceptOnCacheMiss,
+}
+
+impl RefreshMode {
+    pub const ALL: [RefreshMode; 7] = [
+        RefreshMode::ForceCache,
+        RefreshMode::Blocking,
+        RefreshMode::Async,
+        RefreshMode::LazyAsync,
+        RefreshMode::ForceBlocking,
+        RefreshMode::ForceAsync,
+        RefreshMode::AsyncExceptOnCacheMiss,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefreshMode::ForceCache => "force_cache",
+            RefreshMode::Blocking => "blocking",
+            RefreshMode::Async => "async",
+            RefreshMode::LazyAsync => "lazy_async",
+            RefreshMode::ForceBlocking => "force_blocking",
+            RefreshMode::ForceAsync => "force_async",
+            RefreshMode::AsyncExceptOnCacheMiss => "async_except_on_cache_miss",
+        }
+    }
+
+    /// Mode names match case-sensitively, as upstream.
+    fn from_name(s: &str) -> Option<Self> {
+        RefreshMode::ALL.into_iter().find(|m| m.as_str() == s)
+    }
+}
+
+impl fmt::Display for RefreshMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The raw `refresh` value as the client sent it: from the query string (a string) or from a JSON
+/// body (a boolean or a string). The query string wins, as upstream reads it first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RefreshParam<'a> {
+    Absent,
+    Text(&'a str),
+    Bool(bool),
+}
+
+impl RefreshParam<'_> {
+    /// The execution mode, and whether the client asked for a refresh at all (a truthy value;
+    /// upstream then reports the team's timezone).
+    pub fn mode(&self) -> RefreshMode {
+        match *self {
+            RefreshParam::Absent | RefreshParam::Bool(false) => RefreshMode::ForceCache,
+            RefreshParam::Bool(true) => RefreshMode::ForceBlocking,
+            RefreshParam::Text(s) => {
+                if let Some(m) = RefreshMode::from_name(s) {
+                    m
+                } else if s.is_empty() || ["true", "1", "yes"].iter().any(|t| s.eq_ignore_ascii_case(t)) {
+                    RefreshMode::ForceBlocking
+                } else {
+                    // "false"/"0"/"no" and anything unknown: silently force_cache.
+                    RefreshMode::ForceCache
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use RefreshMode::*;
+
+    #[test]
+    fn parses_like_posthog() {
+        let cases: &[(RefreshParam, RefreshMode)] = &[
+            (RefreshParam::Absent, ForceCache),
+            (RefreshParam::Text(""), ForceBlocking),
+            (RefreshParam::Text("true"), ForceBlocking),
+            (RefreshParam::Text("TRUE"), ForceBlocking),
+            (RefreshParam::Text("1"), ForceBlocking),
+            (RefreshParam::Text("Yes"), ForceBlocking),
+            (RefreshParam::Text("false"), ForceCache),
+            (RefreshParam::Text("0"), ForceCache),
+            (RefreshParam::Text("no"), ForceCache),
+            (RefreshParam::Text("blocking"), Blocking),
+            (RefreshParam::Text("Blocking"), ForceCache),
+            (RefreshParam::Text("async"), Async),
+            (RefreshParam::Text("lazy_async"), LazyAsync),
+            (RefreshParam::Text("force_blocking"), ForceBlocking),
+            (RefreshParam::Text("force_async"), ForceAsync),
+            (RefreshParam::Text("force_cache"), ForceCache),
+            (RefreshParam::Text("async_except_on_cache_miss"), AsyncExceptOnCacheMiss),
+            (RefreshParam::Text("bogus"), ForceCache),
+            (RefreshParam::Text("\u{0}\u{ffff}"), ForceCache),
+            (RefreshParam::Bool(true), ForceBlocking),
+            (RefreshParam::Bool(false), ForceCache),
+        ];
+        for (param, want) in cases {
+            assert_eq!(param.mode(), *want, "{param:?}");
+        }
+    }
+}

@@ -1,0 +1,204 @@
+//! Staleness as PostHog decides it (refresh-semantics.md §2): a threshold per query interval, strict
+//! `>`, and a fixed date range that ended before the calculation never goes stale.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use time::OffsetDateTime;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Interval {
+    Second,
+    Minute,
+    Hour,
+    Day,
+    Week,
+    Month,
+    Quarter,
+    Year,
+}
+
+impl Interval {
+    pub const ALL: [Interval; 8] = [
+        Interval::Second,
+        Interval::Minute,
+        Interval::Hour,
+        Interval::Day,
+        Interval::Week,
+        Interval::Month,
+        Interval::Quarter,
+        Interval::Year,
+    ];
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Interval::Second => "second",
+            Interval::Minute => "minute",
+            Interval::Hour => "hour",
+            Interval::Day => "day",
+            Interval::Week => "week",
+            Interval::Month => "month",
+            Interval::Quarter => "quarter",
+            Interval::Year => "year",
+        }
+    }
+}
+
+impl FromStr for Interval {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        Interval::ALL.into_iter().find(|i| i.as_str() == s).ok_or(())
+    }
+}
+
+const MIN: u64 = 60;
+const HOUR: u64 = 3600;
+const DAY: u64 = 86400;
+
+/// DEFAULT and LAZY thresholds per interval; `None` means never stale.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Thresholds {
+    default: [Option<Duration>; 8],
+    lazy: [Option<Duration>; 8],
+}
+
+impl Thresholds {
+    /// PostHog's values (IS, refresh-semantics.md §2.2).
+    pub fn posthog() -> Self {
+        let s = |secs: u64| Some(Duration::from_secs(secs));
+        Self {
+            default: [None, s(5 * MIN), s(HOUR), s(6 * HOUR), s(DAY), s(DAY), s(DAY), s(DAY)],
+            lazy: [None, s(15 * MIN), s(2 * HOUR), s(12 * HOUR), s(DAY), s(DAY), s(DAY), s(DAY)],
+        }
+    }
+
+    /// Every interval stale after `default`, lazily after `lazy`: for tests.
+    pub fn uniform(default: Duration, lazy: Duration) -> Self {
+        Self { default: [Some(default); 8], lazy: [Some(lazy); 8] }
+    }
+
+    pub fn set_default(&mut self, i: Interval, d: Option<Duration>) {
+        self.default[i.index()] = d;
+    }
+
+    pub fn set_lazy(&mut self, i: Interval, d: Option<Duration>) {
+        self.lazy[i.index()] = d;
+    }
+
+    pub fn default_for(&self, i: Interval) -> Option<Duration> {
+        self.default[i.index()]
+    }
+
+    pub fn lazy_for(&self, i: Interval) -> Option<Duration> {
+        self.lazy[i.index()]
+    }
+}
+
+impl Default for Thresholds {
+    fn default() -> Self {
+        Self::posthog()
+    }
+}
+
+/// What staleness needs to know about a cached result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StaleInfo {
+    pub last_refresh: OffsetDateTime,
+    pub interval: Interval,
+    /// The end of a fixed date range, if the query has one.
+    pub date_to: Option<OffsetDateTime>,
+}
+
+impl StaleInfo {
+    /// `cache_target_age`: when the result goes stale by the DEFAULT table.
+    pub fn target_age(&self, t: &Thresholds) -> Option<OffsetDateTime> {
+        t.default_for(self.interval).map(|d| self.last_refresh + d)
+    }
+
+    /// When the result goes stale under `table` (`None` = never).
+    fn stale_after(&self, threshold: Option<Duration>) -> Option<OffsetDateTime> {
+        if let Some(date_to) = self.date_to {
+            if date_to < self.last_refresh - time::Duration::seconds(10) {
+                return None;
+            }
+        }
+        threshold.map(|d| self.last_refresh + d)
+    }
+
+    pub fn is_stale(&self, now: OffsetDateTime, t: &Thresholds) -> bool {
+        self.stale_after(t.default_for(self.interval)).is_some_and(|at| now > at)
+    }
+
+    pub fn is_lazy_stale(&self, now: OffsetDateTime, t: &Thresholds) -> bool {
+        self.stale_after(t.lazy_for(self.interval)).is_some_and(|at| now > at)
+    }
+
+    /// Seconds until stale (negative once stale), for `Cache-Status: ttl=`.
+    pub fn ttl_seconds(&self, now: OffsetDateTime, t: &Thresholds) -> Option<i64> {
+        self.stale_after(t.default_for(self.interval)).map(|at| (at - now).whole_seconds())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::datetime;
+
+    fn info(interval: Interval) -> StaleInfo {
+        StaleInfo { last_refresh: datetime!(2026-01-01 12:00 UTC), interval, date_to: None }
+    }
+
+    // T-ST test_is_stale, re-expressed.
+    #[test]
+    fn posthog_thresholds() {
+        let t = Thresholds::posthog();
+        let lr = datetime!(2026-01-01 12:00 UTC);
+        let m = |mins: i64| lr + time::Duration::minutes(mins);
+        assert!(info(Interval::Minute).is_stale(m(6), &t));
+        assert!(!info(Interval::Minute).is_stale(lr + time::Duration::seconds(10), &t));
+        assert!(info(Interval::Hour).is_stale(m(61), &t));
+        assert!(info(Interval::Day).is_stale(m(7 * 60), &t));
+        assert!(!info(Interval::Day).is_stale(m(60), &t));
+        assert!(info(Interval::Month).is_stale(m(2 * 24 * 60), &t));
+        assert!(!info(Interval::Month).is_stale(m(20 * 60), &t));
+        assert!(!info(Interval::Second).is_stale(m(100_000), &t));
+    }
+
+    #[test]
+    fn boundary_is_not_stale() {
+        let t = Thresholds::posthog();
+        let i = info(Interval::Minute);
+        assert!(!i.is_stale(i.last_refresh + time::Duration::minutes(5), &t));
+        assert!(i.is_stale(i.last_refresh + time::Duration::minutes(5) + time::Duration::nanoseconds(1), &t));
+    }
+
+    #[test]
+    fn lazy_is_later() {
+        let t = Thresholds::posthog();
+        let i = info(Interval::Hour);
+        let at = i.last_refresh + time::Duration::minutes(90);
+        assert!(i.is_stale(at, &t) && !i.is_lazy_stale(at, &t));
+    }
+
+    #[test]
+    fn fixed_past_range_never_stale() {
+        let t = Thresholds::posthog();
+        let mut i = info(Interval::Day);
+        i.date_to = Some(datetime!(2025-12-01 00:00 UTC));
+        assert!(!i.is_stale(datetime!(2030-01-01 00:00 UTC), &t));
+        i.date_to = Some(i.last_refresh); // ends "now": still goes stale
+        assert!(i.is_stale(datetime!(2030-01-01 00:00 UTC), &t));
+    }
+
+    #[test]
+    fn target_age_uses_default_table() {
+        let t = Thresholds::posthog();
+        let i = info(Interval::Day);
+        assert_eq!(i.target_age(&t), Some(i.last_refresh + time::Duration::hours(6)));
+        assert_eq!(info(Interval::Second).target_age(&t), None);
+    }
+}

@@ -1,0 +1,148 @@
+//! Assembling pingora services (proxy, background workers, optional simulated backend) and running
+//! them until a shutdown signal. Tests use [`Running`] to start servers in-process on ephemeral
+//! ports and stop them through a channel instead of process signals.
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use async_trait::async_trait;
+use pingora::prelude::background_service;
+use pingora::proxy::http_proxy_service;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
+
+use crate::app::App;
+use crate::clock::Clock;
+use crate::config::{Config, UpstreamTarget, UpstreamUrl};
+use crate::proxy::InsightsProxy;
+use crate::simulate::{SimConfig, Simulator};
+use crate::upstream::{UpstreamClient, UpstreamSettings};
+use crate::workers::Workers;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: String, source: std::io::Error },
+}
+
+/// pingora's defaults would make a SIGTERM take 5 minutes (pingora-notes.md §4): set both.
+pub fn server_conf(config: &Config) -> ServerConf {
+    ServerConf {
+        threads: config.threads,
+        grace_period_seconds: Some(config.grace_period.as_secs_f64().ceil() as u64),
+        graceful_shutdown_timeout_seconds: Some(config.shutdown_timeout.as_secs_f64().ceil().max(1.0) as u64),
+        ..Default::default()
+    }
+}
+
+/// pingora retries a busy port for 30 s and then panics inside its runtime, leaving a process with
+/// no listener (pingora-notes.md pitfall 5): check first and fail clearly.
+pub fn check_bind(addr: &str) -> Result<SocketAddr, StartError> {
+    let l = TcpListener::bind(addr).map_err(|source| StartError::Bind { addr: addr.to_string(), source })?;
+    l.local_addr().map_err(|source| StartError::Bind { addr: addr.to_string(), source })
+}
+
+/// A free loopback port (reserved and released: there is a tiny race, acceptable for tests and the
+/// demo backend).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free loopback port")
+}
+
+pub struct Built {
+    pub server: Server,
+    pub app: Arc<App>,
+    /// The built-in simulated backend, when no upstream was configured.
+    pub simulator: Option<Simulator>,
+    pub upstream: UpstreamUrl,
+}
+
+pub fn build(config: Config, clock: Clock) -> Result<Built, StartError> {
+    check_bind(&config.listen)?;
+    let (upstream, simulator) = match &config.upstream {
+        UpstreamTarget::Remote(u) => (u.clone(), None),
+        UpstreamTarget::Simulated { listen } => {
+            let mut addr = check_bind(listen)?;
+            if addr.port() == 0 || listen.ends_with(":0") {
+                addr.set_port(free_port());
+            }
+            let sim_cfg = SimConfig { calc_delay: config.sim_calc_delay, seed: config.sim_seed, ..SimConfig::default() };
+            let sim = Simulator::new(sim_cfg, clock.clone());
+            let url = UpstreamUrl { tls: false, host: addr.ip().to_string(), port: addr.port(), addr };
+            (url, Some(sim))
+        }
+    };
+    let settings = UpstreamSettings {
+        url: upstream.clone(),
+        connect_timeout: config.connect_timeout,
+        read_timeout: config.read_timeout,
+        max_response_bytes: config.max_response_bytes,
+    };
+    let mut server = Server::new_with_opt_and_conf(None, server_conf(&config));
+    server.bootstrap();
+    let listen = config.listen.clone();
+    let app = App::new(Arc::new(config), clock, UpstreamClient::new(settings.clone()));
+    let mut proxy = http_proxy_service(&server.configuration, InsightsProxy { app: app.clone(), peer: settings.peer() });
+    proxy.add_tcp(&listen);
+    server.add_service(proxy);
+    server.add_service(background_service("refresh workers", Workers { app: app.clone() }));
+    if let Some(sim) = &simulator {
+        server.add_service(sim.service(&upstream.addr.to_string()));
+    }
+    Ok(Built { server, app, simulator, upstream })
+}
+
+/// A shutdown signal sent through a channel: `Some(true)` graceful, `Some(false)` fast.
+pub struct ChannelShutdown(pub tokio::sync::watch::Receiver<Option<bool>>);
+
+#[async_trait]
+impl ShutdownSignalWatch for ChannelShutdown {
+    async fn recv(&self) -> ShutdownSignal {
+        let mut rx = self.0.clone();
+        let graceful = loop {
+            if let Some(g) = *rx.borrow_and_update() {
+                break g;
+            }
+            if rx.changed().await.is_err() {
+                break false;
+            }
+        };
+        if graceful {
+            ShutdownSignal::GracefulTerminate
+        } else {
+            ShutdownSignal::FastShutdown
+        }
+    }
+}
+
+/// A pingora server running on its own thread until [`Running::stop`] (or drop).
+pub struct Running {
+    stop: tokio::sync::watch::Sender<Option<bool>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Running {
+    pub fn start(server: Server) -> Running {
+        let (stop, rx) = tokio::sync::watch::channel(None);
+        let thread = std::thread::spawn(move || server.run(RunArgs { shutdown_signal: Box::new(ChannelShutdown(rx)) }));
+        Running { stop, thread: Some(thread) }
+    }
+
+    /// Stops the server: `graceful` drains for the grace period first.
+    pub fn stop(mut self, graceful: bool) {
+        self.shutdown(graceful);
+    }
+
+    fn shutdown(&mut self, graceful: bool) {
+        let _ = self.stop.send(Some(graceful));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.shutdown(false);
+    }
+}

@@ -1,0 +1,165 @@
+//! The client the proxy uses for its own upstream calls (calculations, cache peeks, list pages).
+//! Pass-through traffic goes through pingora's proxy path instead; both share the peer settings.
+//!
+//! Built on pingora's `Connector`, so it pools connections with the same code as the proxy path and
+//! adds no HTTP client dependency (pingora-notes.md §3).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderName, HeaderValue, Method};
+use pingora::connectors::http::Connector;
+use pingora::http::RequestHeader;
+use pingora::prelude::HttpPeer;
+use pingora::ErrorType;
+
+use crate::config::UpstreamUrl;
+
+/// Where the upstream is and how to talk to it.
+#[derive(Debug, Clone)]
+pub struct UpstreamSettings {
+    pub url: UpstreamUrl,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub max_response_bytes: usize,
+}
+
+impl UpstreamSettings {
+    pub fn peer(&self) -> HttpPeer {
+        let mut peer = HttpPeer::new(self.url.addr, self.url.tls, self.url.host.clone());
+        peer.options.connection_timeout = Some(self.connect_timeout);
+        peer.options.total_connection_timeout = Some(self.connect_timeout * 2);
+        peer.options.read_timeout = Some(self.read_timeout);
+        peer.options.write_timeout = Some(self.connect_timeout * 2);
+        peer.options.idle_timeout = Some(Duration::from_secs(60));
+        peer
+    }
+}
+
+#[derive(Debug)]
+pub struct UpstreamRequest {
+    pub method: Method,
+    pub path_and_query: String,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub body: Option<Bytes>,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamResponse {
+    pub status: u16,
+    pub content_type: Option<String>,
+    pub body: Bytes,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("cannot connect to the upstream")]
+    Connect,
+    #[error("the upstream did not answer in time")]
+    Timeout,
+    #[error("the upstream's answer is larger than {0} bytes")]
+    TooLarge(usize),
+    #[error("the upstream closed the connection or sent an invalid answer")]
+    Broken,
+}
+
+impl UpstreamError {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            UpstreamError::Connect => "connect",
+            UpstreamError::Timeout => "timeout",
+            UpstreamError::TooLarge(_) => "too_large",
+            UpstreamError::Broken => "broken",
+        }
+    }
+
+    fn from_pingora(e: &pingora::Error) -> Self {
+        match e.etype() {
+            ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => UpstreamError::Timeout,
+            ErrorType::ConnectRefused
+            | ErrorType::ConnectNoRoute
+            | ErrorType::ConnectError
+            | ErrorType::TLSHandshakeFailure
+            | ErrorType::TLSHandshakeTimedout
+            | ErrorType::InvalidCert
+            | ErrorType::HandshakeError
+            | ErrorType::SocketError => UpstreamError::Connect,
+            _ => UpstreamError::Broken,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct UpstreamClient {
+    settings: Arc<UpstreamSettings>,
+    peer: Arc<HttpPeer>,
+    connector: Arc<Connector>,
+}
+
+impl UpstreamClient {
+    pub fn new(settings: UpstreamSettings) -> Self {
+        let peer = Arc::new(settings.peer());
+        Self { settings: Arc::new(settings), peer, connector: Arc::new(Connector::new(None)) }
+    }
+
+    pub fn settings(&self) -> &UpstreamSettings {
+        &self.settings
+    }
+
+    /// Sends one request and reads the whole answer, within the read timeout and the size cap.
+    /// A pooled connection the upstream closed meanwhile is retried once on a fresh one.
+    pub async fn send(&self, req: &UpstreamRequest) -> Result<UpstreamResponse, UpstreamError> {
+        let deadline = self.settings.connect_timeout + self.settings.read_timeout;
+        match tokio::time::timeout(deadline, self.send_once(req)).await {
+            Ok(Err((UpstreamError::Broken, true))) => {
+                tokio::time::timeout(deadline, self.send_once(req)).await.map_err(|_| UpstreamError::Timeout)?.map_err(|(e, _)| e)
+            }
+            Ok(r) => r.map_err(|(e, _)| e),
+            Err(_) => Err(UpstreamError::Timeout),
+        }
+    }
+
+    /// The error carries whether the connection was a reused one.
+    async fn send_once(&self, req: &UpstreamRequest) -> Result<UpstreamResponse, (UpstreamError, bool)> {
+        let peer = &*self.peer;
+        let (mut session, reused) =
+            self.connector.get_http_session(peer).await.map_err(|e| (UpstreamError::from_pingora(&e), false))?;
+        let fail = |e: Box<pingora::Error>| (UpstreamError::from_pingora(&e), reused);
+        session.set_read_timeout(Some(self.settings.read_timeout));
+        let mut header = RequestHeader::build(req.method.clone(), req.path_and_query.as_bytes(), None)
+            .map_err(|_| (UpstreamError::Broken, false))?;
+        let _ = header.insert_header(http::header::HOST, self.settings.url.host_header());
+        let _ = header.insert_header(http::header::ACCEPT, "application/json");
+        let _ = header.insert_header(http::header::USER_AGENT, concat!("insights-proxy/", env!("CARGO_PKG_VERSION")));
+        for (k, v) in &req.headers {
+            let _ = header.insert_header(k.clone(), v.clone());
+        }
+        if let Some(b) = &req.body {
+            let _ = header.insert_header(http::header::CONTENT_LENGTH, b.len().to_string());
+        }
+        session.write_request_header(Box::new(header)).await.map_err(fail)?;
+        if let Some(b) = &req.body {
+            session.write_request_body(b.clone(), true).await.map_err(fail)?;
+        }
+        session.finish_request_body().await.map_err(fail)?;
+        session.read_response_header().await.map_err(fail)?;
+        let (status, content_type) = match session.response_header() {
+            Some(h) => (
+                h.status.as_u16(),
+                h.headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_string),
+            ),
+            None => return Err((UpstreamError::Broken, reused)),
+        };
+        let max = self.settings.max_response_bytes;
+        let mut body = BytesMut::new();
+        while let Some(chunk) = session.read_response_body().await.map_err(fail)? {
+            if body.len() + chunk.len() > max {
+                return Err((UpstreamError::TooLarge(max), false));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        self.connector.release_http_session(session, peer, Some(Duration::from_secs(60))).await;
+        Ok(UpstreamResponse { status, content_type, body: body.freeze() })
+    }
+}

@@ -1,0 +1,141 @@
+//! Background calculations: a bounded queue, deduplicated per key, drained by a fixed pool of
+//! workers that run as a pingora background service and stop on shutdown.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use crate::app::{App, CalcSpec, Outcome};
+use crate::cache::{CacheKey, Entry};
+use crate::refresh::UpstreamRefresh;
+
+#[derive(Debug)]
+pub struct Job {
+    pub spec: Arc<CalcSpec>,
+    pub refresh: UpstreamRefresh,
+    pub status_id: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the background queue is full")]
+pub struct QueueFull;
+
+pub struct JobQueue {
+    tx: mpsc::Sender<Job>,
+    rx: tokio::sync::Mutex<mpsc::Receiver<Job>>,
+    /// Keys with a job waiting in the queue: a second job for the same key is not queued.
+    queued: Mutex<HashSet<CacheKey>>,
+}
+
+impl JobQueue {
+    pub fn new(capacity: usize) -> Self {
+        let (tx, rx) = mpsc::channel(capacity);
+        Self { tx, rx: tokio::sync::Mutex::new(rx), queued: Mutex::new(HashSet::new()) }
+    }
+
+    /// Queues `job` unless one for the same key is already waiting.
+    pub fn push(&self, job: Job) -> Result<(), QueueFull> {
+        let key = job.spec.key;
+        let mut queued = self.queued.lock();
+        if queued.contains(&key) {
+            return Ok(());
+        }
+        self.tx.try_send(job).map_err(|_| QueueFull)?;
+        queued.insert(key);
+        Ok(())
+    }
+
+    async fn pop(&self) -> Option<Job> {
+        let job = self.rx.lock().await.recv().await?;
+        self.queued.lock().remove(&job.spec.key);
+        Some(job)
+    }
+
+    pub fn len(&self) -> usize {
+        self.queued.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What a completed status carries in `results`: the query response fields of the insight.
+pub fn status_results(entry: &Entry) -> Value {
+    let Value::Object(insight) = entry.to_value(false) else { return Value::Null };
+    let mut out = serde_json::Map::new();
+    for (from, to) in [
+        ("result", "results"),
+        ("last_refresh", "last_refresh"),
+        ("cache_target_age", "cache_target_age"),
+        ("next_allowed_client_refresh", "next_allowed_client_refresh"),
+        ("timezone", "timezone"),
+        ("columns", "columns"),
+        ("hasMore", "hasMore"),
+        ("types", "types"),
+        ("hogql", "hogql"),
+        ("resolved_date_range", "resolved_date_range"),
+        ("filters_hash", "cache_key"),
+    ] {
+        if let Some(v) = insight.get(from) {
+            out.insert(to.into(), v.clone());
+        }
+    }
+    out.insert("is_cached".into(), Value::Bool(false));
+    Value::Object(out)
+}
+
+/// Runs one job to completion and records the outcome in its status.
+pub async fn run_job(app: &Arc<App>, job: Job) {
+    app.statuses.picked_up(&job.status_id, app.clock.now());
+    let (flight, _) = app.calculation(&job.spec, job.refresh);
+    let result = match flight.wait().await {
+        Some(Outcome::Stored(entry)) => Ok(status_results(&entry)),
+        Some(Outcome::Relay(resp)) => Err(relay_message(&resp.body)),
+        Some(Outcome::Failed(f)) => Err(f.to_api_error().detail),
+        None => Err("The calculation was interrupted.".into()),
+    };
+    app.statuses.finish(&job.status_id, app.clock.now(), result);
+}
+
+/// The upstream's own error message for a relayed answer, e.g. `concurrency_limit_exceeded`.
+fn relay_message(body: &[u8]) -> String {
+    let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    v.pointer("/query_status/error_message")
+        .or_else(|| v.get("detail"))
+        .and_then(Value::as_str)
+        .unwrap_or("The upstream did not return a result.")
+        .to_string()
+}
+
+pub struct Workers {
+    pub app: Arc<App>,
+}
+
+#[async_trait]
+impl BackgroundService for Workers {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..self.app.config.workers {
+            let (app, mut shutdown) = (self.app.clone(), shutdown.clone());
+            tasks.spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = shutdown.changed() => return,
+                        job = app.jobs.pop() => match job {
+                            Some(job) => run_job(&app, job).await,
+                            None => return,
+                        },
+                    }
+                }
+            });
+        }
+        while tasks.join_next().await.is_some() {}
+    }
+}
