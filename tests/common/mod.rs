@@ -1,0 +1,223 @@
+//! Test harness: the simulated backend and the real proxy, each a pingora server on an ephemeral
+//! loopback port in this process, sharing one clock so tests move time instead of sleeping.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use insights_proxy::app::App;
+use insights_proxy::clock::Clock;
+use insights_proxy::config::{parse_upstream_url, Config, UpstreamTarget};
+use insights_proxy::server::{self, free_port, Running};
+use insights_proxy::simulate::{SimConfig, Simulator};
+use serde_json::Value;
+
+pub const ALL: &str = "phx_demo_all";
+pub const P1: &str = "phx_demo_p1";
+pub const P2: &str = "phx_demo_p2";
+
+pub struct Harness {
+    pub clock: Clock,
+    pub sim: Simulator,
+    pub sim_port: u16,
+    pub proxy_port: u16,
+    pub app: Arc<App>,
+    // Dropped in field order: the proxy stops before the backend.
+    proxy: Option<Running>,
+    backend: Option<Running>,
+}
+
+pub fn test_config(listen_port: u16, upstream_port: u16) -> Config {
+    let mut c = Config::defaults();
+    c.listen = format!("127.0.0.1:{listen_port}");
+    c.upstream = UpstreamTarget::Remote(parse_upstream_url(&format!("http://127.0.0.1:{upstream_port}")).unwrap());
+    c.threads = 2;
+    c.grace_period = Duration::ZERO;
+    c.shutdown_timeout = Duration::from_secs(1);
+    c.connect_timeout = Duration::from_millis(500);
+    c.read_timeout = Duration::from_secs(10);
+    c
+}
+
+pub fn start_backend(sim: &Simulator, port: u16) -> Running {
+    let mut srv = pingora::server::Server::new_with_opt_and_conf(
+        None,
+        pingora::server::configuration::ServerConf {
+            threads: 2,
+            grace_period_seconds: Some(0),
+            graceful_shutdown_timeout_seconds: Some(1),
+            ..Default::default()
+        },
+    );
+    srv.bootstrap();
+    srv.add_service(sim.service(&format!("127.0.0.1:{port}")));
+    let r = Running::start(srv);
+    wait_for_port(port);
+    r
+}
+
+pub fn start_proxy(config: Config, clock: Clock) -> (Running, Arc<App>) {
+    let port: u16 = config.listen.rsplit(':').next().unwrap().parse().unwrap();
+    let built = server::build(config, clock).expect("proxy builds");
+    let app = built.app.clone();
+    let r = Running::start(built.server);
+    wait_for_port(port);
+    (r, app)
+}
+
+pub fn wait_for_port(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "port {port} never opened");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Polls `cond` until it holds (bounded): for effects that land after a response.
+pub fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+impl Harness {
+    pub fn start() -> Harness {
+        Harness::with(|_, _| {})
+    }
+
+    pub fn with(tweak: impl FnOnce(&mut Config, &mut SimConfig)) -> Harness {
+        let clock = Clock::new();
+        let mut sim_cfg = SimConfig { calc_delay: Duration::from_millis(50), ..SimConfig::default() };
+        let (sim_port, proxy_port) = (free_port(), free_port());
+        let mut config = test_config(proxy_port, sim_port);
+        tweak(&mut config, &mut sim_cfg);
+        let sim = Simulator::new(sim_cfg, clock.clone());
+        let backend = start_backend(&sim, sim_port);
+        let (proxy, app) = start_proxy(config, clock.clone());
+        Harness { clock, sim, sim_port, proxy_port, app, proxy: Some(proxy), backend: Some(backend) }
+    }
+
+    pub fn get(&self, path: &str, token: &str) -> Resp {
+        self.request("GET", path, &[("Authorization", &format!("Bearer {token}"))], None)
+    }
+
+    pub fn request(&self, method: &str, path: &str, headers: &[(&str, &str)], body: Option<&str>) -> Resp {
+        http(self.proxy_port, method, path, headers, body)
+    }
+
+    /// The same request straight to the simulated backend, bypassing the proxy.
+    pub fn direct(&self, method: &str, path: &str, headers: &[(&str, &str)], body: Option<&str>) -> Resp {
+        http(self.sim_port, method, path, headers, body)
+    }
+
+    pub fn calcs(&self, project: u64, insight: u64) -> u64 {
+        self.sim.calculations(project, insight)
+    }
+
+    /// Stops the backend (the proxy keeps running) to simulate an upstream outage.
+    pub fn stop_backend(&mut self) {
+        if let Some(b) = self.backend.take() {
+            b.stop(false);
+        }
+    }
+
+    pub fn start_backend_again(&mut self) {
+        assert!(self.backend.is_none());
+        self.backend = Some(start_backend(&self.sim, self.sim_port));
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if let Some(p) = self.proxy.take() {
+            p.stop(false);
+        }
+        if let Some(b) = self.backend.take() {
+            b.stop(false);
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Resp {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    pub fn cache_status(&self) -> &str {
+        self.header("cache-status").unwrap_or("")
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// A plain HTTP/1.1 request on a fresh connection (`Connection: close`), read to the end.
+pub fn http(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: Option<&str>) -> Resp {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if let Some(b) = body {
+        req.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", b.len()));
+    }
+    req.push_str("\r\n");
+    if let Some(b) = body {
+        req.push_str(b);
+    }
+    s.write_all(req.as_bytes()).expect("write");
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    parse_response(&raw)
+}
+
+pub fn parse_response(raw: &[u8]) -> Resp {
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or_else(|| {
+        panic!("no header end in response: {:?}", String::from_utf8_lossy(raw))
+    });
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let mut body = raw[split + 4..].to_vec();
+    let chunked = headers.iter().any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
+    if chunked {
+        body = dechunk(&body);
+    }
+    Resp { status, headers, body }
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(eol) = b.windows(2).position(|w| w == b"\r\n") else { break };
+        let size = usize::from_str_radix(String::from_utf8_lossy(&b[..eol]).split(';').next().unwrap().trim(), 16).unwrap_or(0);
+        if size == 0 {
+            break;
+        }
+        out.extend_from_slice(&b[eol + 2..eol + 2 + size]);
+        b = &b[eol + 2 + size + 2..];
+    }
+    out
+}
