@@ -49,14 +49,24 @@ impl Failure {
 
     pub fn to_api_error(&self) -> ApiError {
         match self {
-            Failure::Upstream(UpstreamError::Timeout) => ApiError::gateway_timeout("The upstream did not answer in time."),
-            Failure::Upstream(UpstreamError::Connect) => ApiError::bad_gateway("The upstream is unreachable."),
+            Failure::Upstream(UpstreamError::Timeout) => {
+                ApiError::gateway_timeout("The upstream did not answer in time.")
+            }
+            Failure::Upstream(UpstreamError::Connect) => {
+                ApiError::bad_gateway("The upstream is unreachable.")
+            }
             Failure::Upstream(UpstreamError::TooLarge(n)) => {
                 ApiError::bad_gateway(format!("The upstream's answer is larger than {n} bytes."))
             }
-            Failure::Upstream(UpstreamError::Broken) => ApiError::bad_gateway("The upstream closed the connection."),
-            Failure::Status(s) => ApiError::bad_gateway(format!("The upstream answered with status {s}.")),
-            Failure::Garbage => ApiError::bad_gateway("The upstream's answer is not a valid insight."),
+            Failure::Upstream(UpstreamError::Broken) => {
+                ApiError::bad_gateway("The upstream closed the connection.")
+            }
+            Failure::Status(s) => {
+                ApiError::bad_gateway(format!("The upstream answered with status {s}."))
+            }
+            Failure::Garbage => {
+                ApiError::bad_gateway("The upstream's answer is not a valid insight.")
+            }
         }
     }
 }
@@ -89,11 +99,15 @@ const NOT_FORWARDED: [&str; 2] = ["refresh", "client_query_id"];
 
 impl CalcSpec {
     pub fn dashboard_id(&self) -> Option<u64> {
-        self.query.get("from_dashboard").and_then(|d| d.parse().ok())
+        self.query
+            .get("from_dashboard")
+            .and_then(|d| d.parse().ok())
     }
 
     pub fn upstream_request(&self, refresh: UpstreamRefresh) -> UpstreamRequest {
-        let query = self.query.encode_without(&NOT_FORWARDED, &[("refresh", refresh.as_str())]);
+        let query = self
+            .query
+            .encode_without(&NOT_FORWARDED, &[("refresh", refresh.as_str())]);
         UpstreamRequest {
             method: Method::GET,
             path_and_query: format!("{}?{}", self.path, query),
@@ -107,7 +121,11 @@ impl CalcSpec {
 /// `Cookie`, so what authenticates upstream is exactly what the partition was derived from.
 pub fn credential_headers(c: &Credential) -> Vec<(HeaderName, HeaderValue)> {
     let mut h = Vec::new();
-    if let Some(a) = c.authorization.as_deref().and_then(|a| HeaderValue::from_str(a).ok()) {
+    if let Some(a) = c
+        .authorization
+        .as_deref()
+        .and_then(|a| HeaderValue::from_str(a).ok())
+    {
         h.push((http::header::AUTHORIZATION, a));
     }
     if let Some(s) = &c.session_cookie {
@@ -159,15 +177,21 @@ impl App {
 
     /// Joins the running calculation for the key, or starts one. Returns the flight and whether
     /// this call started it.
-    pub fn calculation(self: &Arc<Self>, spec: &Arc<CalcSpec>, refresh: UpstreamRefresh) -> (Arc<Flight<Outcome>>, bool) {
-        let (flight, started) = self.flights.join_or_start((spec.key, FlightKind::Calculate), || {
-            let (app, spec) = (self.clone(), spec.clone());
-            async move {
-                let _permit = app.calc_permits.acquire().await;
-                app.stats.calculations.fetch_add(1, Ordering::Relaxed);
-                app.call(&spec, refresh).await
-            }
-        });
+    pub fn calculation(
+        self: &Arc<Self>,
+        spec: &Arc<CalcSpec>,
+        refresh: UpstreamRefresh,
+    ) -> (Arc<Flight<Outcome>>, bool) {
+        let (flight, started) =
+            self.flights
+                .join_or_start((spec.key, FlightKind::Calculate), || {
+                    let (app, spec) = (self.clone(), spec.clone());
+                    async move {
+                        let _permit = app.calc_permits.acquire().await;
+                        app.stats.calculations.fetch_add(1, Ordering::Relaxed);
+                        app.call(&spec, refresh).await
+                    }
+                });
         if !started {
             self.stats.coalesced.fetch_add(1, Ordering::Relaxed);
         }
@@ -193,13 +217,24 @@ impl App {
         let outcome = self.absorb(spec, epoch, resp).await;
         if let Outcome::Failed(f) = &outcome {
             self.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(project = spec.project, insight = spec.insight, refresh = refresh.as_str(), failure = f.as_str(), "upstream call failed");
+            tracing::warn!(
+                project = spec.project,
+                insight = spec.insight,
+                refresh = refresh.as_str(),
+                failure = f.as_str(),
+                "upstream call failed"
+            );
         }
         outcome
     }
 
     /// Turns an upstream answer into an outcome, caching it only if it is a good insight.
-    async fn absorb(&self, spec: &CalcSpec, epoch: u64, resp: Result<UpstreamResponse, UpstreamError>) -> Outcome {
+    async fn absorb(
+        &self,
+        spec: &CalcSpec,
+        epoch: u64,
+        resp: Result<UpstreamResponse, UpstreamError>,
+    ) -> Outcome {
         let resp = match resp {
             Err(e) => return Outcome::Failed(Failure::Upstream(e)),
             Ok(r) => r,
@@ -211,7 +246,9 @@ impl App {
                     self.cache.insert(spec.key, e.clone()).await;
                     Outcome::Stored(e)
                 }
-                Err(EntryError::NotAnObject | EntryError::WrongInsight(_)) => Outcome::Failed(Failure::Garbage),
+                Err(EntryError::NotAnObject | EntryError::WrongInsight(_)) => {
+                    Outcome::Failed(Failure::Garbage)
+                }
                 Err(_) => Outcome::Relay(Arc::new(resp)),
             },
             s if s >= 500 => Outcome::Failed(Failure::Status(s)),

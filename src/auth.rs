@@ -41,7 +41,7 @@ impl Credential {
             .filter_map(|c| c.trim().split_once('='))
             .filter(|(k, v)| *k == SESSION_COOKIE && !v.is_empty())
             .map(|(_, v)| v.to_string())
-            .last();
+            .next_back();
         let c = Credential {
             authorization,
             api_key_param: api_key_param.filter(|k| !k.is_empty()).map(str::to_string),
@@ -54,7 +54,11 @@ impl Credential {
     /// different credentials share an encoding.
     pub fn canonical_bytes(&self) -> Vec<u8> {
         let mut out = Vec::new();
-        for part in [&self.authorization, &self.api_key_param, &self.session_cookie] {
+        for part in [
+            &self.authorization,
+            &self.api_key_param,
+            &self.session_cookie,
+        ] {
             match part {
                 Some(s) => {
                     out.push(1);
@@ -90,8 +94,16 @@ mod tests {
 
     #[test]
     fn encodings_are_unambiguous() {
-        let a = Credential { authorization: Some("ab".into()), api_key_param: None, session_cookie: None };
-        let b = Credential { authorization: None, api_key_param: Some("ab".into()), session_cookie: None };
+        let a = Credential {
+            authorization: Some("ab".into()),
+            api_key_param: None,
+            session_cookie: None,
+        };
+        let b = Credential {
+            authorization: None,
+            api_key_param: Some("ab".into()),
+            session_cookie: None,
+        };
         assert_ne!(a.canonical_bytes(), b.canonical_bytes());
     }
 }

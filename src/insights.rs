@@ -28,7 +28,12 @@ pub struct Reply {
 
 impl Reply {
     pub fn json(status: u16, body: Bytes, cache_status: String) -> Self {
-        Self { status, body, content_type: None, cache_status }
+        Self {
+            status,
+            body,
+            content_type: None,
+            cache_status,
+        }
     }
 
     pub fn error(e: &ApiError, cache_status: String) -> Self {
@@ -36,7 +41,12 @@ impl Reply {
     }
 
     fn relay(resp: &crate::upstream::UpstreamResponse, cache_status: String) -> Self {
-        Self { status: resp.status, body: resp.body.clone(), content_type: resp.content_type.clone(), cache_status }
+        Self {
+            status: resp.status,
+            body: resp.body.clone(),
+            content_type: resp.content_type.clone(),
+            cache_status,
+        }
     }
 }
 
@@ -52,7 +62,12 @@ pub struct InsightCall {
 }
 
 pub async fn retrieve(app: &Arc<App>, call: InsightCall) -> Reply {
-    let key = CacheKey::new(app.keyer.partition(&call.credential), call.project, call.insight, &call.query);
+    let key = CacheKey::new(
+        app.keyer.partition(&call.credential),
+        call.project,
+        call.insight,
+        &call.query,
+    );
     let spec = Arc::new(CalcSpec {
         key,
         project: call.project,
@@ -65,7 +80,9 @@ pub async fn retrieve(app: &Arc<App>, call: InsightCall) -> Reply {
 }
 
 fn hit_status(app: &App, entry: &Entry, detail: Option<&str>) -> String {
-    let ttl = entry.stale.ttl_seconds(app.clock.now(), &app.config.thresholds);
+    let ttl = entry
+        .stale
+        .ttl_seconds(app.clock.now(), &app.config.thresholds);
     let mut s = format!("{CACHE_NAME}; hit");
     if let Some(ttl) = ttl {
         s.push_str(&format!("; ttl={ttl}"));
@@ -78,13 +95,26 @@ fn hit_status(app: &App, entry: &Entry, detail: Option<&str>) -> String {
 
 /// Answers one insight under `mode`. `peeked` is the upstream's own answer when the caller already
 /// has it (a list page), so a miss does not ask again.
-async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, mode: RefreshMode, peeked: Option<Outcome>) -> Reply {
+async fn answer(
+    app: &Arc<App>,
+    spec: &Arc<CalcSpec>,
+    mode: RefreshMode,
+    peeked: Option<Outcome>,
+) -> Reply {
     let mut peeked = peeked;
     let mut entry = app.cache.get(&spec.key).await;
+    // Set once the upstream's cache supplied the entry: the answer then did go upstream.
+    let mut via_peek = false;
     loop {
         let now = app.clock.now();
-        let state = CacheState::of(entry.as_ref().map(|e| &e.stale), now, &app.config.thresholds);
-        let in_flight = app.flights.is_running(&(spec.key, crate::app::FlightKind::Calculate));
+        let state = CacheState::of(
+            entry.as_ref().map(|e| &e.stale),
+            now,
+            &app.config.thresholds,
+        );
+        let in_flight = app
+            .flights
+            .is_running(&(spec.key, crate::app::FlightKind::Calculate));
         let decision = decide(mode, state, in_flight);
         match decision {
             Decision::Serve { background } => {
@@ -92,7 +122,9 @@ async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, mode: RefreshMode, peeked:
                 let qs = match background {
                     Background::None if in_flight => running_status(app, spec),
                     Background::None => None,
-                    Background::IfAbsent => Some(enqueue(app, spec, false, UpstreamRefresh::Blocking)),
+                    Background::IfAbsent => {
+                        Some(enqueue(app, spec, false, UpstreamRefresh::Blocking))
+                    }
                     Background::Always => Some(enqueue(app, spec, true, UpstreamRefresh::Blocking)),
                 };
                 let detail = match (state, background) {
@@ -100,7 +132,12 @@ async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, mode: RefreshMode, peeked:
                     (_, Background::None) => Some("stale"),
                     _ => Some("stale-while-revalidate"),
                 };
-                return Reply::json(200, entry.render(true, qs.as_deref()), hit_status(app, &entry, detail));
+                let cs = if via_peek {
+                    format!("{CACHE_NAME}; fwd=miss; fwd-status=200; stored")
+                } else {
+                    hit_status(app, &entry, detail)
+                };
+                return Reply::json(200, entry.render(true, qs.as_deref()), cs);
             }
             Decision::Calculate { refresh, .. } => {
                 let fwd = match (refresh, state) {
@@ -109,9 +146,12 @@ async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, mode: RefreshMode, peeked:
                     _ => "stale",
                 };
                 let (flight, started) = app.calculation(spec, refresh);
-                let outcome = flight.wait().await.unwrap_or(Outcome::Failed(Failure::Upstream(
-                    crate::upstream::UpstreamError::Broken,
-                )));
+                let outcome = flight
+                    .wait()
+                    .await
+                    .unwrap_or(Outcome::Failed(Failure::Upstream(
+                        crate::upstream::UpstreamError::Broken,
+                    )));
                 let collapsed = if started { "" } else { "; collapsed" };
                 return match outcome {
                     Outcome::Stored(e) => Reply::json(
@@ -119,45 +159,63 @@ async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, mode: RefreshMode, peeked:
                         e.render(false, None),
                         format!("{CACHE_NAME}; fwd={fwd}; fwd-status=200; stored{collapsed}"),
                     ),
-                    Outcome::Relay(r) => {
-                        Reply::relay(&r, format!("{CACHE_NAME}; fwd={fwd}; fwd-status={}{collapsed}", r.status))
-                    }
+                    Outcome::Relay(r) => Reply::relay(
+                        &r,
+                        format!(
+                            "{CACHE_NAME}; fwd={fwd}; fwd-status={}{collapsed}",
+                            r.status
+                        ),
+                    ),
                     Outcome::Failed(f) => match entry {
                         // stale-if-error: a result we have beats an error.
-                        Some(e) => {
-                            Reply::json(200, e.render(true, None), hit_status(app, &e, Some("stale-if-error")))
-                        }
-                        _ => Reply::error(&f.to_api_error(), format!("{CACHE_NAME}; fwd={fwd}; detail={}", f.as_str())),
+                        Some(e) => Reply::json(
+                            200,
+                            e.render(true, None),
+                            hit_status(app, &e, Some("stale-if-error")),
+                        ),
+                        _ => Reply::error(
+                            &f.to_api_error(),
+                            format!("{CACHE_NAME}; fwd={fwd}; detail={}", f.as_str()),
+                        ),
                     },
                 };
             }
             Decision::Peek | Decision::MissRunning | Decision::MissEnqueue => {
-                let outcome = match peeked.take() {
-                    Some(o) => o,
-                    None => app.peek(spec).wait().await.unwrap_or(Outcome::Failed(Failure::Upstream(
-                        crate::upstream::UpstreamError::Broken,
-                    ))),
-                };
+                let outcome =
+                    match peeked.take() {
+                        Some(o) => o,
+                        None => app.peek(spec).wait().await.unwrap_or(Outcome::Failed(
+                            Failure::Upstream(crate::upstream::UpstreamError::Broken),
+                        )),
+                    };
                 match outcome {
                     // The upstream's cache had a result: answer as if it had been ours.
                     Outcome::Stored(e) if entry.is_none() => {
                         entry = Some(e);
+                        via_peek = true;
                         continue;
                     }
                     Outcome::Stored(_) => unreachable!("a peek happens only on a miss"),
                     Outcome::Relay(r) => {
                         let qs = match decision {
-                            Decision::MissEnqueue => Some(enqueue(app, spec, false, UpstreamRefresh::Blocking)),
+                            Decision::MissEnqueue => {
+                                Some(enqueue(app, spec, false, UpstreamRefresh::Blocking))
+                            }
                             _ => running_status(app, spec),
                         };
                         let cs = format!("{CACHE_NAME}; fwd=miss; fwd-status={}", r.status);
                         return match (r.status, qs) {
-                            (200, Some(qs)) => Reply::json(200, overlay_miss(&r.body, Some(&qs), false), cs),
+                            (200, Some(qs)) => {
+                                Reply::json(200, overlay_miss(&r.body, Some(&qs), false), cs)
+                            }
                             _ => Reply::relay(&r, cs),
                         };
                     }
                     Outcome::Failed(f) => {
-                        return Reply::error(&f.to_api_error(), format!("{CACHE_NAME}; fwd=miss; detail={}", f.as_str()))
+                        return Reply::error(
+                            &f.to_api_error(),
+                            format!("{CACHE_NAME}; fwd=miss; detail={}", f.as_str()),
+                        )
                     }
                 }
             }
@@ -173,7 +231,12 @@ async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, mode: RefreshMode, peeked:
                         Some(Outcome::Relay(r)) if r.status == 200 => r.body.clone(),
                         Some(Outcome::Relay(r)) => return Reply::relay(&r, cs),
                         Some(Outcome::Failed(f)) => return Reply::error(&f.to_api_error(), cs),
-                        None => return Reply::error(&ApiError::bad_gateway("The upstream closed the connection."), cs),
+                        None => {
+                            return Reply::error(
+                                &ApiError::bad_gateway("The upstream closed the connection."),
+                                cs,
+                            )
+                        }
                     },
                 };
                 return Reply::json(200, overlay_miss(&base, Some(&qs), true), cs);
@@ -184,11 +247,18 @@ async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, mode: RefreshMode, peeked:
 
 /// The status of a background calculation for the key that is still running, if any.
 fn running_status(app: &App, spec: &CalcSpec) -> Option<Bytes> {
-    app.statuses.running(spec.key.partition, &app.keyer.status_id(&spec.key)).map(|s| s.to_json())
+    app.statuses
+        .running(spec.key.partition, &app.keyer.status_id(&spec.key))
+        .map(|s| s.to_json())
 }
 
 /// PostHog's `enqueue_async_calculation`: with `rr=false` an existing status is returned as it is.
-fn enqueue(app: &Arc<App>, spec: &Arc<CalcSpec>, refresh_requested: bool, refresh: UpstreamRefresh) -> Bytes {
+fn enqueue(
+    app: &Arc<App>,
+    spec: &Arc<CalcSpec>,
+    refresh_requested: bool,
+    refresh: UpstreamRefresh,
+) -> Bytes {
     let id = app.keyer.status_id(&spec.key);
     let owner = spec.key.partition;
     if !refresh_requested {
@@ -197,12 +267,28 @@ fn enqueue(app: &Arc<App>, spec: &Arc<CalcSpec>, refresh_requested: bool, refres
         }
     }
     let now = app.clock.now();
-    let status = app.statuses.start(owner, id.clone(), spec.project, spec.insight, spec.dashboard_id(), now);
-    let job = Job { spec: spec.clone(), refresh, status_id: id.clone() };
+    let status = app.statuses.start(
+        owner,
+        id.clone(),
+        spec.project,
+        spec.insight,
+        spec.dashboard_id(),
+        now,
+    );
+    let job = Job {
+        spec: spec.clone(),
+        refresh,
+        status_id: id.clone(),
+    };
     if app.jobs.push(job).is_err() {
         // Bounded queue: say so the way PostHog does when it cannot take more work.
-        app.statuses.finish(&id, now, Err("concurrency_limit_exceeded".into()));
-        return app.statuses.get(owner, &id).map(|s| s.to_json()).unwrap_or_else(|| status.to_json());
+        app.statuses
+            .finish(&id, now, Err("concurrency_limit_exceeded".into()));
+        return app
+            .statuses
+            .get(owner, &id)
+            .map(|s| s.to_json())
+            .unwrap_or_else(|| status.to_json());
     }
     status.to_json()
 }
@@ -211,9 +297,20 @@ fn enqueue(app: &Arc<App>, spec: &Arc<CalcSpec>, refresh_requested: bool, refres
 /// the insight's metadata with no result, carrying our `query_status`. For `force_async` the cache
 /// key is null too (refresh-semantics.md §1.3).
 fn overlay_miss(body: &[u8], query_status: Option<&[u8]>, force_async: bool) -> Bytes {
-    let Ok(Value::Object(mut m)) = serde_json::from_slice::<Value>(body) else { return Bytes::copy_from_slice(body) };
-    let qs = query_status.and_then(|q| serde_json::from_slice(q).ok()).unwrap_or(Value::Null);
-    for k in ["result", "last_refresh", "timezone", "next_allowed_client_refresh", "cache_target_age", "columns"] {
+    let Ok(Value::Object(mut m)) = serde_json::from_slice::<Value>(body) else {
+        return Bytes::copy_from_slice(body);
+    };
+    let qs = query_status
+        .and_then(|q| serde_json::from_slice(q).ok())
+        .unwrap_or(Value::Null);
+    for k in [
+        "result",
+        "last_refresh",
+        "timezone",
+        "next_allowed_client_refresh",
+        "cache_target_age",
+        "columns",
+    ] {
         m.insert(k.into(), Value::Null);
     }
     if force_async {
@@ -241,7 +338,10 @@ pub struct ListCall {
 pub async fn list(app: &Arc<App>, call: ListCall) -> Reply {
     let partition = app.keyer.partition(&call.credential);
     let epoch = app.cache.begin();
-    let q = call.query.encode_without(&["refresh", "client_query_id"], &[("refresh", "force_cache")]);
+    let q = call.query.encode_without(
+        &["refresh", "client_query_id"],
+        &[("refresh", "force_cache")],
+    );
     let req = crate::upstream::UpstreamRequest {
         method: http::Method::GET,
         path_and_query: format!("{}?{}", call.path, q),
@@ -253,7 +353,10 @@ pub async fn list(app: &Arc<App>, call: ListCall) -> Reply {
         Ok(r) => r,
         Err(e) => {
             let f = Failure::Upstream(e);
-            return Reply::error(&f.to_api_error(), format!("{bypass}; detail={}", f.as_str()));
+            return Reply::error(
+                &f.to_api_error(),
+                format!("{bypass}; detail={}", f.as_str()),
+            );
         }
     };
     if resp.status != 200 {
@@ -263,11 +366,19 @@ pub async fn list(app: &Arc<App>, call: ListCall) -> Reply {
         return Reply::relay(&resp, format!("{bypass}; fwd-status={}", resp.status));
     }
     let Ok(Value::Object(mut page)) = serde_json::from_slice::<Value>(&resp.body) else {
-        return Reply::error(&Failure::Garbage.to_api_error(), format!("{bypass}; detail=garbage"));
+        return Reply::error(
+            &Failure::Garbage.to_api_error(),
+            format!("{bypass}; detail=garbage"),
+        );
     };
     let items = match page.get_mut("results") {
         Some(Value::Array(items)) => std::mem::take(items),
-        _ => return Reply::error(&Failure::Garbage.to_api_error(), format!("{bypass}; detail=garbage")),
+        _ => {
+            return Reply::error(
+                &Failure::Garbage.to_api_error(),
+                format!("{bypass}; detail=garbage"),
+            )
+        }
     };
     let item_path = format!("{}/", call.path.trim_end_matches('/'));
     let mut tasks = tokio::task::JoinSet::new();
@@ -317,12 +428,18 @@ pub async fn list(app: &Arc<App>, call: ListCall) -> Reply {
             page.insert(link.into(), Value::String(rewritten));
         }
     }
-    Reply::json(200, Bytes::from(Value::Object(page).to_string()), format!("{CACHE_NAME}; fwd=uri-miss; fwd-status=200"))
+    Reply::json(
+        200,
+        Bytes::from(Value::Object(page).to_string()),
+        format!("{CACHE_NAME}; fwd=uri-miss; fwd-status=200"),
+    )
 }
 
 /// Points an absolute URL the upstream built from its own host back at the proxy.
 pub fn rewrite_origin(url: &str, public_base: &str) -> String {
-    let Some(scheme_end) = url.find("://") else { return url.to_string() };
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_string();
+    };
     let rest = &url[scheme_end + 3..];
     let path = rest.find('/').map(|i| &rest[i..]).unwrap_or("/");
     format!("{public_base}{path}")
@@ -330,7 +447,12 @@ pub fn rewrite_origin(url: &str, public_base: &str) -> String {
 
 /// `GET .../query/:id/` for ids the proxy issued: 202 running, 200 complete, 400 failed, 404
 /// unknown, expired, or another partition's. `None`: not ours, pass it through.
-pub fn query_status(app: &App, project: u64, query_id: &str, credential: Option<&Credential>) -> Option<Reply> {
+pub fn query_status(
+    app: &App,
+    project: u64,
+    query_id: &str,
+    credential: Option<&Credential>,
+) -> Option<Reply> {
     if !query_id.starts_with("ipx_") {
         return None;
     }
@@ -338,7 +460,10 @@ pub fn query_status(app: &App, project: u64, query_id: &str, credential: Option<
     let Some(credential) = credential else {
         return Some(Reply::error(&ApiError::not_authenticated(), cs));
     };
-    let status = app.statuses.get(app.keyer.partition(credential), query_id).filter(|s| s.team_id == project);
+    let status = app
+        .statuses
+        .get(app.keyer.partition(credential), query_id)
+        .filter(|s| s.team_id == project);
     let Some(status) = status else {
         return Some(Reply::error(&ApiError::not_found(), cs));
     };
@@ -358,10 +483,16 @@ mod tests {
     #[test]
     fn origins_are_rewritten() {
         assert_eq!(
-            rewrite_origin("http://127.0.0.1:9/api/projects/1/insights/?limit=2&offset=2", "http://proxy:8080"),
+            rewrite_origin(
+                "http://127.0.0.1:9/api/projects/1/insights/?limit=2&offset=2",
+                "http://proxy:8080"
+            ),
             "http://proxy:8080/api/projects/1/insights/?limit=2&offset=2"
         );
-        assert_eq!(rewrite_origin("https://us.posthog.com", "http://p"), "http://p/");
+        assert_eq!(
+            rewrite_origin("https://us.posthog.com", "http://p"),
+            "http://p/"
+        );
         assert_eq!(rewrite_origin("/relative", "http://p"), "/relative");
     }
 }

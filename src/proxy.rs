@@ -25,8 +25,15 @@ pub const MAX_REQUEST_HEADERS: usize = 100;
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) are never forwarded. pingora manages `Connection` and
 /// keep-alive for each side itself.
-const HOP_BY_HOP: [&str; 7] =
-    ["connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade", "proxy-authorization"];
+const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-authorization",
+];
 
 pub struct InsightsProxy {
     pub app: Arc<App>,
@@ -42,6 +49,36 @@ pub struct RequestCtx {
     /// A write to this insight is being passed through: purge it once the upstream accepts it.
     purge_on_success: Option<(u64, u64)>,
     body_bytes: usize,
+    /// For a passed-through JSON answer: the upstream's origin and the proxy's, and the body so far.
+    relink: Option<Relink>,
+}
+
+/// Absolute links the upstream builds from its own host (a list's `next`/`previous`) are pointed
+/// back at the proxy, so clients never leave it. Needs the whole body, so it is buffered (bounded).
+#[derive(Debug)]
+struct Relink {
+    from: Vec<u8>,
+    to: Vec<u8>,
+    body: Vec<u8>,
+    overflowed: bool,
+}
+
+/// Passed-through JSON bodies larger than this are streamed without rewriting.
+const MAX_RELINK_BYTES: usize = 8 * 1024 * 1024;
+
+fn replace_all(haystack: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(haystack.len());
+    let mut i = 0;
+    while i < haystack.len() {
+        if haystack[i..].starts_with(from) {
+            out.extend_from_slice(to);
+            i += from.len();
+        } else {
+            out.push(haystack[i]);
+            i += 1;
+        }
+    }
+    out
 }
 
 impl InsightsProxy {
@@ -87,7 +124,9 @@ fn body_fields(body: &[u8]) -> std::result::Result<BodyFields, BodyError> {
     match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(mut m)) => Ok(BodyFields {
             refresh: m.remove("refresh"),
-            api_key: m.remove("personal_api_key").and_then(|v| v.as_str().map(str::to_string)),
+            api_key: m
+                .remove("personal_api_key")
+                .and_then(|v| v.as_str().map(str::to_string)),
         }),
         Ok(_) => Ok(BodyFields::default()),
         Err(_) => Err(BodyError::Malformed),
@@ -104,7 +143,11 @@ fn public_base(app: &App, req: &RequestHeader) -> String {
         .and_then(|h| h.to_str().ok())
         .or_else(|| req.uri.authority().map(|a| a.as_str()))
         .unwrap_or("localhost");
-    let proto = match req.headers.get("x-forwarded-proto").and_then(|h| h.to_str().ok()) {
+    let proto = match req
+        .headers
+        .get("x-forwarded-proto")
+        .and_then(|h| h.to_str().ok())
+    {
         Some("https") => "https",
         _ => "http",
     };
@@ -113,12 +156,17 @@ fn public_base(app: &App, req: &RequestHeader) -> String {
 
 pub async fn write_reply(session: &mut Session, reply: &Reply) -> Result<()> {
     let mut resp = ResponseHeader::build(reply.status, Some(4))?;
-    resp.insert_header(header::CONTENT_TYPE, reply.content_type.as_deref().unwrap_or("application/json"))?;
+    resp.insert_header(
+        header::CONTENT_TYPE,
+        reply.content_type.as_deref().unwrap_or("application/json"),
+    )?;
     resp.insert_header(header::CONTENT_LENGTH, reply.body.len().to_string())?;
     resp.insert_header("cache-status", &reply.cache_status)?;
     resp.insert_header(header::VARY, "Authorization, Cookie")?;
     session.write_response_header(Box::new(resp), false).await?;
-    session.write_response_body(Some(reply.body.clone()), true).await?;
+    session
+        .write_response_body(Some(reply.body.clone()), true)
+        .await?;
     Ok(())
 }
 
@@ -141,6 +189,7 @@ impl ProxyHttp for InsightsProxy {
             cache_status: None,
             purge_on_success: None,
             body_bytes: 0,
+            relink: None,
         }
     }
 
@@ -149,13 +198,19 @@ impl ProxyHttp for InsightsProxy {
         if req.headers.len() > MAX_REQUEST_HEADERS {
             return write_error(session, ctx, &ApiError::headers_too_large()).await;
         }
-        let declared_len = req.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
+        let declared_len = req
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
         if declared_len.is_some_and(|n| n > self.max_body()) {
             return write_error(session, ctx, &ApiError::payload_too_large(self.max_body())).await;
         }
         let query = match QueryParams::parse(req.uri.query()) {
             Ok(q) => q,
-            Err(e) => return write_error(session, ctx, &ApiError::bad_request(e.to_string())).await,
+            Err(e) => {
+                return write_error(session, ctx, &ApiError::bad_request(e.to_string())).await
+            }
         };
         let route = route(&req.method, req.uri.path(), &query);
         ctx.route = match &route {
@@ -174,7 +229,10 @@ impl ProxyHttp for InsightsProxy {
                 Ok(false)
             }
             Route::QueryStatus { project, query_id } => {
-                let cred = Credential::from_request(&session.req_header().headers, query.get("personal_api_key"));
+                let cred = Credential::from_request(
+                    &session.req_header().headers,
+                    query.get("personal_api_key"),
+                );
                 match insights::query_status(&self.app, project, &query_id, cred.as_ref()) {
                     Some(reply) => {
                         ctx.cache_status = Some(reply.cache_status.clone());
@@ -193,14 +251,24 @@ impl ProxyHttp for InsightsProxy {
                     let body = match read_body(session, self.max_body()).await {
                         Ok(b) => b,
                         Err(BodyError::TooLarge) => {
-                            return write_error(session, ctx, &ApiError::payload_too_large(self.max_body())).await
+                            return write_error(
+                                session,
+                                ctx,
+                                &ApiError::payload_too_large(self.max_body()),
+                            )
+                            .await
                         }
                         Err(_) => return Err(Error::new(ErrorType::ReadError)),
                     };
                     match body_fields(&body) {
                         Ok(f) => f,
                         Err(_) => {
-                            let e = ApiError::new(400, "validation_error", "parse_error", "JSON parse error - the request body is not valid JSON.");
+                            let e = ApiError::new(
+                                400,
+                                "validation_error",
+                                "parse_error",
+                                "JSON parse error - the request body is not valid JSON.",
+                            );
                             return write_error(session, ctx, &e).await;
                         }
                     }
@@ -209,7 +277,8 @@ impl ProxyHttp for InsightsProxy {
                 let api_key = query.get("personal_api_key").or(fields.api_key.as_deref());
                 let Some(credential) = Credential::from_request(&req.headers, api_key) else {
                     // Never answered from the cache: the upstream says what it says (401).
-                    ctx.cache_status = Some(format!("{CACHE_NAME}; fwd=bypass; detail=no-credential"));
+                    ctx.cache_status =
+                        Some(format!("{CACHE_NAME}; fwd=bypass; detail=no-credential"));
                     return Ok(false);
                 };
                 let param = match (query.get("refresh"), &fields.refresh) {
@@ -223,12 +292,26 @@ impl ProxyHttp for InsightsProxy {
                 let path = req.uri.path().to_string();
                 let reply = match route {
                     Route::InsightRetrieve { project, insight } => {
-                        let call = InsightCall { project, insight, path, query, credential, mode };
+                        let call = InsightCall {
+                            project,
+                            insight,
+                            path,
+                            query,
+                            credential,
+                            mode,
+                        };
                         insights::retrieve(&self.app, call).await
                     }
                     Route::InsightList { project } => {
                         let public_base = public_base(&self.app, req);
-                        let call = ListCall { project, path, query, credential, mode, public_base };
+                        let call = ListCall {
+                            project,
+                            path,
+                            query,
+                            credential,
+                            mode,
+                            public_base,
+                        };
                         insights::list(&self.app, call).await
                     }
                     _ => unreachable!("matched above"),
@@ -250,12 +333,19 @@ impl ProxyHttp for InsightsProxy {
         // Chunked bodies declare no length: count what passes through.
         ctx.body_bytes += body.as_ref().map_or(0, Bytes::len);
         if ctx.body_bytes > self.max_body() {
-            return Err(Error::explain(ErrorType::HTTPStatus(413), "request body too large"));
+            return Err(Error::explain(
+                ErrorType::HTTPStatus(413),
+                "request body too large",
+            ));
         }
         Ok(())
     }
 
-    async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
         Ok(Box::new(self.peer.clone()))
     }
 
@@ -283,13 +373,18 @@ impl ProxyHttp for InsightsProxy {
         for h in named {
             upstream_request.remove_header(&h);
         }
-        upstream_request.insert_header(header::HOST, self.app.upstream.settings().url.host_header())?;
+        upstream_request
+            .insert_header(header::HOST, self.app.upstream.settings().url.host_header())?;
         if let Some(h) = client_host {
             upstream_request.insert_header("x-forwarded-host", h)?;
         }
         if let Some(addr) = session.client_addr().and_then(|a| a.as_inet()) {
             let ip = addr.ip().to_string();
-            let xff = match upstream_request.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+            let xff = match upstream_request
+                .headers
+                .get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok())
+            {
                 Some(prev) => format!("{prev}, {ip}"),
                 None => ip,
             };
@@ -300,32 +395,106 @@ impl ProxyHttp for InsightsProxy {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        let is_json = upstream_response
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/json"));
+        let encoded = upstream_response
+            .headers
+            .contains_key(header::CONTENT_ENCODING);
+        if is_json && !encoded && session.req_header().uri.path().starts_with("/api/") {
+            let origin = self.app.upstream.settings().url.origin();
+            let base = public_base(&self.app, session.req_header());
+            if origin != base {
+                ctx.relink = Some(Relink {
+                    from: format!("\"{origin}/").into_bytes(),
+                    to: format!("\"{base}/").into_bytes(),
+                    body: Vec::new(),
+                    overflowed: false,
+                });
+                // The length changes: pingora frames the rewritten body itself.
+                upstream_response.remove_header(&header::CONTENT_LENGTH);
+            }
+        }
+        if let Some(loc) = upstream_response
+            .headers
+            .get(header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+        {
+            let origin = self.app.upstream.settings().url.origin();
+            if let Some(rest) = loc.strip_prefix(&origin) {
+                let rewritten = format!("{}{rest}", public_base(&self.app, session.req_header()));
+                upstream_response.insert_header(header::LOCATION, rewritten)?;
+            }
+        }
         if let Some((project, insight)) = ctx.purge_on_success {
             if upstream_response.status.is_success() {
                 self.app.cache.purge_insight(project, insight);
             }
         }
         if ctx.route != "passthrough" {
-            let cs = ctx.cache_status.get_or_insert_with(|| format!("{CACHE_NAME}; fwd=bypass"));
+            let cs = ctx
+                .cache_status
+                .get_or_insert_with(|| format!("{CACHE_NAME}; fwd=bypass"));
             upstream_response.insert_header("cache-status", cs.as_str())?;
         }
         Ok(())
     }
 
-    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<std::time::Duration>> {
+        let Some(relink) = ctx.relink.as_mut() else {
+            return Ok(None);
+        };
+        if relink.overflowed {
+            return Ok(None);
+        }
+        if let Some(chunk) = body.take() {
+            relink.body.extend_from_slice(&chunk);
+        }
+        if relink.body.len() > MAX_RELINK_BYTES {
+            relink.overflowed = true;
+            *body = Some(Bytes::from(std::mem::take(&mut relink.body)));
+        } else if end_of_stream {
+            *body = Some(Bytes::from(replace_all(
+                &relink.body,
+                &relink.from,
+                &relink.to,
+            )));
+        }
+        Ok(None)
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
         let api = match e.etype() {
             ErrorType::HTTPStatus(413) => ApiError::payload_too_large(self.max_body()),
-            ErrorType::HTTPStatus(code) if *code < 500 => ApiError::bad_request("The request could not be read."),
+            ErrorType::HTTPStatus(code) if *code < 500 => {
+                ApiError::bad_request("The request could not be read.")
+            }
             ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
                 ApiError::gateway_timeout("The upstream did not answer in time.")
             }
             _ => match e.esource() {
                 pingora::ErrorSource::Downstream => {
-                    return FailToProxy { error_code: 0, can_reuse_downstream: false };
+                    return FailToProxy {
+                        error_code: 0,
+                        can_reuse_downstream: false,
+                    };
                 }
                 _ => ApiError::bad_gateway("The upstream is unreachable or failed to answer."),
             },
@@ -336,7 +505,10 @@ impl ProxyHttp for InsightsProxy {
         if session.response_written().is_none() {
             let _ = write_reply(session, &reply).await;
         }
-        FailToProxy { error_code: api.status, can_reuse_downstream: false }
+        FailToProxy {
+            error_code: api.status,
+            can_reuse_downstream: false,
+        }
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {

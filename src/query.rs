@@ -36,7 +36,11 @@ impl QueryParams {
 
     /// The last value of `name`, as Django's `QueryDict.get` returns it.
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.pairs.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+        self.pairs
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
@@ -64,7 +68,9 @@ fn decode(s: &str) -> Result<String, QueryError> {
     // percent_decode passes malformed escapes through; refuse them instead.
     for (i, b) in bytes.iter().enumerate() {
         if *b == b'%' {
-            let ok = bytes.get(i + 1..i + 3).is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit));
+            let ok = bytes
+                .get(i + 1..i + 3)
+                .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit));
             if !ok {
                 return Err(QueryError::BadEncoding);
             }
@@ -103,14 +109,23 @@ mod tests {
         let q = QueryParams::parse(Some("a=%7B%22x%22%3A1%7D&b=a+b")).unwrap();
         assert_eq!(q.get("a"), Some("{\"x\":1}"));
         assert_eq!(q.get("b"), Some("a b"));
-        assert_eq!(QueryParams::parse(Some("a=%zz")), Err(QueryError::BadEncoding));
-        assert_eq!(QueryParams::parse(Some("a=%")), Err(QueryError::BadEncoding));
+        assert_eq!(
+            QueryParams::parse(Some("a=%zz")),
+            Err(QueryError::BadEncoding)
+        );
+        assert_eq!(
+            QueryParams::parse(Some("a=%")),
+            Err(QueryError::BadEncoding)
+        );
         assert_eq!(QueryParams::parse(Some("a=%ff")), Err(QueryError::NotUtf8));
     }
 
     #[test]
     fn reencodes() {
         let q = QueryParams::parse(Some("refresh=true&from_dashboard=3&f=%7B%7D")).unwrap();
-        assert_eq!(q.encode_without(&["refresh"], &[("refresh", "blocking")]), "from_dashboard=3&f=%7B%7D&refresh=blocking");
+        assert_eq!(
+            q.encode_without(&["refresh"], &[("refresh", "blocking")]),
+            "from_dashboard=3&f=%7B%7D&refresh=blocking"
+        );
     }
 }

@@ -65,7 +65,13 @@ pub struct StatusRegistry {
 
 impl StatusRegistry {
     pub fn new(ttl: Duration, max_records: u64) -> Self {
-        Self { records: moka::sync::Cache::builder().max_capacity(max_records).time_to_live(ttl).build(), ttl }
+        Self {
+            records: moka::sync::Cache::builder()
+                .max_capacity(max_records)
+                .time_to_live(ttl)
+                .build(),
+            ttl,
+        }
     }
 
     fn expiration(&self, now: OffsetDateTime) -> OffsetDateTime {
@@ -73,7 +79,15 @@ impl StatusRegistry {
     }
 
     /// Writes a new, incomplete record (replacing any under the same id).
-    pub fn start(&self, owner: Partition, id: String, team_id: u64, insight_id: u64, dashboard_id: Option<u64>, now: OffsetDateTime) -> QueryStatus {
+    pub fn start(
+        &self,
+        owner: Partition,
+        id: String,
+        team_id: u64,
+        insight_id: u64,
+        dashboard_id: Option<u64>,
+        now: OffsetDateTime,
+    ) -> QueryStatus {
         let status = QueryStatus {
             id: id.clone(),
             team_id,
@@ -90,7 +104,13 @@ impl StatusRegistry {
             task_id: None,
             results: None,
         };
-        self.records.insert(id, Arc::new(Mutex::new(Record { owner, status: status.clone() })));
+        self.records.insert(
+            id,
+            Arc::new(Mutex::new(Record {
+                owner,
+                status: status.clone(),
+            })),
+        );
         status
     }
 
@@ -162,7 +182,10 @@ mod tests {
         let (a, b) = (Partition([1; 16]), Partition([2; 16]));
         reg.start(a, "q1".into(), 1, 5, None, now);
         assert!(reg.running(a, "q1").is_some());
-        assert!(reg.get(b, "q1").is_none(), "another partition cannot see it");
+        assert!(
+            reg.get(b, "q1").is_none(),
+            "another partition cannot see it"
+        );
         reg.picked_up("q1", now);
         reg.finish("q1", now, Ok(serde_json::json!({"results": [1]})));
         let s = reg.get(a, "q1").unwrap();

@@ -76,7 +76,9 @@ impl UpstreamError {
 
     fn from_pingora(e: &pingora::Error) -> Self {
         match e.etype() {
-            ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => UpstreamError::Timeout,
+            ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
+                UpstreamError::Timeout
+            }
             ErrorType::ConnectRefused
             | ErrorType::ConnectNoRoute
             | ErrorType::ConnectError
@@ -100,7 +102,11 @@ pub struct UpstreamClient {
 impl UpstreamClient {
     pub fn new(settings: UpstreamSettings) -> Self {
         let peer = Arc::new(settings.peer());
-        Self { settings: Arc::new(settings), peer, connector: Arc::new(Connector::new(None)) }
+        Self {
+            settings: Arc::new(settings),
+            peer,
+            connector: Arc::new(Connector::new(None)),
+        }
     }
 
     pub fn settings(&self) -> &UpstreamSettings {
@@ -113,7 +119,10 @@ impl UpstreamClient {
         let deadline = self.settings.connect_timeout + self.settings.read_timeout;
         match tokio::time::timeout(deadline, self.send_once(req)).await {
             Ok(Err((UpstreamError::Broken, true))) => {
-                tokio::time::timeout(deadline, self.send_once(req)).await.map_err(|_| UpstreamError::Timeout)?.map_err(|(e, _)| e)
+                tokio::time::timeout(deadline, self.send_once(req))
+                    .await
+                    .map_err(|_| UpstreamError::Timeout)?
+                    .map_err(|(e, _)| e)
             }
             Ok(r) => r.map_err(|(e, _)| e),
             Err(_) => Err(UpstreamError::Timeout),
@@ -121,33 +130,52 @@ impl UpstreamClient {
     }
 
     /// The error carries whether the connection was a reused one.
-    async fn send_once(&self, req: &UpstreamRequest) -> Result<UpstreamResponse, (UpstreamError, bool)> {
+    async fn send_once(
+        &self,
+        req: &UpstreamRequest,
+    ) -> Result<UpstreamResponse, (UpstreamError, bool)> {
         let peer = &*self.peer;
-        let (mut session, reused) =
-            self.connector.get_http_session(peer).await.map_err(|e| (UpstreamError::from_pingora(&e), false))?;
+        let (mut session, reused) = self
+            .connector
+            .get_http_session(peer)
+            .await
+            .map_err(|e| (UpstreamError::from_pingora(&e), false))?;
         let fail = |e: Box<pingora::Error>| (UpstreamError::from_pingora(&e), reused);
         session.set_read_timeout(Some(self.settings.read_timeout));
-        let mut header = RequestHeader::build(req.method.clone(), req.path_and_query.as_bytes(), None)
-            .map_err(|_| (UpstreamError::Broken, false))?;
+        let mut header =
+            RequestHeader::build(req.method.clone(), req.path_and_query.as_bytes(), None)
+                .map_err(|_| (UpstreamError::Broken, false))?;
         let _ = header.insert_header(http::header::HOST, self.settings.url.host_header());
         let _ = header.insert_header(http::header::ACCEPT, "application/json");
-        let _ = header.insert_header(http::header::USER_AGENT, concat!("insights-proxy/", env!("CARGO_PKG_VERSION")));
+        let _ = header.insert_header(
+            http::header::USER_AGENT,
+            concat!("insights-proxy/", env!("CARGO_PKG_VERSION")),
+        );
         for (k, v) in &req.headers {
             let _ = header.insert_header(k.clone(), v.clone());
         }
         if let Some(b) = &req.body {
             let _ = header.insert_header(http::header::CONTENT_LENGTH, b.len().to_string());
         }
-        session.write_request_header(Box::new(header)).await.map_err(fail)?;
+        session
+            .write_request_header(Box::new(header))
+            .await
+            .map_err(fail)?;
         if let Some(b) = &req.body {
-            session.write_request_body(b.clone(), true).await.map_err(fail)?;
+            session
+                .write_request_body(b.clone(), true)
+                .await
+                .map_err(fail)?;
         }
         session.finish_request_body().await.map_err(fail)?;
         session.read_response_header().await.map_err(fail)?;
         let (status, content_type) = match session.response_header() {
             Some(h) => (
                 h.status.as_u16(),
-                h.headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_string),
+                h.headers
+                    .get(http::header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string),
             ),
             None => return Err((UpstreamError::Broken, reused)),
         };
@@ -159,7 +187,13 @@ impl UpstreamClient {
             }
             body.extend_from_slice(&chunk);
         }
-        self.connector.release_http_session(session, peer, Some(Duration::from_secs(60))).await;
-        Ok(UpstreamResponse { status, content_type, body: body.freeze() })
+        self.connector
+            .release_http_session(session, peer, Some(Duration::from_secs(60)))
+            .await;
+        Ok(UpstreamResponse {
+            status,
+            content_type,
+            body: body.freeze(),
+        })
     }
 }

@@ -36,7 +36,11 @@ pub struct JobQueue {
 impl JobQueue {
     pub fn new(capacity: usize) -> Self {
         let (tx, rx) = mpsc::channel(capacity);
-        Self { tx, rx: tokio::sync::Mutex::new(rx), queued: Mutex::new(HashSet::new()) }
+        Self {
+            tx,
+            rx: tokio::sync::Mutex::new(rx),
+            queued: Mutex::new(HashSet::new()),
+        }
     }
 
     /// Queues `job` unless one for the same key is already waiting.
@@ -68,7 +72,9 @@ impl JobQueue {
 
 /// What a completed status carries in `results`: the query response fields of the insight.
 pub fn status_results(entry: &Entry) -> Value {
-    let Value::Object(insight) = entry.to_value(false) else { return Value::Null };
+    let Value::Object(insight) = entry.to_value(false) else {
+        return Value::Null;
+    };
     let mut out = serde_json::Map::new();
     for (from, to) in [
         ("result", "results"),

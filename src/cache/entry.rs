@@ -42,7 +42,9 @@ impl Entry {
     }
 
     pub fn from_value(value: Value, insight: u64, epoch: u64) -> Result<Entry, EntryError> {
-        let Value::Object(mut map) = value else { return Err(EntryError::NotAnObject) };
+        let Value::Object(mut map) = value else {
+            return Err(EntryError::NotAnObject);
+        };
         if map.get("result").is_none_or(Value::is_null) {
             return Err(EntryError::NoResult);
         }
@@ -65,14 +67,26 @@ impl Entry {
         map.remove("is_cached");
         map.remove("query_status");
         let body = Bytes::from(serde_json::to_vec(&map).expect("a JSON map serialises"));
-        Ok(Entry { body, stale: StaleInfo { last_refresh, interval, date_to }, epoch })
+        Ok(Entry {
+            body,
+            stale: StaleInfo {
+                last_refresh,
+                interval,
+                date_to,
+            },
+            epoch,
+        })
     }
 
     /// The answer body: `{"is_cached":..,"query_status":..,` + the stored fields.
     pub fn render(&self, is_cached: bool, query_status: Option<&[u8]>) -> Bytes {
         let qs = query_status.unwrap_or(b"null");
         let mut out = BytesMut::with_capacity(self.body.len() + qs.len() + 40);
-        out.put_slice(if is_cached { b"{\"is_cached\":true,\"query_status\":" } else { b"{\"is_cached\":false,\"query_status\":" });
+        out.put_slice(if is_cached {
+            b"{\"is_cached\":true,\"query_status\":"
+        } else {
+            b"{\"is_cached\":false,\"query_status\":"
+        });
         out.put_slice(qs);
         if self.body.len() > 2 {
             out.put_u8(b',');
@@ -107,14 +121,23 @@ impl Entry {
 fn interval_and_date_to(map: &Map<String, Value>) -> (Interval, Option<OffsetDateTime>) {
     let query = map.get("query");
     let source = query.and_then(|q| q.get("source")).or(query);
-    let Some(source) = source else { return (Interval::Minute, None) };
+    let Some(source) = source else {
+        return (Interval::Minute, None);
+    };
     let date_range = source.get("dateRange");
-    let interval = match source.get("interval").and_then(Value::as_str).and_then(|s| s.parse().ok()) {
+    let interval = match source
+        .get("interval")
+        .and_then(Value::as_str)
+        .and_then(|s| s.parse().ok())
+    {
         Some(i) => i,
         None if date_range.is_some() => Interval::Day,
         None => Interval::Minute,
     };
-    let date_to = date_range.and_then(|d| d.get("date_to")).and_then(Value::as_str).and_then(parse_fixed_date);
+    let date_to = date_range
+        .and_then(|d| d.get("date_to"))
+        .and_then(Value::as_str)
+        .and_then(parse_fixed_date);
     (interval, date_to)
 }
 
@@ -140,8 +163,10 @@ mod tests {
 
     #[test]
     fn accepts_a_good_insight_and_renders_it() {
-        let b = body(json!({"id": 7, "result": [1], "last_refresh": "2026-01-01T00:00:00Z", "is_cached": false,
-            "query_status": null, "query": {"kind":"InsightVizNode","source":{"interval":"hour","dateRange":{"date_to":null}}}}));
+        let b = body(
+            json!({"id": 7, "result": [1], "last_refresh": "2026-01-01T00:00:00Z", "is_cached": false,
+            "query_status": null, "query": {"kind":"InsightVizNode","source":{"interval":"hour","dateRange":{"date_to":null}}}}),
+        );
         let e = Entry::from_upstream(&b, 7, 1).unwrap();
         assert_eq!(e.stale.interval, Interval::Hour);
         assert_eq!(e.stale.date_to, None);
@@ -157,23 +182,55 @@ mod tests {
     #[test]
     fn refuses_what_must_not_be_cached() {
         let lr = "2026-01-01T00:00:00Z";
-        assert_eq!(Entry::from_upstream(b"nope", 1, 1).unwrap_err(), EntryError::NotAnObject);
-        assert_eq!(Entry::from_upstream(b"[1]", 1, 1).unwrap_err(), EntryError::NotAnObject);
-        assert_eq!(Entry::from_upstream(&body(json!({"id":1,"result":null,"last_refresh":lr})), 1, 1).unwrap_err(), EntryError::NoResult);
+        assert_eq!(
+            Entry::from_upstream(b"nope", 1, 1).unwrap_err(),
+            EntryError::NotAnObject
+        );
+        assert_eq!(
+            Entry::from_upstream(b"[1]", 1, 1).unwrap_err(),
+            EntryError::NotAnObject
+        );
+        assert_eq!(
+            Entry::from_upstream(&body(json!({"id":1,"result":null,"last_refresh":lr})), 1, 1)
+                .unwrap_err(),
+            EntryError::NoResult
+        );
         let err = json!({"id":1,"result":[1],"last_refresh":lr,"query_status":{"error":true,"error_message":"concurrency_limit_exceeded"}});
-        assert_eq!(Entry::from_upstream(&body(err), 1, 1).unwrap_err(), EntryError::StatusError);
-        assert_eq!(Entry::from_upstream(&body(json!({"id":1,"result":[1]})), 1, 1).unwrap_err(), EntryError::NoLastRefresh);
-        assert!(matches!(Entry::from_upstream(&body(json!({"id":2,"result":[1],"last_refresh":lr})), 1, 1), Err(EntryError::WrongInsight(_))));
+        assert_eq!(
+            Entry::from_upstream(&body(err), 1, 1).unwrap_err(),
+            EntryError::StatusError
+        );
+        assert_eq!(
+            Entry::from_upstream(&body(json!({"id":1,"result":[1]})), 1, 1).unwrap_err(),
+            EntryError::NoLastRefresh
+        );
+        assert!(matches!(
+            Entry::from_upstream(&body(json!({"id":2,"result":[1],"last_refresh":lr})), 1, 1),
+            Err(EntryError::WrongInsight(_))
+        ));
     }
 
     #[test]
     fn fixed_ranges_and_defaults() {
         let lr = "2026-01-01T00:00:00Z";
-        let e = Entry::from_upstream(&body(json!({"result":[1],"last_refresh":lr,
-            "query":{"source":{"dateRange":{"date_from":"2025-01-01","date_to":"2025-01-31"}}}})), 1, 1).unwrap();
+        let e = Entry::from_upstream(
+            &body(json!({"result":[1],"last_refresh":lr,
+            "query":{"source":{"dateRange":{"date_from":"2025-01-01","date_to":"2025-01-31"}}}})),
+            1,
+            1,
+        )
+        .unwrap();
         assert_eq!(e.stale.interval, Interval::Day);
-        assert_eq!(e.stale.date_to, Some(time::macros::datetime!(2025-01-31 23:59:59 UTC)));
-        let e = Entry::from_upstream(&body(json!({"result":[1],"last_refresh":lr,"query":{"kind":"HogQLQuery"}})), 1, 1).unwrap();
+        assert_eq!(
+            e.stale.date_to,
+            Some(time::macros::datetime!(2025-01-31 23:59:59 UTC))
+        );
+        let e = Entry::from_upstream(
+            &body(json!({"result":[1],"last_refresh":lr,"query":{"kind":"HogQLQuery"}})),
+            1,
+            1,
+        )
+        .unwrap();
         assert_eq!(e.stale.interval, Interval::Minute);
     }
 }
