@@ -8,7 +8,7 @@ use http::{HeaderName, HeaderValue, Method};
 use tokio::sync::Semaphore;
 
 use crate::auth::Credential;
-use crate::cache::{CacheKey, Entry, EntryError, InsightCache, PartitionKeyer};
+use crate::cache::{CacheKey, Entry, EntryError, InsightCache, Partition, PartitionKeyer};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::error::ApiError;
@@ -18,6 +18,7 @@ use crate::refresh::UpstreamRefresh;
 use crate::status::StatusRegistry;
 use crate::upstream::{UpstreamClient, UpstreamError, UpstreamRequest, UpstreamResponse};
 use crate::workers::JobQueue;
+use time::OffsetDateTime;
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub enum FlightKind {
@@ -52,21 +53,16 @@ impl Failure {
             Failure::Upstream(UpstreamError::Timeout) => {
                 ApiError::gateway_timeout("The upstream did not answer in time.")
             }
-            Failure::Upstream(UpstreamError::Connect) => {
-                ApiError::bad_gateway("The upstream is unreachable.")
-            }
+            Failure::Upstream(UpstreamError::Connect) => ApiError::bad_gateway("The upstream is unreachable."),
             Failure::Upstream(UpstreamError::TooLarge(n)) => {
                 ApiError::bad_gateway(format!("The upstream's answer is larger than {n} bytes."))
             }
-            Failure::Upstream(UpstreamError::Broken) => {
-                ApiError::bad_gateway("The upstream closed the connection.")
+            Failure::Upstream(UpstreamError::Broken) => ApiError::bad_gateway("The upstream closed the connection."),
+            Failure::Upstream(UpstreamError::CircuitOpen) => {
+                ApiError::service_unavailable("The upstream is failing; the proxy is not calling it for a moment.")
             }
-            Failure::Status(s) => {
-                ApiError::bad_gateway(format!("The upstream answered with status {s}."))
-            }
-            Failure::Garbage => {
-                ApiError::bad_gateway("The upstream's answer is not a valid insight.")
-            }
+            Failure::Status(s) => ApiError::bad_gateway(format!("The upstream answered with status {s}.")),
+            Failure::Garbage => ApiError::bad_gateway("The upstream's answer is not a valid insight."),
         }
     }
 }
@@ -99,15 +95,11 @@ const NOT_FORWARDED: [&str; 2] = ["refresh", "client_query_id"];
 
 impl CalcSpec {
     pub fn dashboard_id(&self) -> Option<u64> {
-        self.query
-            .get("from_dashboard")
-            .and_then(|d| d.parse().ok())
+        self.query.get("from_dashboard").and_then(|d| d.parse().ok())
     }
 
     pub fn upstream_request(&self, refresh: UpstreamRefresh) -> UpstreamRequest {
-        let query = self
-            .query
-            .encode_without(&NOT_FORWARDED, &[("refresh", refresh.as_str())]);
+        let query = self.query.encode_without(&NOT_FORWARDED, &[("refresh", refresh.as_str())]);
         UpstreamRequest {
             method: Method::GET,
             path_and_query: format!("{}?{}", self.path, query),
@@ -121,11 +113,7 @@ impl CalcSpec {
 /// `Cookie`, so what authenticates upstream is exactly what the partition was derived from.
 pub fn credential_headers(c: &Credential) -> Vec<(HeaderName, HeaderValue)> {
     let mut h = Vec::new();
-    if let Some(a) = c
-        .authorization
-        .as_deref()
-        .and_then(|a| HeaderValue::from_str(a).ok())
-    {
+    if let Some(a) = c.authorization.as_deref().and_then(|a| HeaderValue::from_str(a).ok()) {
         h.push((http::header::AUTHORIZATION, a));
     }
     if let Some(s) = &c.session_cookie {
@@ -143,6 +131,7 @@ pub struct Stats {
     pub peeks: AtomicU64,
     pub coalesced: AtomicU64,
     pub upstream_errors: AtomicU64,
+    pub revalidations: AtomicU64,
 }
 
 pub struct App {
@@ -156,10 +145,27 @@ pub struct App {
     pub jobs: JobQueue,
     /// Bounds concurrent upstream calculations, blocking and background alike.
     pub calc_permits: Semaphore,
+    /// When the upstream last answered 200 to (partition, project): cached data reaches a
+    /// credential only within `revalidate_after` of that.
+    confirmations: moka::sync::Cache<(Partition, u64), OffsetDateTime>,
     pub stats: Stats,
 }
 
+/// Confirmations kept at most; a forgotten one only costs a revalidation.
+const MAX_CONFIRMATIONS: u64 = 100_000;
+
 impl App {
+    /// Records that the upstream just accepted this credential for this project.
+    pub fn confirm(&self, partition: Partition, project: u64) {
+        self.confirmations.insert((partition, project), self.clock.now());
+    }
+
+    /// Whether the upstream accepted this credential for this project within the window.
+    pub fn is_confirmed(&self, partition: Partition, project: u64) -> bool {
+        let window = time::Duration::try_from(self.config.revalidate_after).unwrap_or(time::Duration::MAX);
+        self.confirmations.get(&(partition, project)).is_some_and(|at| self.clock.now() - at <= window)
+    }
+
     pub fn new(config: Arc<Config>, clock: Clock, upstream: UpstreamClient) -> Arc<App> {
         Arc::new(App {
             cache: InsightCache::new(config.cache_max_bytes, config.cache_ttl),
@@ -168,6 +174,10 @@ impl App {
             statuses: StatusRegistry::new(config.status_ttl, config.status_max_records),
             jobs: JobQueue::new(config.queue_capacity),
             calc_permits: Semaphore::new(config.max_concurrent_calculations),
+            confirmations: moka::sync::Cache::builder()
+                .max_capacity(MAX_CONFIRMATIONS)
+                .time_to_live(config.revalidate_after)
+                .build(),
             stats: Stats::default(),
             upstream,
             clock,
@@ -182,16 +192,14 @@ impl App {
         spec: &Arc<CalcSpec>,
         refresh: UpstreamRefresh,
     ) -> (Arc<Flight<Outcome>>, bool) {
-        let (flight, started) =
-            self.flights
-                .join_or_start((spec.key, FlightKind::Calculate), || {
-                    let (app, spec) = (self.clone(), spec.clone());
-                    async move {
-                        let _permit = app.calc_permits.acquire().await;
-                        app.stats.calculations.fetch_add(1, Ordering::Relaxed);
-                        app.call(&spec, refresh).await
-                    }
-                });
+        let (flight, started) = self.flights.join_or_start((spec.key, FlightKind::Calculate), || {
+            let (app, spec) = (self.clone(), spec.clone());
+            async move {
+                let _permit = app.calc_permits.acquire().await;
+                app.stats.calculations.fetch_add(1, Ordering::Relaxed);
+                app.call(&spec, refresh).await
+            }
+        });
         if !started {
             self.stats.coalesced.fetch_add(1, Ordering::Relaxed);
         }
@@ -229,26 +237,27 @@ impl App {
     }
 
     /// Turns an upstream answer into an outcome, caching it only if it is a good insight.
-    async fn absorb(
-        &self,
-        spec: &CalcSpec,
-        epoch: u64,
-        resp: Result<UpstreamResponse, UpstreamError>,
-    ) -> Outcome {
+    async fn absorb(&self, spec: &CalcSpec, epoch: u64, resp: Result<UpstreamResponse, UpstreamError>) -> Outcome {
         let resp = match resp {
             Err(e) => return Outcome::Failed(Failure::Upstream(e)),
             Ok(r) => r,
         };
+        if resp.status == 200 {
+            self.confirm(spec.key.partition, spec.project);
+        }
         match resp.status {
+            404 => {
+                // Gone for this caller (soft-deleted, or not in this project).
+                self.cache.remove(&spec.key).await;
+                Outcome::Relay(Arc::new(resp))
+            }
             200 => match Entry::from_upstream(&resp.body, spec.insight, epoch) {
                 Ok(e) => {
                     let e = Arc::new(e);
                     self.cache.insert(spec.key, e.clone()).await;
                     Outcome::Stored(e)
                 }
-                Err(EntryError::NotAnObject | EntryError::WrongInsight(_)) => {
-                    Outcome::Failed(Failure::Garbage)
-                }
+                Err(EntryError::NotAnObject | EntryError::WrongInsight(_)) => Outcome::Failed(Failure::Garbage),
                 Err(_) => Outcome::Relay(Arc::new(resp)),
             },
             s if s >= 500 => Outcome::Failed(Failure::Status(s)),

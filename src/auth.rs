@@ -54,11 +54,7 @@ impl Credential {
     /// different credentials share an encoding.
     pub fn canonical_bytes(&self) -> Vec<u8> {
         let mut out = Vec::new();
-        for part in [
-            &self.authorization,
-            &self.api_key_param,
-            &self.session_cookie,
-        ] {
+        for part in [&self.authorization, &self.api_key_param, &self.session_cookie] {
             match part {
                 Some(s) => {
                     out.push(1);
@@ -94,16 +90,8 @@ mod tests {
 
     #[test]
     fn encodings_are_unambiguous() {
-        let a = Credential {
-            authorization: Some("ab".into()),
-            api_key_param: None,
-            session_cookie: None,
-        };
-        let b = Credential {
-            authorization: None,
-            api_key_param: Some("ab".into()),
-            session_cookie: None,
-        };
+        let a = Credential { authorization: Some("ab".into()), api_key_param: None, session_cookie: None };
+        let b = Credential { authorization: None, api_key_param: Some("ab".into()), session_cookie: None };
         assert_ne!(a.canonical_bytes(), b.canonical_bytes());
     }
 }

@@ -34,6 +34,11 @@ pub const DEFAULT_STATUS_TTL_SECONDS: u64 = 20 * 60;
 pub const DEFAULT_STATUS_MAX_RECORDS: u64 = 100_000;
 pub const DEFAULT_MAX_CONCURRENT_CALCULATIONS: usize = 16;
 pub const DEFAULT_SIM_CALC_DELAY_MS: u64 = 200;
+/// How long a (credential, project) confirmation by the upstream is trusted.
+pub const DEFAULT_REVALIDATE_AFTER_SECONDS: u64 = 60;
+pub const DEFAULT_BREAKER_FAILURES: u32 = 5;
+pub const DEFAULT_BREAKER_COOLDOWN_MS: u64 = 1_000;
+pub const DEFAULT_BREAKER_MAX_COOLDOWN_MS: u64 = 30_000;
 pub const DEFAULT_SIM_SEED: u64 = 42;
 
 #[derive(Debug, Default, Deserialize)]
@@ -44,6 +49,7 @@ pub struct FileConfig {
     pub cache: CacheSection,
     pub staleness: StalenessSection,
     pub refresh: RefreshSection,
+    pub security: SecuritySection,
     pub simulator: SimulatorSection,
     pub log: LogSection,
 }
@@ -102,11 +108,7 @@ pub struct CacheSection {
 
 impl Default for CacheSection {
     fn default() -> Self {
-        Self {
-            max_bytes: DEFAULT_CACHE_MAX_BYTES,
-            ttl_seconds: DEFAULT_CACHE_TTL_SECONDS,
-            partition_secret: None,
-        }
+        Self { max_bytes: DEFAULT_CACHE_MAX_BYTES, ttl_seconds: DEFAULT_CACHE_TTL_SECONDS, partition_secret: None }
     }
 }
 
@@ -142,6 +144,26 @@ impl Default for RefreshSection {
 
 #[derive(Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+pub struct SecuritySection {
+    pub revalidate_after_seconds: u64,
+    pub breaker_failures: u32,
+    pub breaker_cooldown_ms: u64,
+    pub breaker_max_cooldown_ms: u64,
+}
+
+impl Default for SecuritySection {
+    fn default() -> Self {
+        Self {
+            revalidate_after_seconds: DEFAULT_REVALIDATE_AFTER_SECONDS,
+            breaker_failures: DEFAULT_BREAKER_FAILURES,
+            breaker_cooldown_ms: DEFAULT_BREAKER_COOLDOWN_MS,
+            breaker_max_cooldown_ms: DEFAULT_BREAKER_MAX_COOLDOWN_MS,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct SimulatorSection {
     pub listen: String,
     pub calc_delay_ms: u64,
@@ -150,11 +172,7 @@ pub struct SimulatorSection {
 
 impl Default for SimulatorSection {
     fn default() -> Self {
-        Self {
-            listen: "127.0.0.1:0".into(),
-            calc_delay_ms: DEFAULT_SIM_CALC_DELAY_MS,
-            seed: DEFAULT_SIM_SEED,
-        }
+        Self { listen: "127.0.0.1:0".into(), calc_delay_ms: DEFAULT_SIM_CALC_DELAY_MS, seed: DEFAULT_SIM_SEED }
     }
 }
 
@@ -201,11 +219,7 @@ impl UpstreamUrl {
     }
 
     pub fn origin(&self) -> String {
-        format!(
-            "{}://{}",
-            if self.tls { "https" } else { "http" },
-            self.host_header()
-        )
+        format!("{}://{}", if self.tls { "https" } else { "http" }, self.host_header())
     }
 }
 
@@ -231,9 +245,22 @@ pub struct Config {
     pub status_ttl: Duration,
     pub status_max_records: u64,
     pub max_concurrent_calculations: usize,
+    /// Cached data is served to a credential only while the upstream confirmed its access to the
+    /// project within this window.
+    pub revalidate_after: Duration,
+    pub breaker: BreakerSettings,
     pub sim_calc_delay: Duration,
     pub sim_seed: u64,
     pub log_format: LogFormat,
+}
+
+/// The upstream circuit breaker: after `failures` consecutive failures, calls fail fast for a
+/// cooldown that doubles on each failed probe, up to `max_cooldown`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BreakerSettings {
+    pub failures: u32,
+    pub cooldown: Duration,
+    pub max_cooldown: Duration,
 }
 
 /// One thing wrong with the configuration: which key, and why.
@@ -246,10 +273,7 @@ pub struct Problem {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("{path}: {message}")]
     Parse { path: String, message: String },
     #[error("{}", format_problems(.0))]
@@ -279,14 +303,9 @@ pub struct Overrides {
 
 impl FileConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Self::parse(&text).map_err(|message| ConfigError::Parse {
-            path: path.display().to_string(),
-            message,
-        })
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        Self::parse(&text).map_err(|message| ConfigError::Parse { path: path.display().to_string(), message })
     }
 
     pub fn parse(text: &str) -> Result<Self, String> {
@@ -295,10 +314,7 @@ impl FileConfig {
 }
 
 impl Config {
-    pub fn from_file_config(
-        mut file: FileConfig,
-        overrides: &Overrides,
-    ) -> Result<Config, ConfigError> {
+    pub fn from_file_config(mut file: FileConfig, overrides: &Overrides) -> Result<Config, ConfigError> {
         if let Some(l) = &overrides.listen {
             file.server.listen = l.clone();
         }
@@ -306,21 +322,10 @@ impl Config {
             file.upstream.url = Some(u.clone());
         }
         let mut problems = Vec::new();
-        let mut bad = |key: &str, reason: String| {
-            problems.push(Problem {
-                key: key.into(),
-                reason,
-            })
-        };
+        let mut bad = |key: &str, reason: String| problems.push(Problem { key: key.into(), reason });
 
         if file.server.listen.parse::<SocketAddr>().is_err() {
-            bad(
-                "server.listen",
-                format!(
-                    "{:?} is not an address like 127.0.0.1:8080",
-                    file.server.listen
-                ),
-            );
+            bad("server.listen", format!("{:?} is not an address like 127.0.0.1:8080", file.server.listen));
         }
         if file.server.threads == 0 || file.server.threads > 1024 {
             bad("server.threads", "must be between 1 and 1024".into());
@@ -330,23 +335,15 @@ impl Config {
         }
         if let Some(u) = &file.server.public_url {
             if !(u.starts_with("http://") || u.starts_with("https://")) {
-                bad(
-                    "server.public_url",
-                    format!("{u:?} must start with http:// or https://"),
-                );
+                bad("server.public_url", format!("{u:?} must start with http:// or https://"));
             }
         }
         let upstream = match file.upstream.url.as_deref().map(str::trim) {
             None | Some("") => {
                 if file.simulator.listen.parse::<SocketAddr>().is_err() {
-                    bad(
-                        "simulator.listen",
-                        format!("{:?} is not an address", file.simulator.listen),
-                    );
+                    bad("simulator.listen", format!("{:?} is not an address", file.simulator.listen));
                 }
-                Some(UpstreamTarget::Simulated {
-                    listen: file.simulator.listen.clone(),
-                })
+                Some(UpstreamTarget::Simulated { listen: file.simulator.listen.clone() })
             }
             Some(url) => match parse_upstream_url(url) {
                 Ok(u) => Some(UpstreamTarget::Remote(u)),
@@ -363,10 +360,7 @@ impl Config {
             bad("upstream.read_timeout_ms", "must be at least 1".into());
         }
         if file.upstream.max_response_bytes < 1024 {
-            bad(
-                "upstream.max_response_bytes",
-                "must be at least 1024".into(),
-            );
+            bad("upstream.max_response_bytes", "must be at least 1024".into());
         }
         if file.cache.max_bytes < 1024 * 1024 {
             bad("cache.max_bytes", "must be at least 1048576 (1 MiB)".into());
@@ -376,17 +370,11 @@ impl Config {
         }
         if let Some(s) = &file.cache.partition_secret {
             if s.len() < 16 {
-                bad(
-                    "cache.partition_secret",
-                    "must be at least 16 characters (or left out for a random key)".into(),
-                );
+                bad("cache.partition_secret", "must be at least 16 characters (or left out for a random key)".into());
             }
         }
         let mut thresholds = Thresholds::posthog();
-        for (table, values) in [
-            ("default", &file.staleness.default),
-            ("lazy", &file.staleness.lazy),
-        ] {
+        for (table, values) in [("default", &file.staleness.default), ("lazy", &file.staleness.lazy)] {
             for (name, secs) in values {
                 match name.parse::<Interval>() {
                     Ok(interval) if *secs > 0 => {
@@ -397,10 +385,7 @@ impl Config {
                             thresholds.set_lazy(interval, Some(d));
                         }
                     }
-                    Ok(_) => bad(
-                        &format!("staleness.{table}.{name}"),
-                        "must be at least 1 second".into(),
-                    ),
+                    Ok(_) => bad(&format!("staleness.{table}.{name}"), "must be at least 1 second".into()),
                     Err(_) => bad(
                         &format!("staleness.{table}.{name}"),
                         "unknown interval (minute, hour, day, week, month, quarter, year)".into(),
@@ -421,10 +406,7 @@ impl Config {
             bad("refresh.status_max_records", "must be at least 1".into());
         }
         if file.refresh.max_concurrent_calculations == 0 {
-            bad(
-                "refresh.max_concurrent_calculations",
-                "must be at least 1".into(),
-            );
+            bad("refresh.max_concurrent_calculations", "must be at least 1".into());
         }
 
         let Some(upstream) = upstream.filter(|_| problems.is_empty()) else {
@@ -436,10 +418,7 @@ impl Config {
             grace_period: Duration::from_millis(file.server.grace_period_ms),
             shutdown_timeout: Duration::from_millis(file.server.shutdown_timeout_ms),
             max_body_bytes: file.server.max_body_bytes,
-            public_url: file
-                .server
-                .public_url
-                .map(|u| u.trim_end_matches('/').to_string()),
+            public_url: file.server.public_url.map(|u| u.trim_end_matches('/').to_string()),
             upstream,
             connect_timeout: Duration::from_millis(file.upstream.connect_timeout_ms),
             read_timeout: Duration::from_millis(file.upstream.read_timeout_ms),
@@ -453,6 +432,12 @@ impl Config {
             status_ttl: Duration::from_secs(file.refresh.status_ttl_seconds),
             status_max_records: file.refresh.status_max_records,
             max_concurrent_calculations: file.refresh.max_concurrent_calculations,
+            revalidate_after: Duration::from_secs(file.security.revalidate_after_seconds),
+            breaker: BreakerSettings {
+                failures: file.security.breaker_failures,
+                cooldown: Duration::from_millis(file.security.breaker_cooldown_ms),
+                max_cooldown: Duration::from_millis(file.security.breaker_max_cooldown_ms),
+            },
             sim_calc_delay: Duration::from_millis(file.simulator.calc_delay_ms),
             sim_seed: file.simulator.seed,
             log_format: file.log.format,
@@ -461,8 +446,7 @@ impl Config {
 
     /// Defaults with nothing but the given overrides: what tests and the demo start from.
     pub fn defaults() -> Config {
-        Config::from_file_config(FileConfig::default(), &Overrides::default())
-            .expect("defaults are valid")
+        Config::from_file_config(FileConfig::default(), &Overrides::default()).expect("defaults are valid")
     }
 }
 
@@ -476,11 +460,7 @@ pub fn parse_upstream_url(url: &str) -> Result<UpstreamUrl, String> {
         return Err(format!("{url:?} must start with http:// or https://"));
     };
     let authority = rest.trim_end_matches('/');
-    if authority.is_empty()
-        || authority.contains('/')
-        || authority.contains('@')
-        || authority.contains('?')
-    {
+    if authority.is_empty() || authority.contains('/') || authority.contains('@') || authority.contains('?') {
         return Err(format!("{url:?} must be scheme://host[:port] with no path"));
     }
     let (host, port) = match authority.rsplit_once(':') {
@@ -498,12 +478,7 @@ pub fn parse_upstream_url(url: &str) -> Result<UpstreamUrl, String> {
         .map_err(|e| format!("cannot resolve {host:?}: {e}"))?
         .next()
         .ok_or_else(|| format!("{host:?} resolves to no address"))?;
-    Ok(UpstreamUrl {
-        tls,
-        host,
-        port,
-        addr,
-    })
+    Ok(UpstreamUrl { tls, host, port, addr })
 }
 
 #[cfg(test)]
@@ -523,21 +498,11 @@ mod tests {
             "[server]\nlisten = \"nope\"\nthreads = 0\n[cache]\nmax_bytes = 5\n[staleness.default]\nfortnight = 3\n",
         )
         .unwrap();
-        let Err(ConfigError::Invalid(problems)) =
-            Config::from_file_config(file, &Overrides::default())
-        else {
+        let Err(ConfigError::Invalid(problems)) = Config::from_file_config(file, &Overrides::default()) else {
             panic!("expected invalid");
         };
         let keys: Vec<_> = problems.iter().map(|p| p.key.as_str()).collect();
-        assert_eq!(
-            keys,
-            [
-                "server.listen",
-                "server.threads",
-                "cache.max_bytes",
-                "staleness.default.fortnight"
-            ]
-        );
+        assert_eq!(keys, ["server.listen", "server.threads", "cache.max_bytes", "staleness.default.fortnight"]);
     }
 
     #[test]
@@ -549,19 +514,11 @@ mod tests {
     #[test]
     fn overrides_win() {
         let file = FileConfig::parse("[server]\nlisten = \"127.0.0.1:1\"\n").unwrap();
-        let o = Overrides {
-            listen: Some("127.0.0.1:2".into()),
-            upstream: Some("http://127.0.0.1:9".into()),
-        };
+        let o = Overrides { listen: Some("127.0.0.1:2".into()), upstream: Some("http://127.0.0.1:9".into()) };
         let c = Config::from_file_config(file, &o).unwrap();
         assert_eq!(c.listen, "127.0.0.1:2");
-        let UpstreamTarget::Remote(u) = c.upstream else {
-            panic!()
-        };
-        assert_eq!(
-            (u.tls, u.port, u.host_header()),
-            (false, 9, "127.0.0.1:9".to_string())
-        );
+        let UpstreamTarget::Remote(u) = c.upstream else { panic!() };
+        assert_eq!((u.tls, u.port, u.host_header()), (false, 9, "127.0.0.1:9".to_string()));
     }
 
     #[test]

@@ -18,19 +18,8 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    pub fn new(
-        status: u16,
-        kind: &'static str,
-        code: &'static str,
-        detail: impl Into<String>,
-    ) -> Self {
-        Self {
-            status,
-            kind,
-            code,
-            detail: detail.into(),
-            attr: None,
-        }
+    pub fn new(status: u16, kind: &'static str, code: &'static str, detail: impl Into<String>) -> Self {
+        Self { status, kind, code, detail: detail.into(), attr: None }
     }
 
     pub fn with_attr(mut self, attr: &'static str) -> Self {
@@ -47,39 +36,19 @@ impl ApiError {
     }
 
     pub fn method_not_allowed(method: &str) -> Self {
-        Self::new(
-            405,
-            "invalid_request",
-            "method_not_allowed",
-            format!("Method \"{method}\" not allowed."),
-        )
+        Self::new(405, "invalid_request", "method_not_allowed", format!("Method \"{method}\" not allowed."))
     }
 
     pub fn payload_too_large(limit: usize) -> Self {
-        Self::new(
-            413,
-            "invalid_request",
-            "payload_too_large",
-            format!("Request body is larger than {limit} bytes."),
-        )
+        Self::new(413, "invalid_request", "payload_too_large", format!("Request body is larger than {limit} bytes."))
     }
 
     pub fn headers_too_large() -> Self {
-        Self::new(
-            431,
-            "invalid_request",
-            "headers_too_large",
-            "Request headers are too large.",
-        )
+        Self::new(431, "invalid_request", "headers_too_large", "Request headers are too large.")
     }
 
     pub fn not_authenticated() -> Self {
-        Self::new(
-            401,
-            "authentication_error",
-            "not_authenticated",
-            "Authentication credentials were not provided.",
-        )
+        Self::new(401, "authentication_error", "not_authenticated", "Authentication credentials were not provided.")
     }
 
     pub fn authentication_failed(detail: impl Into<String>) -> Self {
@@ -122,9 +91,6 @@ mod tests {
     #[test]
     fn shape_is_posthogs() {
         let v: serde_json::Value = serde_json::from_slice(&ApiError::not_found().body()).unwrap();
-        assert_eq!(
-            v,
-            json!({"type":"invalid_request","code":"not_found","detail":"Not found.","attr":null})
-        );
+        assert_eq!(v, json!({"type":"invalid_request","code":"not_found","detail":"Not found.","attr":null}));
     }
 }

@@ -44,9 +44,7 @@ pub struct Flights<K, V> {
 
 impl<K, V> Default for Flights<K, V> {
     fn default() -> Self {
-        Self {
-            running: Arc::new(Mutex::new(HashMap::new())),
-        }
+        Self { running: Arc::new(Mutex::new(HashMap::new())) }
     }
 }
 
@@ -61,10 +59,7 @@ impl<K: Hash + Eq, V> Drop for Landing<K, V> {
     fn drop(&mut self) {
         {
             let mut map = self.running.lock();
-            if map
-                .get(&self.key)
-                .is_some_and(|f| Arc::ptr_eq(f, &self.flight))
-            {
+            if map.get(&self.key).is_some_and(|f| Arc::ptr_eq(f, &self.flight)) {
                 map.remove(&self.key);
             }
         }
@@ -104,20 +99,13 @@ where
             if let Some(f) = map.get(&key) {
                 return (f.clone(), false);
             }
-            let f = Arc::new(Flight {
-                value: OnceLock::new(),
-                abandoned: AtomicBool::new(false),
-                notify: Notify::new(),
-            });
+            let f =
+                Arc::new(Flight { value: OnceLock::new(), abandoned: AtomicBool::new(false), notify: Notify::new() });
             map.insert(key.clone(), f.clone());
             f
         };
         let fut = work();
-        let landing = Landing {
-            running: self.running.clone(),
-            key,
-            flight: flight.clone(),
-        };
+        let landing = Landing { running: self.running.clone(), key, flight: flight.clone() };
         tokio::spawn(async move {
             let v = fut.await;
             let _ = landing.flight.value.set(v);

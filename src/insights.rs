@@ -28,12 +28,7 @@ pub struct Reply {
 
 impl Reply {
     pub fn json(status: u16, body: Bytes, cache_status: String) -> Self {
-        Self {
-            status,
-            body,
-            content_type: None,
-            cache_status,
-        }
+        Self { status, body, content_type: None, cache_status }
     }
 
     pub fn error(e: &ApiError, cache_status: String) -> Self {
@@ -41,12 +36,7 @@ impl Reply {
     }
 
     fn relay(resp: &crate::upstream::UpstreamResponse, cache_status: String) -> Self {
-        Self {
-            status: resp.status,
-            body: resp.body.clone(),
-            content_type: resp.content_type.clone(),
-            cache_status,
-        }
+        Self { status: resp.status, body: resp.body.clone(), content_type: resp.content_type.clone(), cache_status }
     }
 }
 
@@ -62,12 +52,7 @@ pub struct InsightCall {
 }
 
 pub async fn retrieve(app: &Arc<App>, call: InsightCall) -> Reply {
-    let key = CacheKey::new(
-        app.keyer.partition(&call.credential),
-        call.project,
-        call.insight,
-        &call.query,
-    );
+    let key = CacheKey::new(app.keyer.partition(&call.credential), call.project, call.insight, &call.query);
     let spec = Arc::new(CalcSpec {
         key,
         project: call.project,
@@ -80,9 +65,7 @@ pub async fn retrieve(app: &Arc<App>, call: InsightCall) -> Reply {
 }
 
 fn hit_status(app: &App, entry: &Entry, detail: Option<&str>) -> String {
-    let ttl = entry
-        .stale
-        .ttl_seconds(app.clock.now(), &app.config.thresholds);
+    let ttl = entry.stale.ttl_seconds(app.clock.now(), &app.config.thresholds);
     let mut s = format!("{CACHE_NAME}; hit");
     if let Some(ttl) = ttl {
         s.push_str(&format!("; ttl={ttl}"));
@@ -95,36 +78,43 @@ fn hit_status(app: &App, entry: &Entry, detail: Option<&str>) -> String {
 
 /// Answers one insight under `mode`. `peeked` is the upstream's own answer when the caller already
 /// has it (a list page), so a miss does not ask again.
-async fn answer(
-    app: &Arc<App>,
-    spec: &Arc<CalcSpec>,
-    mode: RefreshMode,
-    peeked: Option<Outcome>,
-) -> Reply {
+async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, mode: RefreshMode, peeked: Option<Outcome>) -> Reply {
     let mut peeked = peeked;
     let mut entry = app.cache.get(&spec.key).await;
     // Set once the upstream's cache supplied the entry: the answer then did go upstream.
     let mut via_peek = false;
+    let mut revalidated = false;
     loop {
         let now = app.clock.now();
-        let state = CacheState::of(
-            entry.as_ref().map(|e| &e.stale),
-            now,
-            &app.config.thresholds,
-        );
-        let in_flight = app
-            .flights
-            .is_running(&(spec.key, crate::app::FlightKind::Calculate));
+        let state = CacheState::of(entry.as_ref().map(|e| &e.stale), now, &app.config.thresholds);
+        let in_flight = app.flights.is_running(&(spec.key, crate::app::FlightKind::Calculate));
         let decision = decide(mode, state, in_flight);
         match decision {
+            Decision::Serve { .. }
+                if !via_peek && !revalidated && !app.is_confirmed(spec.key.partition, spec.project) =>
+            {
+                // Cached data reaches a credential only while the upstream recently confirmed its
+                // access: ask again with a call that never calculates.
+                revalidated = true;
+                app.stats.revalidations.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                match app.peek(spec).wait().await {
+                    Some(Outcome::Stored(_)) => entry = app.cache.get(&spec.key).await.or(entry),
+                    Some(Outcome::Relay(r)) if matches!(r.status, 401 | 403 | 404) => {
+                        return Reply::relay(
+                            &r,
+                            format!("{CACHE_NAME}; fwd=request; fwd-status={}; detail=revalidated", r.status),
+                        );
+                    }
+                    // Anything else (the upstream down or throttling): keep serving what we have.
+                    _ => {}
+                }
+            }
             Decision::Serve { background } => {
                 let entry = entry.expect("Serve implies an entry");
                 let qs = match background {
                     Background::None if in_flight => running_status(app, spec),
                     Background::None => None,
-                    Background::IfAbsent => {
-                        Some(enqueue(app, spec, false, UpstreamRefresh::Blocking))
-                    }
+                    Background::IfAbsent => Some(enqueue(app, spec, false, UpstreamRefresh::Blocking)),
                     Background::Always => Some(enqueue(app, spec, true, UpstreamRefresh::Blocking)),
                 };
                 let detail = match (state, background) {
@@ -149,9 +139,7 @@ async fn answer(
                 let outcome = flight
                     .wait()
                     .await
-                    .unwrap_or(Outcome::Failed(Failure::Upstream(
-                        crate::upstream::UpstreamError::Broken,
-                    )));
+                    .unwrap_or(Outcome::Failed(Failure::Upstream(crate::upstream::UpstreamError::Broken)));
                 let collapsed = if started { "" } else { "; collapsed" };
                 return match outcome {
                     Outcome::Stored(e) => Reply::json(
@@ -159,35 +147,25 @@ async fn answer(
                         e.render(false, None),
                         format!("{CACHE_NAME}; fwd={fwd}; fwd-status=200; stored{collapsed}"),
                     ),
-                    Outcome::Relay(r) => Reply::relay(
-                        &r,
-                        format!(
-                            "{CACHE_NAME}; fwd={fwd}; fwd-status={}{collapsed}",
-                            r.status
-                        ),
-                    ),
+                    Outcome::Relay(r) => {
+                        Reply::relay(&r, format!("{CACHE_NAME}; fwd={fwd}; fwd-status={}{collapsed}", r.status))
+                    }
                     Outcome::Failed(f) => match entry {
                         // stale-if-error: a result we have beats an error.
-                        Some(e) => Reply::json(
-                            200,
-                            e.render(true, None),
-                            hit_status(app, &e, Some("stale-if-error")),
-                        ),
-                        _ => Reply::error(
-                            &f.to_api_error(),
-                            format!("{CACHE_NAME}; fwd={fwd}; detail={}", f.as_str()),
-                        ),
+                        Some(e) => Reply::json(200, e.render(true, None), hit_status(app, &e, Some("stale-if-error"))),
+                        _ => Reply::error(&f.to_api_error(), format!("{CACHE_NAME}; fwd={fwd}; detail={}", f.as_str())),
                     },
                 };
             }
             Decision::Peek | Decision::MissRunning | Decision::MissEnqueue => {
-                let outcome =
-                    match peeked.take() {
-                        Some(o) => o,
-                        None => app.peek(spec).wait().await.unwrap_or(Outcome::Failed(
-                            Failure::Upstream(crate::upstream::UpstreamError::Broken),
-                        )),
-                    };
+                let outcome = match peeked.take() {
+                    Some(o) => o,
+                    None => app
+                        .peek(spec)
+                        .wait()
+                        .await
+                        .unwrap_or(Outcome::Failed(Failure::Upstream(crate::upstream::UpstreamError::Broken))),
+                };
                 match outcome {
                     // The upstream's cache had a result: answer as if it had been ours.
                     Outcome::Stored(e) if entry.is_none() => {
@@ -198,16 +176,12 @@ async fn answer(
                     Outcome::Stored(_) => unreachable!("a peek happens only on a miss"),
                     Outcome::Relay(r) => {
                         let qs = match decision {
-                            Decision::MissEnqueue => {
-                                Some(enqueue(app, spec, false, UpstreamRefresh::Blocking))
-                            }
+                            Decision::MissEnqueue => Some(enqueue(app, spec, false, UpstreamRefresh::Blocking)),
                             _ => running_status(app, spec),
                         };
                         let cs = format!("{CACHE_NAME}; fwd=miss; fwd-status={}", r.status);
                         return match (r.status, qs) {
-                            (200, Some(qs)) => {
-                                Reply::json(200, overlay_miss(&r.body, Some(&qs), false), cs)
-                            }
+                            (200, Some(qs)) => Reply::json(200, overlay_miss(&r.body, Some(&qs), false), cs),
                             _ => Reply::relay(&r, cs),
                         };
                     }
@@ -231,12 +205,7 @@ async fn answer(
                         Some(Outcome::Relay(r)) if r.status == 200 => r.body.clone(),
                         Some(Outcome::Relay(r)) => return Reply::relay(&r, cs),
                         Some(Outcome::Failed(f)) => return Reply::error(&f.to_api_error(), cs),
-                        None => {
-                            return Reply::error(
-                                &ApiError::bad_gateway("The upstream closed the connection."),
-                                cs,
-                            )
-                        }
+                        None => return Reply::error(&ApiError::bad_gateway("The upstream closed the connection."), cs),
                     },
                 };
                 return Reply::json(200, overlay_miss(&base, Some(&qs), true), cs);
@@ -247,18 +216,11 @@ async fn answer(
 
 /// The status of a background calculation for the key that is still running, if any.
 fn running_status(app: &App, spec: &CalcSpec) -> Option<Bytes> {
-    app.statuses
-        .running(spec.key.partition, &app.keyer.status_id(&spec.key))
-        .map(|s| s.to_json())
+    app.statuses.running(spec.key.partition, &app.keyer.status_id(&spec.key)).map(|s| s.to_json())
 }
 
 /// PostHog's `enqueue_async_calculation`: with `rr=false` an existing status is returned as it is.
-fn enqueue(
-    app: &Arc<App>,
-    spec: &Arc<CalcSpec>,
-    refresh_requested: bool,
-    refresh: UpstreamRefresh,
-) -> Bytes {
+fn enqueue(app: &Arc<App>, spec: &Arc<CalcSpec>, refresh_requested: bool, refresh: UpstreamRefresh) -> Bytes {
     let id = app.keyer.status_id(&spec.key);
     let owner = spec.key.partition;
     if !refresh_requested {
@@ -267,28 +229,12 @@ fn enqueue(
         }
     }
     let now = app.clock.now();
-    let status = app.statuses.start(
-        owner,
-        id.clone(),
-        spec.project,
-        spec.insight,
-        spec.dashboard_id(),
-        now,
-    );
-    let job = Job {
-        spec: spec.clone(),
-        refresh,
-        status_id: id.clone(),
-    };
+    let status = app.statuses.start(owner, id.clone(), spec.project, spec.insight, spec.dashboard_id(), now);
+    let job = Job { spec: spec.clone(), refresh, status_id: id.clone() };
     if app.jobs.push(job).is_err() {
         // Bounded queue: say so the way PostHog does when it cannot take more work.
-        app.statuses
-            .finish(&id, now, Err("concurrency_limit_exceeded".into()));
-        return app
-            .statuses
-            .get(owner, &id)
-            .map(|s| s.to_json())
-            .unwrap_or_else(|| status.to_json());
+        app.statuses.finish(&id, now, Err("concurrency_limit_exceeded".into()));
+        return app.statuses.get(owner, &id).map(|s| s.to_json()).unwrap_or_else(|| status.to_json());
     }
     status.to_json()
 }
@@ -300,17 +246,8 @@ fn overlay_miss(body: &[u8], query_status: Option<&[u8]>, force_async: bool) -> 
     let Ok(Value::Object(mut m)) = serde_json::from_slice::<Value>(body) else {
         return Bytes::copy_from_slice(body);
     };
-    let qs = query_status
-        .and_then(|q| serde_json::from_slice(q).ok())
-        .unwrap_or(Value::Null);
-    for k in [
-        "result",
-        "last_refresh",
-        "timezone",
-        "next_allowed_client_refresh",
-        "cache_target_age",
-        "columns",
-    ] {
+    let qs = query_status.and_then(|q| serde_json::from_slice(q).ok()).unwrap_or(Value::Null);
+    for k in ["result", "last_refresh", "timezone", "next_allowed_client_refresh", "cache_target_age", "columns"] {
         m.insert(k.into(), Value::Null);
     }
     if force_async {
@@ -338,10 +275,7 @@ pub struct ListCall {
 pub async fn list(app: &Arc<App>, call: ListCall) -> Reply {
     let partition = app.keyer.partition(&call.credential);
     let epoch = app.cache.begin();
-    let q = call.query.encode_without(
-        &["refresh", "client_query_id"],
-        &[("refresh", "force_cache")],
-    );
+    let q = call.query.encode_without(&["refresh", "client_query_id"], &[("refresh", "force_cache")]);
     let req = crate::upstream::UpstreamRequest {
         method: http::Method::GET,
         path_and_query: format!("{}?{}", call.path, q),
@@ -353,10 +287,7 @@ pub async fn list(app: &Arc<App>, call: ListCall) -> Reply {
         Ok(r) => r,
         Err(e) => {
             let f = Failure::Upstream(e);
-            return Reply::error(
-                &f.to_api_error(),
-                format!("{bypass}; detail={}", f.as_str()),
-            );
+            return Reply::error(&f.to_api_error(), format!("{bypass}; detail={}", f.as_str()));
         }
     };
     if resp.status != 200 {
@@ -365,20 +296,13 @@ pub async fn list(app: &Arc<App>, call: ListCall) -> Reply {
         }
         return Reply::relay(&resp, format!("{bypass}; fwd-status={}", resp.status));
     }
+    app.confirm(partition, call.project);
     let Ok(Value::Object(mut page)) = serde_json::from_slice::<Value>(&resp.body) else {
-        return Reply::error(
-            &Failure::Garbage.to_api_error(),
-            format!("{bypass}; detail=garbage"),
-        );
+        return Reply::error(&Failure::Garbage.to_api_error(), format!("{bypass}; detail=garbage"));
     };
     let items = match page.get_mut("results") {
         Some(Value::Array(items)) => std::mem::take(items),
-        _ => {
-            return Reply::error(
-                &Failure::Garbage.to_api_error(),
-                format!("{bypass}; detail=garbage"),
-            )
-        }
+        _ => return Reply::error(&Failure::Garbage.to_api_error(), format!("{bypass}; detail=garbage")),
     };
     let item_path = format!("{}/", call.path.trim_end_matches('/'));
     let mut tasks = tokio::task::JoinSet::new();
@@ -447,12 +371,7 @@ pub fn rewrite_origin(url: &str, public_base: &str) -> String {
 
 /// `GET .../query/:id/` for ids the proxy issued: 202 running, 200 complete, 400 failed, 404
 /// unknown, expired, or another partition's. `None`: not ours, pass it through.
-pub fn query_status(
-    app: &App,
-    project: u64,
-    query_id: &str,
-    credential: Option<&Credential>,
-) -> Option<Reply> {
+pub fn query_status(app: &App, project: u64, query_id: &str, credential: Option<&Credential>) -> Option<Reply> {
     if !query_id.starts_with("ipx_") {
         return None;
     }
@@ -460,10 +379,7 @@ pub fn query_status(
     let Some(credential) = credential else {
         return Some(Reply::error(&ApiError::not_authenticated(), cs));
     };
-    let status = app
-        .statuses
-        .get(app.keyer.partition(credential), query_id)
-        .filter(|s| s.team_id == project);
+    let status = app.statuses.get(app.keyer.partition(credential), query_id).filter(|s| s.team_id == project);
     let Some(status) = status else {
         return Some(Reply::error(&ApiError::not_found(), cs));
     };
@@ -483,16 +399,10 @@ mod tests {
     #[test]
     fn origins_are_rewritten() {
         assert_eq!(
-            rewrite_origin(
-                "http://127.0.0.1:9/api/projects/1/insights/?limit=2&offset=2",
-                "http://proxy:8080"
-            ),
+            rewrite_origin("http://127.0.0.1:9/api/projects/1/insights/?limit=2&offset=2", "http://proxy:8080"),
             "http://proxy:8080/api/projects/1/insights/?limit=2&offset=2"
         );
-        assert_eq!(
-            rewrite_origin("https://us.posthog.com", "http://p"),
-            "http://p/"
-        );
+        assert_eq!(rewrite_origin("https://us.posthog.com", "http://p"), "http://p/");
         assert_eq!(rewrite_origin("/relative", "http://p"), "/relative");
     }
 }

@@ -5,9 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use insights_proxy::clock::Clock;
-use insights_proxy::config::{
-    Config, ConfigError, FileConfig, LogFormat, Overrides, UpstreamTarget,
-};
+use insights_proxy::config::{Config, ConfigError, FileConfig, LogFormat, Overrides, UpstreamTarget};
 use insights_proxy::server;
 use insights_proxy::simulate::{SimConfig, Simulator};
 
@@ -51,17 +49,13 @@ fn load(cli: &Cli) -> Result<Config, ConfigError> {
         Some(p) => FileConfig::load(p)?,
         None => FileConfig::default(),
     };
-    let overrides = Overrides {
-        listen: cli.listen.clone(),
-        upstream: cli.upstream.clone(),
-    };
+    let overrides = Overrides { listen: cli.listen.clone(), upstream: cli.upstream.clone() };
     Config::from_file_config(file, &overrides)
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("info,pingora_core=warn,pingora_proxy=warn")
-    });
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,pingora_core=warn,pingora_proxy=warn"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     match format {
         LogFormat::Json => builder.json().init(),
@@ -71,12 +65,7 @@ fn init_logging(format: LogFormat) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Command::Simulate {
-        listen,
-        calc_delay_ms,
-        seed,
-    }) = &cli.command
-    {
+    if let Some(Command::Simulate { listen, calc_delay_ms, seed }) = &cli.command {
         init_logging(LogFormat::Text);
         return run_simulator(listen, *calc_delay_ms, *seed);
     }
@@ -104,10 +93,7 @@ fn main() -> ExitCode {
     };
     tracing::info!(listen = %listen, upstream = %built.upstream.origin(), cache_max_bytes = max_bytes, cache_ttl_s = ttl.as_secs(), "insights-proxy starting");
     if simulated {
-        println!(
-            "No upstream configured: proxying to the built-in simulated PostHog at {}",
-            built.upstream.origin()
-        );
+        println!("No upstream configured: proxying to the built-in simulated PostHog at {}", built.upstream.origin());
         println!("Try:  curl -H 'Authorization: Bearer phx_demo_all' 'http://{listen}/api/environments/1/insights/1/?refresh=blocking'");
     }
     built.server.run_forever()
@@ -118,11 +104,7 @@ fn run_simulator(listen: &str, calc_delay_ms: u64, seed: u64) -> ExitCode {
         eprintln!("insights-proxy simulate: {e}");
         return ExitCode::from(1);
     }
-    let cfg = SimConfig {
-        calc_delay: std::time::Duration::from_millis(calc_delay_ms),
-        seed,
-        ..SimConfig::default()
-    };
+    let cfg = SimConfig { calc_delay: std::time::Duration::from_millis(calc_delay_ms), seed, ..SimConfig::default() };
     let sim = Simulator::new(cfg, Clock::new());
     let mut srv = pingora::server::Server::new_with_opt_and_conf(
         None,
@@ -135,6 +117,8 @@ fn run_simulator(listen: &str, calc_delay_ms: u64, seed: u64) -> ExitCode {
     );
     srv.bootstrap();
     srv.add_service(sim.service(listen));
-    println!("Simulated PostHog insights backend on http://{listen} (credentials: phx_demo_all, phx_demo_p1, phx_demo_p2)");
+    println!(
+        "Simulated PostHog insights backend on http://{listen} (credentials: phx_demo_all, phx_demo_p1, phx_demo_p2)"
+    );
     srv.run_forever()
 }

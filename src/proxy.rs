@@ -25,15 +25,8 @@ pub const MAX_REQUEST_HEADERS: usize = 100;
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) are never forwarded. pingora manages `Connection` and
 /// keep-alive for each side itself.
-const HOP_BY_HOP: [&str; 7] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "upgrade",
-    "proxy-authorization",
-];
+const HOP_BY_HOP: [&str; 7] =
+    ["connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade", "proxy-authorization"];
 
 pub struct InsightsProxy {
     pub app: Arc<App>,
@@ -124,9 +117,7 @@ fn body_fields(body: &[u8]) -> std::result::Result<BodyFields, BodyError> {
     match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(mut m)) => Ok(BodyFields {
             refresh: m.remove("refresh"),
-            api_key: m
-                .remove("personal_api_key")
-                .and_then(|v| v.as_str().map(str::to_string)),
+            api_key: m.remove("personal_api_key").and_then(|v| v.as_str().map(str::to_string)),
         }),
         Ok(_) => Ok(BodyFields::default()),
         Err(_) => Err(BodyError::Malformed),
@@ -143,11 +134,7 @@ fn public_base(app: &App, req: &RequestHeader) -> String {
         .and_then(|h| h.to_str().ok())
         .or_else(|| req.uri.authority().map(|a| a.as_str()))
         .unwrap_or("localhost");
-    let proto = match req
-        .headers
-        .get("x-forwarded-proto")
-        .and_then(|h| h.to_str().ok())
-    {
+    let proto = match req.headers.get("x-forwarded-proto").and_then(|h| h.to_str().ok()) {
         Some("https") => "https",
         _ => "http",
     };
@@ -156,17 +143,12 @@ fn public_base(app: &App, req: &RequestHeader) -> String {
 
 pub async fn write_reply(session: &mut Session, reply: &Reply) -> Result<()> {
     let mut resp = ResponseHeader::build(reply.status, Some(4))?;
-    resp.insert_header(
-        header::CONTENT_TYPE,
-        reply.content_type.as_deref().unwrap_or("application/json"),
-    )?;
+    resp.insert_header(header::CONTENT_TYPE, reply.content_type.as_deref().unwrap_or("application/json"))?;
     resp.insert_header(header::CONTENT_LENGTH, reply.body.len().to_string())?;
     resp.insert_header("cache-status", &reply.cache_status)?;
     resp.insert_header(header::VARY, "Authorization, Cookie")?;
     session.write_response_header(Box::new(resp), false).await?;
-    session
-        .write_response_body(Some(reply.body.clone()), true)
-        .await?;
+    session.write_response_body(Some(reply.body.clone()), true).await?;
     Ok(())
 }
 
@@ -198,19 +180,14 @@ impl ProxyHttp for InsightsProxy {
         if req.headers.len() > MAX_REQUEST_HEADERS {
             return write_error(session, ctx, &ApiError::headers_too_large()).await;
         }
-        let declared_len = req
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<usize>().ok());
+        let declared_len =
+            req.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
         if declared_len.is_some_and(|n| n > self.max_body()) {
             return write_error(session, ctx, &ApiError::payload_too_large(self.max_body())).await;
         }
         let query = match QueryParams::parse(req.uri.query()) {
             Ok(q) => q,
-            Err(e) => {
-                return write_error(session, ctx, &ApiError::bad_request(e.to_string())).await
-            }
+            Err(e) => return write_error(session, ctx, &ApiError::bad_request(e.to_string())).await,
         };
         let route = route(&req.method, req.uri.path(), &query);
         ctx.route = match &route {
@@ -229,10 +206,7 @@ impl ProxyHttp for InsightsProxy {
                 Ok(false)
             }
             Route::QueryStatus { project, query_id } => {
-                let cred = Credential::from_request(
-                    &session.req_header().headers,
-                    query.get("personal_api_key"),
-                );
+                let cred = Credential::from_request(&session.req_header().headers, query.get("personal_api_key"));
                 match insights::query_status(&self.app, project, &query_id, cred.as_ref()) {
                     Some(reply) => {
                         ctx.cache_status = Some(reply.cache_status.clone());
@@ -251,12 +225,7 @@ impl ProxyHttp for InsightsProxy {
                     let body = match read_body(session, self.max_body()).await {
                         Ok(b) => b,
                         Err(BodyError::TooLarge) => {
-                            return write_error(
-                                session,
-                                ctx,
-                                &ApiError::payload_too_large(self.max_body()),
-                            )
-                            .await
+                            return write_error(session, ctx, &ApiError::payload_too_large(self.max_body())).await
                         }
                         Err(_) => return Err(Error::new(ErrorType::ReadError)),
                     };
@@ -277,8 +246,7 @@ impl ProxyHttp for InsightsProxy {
                 let api_key = query.get("personal_api_key").or(fields.api_key.as_deref());
                 let Some(credential) = Credential::from_request(&req.headers, api_key) else {
                     // Never answered from the cache: the upstream says what it says (401).
-                    ctx.cache_status =
-                        Some(format!("{CACHE_NAME}; fwd=bypass; detail=no-credential"));
+                    ctx.cache_status = Some(format!("{CACHE_NAME}; fwd=bypass; detail=no-credential"));
                     return Ok(false);
                 };
                 let param = match (query.get("refresh"), &fields.refresh) {
@@ -292,26 +260,12 @@ impl ProxyHttp for InsightsProxy {
                 let path = req.uri.path().to_string();
                 let reply = match route {
                     Route::InsightRetrieve { project, insight } => {
-                        let call = InsightCall {
-                            project,
-                            insight,
-                            path,
-                            query,
-                            credential,
-                            mode,
-                        };
+                        let call = InsightCall { project, insight, path, query, credential, mode };
                         insights::retrieve(&self.app, call).await
                     }
                     Route::InsightList { project } => {
                         let public_base = public_base(&self.app, req);
-                        let call = ListCall {
-                            project,
-                            path,
-                            query,
-                            credential,
-                            mode,
-                            public_base,
-                        };
+                        let call = ListCall { project, path, query, credential, mode, public_base };
                         insights::list(&self.app, call).await
                     }
                     _ => unreachable!("matched above"),
@@ -333,19 +287,16 @@ impl ProxyHttp for InsightsProxy {
         // Chunked bodies declare no length: count what passes through.
         ctx.body_bytes += body.as_ref().map_or(0, Bytes::len);
         if ctx.body_bytes > self.max_body() {
-            return Err(Error::explain(
-                ErrorType::HTTPStatus(413),
-                "request body too large",
-            ));
+            return Err(Error::explain(ErrorType::HTTPStatus(413), "request body too large"));
         }
         Ok(())
     }
 
-    async fn upstream_peer(
-        &self,
-        _session: &mut Session,
-        _ctx: &mut RequestCtx,
-    ) -> Result<Box<HttpPeer>> {
+    async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+        // A failing upstream is not hammered by pass-through traffic either.
+        if !self.app.upstream.breaker().allow() {
+            return Err(Error::explain(ErrorType::HTTPStatus(503), "upstream circuit open"));
+        }
         Ok(Box::new(self.peer.clone()))
     }
 
@@ -373,18 +324,13 @@ impl ProxyHttp for InsightsProxy {
         for h in named {
             upstream_request.remove_header(&h);
         }
-        upstream_request
-            .insert_header(header::HOST, self.app.upstream.settings().url.host_header())?;
+        upstream_request.insert_header(header::HOST, self.app.upstream.settings().url.host_header())?;
         if let Some(h) = client_host {
             upstream_request.insert_header("x-forwarded-host", h)?;
         }
         if let Some(addr) = session.client_addr().and_then(|a| a.as_inet()) {
             let ip = addr.ip().to_string();
-            let xff = match upstream_request
-                .headers
-                .get("x-forwarded-for")
-                .and_then(|v| v.to_str().ok())
-            {
+            let xff = match upstream_request.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
                 Some(prev) => format!("{prev}, {ip}"),
                 None => ip,
             };
@@ -404,9 +350,7 @@ impl ProxyHttp for InsightsProxy {
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("application/json"));
-        let encoded = upstream_response
-            .headers
-            .contains_key(header::CONTENT_ENCODING);
+        let encoded = upstream_response.headers.contains_key(header::CONTENT_ENCODING);
         if is_json && !encoded && session.req_header().uri.path().starts_with("/api/") {
             let origin = self.app.upstream.settings().url.origin();
             let base = public_base(&self.app, session.req_header());
@@ -421,26 +365,21 @@ impl ProxyHttp for InsightsProxy {
                 upstream_response.remove_header(&header::CONTENT_LENGTH);
             }
         }
-        if let Some(loc) = upstream_response
-            .headers
-            .get(header::LOCATION)
-            .and_then(|v| v.to_str().ok())
-        {
+        if let Some(loc) = upstream_response.headers.get(header::LOCATION).and_then(|v| v.to_str().ok()) {
             let origin = self.app.upstream.settings().url.origin();
             if let Some(rest) = loc.strip_prefix(&origin) {
                 let rewritten = format!("{}{rest}", public_base(&self.app, session.req_header()));
                 upstream_response.insert_header(header::LOCATION, rewritten)?;
             }
         }
+        self.app.upstream.breaker().record(upstream_response.status.as_u16() < 500);
         if let Some((project, insight)) = ctx.purge_on_success {
             if upstream_response.status.is_success() {
                 self.app.cache.purge_insight(project, insight);
             }
         }
         if ctx.route != "passthrough" {
-            let cs = ctx
-                .cache_status
-                .get_or_insert_with(|| format!("{CACHE_NAME}; fwd=bypass"));
+            let cs = ctx.cache_status.get_or_insert_with(|| format!("{CACHE_NAME}; fwd=bypass"));
             upstream_response.insert_header("cache-status", cs.as_str())?;
         }
         Ok(())
@@ -466,49 +405,47 @@ impl ProxyHttp for InsightsProxy {
             relink.overflowed = true;
             *body = Some(Bytes::from(std::mem::take(&mut relink.body)));
         } else if end_of_stream {
-            *body = Some(Bytes::from(replace_all(
-                &relink.body,
-                &relink.from,
-                &relink.to,
-            )));
+            *body = Some(Bytes::from(replace_all(&relink.body, &relink.from, &relink.to)));
         }
         Ok(None)
     }
 
-    async fn fail_to_proxy(
-        &self,
-        session: &mut Session,
-        e: &Error,
-        ctx: &mut RequestCtx,
-    ) -> FailToProxy {
-        let api = match e.etype() {
-            ErrorType::HTTPStatus(413) => ApiError::payload_too_large(self.max_body()),
-            ErrorType::HTTPStatus(code) if *code < 500 => {
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
+        use pingora::ErrorSource;
+        let api = match (e.etype(), e.esource()) {
+            (ErrorType::HTTPStatus(413), _) => ApiError::payload_too_large(self.max_body()),
+            (ErrorType::HTTPStatus(503), _) => {
+                ApiError::service_unavailable("The upstream is failing; the proxy is not calling it for a moment.")
+            }
+            // The client went away or stalled: nobody to answer.
+            (
+                ErrorType::ReadError
+                | ErrorType::WriteError
+                | ErrorType::ConnectionClosed
+                | ErrorType::ReadTimedout
+                | ErrorType::WriteTimedout,
+                ErrorSource::Downstream,
+            ) => return FailToProxy { error_code: 0, can_reuse_downstream: false },
+            (_, ErrorSource::Downstream) | (ErrorType::HTTPStatus(400..=499), _) => {
                 ApiError::bad_request("The request could not be read.")
             }
-            ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
+            (ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout, _) => {
+                self.app.upstream.breaker().record(false);
                 ApiError::gateway_timeout("The upstream did not answer in time.")
             }
-            _ => match e.esource() {
-                pingora::ErrorSource::Downstream => {
-                    return FailToProxy {
-                        error_code: 0,
-                        can_reuse_downstream: false,
-                    };
-                }
-                _ => ApiError::bad_gateway("The upstream is unreachable or failed to answer."),
-            },
+            _ => {
+                self.app.upstream.breaker().record(false);
+                ApiError::bad_gateway("The upstream is unreachable or failed to answer.")
+            }
         };
-        ctx.cache_status = Some(format!("{CACHE_NAME}; fwd=bypass; detail=upstream-error"));
+        let detail = if api.status >= 500 { "upstream-error" } else { "rejected" };
+        ctx.cache_status = Some(format!("{CACHE_NAME}; fwd=bypass; detail={detail}"));
         let reply = Reply::error(&api, ctx.cache_status.clone().unwrap_or_default());
         // The response may already have started; then there is nothing more to say.
         if session.response_written().is_none() {
             let _ = write_reply(session, &reply).await;
         }
-        FailToProxy {
-            error_code: api.status,
-            can_reuse_downstream: false,
-        }
+        FailToProxy { error_code: api.status, can_reuse_downstream: false }
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {

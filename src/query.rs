@@ -36,11 +36,7 @@ impl QueryParams {
 
     /// The last value of `name`, as Django's `QueryDict.get` returns it.
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.pairs
-            .iter()
-            .rev()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+        self.pairs.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
@@ -68,27 +64,19 @@ fn decode(s: &str) -> Result<String, QueryError> {
     // percent_decode passes malformed escapes through; refuse them instead.
     for (i, b) in bytes.iter().enumerate() {
         if *b == b'%' {
-            let ok = bytes
-                .get(i + 1..i + 3)
-                .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit));
+            let ok = bytes.get(i + 1..i + 3).is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit));
             if !ok {
                 return Err(QueryError::BadEncoding);
             }
         }
     }
     let plus_as_space = s.replace('+', " ");
-    percent_decode(plus_as_space.as_bytes())
-        .decode_utf8()
-        .map(|c| c.into_owned())
-        .map_err(|_| QueryError::NotUtf8)
+    percent_decode(plus_as_space.as_bytes()).decode_utf8().map(|c| c.into_owned()).map_err(|_| QueryError::NotUtf8)
 }
 
 pub fn encode(s: &str) -> String {
-    const SET: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
-        .remove(b'-')
-        .remove(b'_')
-        .remove(b'.')
-        .remove(b'~');
+    const SET: &percent_encoding::AsciiSet =
+        &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~');
     percent_encoding::utf8_percent_encode(s, SET).to_string()
 }
 
@@ -109,14 +97,8 @@ mod tests {
         let q = QueryParams::parse(Some("a=%7B%22x%22%3A1%7D&b=a+b")).unwrap();
         assert_eq!(q.get("a"), Some("{\"x\":1}"));
         assert_eq!(q.get("b"), Some("a b"));
-        assert_eq!(
-            QueryParams::parse(Some("a=%zz")),
-            Err(QueryError::BadEncoding)
-        );
-        assert_eq!(
-            QueryParams::parse(Some("a=%")),
-            Err(QueryError::BadEncoding)
-        );
+        assert_eq!(QueryParams::parse(Some("a=%zz")), Err(QueryError::BadEncoding));
+        assert_eq!(QueryParams::parse(Some("a=%")), Err(QueryError::BadEncoding));
         assert_eq!(QueryParams::parse(Some("a=%ff")), Err(QueryError::NotUtf8));
     }
 

@@ -24,9 +24,7 @@ pub enum Route {
 /// Routes a request. `query` is the already-parsed query string (callers reject bad encodings).
 pub fn route(method: &Method, path: &str, query: &QueryParams) -> Route {
     if has_dot_segment(path) {
-        return Route::Reject(ApiError::bad_request(
-            "Paths with dot-segments are not allowed.",
-        ));
+        return Route::Reject(ApiError::bad_request("Paths with dot-segments are not allowed."));
     }
     let Some(rest) = path.strip_prefix("/api/") else {
         return Route::Passthrough;
@@ -46,23 +44,16 @@ pub fn route(method: &Method, path: &str, query: &QueryParams) -> Route {
     let rest: Vec<&str> = parts.collect();
     let csv = query.get("format").is_some_and(|f| f != "json");
     match (rest.as_slice(), method) {
-        (["insights"], &Method::GET) if !csv && query.get("basic") != Some("true") => {
-            Route::InsightList { project }
-        }
+        (["insights"], &Method::GET) if !csv && query.get("basic") != Some("true") => Route::InsightList { project },
         (["insights", id], m) => match parse_id(id) {
-            Id::Valid(insight) if m == Method::GET && !csv => {
-                Route::InsightRetrieve { project, insight }
-            }
+            Id::Valid(insight) if m == Method::GET && !csv => Route::InsightRetrieve { project, insight },
             Id::Valid(insight) if m == Method::PATCH || m == Method::PUT || m == Method::POST => {
                 Route::InsightWrite { project, insight }
             }
             Id::TooLarge => Route::Reject(ApiError::not_found()),
             _ => Route::Passthrough,
         },
-        (["query", id], &Method::GET) if !id.is_empty() => Route::QueryStatus {
-            project,
-            query_id: id.to_string(),
-        },
+        (["query", id], &Method::GET) if !id.is_empty() => Route::QueryStatus { project, query_id: id.to_string() },
         _ => Route::Passthrough,
     }
 }
@@ -104,63 +95,21 @@ mod tests {
     fn insight_routes() {
         assert_eq!(
             r(Method::GET, "/api/environments/1/insights/2/", ""),
-            Route::InsightRetrieve {
-                project: 1,
-                insight: 2
-            }
+            Route::InsightRetrieve { project: 1, insight: 2 }
         );
-        assert_eq!(
-            r(Method::GET, "/api/projects/1/insights/2", ""),
-            Route::InsightRetrieve {
-                project: 1,
-                insight: 2
-            }
-        );
-        assert_eq!(
-            r(Method::GET, "/api/projects/1/insights/", "limit=2"),
-            Route::InsightList { project: 1 }
-        );
-        assert_eq!(
-            r(Method::GET, "/api/projects/1/insights/", "basic=true"),
-            Route::Passthrough
-        );
-        assert_eq!(
-            r(Method::GET, "/api/projects/1/insights/2/", "format=csv"),
-            Route::Passthrough
-        );
-        assert_eq!(
-            r(Method::PATCH, "/api/projects/1/insights/2/", ""),
-            Route::InsightWrite {
-                project: 1,
-                insight: 2
-            }
-        );
-        assert_eq!(
-            r(Method::DELETE, "/api/projects/1/insights/2/", ""),
-            Route::Passthrough
-        );
-        assert_eq!(
-            r(Method::GET, "/api/projects/1/insights/activity/", ""),
-            Route::Passthrough
-        );
-        assert_eq!(
-            r(Method::GET, "/api/projects/1/insights/2/sharing/", ""),
-            Route::Passthrough
-        );
-        assert_eq!(
-            r(Method::POST, "/api/projects/1/insights/", ""),
-            Route::Passthrough
-        );
-        assert_eq!(
-            r(Method::GET, "/api/projects/@current/insights/2/", ""),
-            Route::Passthrough
-        );
+        assert_eq!(r(Method::GET, "/api/projects/1/insights/2", ""), Route::InsightRetrieve { project: 1, insight: 2 });
+        assert_eq!(r(Method::GET, "/api/projects/1/insights/", "limit=2"), Route::InsightList { project: 1 });
+        assert_eq!(r(Method::GET, "/api/projects/1/insights/", "basic=true"), Route::Passthrough);
+        assert_eq!(r(Method::GET, "/api/projects/1/insights/2/", "format=csv"), Route::Passthrough);
+        assert_eq!(r(Method::PATCH, "/api/projects/1/insights/2/", ""), Route::InsightWrite { project: 1, insight: 2 });
+        assert_eq!(r(Method::DELETE, "/api/projects/1/insights/2/", ""), Route::Passthrough);
+        assert_eq!(r(Method::GET, "/api/projects/1/insights/activity/", ""), Route::Passthrough);
+        assert_eq!(r(Method::GET, "/api/projects/1/insights/2/sharing/", ""), Route::Passthrough);
+        assert_eq!(r(Method::POST, "/api/projects/1/insights/", ""), Route::Passthrough);
+        assert_eq!(r(Method::GET, "/api/projects/@current/insights/2/", ""), Route::Passthrough);
         assert_eq!(
             r(Method::GET, "/api/environments/3/query/abc/", ""),
-            Route::QueryStatus {
-                project: 3,
-                query_id: "abc".into()
-            }
+            Route::QueryStatus { project: 3, query_id: "abc".into() }
         );
         assert_eq!(r(Method::GET, "/healthz", ""), Route::Passthrough);
     }
@@ -168,36 +117,16 @@ mod tests {
     #[test]
     fn bad_ids_and_paths() {
         assert_eq!(
-            r(
-                Method::GET,
-                "/api/projects/1/insights/99999999999999999999999/",
-                ""
-            ),
+            r(Method::GET, "/api/projects/1/insights/99999999999999999999999/", ""),
             Route::Reject(ApiError::not_found())
         );
         assert_eq!(
-            r(
-                Method::GET,
-                "/api/projects/99999999999999999999/insights/1/",
-                ""
-            ),
+            r(Method::GET, "/api/projects/99999999999999999999/insights/1/", ""),
             Route::Reject(ApiError::not_found())
         );
-        assert!(matches!(
-            r(Method::GET, "/api/environments/1/insights/../../x", ""),
-            Route::Reject(_)
-        ));
-        assert!(matches!(
-            r(Method::GET, "/api/environments/1/insights/%2e%2E/x", ""),
-            Route::Reject(_)
-        ));
-        assert!(matches!(
-            r(Method::GET, "/api/environments/1/insights/1%2F..", ""),
-            Route::Reject(_)
-        ));
-        assert_eq!(
-            r(Method::GET, "/api/environments/1/insights/-1/", ""),
-            Route::Passthrough
-        );
+        assert!(matches!(r(Method::GET, "/api/environments/1/insights/../../x", ""), Route::Reject(_)));
+        assert!(matches!(r(Method::GET, "/api/environments/1/insights/%2e%2E/x", ""), Route::Reject(_)));
+        assert!(matches!(r(Method::GET, "/api/environments/1/insights/1%2F..", ""), Route::Reject(_)));
+        assert_eq!(r(Method::GET, "/api/environments/1/insights/-1/", ""), Route::Passthrough);
     }
 }

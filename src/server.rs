@@ -23,10 +23,7 @@ use crate::workers::Workers;
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: String,
-        source: std::io::Error,
-    },
+    Bind { addr: String, source: std::io::Error },
 }
 
 /// pingora's defaults would make a SIGTERM take 5 minutes (pingora-notes.md §4): set both.
@@ -34,9 +31,7 @@ pub fn server_conf(config: &Config) -> ServerConf {
     ServerConf {
         threads: config.threads,
         grace_period_seconds: Some(config.grace_period.as_secs_f64().ceil() as u64),
-        graceful_shutdown_timeout_seconds: Some(
-            config.shutdown_timeout.as_secs_f64().ceil().max(1.0) as u64,
-        ),
+        graceful_shutdown_timeout_seconds: Some(config.shutdown_timeout.as_secs_f64().ceil().max(1.0) as u64),
         ..Default::default()
     }
 }
@@ -44,23 +39,14 @@ pub fn server_conf(config: &Config) -> ServerConf {
 /// pingora retries a busy port for 30 s and then panics inside its runtime, leaving a process with
 /// no listener (pingora-notes.md pitfall 5): check first and fail clearly.
 pub fn check_bind(addr: &str) -> Result<SocketAddr, StartError> {
-    let l = TcpListener::bind(addr).map_err(|source| StartError::Bind {
-        addr: addr.to_string(),
-        source,
-    })?;
-    l.local_addr().map_err(|source| StartError::Bind {
-        addr: addr.to_string(),
-        source,
-    })
+    let l = TcpListener::bind(addr).map_err(|source| StartError::Bind { addr: addr.to_string(), source })?;
+    l.local_addr().map_err(|source| StartError::Bind { addr: addr.to_string(), source })
 }
 
 /// A free loopback port (reserved and released: there is a tiny race, acceptable for tests and the
 /// demo backend).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free loopback port")
 }
 
 pub struct Built {
@@ -80,18 +66,10 @@ pub fn build(config: Config, clock: Clock) -> Result<Built, StartError> {
             if addr.port() == 0 || listen.ends_with(":0") {
                 addr.set_port(free_port());
             }
-            let sim_cfg = SimConfig {
-                calc_delay: config.sim_calc_delay,
-                seed: config.sim_seed,
-                ..SimConfig::default()
-            };
+            let sim_cfg =
+                SimConfig { calc_delay: config.sim_calc_delay, seed: config.sim_seed, ..SimConfig::default() };
             let sim = Simulator::new(sim_cfg, clock.clone());
-            let url = UpstreamUrl {
-                tls: false,
-                host: addr.ip().to_string(),
-                port: addr.port(),
-                addr,
-            };
+            let url = UpstreamUrl { tls: false, host: addr.ip().to_string(), port: addr.port(), addr };
             (url, Some(sim))
         }
     };
@@ -104,33 +82,17 @@ pub fn build(config: Config, clock: Clock) -> Result<Built, StartError> {
     let mut server = Server::new_with_opt_and_conf(None, server_conf(&config));
     server.bootstrap();
     let listen = config.listen.clone();
-    let app = App::new(
-        Arc::new(config),
-        clock,
-        UpstreamClient::new(settings.clone()),
-    );
-    let mut proxy = http_proxy_service(
-        &server.configuration,
-        InsightsProxy {
-            app: app.clone(),
-            peer: settings.peer(),
-        },
-    );
+    let breaker = config.breaker;
+    let app = App::new(Arc::new(config), clock, UpstreamClient::new(settings.clone(), breaker));
+    let mut proxy =
+        http_proxy_service(&server.configuration, InsightsProxy { app: app.clone(), peer: settings.peer() });
     proxy.add_tcp(&listen);
     server.add_service(proxy);
-    server.add_service(background_service(
-        "refresh workers",
-        Workers { app: app.clone() },
-    ));
+    server.add_service(background_service("refresh workers", Workers { app: app.clone() }));
     if let Some(sim) = &simulator {
         server.add_service(sim.service(&upstream.addr.to_string()));
     }
-    Ok(Built {
-        server,
-        app,
-        simulator,
-        upstream,
-    })
+    Ok(Built { server, app, simulator, upstream })
 }
 
 /// A shutdown signal sent through a channel: `Some(true)` graceful, `Some(false)` fast.
@@ -165,15 +127,8 @@ pub struct Running {
 impl Running {
     pub fn start(server: Server) -> Running {
         let (stop, rx) = tokio::sync::watch::channel(None);
-        let thread = std::thread::spawn(move || {
-            server.run(RunArgs {
-                shutdown_signal: Box::new(ChannelShutdown(rx)),
-            })
-        });
-        Running {
-            stop,
-            thread: Some(thread),
-        }
+        let thread = std::thread::spawn(move || server.run(RunArgs { shutdown_signal: Box::new(ChannelShutdown(rx)) }));
+        Running { stop, thread: Some(thread) }
     }
 
     /// Stops the server: `graceful` drains for the grace period first.

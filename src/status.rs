@@ -65,13 +65,7 @@ pub struct StatusRegistry {
 
 impl StatusRegistry {
     pub fn new(ttl: Duration, max_records: u64) -> Self {
-        Self {
-            records: moka::sync::Cache::builder()
-                .max_capacity(max_records)
-                .time_to_live(ttl)
-                .build(),
-            ttl,
-        }
+        Self { records: moka::sync::Cache::builder().max_capacity(max_records).time_to_live(ttl).build(), ttl }
     }
 
     fn expiration(&self, now: OffsetDateTime) -> OffsetDateTime {
@@ -104,13 +98,7 @@ impl StatusRegistry {
             task_id: None,
             results: None,
         };
-        self.records.insert(
-            id,
-            Arc::new(Mutex::new(Record {
-                owner,
-                status: status.clone(),
-            })),
-        );
+        self.records.insert(id, Arc::new(Mutex::new(Record { owner, status: status.clone() })));
         status
     }
 
@@ -182,10 +170,7 @@ mod tests {
         let (a, b) = (Partition([1; 16]), Partition([2; 16]));
         reg.start(a, "q1".into(), 1, 5, None, now);
         assert!(reg.running(a, "q1").is_some());
-        assert!(
-            reg.get(b, "q1").is_none(),
-            "another partition cannot see it"
-        );
+        assert!(reg.get(b, "q1").is_none(), "another partition cannot see it");
         reg.picked_up("q1", now);
         reg.finish("q1", now, Ok(serde_json::json!({"results": [1]})));
         let s = reg.get(a, "q1").unwrap();

@@ -5,7 +5,7 @@
 //! adds no HTTP client dependency (pingora-notes.md §3).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderName, HeaderValue, Method};
@@ -14,7 +14,7 @@ use pingora::http::RequestHeader;
 use pingora::prelude::HttpPeer;
 use pingora::ErrorType;
 
-use crate::config::UpstreamUrl;
+use crate::config::{BreakerSettings, UpstreamUrl};
 
 /// Where the upstream is and how to talk to it.
 #[derive(Debug, Clone)]
@@ -62,6 +62,8 @@ pub enum UpstreamError {
     TooLarge(usize),
     #[error("the upstream closed the connection or sent an invalid answer")]
     Broken,
+    #[error("the upstream is failing; calls are paused")]
+    CircuitOpen,
 }
 
 impl UpstreamError {
@@ -71,14 +73,13 @@ impl UpstreamError {
             UpstreamError::Timeout => "timeout",
             UpstreamError::TooLarge(_) => "too_large",
             UpstreamError::Broken => "broken",
+            UpstreamError::CircuitOpen => "circuit_open",
         }
     }
 
     fn from_pingora(e: &pingora::Error) -> Self {
         match e.etype() {
-            ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
-                UpstreamError::Timeout
-            }
+            ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => UpstreamError::Timeout,
             ErrorType::ConnectRefused
             | ErrorType::ConnectNoRoute
             | ErrorType::ConnectError
@@ -92,20 +93,86 @@ impl UpstreamError {
     }
 }
 
+/// Stops calling an upstream that keeps failing, so a dead backend is not hammered: after
+/// `failures` consecutive failures it opens for a cooldown; then one probe is let through, and each
+/// failed probe doubles the cooldown (up to the maximum). Any success closes it.
+pub struct Breaker {
+    settings: BreakerSettings,
+    state: parking_lot::Mutex<BreakerState>,
+}
+
+#[derive(Debug)]
+struct BreakerState {
+    consecutive: u32,
+    open_until: Option<Instant>,
+    cooldown: Duration,
+    probing: bool,
+}
+
+impl Breaker {
+    pub fn new(settings: BreakerSettings) -> Self {
+        let state = BreakerState { consecutive: 0, open_until: None, cooldown: settings.cooldown, probing: false };
+        Self { settings, state: parking_lot::Mutex::new(state) }
+    }
+
+    /// Whether a call may go out now.
+    pub fn allow(&self) -> bool {
+        let mut s = self.state.lock();
+        match s.open_until {
+            None => true,
+            Some(until) if Instant::now() >= until && !s.probing => {
+                s.probing = true;
+                true
+            }
+            Some(_) => false,
+        }
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.state.lock().open_until.is_some()
+    }
+
+    pub fn record(&self, ok: bool) {
+        let mut s = self.state.lock();
+        if ok {
+            if s.open_until.is_some() {
+                tracing::info!("upstream circuit closed");
+            }
+            *s = BreakerState { consecutive: 0, open_until: None, cooldown: self.settings.cooldown, probing: false };
+            return;
+        }
+        s.consecutive = s.consecutive.saturating_add(1);
+        if s.probing {
+            s.cooldown = (s.cooldown * 2).min(self.settings.max_cooldown);
+            s.probing = false;
+            s.open_until = Some(Instant::now() + s.cooldown);
+        } else if s.open_until.is_none() && s.consecutive >= self.settings.failures {
+            s.open_until = Some(Instant::now() + s.cooldown);
+            tracing::warn!(
+                failures = s.consecutive,
+                cooldown_ms = s.cooldown.as_millis() as u64,
+                "upstream circuit opened"
+            );
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct UpstreamClient {
     settings: Arc<UpstreamSettings>,
     peer: Arc<HttpPeer>,
     connector: Arc<Connector>,
+    breaker: Arc<Breaker>,
 }
 
 impl UpstreamClient {
-    pub fn new(settings: UpstreamSettings) -> Self {
+    pub fn new(settings: UpstreamSettings, breaker: BreakerSettings) -> Self {
         let peer = Arc::new(settings.peer());
         Self {
             settings: Arc::new(settings),
             peer,
             connector: Arc::new(Connector::new(None)),
+            breaker: Arc::new(Breaker::new(breaker)),
         }
     }
 
@@ -113,69 +180,62 @@ impl UpstreamClient {
         &self.settings
     }
 
+    pub fn breaker(&self) -> &Breaker {
+        &self.breaker
+    }
+
     /// Sends one request and reads the whole answer, within the read timeout and the size cap.
     /// A pooled connection the upstream closed meanwhile is retried once on a fresh one.
     pub async fn send(&self, req: &UpstreamRequest) -> Result<UpstreamResponse, UpstreamError> {
+        if !self.breaker.allow() {
+            return Err(UpstreamError::CircuitOpen);
+        }
         let deadline = self.settings.connect_timeout + self.settings.read_timeout;
-        match tokio::time::timeout(deadline, self.send_once(req)).await {
-            Ok(Err((UpstreamError::Broken, true))) => {
-                tokio::time::timeout(deadline, self.send_once(req))
-                    .await
-                    .map_err(|_| UpstreamError::Timeout)?
-                    .map_err(|(e, _)| e)
-            }
+        let result = match tokio::time::timeout(deadline, self.send_once(req)).await {
+            Ok(Err((UpstreamError::Broken, true))) => tokio::time::timeout(deadline, self.send_once(req))
+                .await
+                .map_err(|_| UpstreamError::Timeout)
+                .and_then(|r| r.map_err(|(e, _)| e)),
             Ok(r) => r.map_err(|(e, _)| e),
             Err(_) => Err(UpstreamError::Timeout),
-        }
+        };
+        let ok = match &result {
+            Ok(r) => r.status < 500,
+            Err(UpstreamError::TooLarge(_)) => true,
+            Err(_) => false,
+        };
+        self.breaker.record(ok);
+        result
     }
 
     /// The error carries whether the connection was a reused one.
-    async fn send_once(
-        &self,
-        req: &UpstreamRequest,
-    ) -> Result<UpstreamResponse, (UpstreamError, bool)> {
+    async fn send_once(&self, req: &UpstreamRequest) -> Result<UpstreamResponse, (UpstreamError, bool)> {
         let peer = &*self.peer;
-        let (mut session, reused) = self
-            .connector
-            .get_http_session(peer)
-            .await
-            .map_err(|e| (UpstreamError::from_pingora(&e), false))?;
+        let (mut session, reused) =
+            self.connector.get_http_session(peer).await.map_err(|e| (UpstreamError::from_pingora(&e), false))?;
         let fail = |e: Box<pingora::Error>| (UpstreamError::from_pingora(&e), reused);
         session.set_read_timeout(Some(self.settings.read_timeout));
-        let mut header =
-            RequestHeader::build(req.method.clone(), req.path_and_query.as_bytes(), None)
-                .map_err(|_| (UpstreamError::Broken, false))?;
+        let mut header = RequestHeader::build(req.method.clone(), req.path_and_query.as_bytes(), None)
+            .map_err(|_| (UpstreamError::Broken, false))?;
         let _ = header.insert_header(http::header::HOST, self.settings.url.host_header());
         let _ = header.insert_header(http::header::ACCEPT, "application/json");
-        let _ = header.insert_header(
-            http::header::USER_AGENT,
-            concat!("insights-proxy/", env!("CARGO_PKG_VERSION")),
-        );
+        let _ = header.insert_header(http::header::USER_AGENT, concat!("insights-proxy/", env!("CARGO_PKG_VERSION")));
         for (k, v) in &req.headers {
             let _ = header.insert_header(k.clone(), v.clone());
         }
         if let Some(b) = &req.body {
             let _ = header.insert_header(http::header::CONTENT_LENGTH, b.len().to_string());
         }
-        session
-            .write_request_header(Box::new(header))
-            .await
-            .map_err(fail)?;
+        session.write_request_header(Box::new(header)).await.map_err(fail)?;
         if let Some(b) = &req.body {
-            session
-                .write_request_body(b.clone(), true)
-                .await
-                .map_err(fail)?;
+            session.write_request_body(b.clone(), true).await.map_err(fail)?;
         }
         session.finish_request_body().await.map_err(fail)?;
         session.read_response_header().await.map_err(fail)?;
         let (status, content_type) = match session.response_header() {
             Some(h) => (
                 h.status.as_u16(),
-                h.headers
-                    .get(http::header::CONTENT_TYPE)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_string),
+                h.headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_string),
             ),
             None => return Err((UpstreamError::Broken, reused)),
         };
@@ -187,13 +247,7 @@ impl UpstreamClient {
             }
             body.extend_from_slice(&chunk);
         }
-        self.connector
-            .release_http_session(session, peer, Some(Duration::from_secs(60)))
-            .await;
-        Ok(UpstreamResponse {
-            status,
-            content_type,
-            body: body.freeze(),
-        })
+        self.connector.release_http_session(session, peer, Some(Duration::from_secs(60))).await;
+        Ok(UpstreamResponse { status, content_type, body: body.freeze() })
     }
 }

@@ -36,11 +36,7 @@ pub struct JobQueue {
 impl JobQueue {
     pub fn new(capacity: usize) -> Self {
         let (tx, rx) = mpsc::channel(capacity);
-        Self {
-            tx,
-            rx: tokio::sync::Mutex::new(rx),
-            queued: Mutex::new(HashSet::new()),
-        }
+        Self { tx, rx: tokio::sync::Mutex::new(rx), queued: Mutex::new(HashSet::new()) }
     }
 
     /// Queues `job` unless one for the same key is already waiting.

@@ -24,28 +24,14 @@ fn every_endpoint_passes_through() {
     let via = h.get(&url, ALL);
     assert_eq!(via.status, 200);
     assert_eq!(via.json()["name"], "From the proxy test");
-    assert!(via
-        .header("content-type")
-        .unwrap()
-        .starts_with("application/json"));
+    assert!(via.header("content-type").unwrap().starts_with("application/json"));
 
     // PATCH, soft delete → 404, restore.
     let p = h.request("PATCH", &url, &[AUTH], Some(r#"{"description":"patched"}"#));
-    assert_eq!(
-        (p.status, p.json()["description"].clone()),
-        (200, json!("patched"))
-    );
-    assert_eq!(
-        h.request("PATCH", &url, &[AUTH], Some(r#"{"deleted":true}"#))
-            .status,
-        200
-    );
+    assert_eq!((p.status, p.json()["description"].clone()), (200, json!("patched")));
+    assert_eq!(h.request("PATCH", &url, &[AUTH], Some(r#"{"deleted":true}"#)).status, 200);
     assert_eq!(h.get(&url, ALL).status, 404);
-    assert_eq!(
-        h.request("PATCH", &url, &[AUTH], Some(r#"{"deleted":false}"#))
-            .status,
-        200
-    );
+    assert_eq!(h.request("PATCH", &url, &[AUTH], Some(r#"{"deleted":false}"#)).status, 200);
     assert_eq!(h.get(&url, ALL).status, 200);
 
     // DELETE → 405.
@@ -56,48 +42,22 @@ fn every_endpoint_passes_through() {
     assert_eq!(sharing.status, 200);
     assert!(sharing.json().get("enabled").is_some());
     assert_eq!(h.get(&format!("{url}activity/"), ALL).status, 200);
-    assert_eq!(
-        h.request("POST", &format!("{url}viewed/"), &[AUTH], Some("{}"))
-            .status,
-        200
-    );
-    assert_eq!(
-        h.get("/api/environments/1/insights/activity/", ALL).status,
-        200
-    );
+    assert_eq!(h.request("POST", &format!("{url}viewed/"), &[AUTH], Some("{}")).status, 200);
+    assert_eq!(h.get("/api/environments/1/insights/activity/", ALL).status, 200);
 
     // The /api/projects/ alias, and the project list.
-    assert_eq!(
-        h.get(&format!("/api/projects/1/insights/{id}/"), ALL)
-            .status,
-        200
-    );
+    assert_eq!(h.get(&format!("/api/projects/1/insights/{id}/"), ALL).status, 200);
     let projects = h.get("/api/projects/", ALL);
     assert_eq!(projects.status, 200);
-    assert!(projects.json()["results"]
-        .as_array()
-        .is_some_and(|r| !r.is_empty()));
+    assert!(projects.json()["results"].as_array().is_some_and(|r| !r.is_empty()));
 
     // basic=true lists pass through; next/previous, which the upstream builds from its own host,
     // lead back through the proxy.
     let basic = h.get("/api/environments/1/insights/?basic=true&limit=2", ALL);
     assert_eq!(basic.status, 200);
-    let next = basic.json()["next"]
-        .as_str()
-        .expect("a second page")
-        .to_string();
-    assert!(
-        next.starts_with(&format!("http://127.0.0.1:{}/api/", h.proxy_port)),
-        "{next}"
-    );
-    assert_eq!(
-        h.get(
-            next.split_once(&format!("{}", h.proxy_port)).unwrap().1,
-            ALL
-        )
-        .status,
-        200
-    );
+    let next = basic.json()["next"].as_str().expect("a second page").to_string();
+    assert!(next.starts_with(&format!("http://127.0.0.1:{}/api/", h.proxy_port)), "{next}");
+    assert_eq!(h.get(next.split_once(&format!("{}", h.proxy_port)).unwrap().1, ALL).status, 200);
 }
 
 #[test]
@@ -110,16 +70,8 @@ fn headers_and_status_are_preserved() {
     let missing = h.get("/api/environments/1/insights/999999/", ALL);
     assert_eq!(missing.status, 404);
     // Hop-by-hop headers are not forwarded; the request still works.
-    let r = h.request(
-        "GET",
-        "/api/projects/",
-        &[
-            AUTH,
-            ("Connection", "close, X-Secret-Hop"),
-            ("X-Secret-Hop", "1"),
-        ],
-        None,
-    );
+    let r =
+        h.request("GET", "/api/projects/", &[AUTH, ("Connection", "close, X-Secret-Hop"), ("X-Secret-Hop", "1")], None);
     assert_eq!(r.status, 200);
 }
 
@@ -127,21 +79,14 @@ fn headers_and_status_are_preserved() {
 fn upstream_down_gives_posthog_shaped_502() {
     let mut h = Harness::start();
     h.stop_backend();
-    for path in [
-        "/api/projects/",
-        "/api/environments/1/insights/1/?refresh=blocking",
-        "/anything/else",
-    ] {
+    for path in ["/api/projects/", "/api/environments/1/insights/1/?refresh=blocking", "/anything/else"] {
         let r = h.get(path, ALL);
         assert_eq!(r.status, 502, "{path}: {}", r.text());
         let v: Value = r.json();
         assert_eq!(v["type"], "server_error", "{v}");
         assert!(v.get("code").is_some() && v.get("detail").is_some() && v.get("attr").is_some());
         let text = r.text();
-        assert!(
-            !text.contains("127.0.0.1") && !text.to_lowercase().contains("pingora"),
-            "{text}"
-        );
+        assert!(!text.contains("127.0.0.1") && !text.to_lowercase().contains("pingora"), "{text}");
     }
     h.start_backend_again();
     assert_eq!(h.get("/api/projects/", ALL).status, 200);
@@ -159,10 +104,7 @@ fn bad_input_is_refused_in_posthogs_shape() {
         let r = h.get(path, ALL);
         assert!(r.status == 400 || r.status == 404, "{path}: {}", r.status);
         let v = r.json();
-        assert!(
-            v.get("type").is_some() && v.get("code").is_some(),
-            "{path}: {v}"
-        );
+        assert!(v.get("type").is_some() && v.get("code").is_some(), "{path}: {v}");
     }
     let big = "x".repeat(2 * 1024 * 1024);
     let r = h.request("POST", "/api/environments/1/insights/", &[AUTH], Some(&big));
@@ -178,16 +120,8 @@ fn config_errors_are_all_reported() {
     let dir = std::env::temp_dir().join(format!("ipx-config-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let bad = dir.join("bad.toml");
-    std::fs::write(
-        &bad,
-        "[server]\nlisten = \"nowhere\"\nthreads = 0\n[upstream]\nurl = \"ftp://x\"\n",
-    )
-    .unwrap();
-    let out = bin()
-        .args(["--check-config", "--config"])
-        .arg(&bad)
-        .output()
-        .unwrap();
+    std::fs::write(&bad, "[server]\nlisten = \"nowhere\"\nthreads = 0\n[upstream]\nurl = \"ftp://x\"\n").unwrap();
+    let out = bin().args(["--check-config", "--config"]).arg(&bad).output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     for key in ["server.listen", "server.threads", "upstream.url"] {
@@ -195,32 +129,17 @@ fn config_errors_are_all_reported() {
     }
     let unknown = dir.join("unknown.toml");
     std::fs::write(&unknown, "[server]\nlistn = \"x\"\n").unwrap();
-    let out = bin()
-        .args(["--check-config", "--config"])
-        .arg(&unknown)
-        .output()
-        .unwrap();
+    let out = bin().args(["--check-config", "--config"]).arg(&unknown).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("listn"));
 
     let good = bin()
-        .args([
-            "--check-config",
-            "--config",
-            concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.toml"),
-        ])
+        .args(["--check-config", "--config", concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.toml")])
         .output()
         .unwrap();
-    assert!(
-        good.status.success(),
-        "{}",
-        String::from_utf8_lossy(&good.stderr)
-    );
+    assert!(good.status.success(), "{}", String::from_utf8_lossy(&good.stderr));
     // Flags override the file.
-    let out = bin()
-        .args(["--check-config", "--listen", "bogus"])
-        .output()
-        .unwrap();
+    let out = bin().args(["--check-config", "--listen", "bogus"]).output().unwrap();
     assert!(!out.status.success());
     let _ = std::fs::remove_dir_all(&dir);
 }

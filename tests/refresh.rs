@@ -49,12 +49,7 @@ fn poll_until_complete(h: &Harness, status: &Value) -> Value {
     let mut last = Value::Null;
     eventually("the async calculation completes", || {
         let r = h.get(&format!("/api/environments/1/query/{id}/"), ALL);
-        assert!(
-            r.status == 200 || r.status == 202,
-            "poll answered {}: {}",
-            r.status,
-            r.text()
-        );
+        assert!(r.status == 200 || r.status == 202, "poll answered {}: {}", r.status, r.text());
         last = r.json();
         r.status == 200
     });
@@ -76,11 +71,7 @@ fn force_cache_miss_never_calculates() {
     assert!(v["result"].is_null(), "{v}");
     assert_eq!(v["is_cached"], false);
     assert_eq!(h.calcs(1, id), 0);
-    assert!(
-        r.cache_status().contains("fwd=miss"),
-        "{}",
-        r.cache_status()
-    );
+    assert!(r.cache_status().contains("fwd=miss"), "{}", r.cache_status());
     // Unknown values and legacy false are force_cache too.
     for mode in ["false", "0", "bogus", "Blocking"] {
         get(&h, &url, Some(mode));
@@ -105,28 +96,15 @@ fn blocking_calculates_once_then_serves_from_cache() {
     assert_eq!(v2["is_cached"], true);
     assert_eq!(v2["last_refresh"], v1["last_refresh"]);
     assert_eq!(v2["result"], v1["result"]);
-    assert!(
-        second.cache_status().starts_with("insights-proxy; hit"),
-        "{}",
-        second.cache_status()
-    );
-    for mode in [
-        None,
-        Some("force_cache"),
-        Some("async"),
-        Some("lazy_async"),
-        Some("async_except_on_cache_miss"),
-    ] {
+    assert!(second.cache_status().starts_with("insights-proxy; hit"), "{}", second.cache_status());
+    for mode in [None, Some("force_cache"), Some("async"), Some("lazy_async"), Some("async_except_on_cache_miss")] {
         let r = get(&h, &url, mode);
         assert_eq!(r.json()["is_cached"], true, "{mode:?}");
         assert!(r.json()["query_status"].is_null());
     }
     assert_eq!(h.calcs(1, id), 1, "fresh hits never calculate");
     // Both URL aliases share entries.
-    let alias = h.get(
-        &format!("/api/projects/1/insights/{id}/?refresh=blocking"),
-        ALL,
-    );
+    let alias = h.get(&format!("/api/projects/1/insights/{id}/?refresh=blocking"), ALL);
     assert_eq!(alias.json()["is_cached"], true);
     assert_eq!(h.calcs(1, id), 1);
 }
@@ -141,11 +119,7 @@ fn stale_entries_per_mode() {
     // force_cache serves stale, no calculation.
     let r = get(&h, &url, None);
     assert_eq!(r.json()["last_refresh"], v1["last_refresh"]);
-    assert!(
-        r.cache_status().contains("detail=stale"),
-        "{}",
-        r.cache_status()
-    );
+    assert!(r.cache_status().contains("detail=stale"), "{}", r.cache_status());
     // lazy_async: stale by DEFAULT but fresh by LAZY for this interval → no enqueue.
     let lazy = get(&h, &url, Some("lazy_async")).json();
     assert_eq!(lazy["last_refresh"], v1["last_refresh"]);
@@ -156,11 +130,7 @@ fn stale_entries_per_mode() {
     let v2 = r.json();
     assert_eq!(v2["is_cached"], false);
     assert_ne!(v2["last_refresh"], v1["last_refresh"]);
-    assert!(
-        r.cache_status().contains("fwd=stale"),
-        "{}",
-        r.cache_status()
-    );
+    assert!(r.cache_status().contains("fwd=stale"), "{}", r.cache_status());
     assert_eq!(h.calcs(1, id), 2);
 
     // async on stale: the stale answer at once, plus a status; the calculation lands later.
@@ -175,10 +145,7 @@ fn stale_entries_per_mode() {
     assert_eq!(done["query_status"]["error"], false);
     assert_eq!(h.calcs(1, id), 3);
     let fresh = get(&h, &url, None).json();
-    assert_ne!(
-        fresh["last_refresh"], v2["last_refresh"],
-        "the background result is served"
-    );
+    assert_ne!(fresh["last_refresh"], v2["last_refresh"], "the background result is served");
 
     // async_except_on_cache_miss on stale: stale answer + background calculation.
     stale(&h);
@@ -218,19 +185,10 @@ fn async_miss_then_poll_to_completion() {
     assert_eq!(hit["is_cached"], true);
     assert!(!hit["result"].is_null());
     // Unknown or foreign status ids.
-    let unknown = h.get(
-        "/api/environments/1/query/ipx_1_00000000000000000000000000000000/",
-        ALL,
-    );
+    let unknown = h.get("/api/environments/1/query/ipx_1_00000000000000000000000000000000/", ALL);
     assert_eq!(unknown.status, 404);
     assert_eq!(unknown.json()["code"], "not_found");
-    let other = h.get(
-        &format!(
-            "/api/environments/1/query/{}/",
-            v["query_status"]["id"].as_str().unwrap()
-        ),
-        P1,
-    );
+    let other = h.get(&format!("/api/environments/1/query/{}/", v["query_status"]["id"].as_str().unwrap()), P1);
     assert_eq!(other.status, 404, "another credential cannot poll it");
 }
 
@@ -269,20 +227,10 @@ fn async_except_on_cache_miss_calculates_synchronously_on_miss() {
 fn refresh_in_a_json_body_counts() {
     let h = Harness::start();
     let (id, url) = insight(&h);
-    let r = h.request(
-        "GET",
-        &url,
-        &[("Authorization", "Bearer phx_demo_all")],
-        Some(r#"{"refresh":"blocking"}"#),
-    );
+    let r = h.request("GET", &url, &[("Authorization", "Bearer phx_demo_all")], Some(r#"{"refresh":"blocking"}"#));
     assert_eq!(r.json()["is_cached"], false);
     assert_eq!(h.calcs(1, id), 1);
-    let bad = h.request(
-        "GET",
-        &url,
-        &[("Authorization", "Bearer phx_demo_all")],
-        Some("{not json"),
-    );
+    let bad = h.request("GET", &url, &[("Authorization", "Bearer phx_demo_all")], Some("{not json"));
     assert_eq!(bad.status, 400);
     assert_eq!(bad.json()["type"], "validation_error");
 }
@@ -298,13 +246,7 @@ fn fifty_concurrent_cold_blocking_requests_make_one_calculation() {
             let (url, barrier) = (url.clone(), barrier.clone());
             std::thread::spawn(move || {
                 barrier.wait();
-                http(
-                    port,
-                    "GET",
-                    &format!("{url}?refresh=blocking"),
-                    &[("Authorization", "Bearer phx_demo_all")],
-                    None,
-                )
+                http(port, "GET", &format!("{url}?refresh=blocking"), &[("Authorization", "Bearer phx_demo_all")], None)
             })
         })
         .collect();
@@ -315,9 +257,7 @@ fn fifty_concurrent_cold_blocking_requests_make_one_calculation() {
         assert_eq!(r.status, 200);
         assert_eq!(r.json()["last_refresh"], first);
     }
-    assert!(replies
-        .iter()
-        .any(|r| r.cache_status().contains("collapsed")));
+    assert!(replies.iter().any(|r| r.cache_status().contains("collapsed")));
 }
 
 #[test]
@@ -336,21 +276,13 @@ fn upstream_faults_are_never_cached() {
     h.sim.set_fault(Fault::Concurrency);
     let r = get(&h, &url, Some("blocking"));
     assert_eq!(r.status, 200);
-    assert_eq!(
-        r.json()["query_status"]["error_message"],
-        "concurrency_limit_exceeded"
-    );
+    assert_eq!(r.json()["query_status"]["error_message"], "concurrency_limit_exceeded");
     h.sim.set_fault(Fault::NullResult);
     let r = get(&h, &url, Some("blocking"));
     assert!(r.json()["result"].is_null());
     h.sim.set_fault(Fault::None);
     let r = get(&h, &url, Some("blocking"));
-    assert_eq!(
-        r.json()["is_cached"],
-        false,
-        "nothing bad was cached: {}",
-        r.cache_status()
-    );
+    assert_eq!(r.json()["is_cached"], false, "nothing bad was cached: {}", r.cache_status());
     assert!(!r.json()["result"].is_null());
     let _ = id;
 }
@@ -365,11 +297,7 @@ fn stale_if_error() {
     let r = get(&h, &url, Some("blocking"));
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["last_refresh"], v1["last_refresh"]);
-    assert!(
-        r.cache_status().contains("stale-if-error"),
-        "{}",
-        r.cache_status()
-    );
+    assert!(r.cache_status().contains("stale-if-error"), "{}", r.cache_status());
 }
 
 #[test]
@@ -377,36 +305,16 @@ fn patch_invalidates_every_entry_of_the_insight() {
     let h = Harness::start();
     let (id, url) = insight(&h);
     get(&h, &url, Some("blocking"));
-    let on_dash = h.get(
-        &format!("{url}?refresh=blocking&filters_override=%7B%22date_from%22%3A%22-3d%22%7D"),
-        ALL,
-    );
+    let on_dash = h.get(&format!("{url}?refresh=blocking&filters_override=%7B%22date_from%22%3A%22-3d%22%7D"), ALL);
     assert_eq!(on_dash.status, 200);
-    let r = h.request(
-        "PATCH",
-        &url,
-        &[("Authorization", "Bearer phx_demo_all")],
-        Some(r#"{"name":"Renamed by test"}"#),
-    );
+    let r =
+        h.request("PATCH", &url, &[("Authorization", "Bearer phx_demo_all")], Some(r#"{"name":"Renamed by test"}"#));
     assert_eq!(r.status, 200, "{}", r.text());
     let after = get(&h, &url, None);
-    assert_eq!(
-        after.json()["name"],
-        "Renamed by test",
-        "the old cached body is not served"
-    );
-    assert!(
-        !after.cache_status().contains("; hit"),
-        "{}",
-        after.cache_status()
-    );
+    assert_eq!(after.json()["name"], "Renamed by test", "the old cached body is not served");
+    assert!(!after.cache_status().contains("; hit"), "{}", after.cache_status());
     // DELETE stays the upstream's 405.
-    let del = h.request(
-        "DELETE",
-        &url,
-        &[("Authorization", "Bearer phx_demo_all")],
-        None,
-    );
+    let del = h.request("DELETE", &url, &[("Authorization", "Bearer phx_demo_all")], None);
     assert_eq!(del.status, 405);
     let _ = id;
 }
@@ -414,10 +322,7 @@ fn patch_invalidates_every_entry_of_the_insight() {
 #[test]
 fn list_answers_each_insight_from_the_shared_entries() {
     let h = Harness::start();
-    let page = h.get(
-        "/api/environments/1/insights/?limit=3&refresh=blocking",
-        ALL,
-    );
+    let page = h.get("/api/environments/1/insights/?limit=3&refresh=blocking", ALL);
     assert_eq!(page.status, 200, "{}", page.text());
     let v = page.json();
     let items = v["results"].as_array().unwrap();
@@ -427,16 +332,10 @@ fn list_answers_each_insight_from_the_shared_entries() {
         assert_eq!(h.calcs(1, i["id"].as_u64().unwrap()), 1);
     }
     let next = v["next"].as_str().expect("a next page");
-    assert!(
-        next.starts_with(&format!("http://127.0.0.1:{}/", h.proxy_port)),
-        "{next}"
-    );
+    assert!(next.starts_with(&format!("http://127.0.0.1:{}/", h.proxy_port)), "{next}");
     // The list warmed retrieve.
     let first = items[0]["id"].as_u64().unwrap();
-    let r = h.get(
-        &format!("/api/environments/1/insights/{first}/?refresh=blocking"),
-        ALL,
-    );
+    let r = h.get(&format!("/api/environments/1/insights/{first}/?refresh=blocking"), ALL);
     assert!(r.cache_status().contains("hit"), "{}", r.cache_status());
     assert_eq!(h.calcs(1, first), 1);
     // A plain list is served from the entries, without calculating.
@@ -459,11 +358,7 @@ fn credentials_never_share_entries() {
     // Another token with access gets its own entry (the upstream's cache answers, no calculation).
     let other = h.get(&format!("{url}?refresh=blocking"), P1);
     assert_eq!(other.status, 200);
-    assert!(
-        !other.cache_status().contains("; hit"),
-        "{}",
-        other.cache_status()
-    );
+    assert!(!other.cache_status().contains("; hit"), "{}", other.cache_status());
     assert_eq!(h.calcs(1, id), 1);
     // No credential: never from the cache; the upstream's 401.
     let anon = h.request("GET", &url, &[], None);

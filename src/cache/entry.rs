@@ -67,15 +67,7 @@ impl Entry {
         map.remove("is_cached");
         map.remove("query_status");
         let body = Bytes::from(serde_json::to_vec(&map).expect("a JSON map serialises"));
-        Ok(Entry {
-            body,
-            stale: StaleInfo {
-                last_refresh,
-                interval,
-                date_to,
-            },
-            epoch,
-        })
+        Ok(Entry { body, stale: StaleInfo { last_refresh, interval, date_to }, epoch })
     }
 
     /// The answer body: `{"is_cached":..,"query_status":..,` + the stored fields.
@@ -125,19 +117,12 @@ fn interval_and_date_to(map: &Map<String, Value>) -> (Interval, Option<OffsetDat
         return (Interval::Minute, None);
     };
     let date_range = source.get("dateRange");
-    let interval = match source
-        .get("interval")
-        .and_then(Value::as_str)
-        .and_then(|s| s.parse().ok())
-    {
+    let interval = match source.get("interval").and_then(Value::as_str).and_then(|s| s.parse().ok()) {
         Some(i) => i,
         None if date_range.is_some() => Interval::Day,
         None => Interval::Minute,
     };
-    let date_to = date_range
-        .and_then(|d| d.get("date_to"))
-        .and_then(Value::as_str)
-        .and_then(parse_fixed_date);
+    let date_to = date_range.and_then(|d| d.get("date_to")).and_then(Value::as_str).and_then(parse_fixed_date);
     (interval, date_to)
 }
 
@@ -163,10 +148,8 @@ mod tests {
 
     #[test]
     fn accepts_a_good_insight_and_renders_it() {
-        let b = body(
-            json!({"id": 7, "result": [1], "last_refresh": "2026-01-01T00:00:00Z", "is_cached": false,
-            "query_status": null, "query": {"kind":"InsightVizNode","source":{"interval":"hour","dateRange":{"date_to":null}}}}),
-        );
+        let b = body(json!({"id": 7, "result": [1], "last_refresh": "2026-01-01T00:00:00Z", "is_cached": false,
+            "query_status": null, "query": {"kind":"InsightVizNode","source":{"interval":"hour","dateRange":{"date_to":null}}}}));
         let e = Entry::from_upstream(&b, 7, 1).unwrap();
         assert_eq!(e.stale.interval, Interval::Hour);
         assert_eq!(e.stale.date_to, None);
@@ -182,24 +165,14 @@ mod tests {
     #[test]
     fn refuses_what_must_not_be_cached() {
         let lr = "2026-01-01T00:00:00Z";
+        assert_eq!(Entry::from_upstream(b"nope", 1, 1).unwrap_err(), EntryError::NotAnObject);
+        assert_eq!(Entry::from_upstream(b"[1]", 1, 1).unwrap_err(), EntryError::NotAnObject);
         assert_eq!(
-            Entry::from_upstream(b"nope", 1, 1).unwrap_err(),
-            EntryError::NotAnObject
-        );
-        assert_eq!(
-            Entry::from_upstream(b"[1]", 1, 1).unwrap_err(),
-            EntryError::NotAnObject
-        );
-        assert_eq!(
-            Entry::from_upstream(&body(json!({"id":1,"result":null,"last_refresh":lr})), 1, 1)
-                .unwrap_err(),
+            Entry::from_upstream(&body(json!({"id":1,"result":null,"last_refresh":lr})), 1, 1).unwrap_err(),
             EntryError::NoResult
         );
         let err = json!({"id":1,"result":[1],"last_refresh":lr,"query_status":{"error":true,"error_message":"concurrency_limit_exceeded"}});
-        assert_eq!(
-            Entry::from_upstream(&body(err), 1, 1).unwrap_err(),
-            EntryError::StatusError
-        );
+        assert_eq!(Entry::from_upstream(&body(err), 1, 1).unwrap_err(), EntryError::StatusError);
         assert_eq!(
             Entry::from_upstream(&body(json!({"id":1,"result":[1]})), 1, 1).unwrap_err(),
             EntryError::NoLastRefresh
@@ -221,16 +194,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(e.stale.interval, Interval::Day);
-        assert_eq!(
-            e.stale.date_to,
-            Some(time::macros::datetime!(2025-01-31 23:59:59 UTC))
-        );
-        let e = Entry::from_upstream(
-            &body(json!({"result":[1],"last_refresh":lr,"query":{"kind":"HogQLQuery"}})),
-            1,
-            1,
-        )
-        .unwrap();
+        assert_eq!(e.stale.date_to, Some(time::macros::datetime!(2025-01-31 23:59:59 UTC)));
+        let e =
+            Entry::from_upstream(&body(json!({"result":[1],"last_refresh":lr,"query":{"kind":"HogQLQuery"}})), 1, 1)
+                .unwrap();
         assert_eq!(e.stale.interval, Interval::Minute);
     }
 }

@@ -15,11 +15,7 @@ pub struct Partition(pub [u8; 16]);
 impl fmt::Debug for Partition {
     /// A short prefix is enough to correlate log lines and cannot be reversed.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "p:{:02x}{:02x}{:02x}{:02x}",
-            self.0[0], self.0[1], self.0[2], self.0[3]
-        )
+        write!(f, "p:{:02x}{:02x}{:02x}{:02x}", self.0[0], self.0[1], self.0[2], self.0[3])
     }
 }
 
@@ -56,12 +52,8 @@ impl PartitionKeyer {
 
 /// Which variant of an insight's result: the parameters that change the query (refresh-semantics.md
 /// §5). `refresh`, `client_query_id` and the like are deliberately not part of it.
-pub const VARIANT_PARAMS: [&str; 4] = [
-    "from_dashboard",
-    "filters_override",
-    "variables_override",
-    "tile_filters_override",
-];
+pub const VARIANT_PARAMS: [&str; 4] =
+    ["from_dashboard", "filters_override", "variables_override", "tile_filters_override"];
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub struct CacheKey {
@@ -75,12 +67,7 @@ pub struct CacheKey {
 
 impl CacheKey {
     pub fn new(partition: Partition, project: u64, insight: u64, query: &QueryParams) -> Self {
-        Self {
-            partition,
-            project,
-            insight,
-            variant: variant_of(query),
-        }
+        Self { partition, project, insight, variant: variant_of(query) }
     }
 
     pub fn to_bytes(&self) -> [u8; 48] {
@@ -123,10 +110,7 @@ mod tests {
     use super::*;
 
     fn cred(token: &str) -> Credential {
-        Credential {
-            authorization: Some(format!("Bearer {token}")),
-            ..Default::default()
-        }
+        Credential { authorization: Some(format!("Bearer {token}")), ..Default::default() }
     }
 
     fn q(s: &str) -> QueryParams {
@@ -147,28 +131,12 @@ mod tests {
         let p = Partition([0; 16]);
         let base = CacheKey::new(p, 1, 2, &q(""));
         assert_eq!(base.variant, 0);
-        assert_eq!(
-            CacheKey::new(p, 1, 2, &q("refresh=blocking&client_query_id=x")),
-            base
-        );
-        let a = CacheKey::new(
-            p,
-            1,
-            2,
-            &q("filters_override=%7B%22a%22%3A1%2C%22b%22%3A2%7D"),
-        );
-        let b = CacheKey::new(
-            p,
-            1,
-            2,
-            &q("filters_override=%7B%22b%22%3A2%2C+%22a%22%3A1%7D"),
-        );
+        assert_eq!(CacheKey::new(p, 1, 2, &q("refresh=blocking&client_query_id=x")), base);
+        let a = CacheKey::new(p, 1, 2, &q("filters_override=%7B%22a%22%3A1%2C%22b%22%3A2%7D"));
+        let b = CacheKey::new(p, 1, 2, &q("filters_override=%7B%22b%22%3A2%2C+%22a%22%3A1%7D"));
         assert_eq!(a, b);
         assert_ne!(a, base);
-        assert_ne!(
-            CacheKey::new(p, 1, 2, &q("from_dashboard=3")),
-            CacheKey::new(p, 1, 2, &q("from_dashboard=4"))
-        );
+        assert_ne!(CacheKey::new(p, 1, 2, &q("from_dashboard=3")), CacheKey::new(p, 1, 2, &q("from_dashboard=4")));
         // A value moved between parameters is a different variant.
         assert_ne!(
             CacheKey::new(p, 1, 2, &q("filters_override=1")),

@@ -46,12 +46,7 @@ impl Epochs {
                 f.fetch_max(v, Ordering::Relaxed);
             })
             .build();
-        Self {
-            counter: AtomicU64::new(1),
-            newest_purge: AtomicU64::new(0),
-            floor,
-            purges,
-        }
+        Self { counter: AtomicU64::new(1), newest_purge: AtomicU64::new(0), floor, purges }
     }
 
     fn next(&self) -> u64 {
@@ -69,18 +64,11 @@ impl Epochs {
             return true;
         }
         let scopes = [
-            Scope::Insight {
-                project: key.project,
-                insight: key.insight,
-            },
+            Scope::Insight { project: key.project, insight: key.insight },
             Scope::Project(key.project),
             Scope::Partition(key.partition),
         ];
-        let newest = scopes
-            .iter()
-            .filter_map(|s| self.purges.get(s))
-            .max()
-            .unwrap_or(0);
+        let newest = scopes.iter().filter_map(|s| self.purges.get(s)).max().unwrap_or(0);
         epoch > newest.max(self.floor.load(Ordering::Relaxed))
     }
 }
@@ -96,17 +84,12 @@ impl InsightCache {
             .name("insights")
             .max_capacity(max_bytes)
             .weigher(|_k: &CacheKey, v: &Arc<Entry>| -> u32 {
-                (v.weight() + std::mem::size_of::<CacheKey>())
-                    .try_into()
-                    .unwrap_or(u32::MAX)
+                (v.weight() + std::mem::size_of::<CacheKey>()).try_into().unwrap_or(u32::MAX)
             })
             .time_to_live(ttl)
             .support_invalidation_closures()
             .build();
-        Self {
-            entries,
-            epochs: Epochs::new(),
-        }
+        Self { entries, epochs: Epochs::new() }
     }
 
     /// The epoch a calculation must carry: call it before asking the upstream.
@@ -134,25 +117,23 @@ impl InsightCache {
         true
     }
 
+    pub async fn remove(&self, key: &CacheKey) {
+        self.entries.invalidate(key).await;
+    }
+
     pub fn purge_insight(&self, project: u64, insight: u64) {
         self.epochs.purge(Scope::Insight { project, insight });
-        let _ = self
-            .entries
-            .invalidate_entries_if(move |k, _| k.project == project && k.insight == insight);
+        let _ = self.entries.invalidate_entries_if(move |k, _| k.project == project && k.insight == insight);
     }
 
     pub fn purge_project(&self, project: u64) {
         self.epochs.purge(Scope::Project(project));
-        let _ = self
-            .entries
-            .invalidate_entries_if(move |k, _| k.project == project);
+        let _ = self.entries.invalidate_entries_if(move |k, _| k.project == project);
     }
 
     pub fn purge_partition(&self, partition: Partition) {
         self.epochs.purge(Scope::Partition(partition));
-        let _ = self
-            .entries
-            .invalidate_entries_if(move |k, _| k.partition == partition);
+        let _ = self.entries.invalidate_entries_if(move |k, _| k.partition == partition);
     }
 
     pub fn entry_count(&self) -> u64 {
@@ -175,18 +156,12 @@ mod tests {
     use serde_json::json;
 
     fn entry(cache: &InsightCache, insight: u64, lr: &str) -> Arc<Entry> {
-        let b =
-            serde_json::to_vec(&json!({"id": insight, "result": [1], "last_refresh": lr})).unwrap();
+        let b = serde_json::to_vec(&json!({"id": insight, "result": [1], "last_refresh": lr})).unwrap();
         Arc::new(Entry::from_upstream(&b, insight, cache.begin()).unwrap())
     }
 
     fn key(p: u8, project: u64, insight: u64) -> CacheKey {
-        CacheKey::new(
-            Partition([p; 16]),
-            project,
-            insight,
-            &QueryParams::default(),
-        )
+        CacheKey::new(Partition([p; 16]), project, insight, &QueryParams::default())
     }
 
     #[tokio::test]
@@ -194,10 +169,7 @@ mod tests {
         let c = InsightCache::new(1 << 20, Duration::from_secs(60));
         let early = entry(&c, 1, "2026-01-01T00:00:00Z"); // calculation started
         c.purge_insight(1, 1); // PATCH lands meanwhile
-        assert!(
-            !c.insert(key(1, 1, 1), early).await,
-            "a result from before the purge is refused"
-        );
+        assert!(!c.insert(key(1, 1, 1), early).await, "a result from before the purge is refused");
         let late = entry(&c, 1, "2026-01-01T00:00:01Z");
         assert!(c.insert(key(1, 1, 1), late).await);
         assert!(c.get(&key(1, 1, 1)).await.is_some());

@@ -69,11 +69,7 @@ impl RefreshParam<'_> {
             RefreshParam::Text(s) => {
                 if let Some(m) = RefreshMode::from_name(s) {
                     m
-                } else if s.is_empty()
-                    || ["true", "1", "yes"]
-                        .iter()
-                        .any(|t| s.eq_ignore_ascii_case(t))
-                {
+                } else if s.is_empty() || ["true", "1", "yes"].iter().any(|t| s.eq_ignore_ascii_case(t)) {
                     RefreshMode::ForceBlocking
                 } else {
                     // "false"/"0"/"no" and anything unknown: silently force_cache.
@@ -108,10 +104,7 @@ mod tests {
             (RefreshParam::Text("force_blocking"), ForceBlocking),
             (RefreshParam::Text("force_async"), ForceAsync),
             (RefreshParam::Text("force_cache"), ForceCache),
-            (
-                RefreshParam::Text("async_except_on_cache_miss"),
-                AsyncExceptOnCacheMiss,
-            ),
+            (RefreshParam::Text("async_except_on_cache_miss"), AsyncExceptOnCacheMiss),
             (RefreshParam::Text("bogus"), ForceCache),
             (RefreshParam::Text("\u{0}\u{ffff}"), ForceCache),
             (RefreshParam::Bool(true), ForceBlocking),

@@ -19,12 +19,7 @@ pub enum CacheState {
 }
 
 impl CacheState {
-    pub const ALL: [CacheState; 4] = [
-        CacheState::Miss,
-        CacheState::Fresh,
-        CacheState::Stale,
-        CacheState::LazyStale,
-    ];
+    pub const ALL: [CacheState; 4] = [CacheState::Miss, CacheState::Fresh, CacheState::Stale, CacheState::LazyStale];
 
     pub fn of(entry: Option<&StaleInfo>, now: OffsetDateTime, t: &Thresholds) -> CacheState {
         match entry {
@@ -78,10 +73,7 @@ pub enum Decision {
     /// cache miss carrying its status, without asking the upstream.
     MissRunning,
     /// Calculate synchronously and answer with the result; `join` = share the running calculation.
-    Calculate {
-        refresh: UpstreamRefresh,
-        join: bool,
-    },
+    Calculate { refresh: UpstreamRefresh, join: bool },
     /// Answer a cache miss with a `query_status`, and calculate in the background (rr=False).
     MissEnqueue,
     /// `force_async`: answer only a fresh `query_status`; calculate in the background (rr=True).
@@ -92,36 +84,21 @@ pub fn decide(mode: RefreshMode, state: CacheState, in_flight: bool) -> Decision
     use CacheState::*;
     use Decision::*;
     use RefreshMode::*;
-    let calculate = |refresh| Calculate {
-        refresh,
-        join: in_flight,
-    };
+    let calculate = |refresh| Calculate { refresh, join: in_flight };
     match (mode, state) {
         (ForceBlocking, _) => calculate(UpstreamRefresh::ForceBlocking),
         (ForceAsync, _) => ForceEnqueue,
-        (_, Fresh) => Serve {
-            background: Background::None,
-        },
+        (_, Fresh) => Serve { background: Background::None },
         (ForceCache, Miss) if in_flight => MissRunning,
         (ForceCache, Miss) => Peek,
-        (ForceCache, Stale | LazyStale) => Serve {
-            background: Background::None,
-        },
+        (ForceCache, Stale | LazyStale) => Serve { background: Background::None },
         (Blocking, Miss | Stale | LazyStale) => calculate(UpstreamRefresh::Blocking),
         (Async, Miss) | (LazyAsync, Miss) => MissEnqueue,
-        (Async, Stale | LazyStale) => Serve {
-            background: Background::Always,
-        },
-        (LazyAsync, Stale) => Serve {
-            background: Background::None,
-        },
-        (LazyAsync, LazyStale) => Serve {
-            background: Background::IfAbsent,
-        },
+        (Async, Stale | LazyStale) => Serve { background: Background::Always },
+        (LazyAsync, Stale) => Serve { background: Background::None },
+        (LazyAsync, LazyStale) => Serve { background: Background::IfAbsent },
         (AsyncExceptOnCacheMiss, Miss) => calculate(UpstreamRefresh::Blocking),
-        (AsyncExceptOnCacheMiss, Stale | LazyStale) => Serve {
-            background: Background::Always,
-        },
+        (AsyncExceptOnCacheMiss, Stale | LazyStale) => Serve { background: Background::Always },
     }
 }
 
@@ -199,16 +176,9 @@ mod tests {
             (AsyncExceptOnCacheMiss, LazyStale, false, serve(B::Always)),
             (AsyncExceptOnCacheMiss, LazyStale, true, serve(B::Always)),
         ];
-        assert_eq!(
-            table.len(),
-            RefreshMode::ALL.len() * CacheState::ALL.len() * 2
-        );
+        assert_eq!(table.len(), RefreshMode::ALL.len() * CacheState::ALL.len() * 2);
         for &(mode, state, in_flight, want) in table {
-            assert_eq!(
-                decide(mode, state, in_flight),
-                want,
-                "{mode:?} {state:?} in_flight={in_flight}"
-            );
+            assert_eq!(decide(mode, state, in_flight), want, "{mode:?} {state:?} in_flight={in_flight}");
         }
     }
 
@@ -218,11 +188,7 @@ mod tests {
         use time::macros::datetime;
         let t = Thresholds::uniform(Duration::from_secs(60), Duration::from_secs(120));
         let lr = datetime!(2026-01-01 00:00 UTC);
-        let e = StaleInfo {
-            last_refresh: lr,
-            interval: Interval::Day,
-            date_to: None,
-        };
+        let e = StaleInfo { last_refresh: lr, interval: Interval::Day, date_to: None };
         let at = |s: i64| lr + time::Duration::seconds(s);
         assert_eq!(CacheState::of(None, at(0), &t), Miss);
         assert_eq!(CacheState::of(Some(&e), at(60), &t), Fresh);

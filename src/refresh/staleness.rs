@@ -51,10 +51,7 @@ impl Interval {
 impl FromStr for Interval {
     type Err = ();
     fn from_str(s: &str) -> Result<Self, ()> {
-        Interval::ALL
-            .into_iter()
-            .find(|i| i.as_str() == s)
-            .ok_or(())
+        Interval::ALL.into_iter().find(|i| i.as_str() == s).ok_or(())
     }
 }
 
@@ -74,35 +71,14 @@ impl Thresholds {
     pub fn posthog() -> Self {
         let s = |secs: u64| Some(Duration::from_secs(secs));
         Self {
-            default: [
-                None,
-                s(5 * MIN),
-                s(HOUR),
-                s(6 * HOUR),
-                s(DAY),
-                s(DAY),
-                s(DAY),
-                s(DAY),
-            ],
-            lazy: [
-                None,
-                s(15 * MIN),
-                s(2 * HOUR),
-                s(12 * HOUR),
-                s(DAY),
-                s(DAY),
-                s(DAY),
-                s(DAY),
-            ],
+            default: [None, s(5 * MIN), s(HOUR), s(6 * HOUR), s(DAY), s(DAY), s(DAY), s(DAY)],
+            lazy: [None, s(15 * MIN), s(2 * HOUR), s(12 * HOUR), s(DAY), s(DAY), s(DAY), s(DAY)],
         }
     }
 
     /// Every interval stale after `default`, lazily after `lazy`: for tests.
     pub fn uniform(default: Duration, lazy: Duration) -> Self {
-        Self {
-            default: [Some(default); 8],
-            lazy: [Some(lazy); 8],
-        }
+        Self { default: [Some(default); 8], lazy: [Some(lazy); 8] }
     }
 
     pub fn set_default(&mut self, i: Interval, d: Option<Duration>) {
@@ -154,19 +130,16 @@ impl StaleInfo {
     }
 
     pub fn is_stale(&self, now: OffsetDateTime, t: &Thresholds) -> bool {
-        self.stale_after(t.default_for(self.interval))
-            .is_some_and(|at| now > at)
+        self.stale_after(t.default_for(self.interval)).is_some_and(|at| now > at)
     }
 
     pub fn is_lazy_stale(&self, now: OffsetDateTime, t: &Thresholds) -> bool {
-        self.stale_after(t.lazy_for(self.interval))
-            .is_some_and(|at| now > at)
+        self.stale_after(t.lazy_for(self.interval)).is_some_and(|at| now > at)
     }
 
     /// Seconds until stale (negative once stale), for `Cache-Status: ttl=`.
     pub fn ttl_seconds(&self, now: OffsetDateTime, t: &Thresholds) -> Option<i64> {
-        self.stale_after(t.default_for(self.interval))
-            .map(|at| (at - now).whole_seconds())
+        self.stale_after(t.default_for(self.interval)).map(|at| (at - now).whole_seconds())
     }
 }
 
@@ -176,11 +149,7 @@ mod tests {
     use time::macros::datetime;
 
     fn info(interval: Interval) -> StaleInfo {
-        StaleInfo {
-            last_refresh: datetime!(2026-01-01 12:00 UTC),
-            interval,
-            date_to: None,
-        }
+        StaleInfo { last_refresh: datetime!(2026-01-01 12:00 UTC), interval, date_to: None }
     }
 
     // T-ST test_is_stale, re-expressed.
@@ -204,10 +173,7 @@ mod tests {
         let t = Thresholds::posthog();
         let i = info(Interval::Minute);
         assert!(!i.is_stale(i.last_refresh + time::Duration::minutes(5), &t));
-        assert!(i.is_stale(
-            i.last_refresh + time::Duration::minutes(5) + time::Duration::nanoseconds(1),
-            &t
-        ));
+        assert!(i.is_stale(i.last_refresh + time::Duration::minutes(5) + time::Duration::nanoseconds(1), &t));
     }
 
     #[test]
@@ -232,10 +198,7 @@ mod tests {
     fn target_age_uses_default_table() {
         let t = Thresholds::posthog();
         let i = info(Interval::Day);
-        assert_eq!(
-            i.target_age(&t),
-            Some(i.last_refresh + time::Duration::hours(6))
-        );
+        assert_eq!(i.target_age(&t), Some(i.last_refresh + time::Duration::hours(6)));
         assert_eq!(info(Interval::Second).target_age(&t), None);
     }
 }

@@ -32,9 +32,7 @@ pub struct Harness {
 pub fn test_config(listen_port: u16, upstream_port: u16) -> Config {
     let mut c = Config::defaults();
     c.listen = format!("127.0.0.1:{listen_port}");
-    c.upstream = UpstreamTarget::Remote(
-        parse_upstream_url(&format!("http://127.0.0.1:{upstream_port}")).unwrap(),
-    );
+    c.upstream = UpstreamTarget::Remote(parse_upstream_url(&format!("http://127.0.0.1:{upstream_port}")).unwrap());
     c.threads = 2;
     c.grace_period = Duration::ZERO;
     c.shutdown_timeout = Duration::from_secs(1);
@@ -93,54 +91,26 @@ impl Harness {
 
     pub fn with(tweak: impl FnOnce(&mut Config, &mut SimConfig)) -> Harness {
         let clock = Clock::new();
-        let mut sim_cfg = SimConfig {
-            calc_delay: Duration::from_millis(50),
-            ..SimConfig::default()
-        };
+        let mut sim_cfg = SimConfig { calc_delay: Duration::from_millis(50), ..SimConfig::default() };
         let (sim_port, proxy_port) = (free_port(), free_port());
         let mut config = test_config(proxy_port, sim_port);
         tweak(&mut config, &mut sim_cfg);
         let sim = Simulator::new(sim_cfg, clock.clone());
         let backend = start_backend(&sim, sim_port);
         let (proxy, app) = start_proxy(config, clock.clone());
-        Harness {
-            clock,
-            sim,
-            sim_port,
-            proxy_port,
-            app,
-            proxy: Some(proxy),
-            backend: Some(backend),
-        }
+        Harness { clock, sim, sim_port, proxy_port, app, proxy: Some(proxy), backend: Some(backend) }
     }
 
     pub fn get(&self, path: &str, token: &str) -> Resp {
-        self.request(
-            "GET",
-            path,
-            &[("Authorization", &format!("Bearer {token}"))],
-            None,
-        )
+        self.request("GET", path, &[("Authorization", &format!("Bearer {token}"))], None)
     }
 
-    pub fn request(
-        &self,
-        method: &str,
-        path: &str,
-        headers: &[(&str, &str)],
-        body: Option<&str>,
-    ) -> Resp {
+    pub fn request(&self, method: &str, path: &str, headers: &[(&str, &str)], body: Option<&str>) -> Resp {
         http(self.proxy_port, method, path, headers, body)
     }
 
     /// The same request straight to the simulated backend, bypassing the proxy.
-    pub fn direct(
-        &self,
-        method: &str,
-        path: &str,
-        headers: &[(&str, &str)],
-        body: Option<&str>,
-    ) -> Resp {
+    pub fn direct(&self, method: &str, path: &str, headers: &[(&str, &str)], body: Option<&str>) -> Resp {
         http(self.sim_port, method, path, headers, body)
     }
 
@@ -186,10 +156,7 @@ impl Resp {
     }
 
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 
     pub fn cache_status(&self) -> &str {
@@ -202,25 +169,15 @@ impl Resp {
 }
 
 /// A plain HTTP/1.1 request on a fresh connection (`Connection: close`), read to the end.
-pub fn http(
-    port: u16,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: Option<&str>,
-) -> Resp {
+pub fn http(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: Option<&str>) -> Resp {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut req =
-        format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n");
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n");
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
     if let Some(b) = body {
-        req.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            b.len()
-        ));
+        req.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", b.len()));
     }
     req.push_str("\r\n");
     if let Some(b) = body {
@@ -236,38 +193,20 @@ pub fn parse_response(raw: &[u8]) -> Resp {
     let split = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
-        .unwrap_or_else(|| {
-            panic!(
-                "no header end in response: {:?}",
-                String::from_utf8_lossy(raw)
-            )
-        });
+        .unwrap_or_else(|| panic!("no header end in response: {:?}", String::from_utf8_lossy(raw)));
     let head = String::from_utf8_lossy(&raw[..split]).into_owned();
     let mut lines = head.split("\r\n");
-    let status: u16 = lines
-        .next()
-        .unwrap()
-        .split(' ')
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
+    let status: u16 = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
     let headers: Vec<(String, String)> = lines
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
         .collect();
     let mut body = raw[split + 4..].to_vec();
-    let chunked = headers
-        .iter()
-        .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
+    let chunked = headers.iter().any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
     if chunked {
         body = dechunk(&body);
     }
-    Resp {
-        status,
-        headers,
-        body,
-    }
+    Resp { status, headers, body }
 }
 
 fn dechunk(mut b: &[u8]) -> Vec<u8> {
