@@ -20,8 +20,9 @@ use crate::query::QueryParams;
 use crate::refresh::RefreshParam;
 use crate::routes::{route, Route};
 
-/// More request headers than this is refused (431) before any work.
+/// More request headers than this, or more header bytes, is refused (431) before any work.
 pub const MAX_REQUEST_HEADERS: usize = 100;
+pub const MAX_REQUEST_HEADER_BYTES: usize = 64 * 1024;
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) are never forwarded. pingora manages `Connection` and
 /// keep-alive for each side itself.
@@ -177,7 +178,8 @@ impl ProxyHttp for InsightsProxy {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let req = session.req_header();
-        if req.headers.len() > MAX_REQUEST_HEADERS {
+        let header_bytes: usize = req.headers.iter().map(|(k, v)| k.as_str().len() + v.len()).sum();
+        if req.headers.len() > MAX_REQUEST_HEADERS || header_bytes > MAX_REQUEST_HEADER_BYTES {
             return write_error(session, ctx, &ApiError::headers_too_large()).await;
         }
         let declared_len =
