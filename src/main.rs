@@ -106,17 +106,7 @@ fn run_simulator(listen: &str, calc_delay_ms: u64, seed: u64) -> ExitCode {
     }
     let cfg = SimConfig { calc_delay: std::time::Duration::from_millis(calc_delay_ms), seed, ..SimConfig::default() };
     let sim = Simulator::new(cfg, Clock::new());
-    let mut srv = pingora::server::Server::new_with_opt_and_conf(
-        None,
-        pingora::server::configuration::ServerConf {
-            threads: 2,
-            grace_period_seconds: Some(0),
-            graceful_shutdown_timeout_seconds: Some(1),
-            ..Default::default()
-        },
-    );
-    srv.bootstrap();
-    srv.add_service(sim.service(listen));
+    let srv = server::simulator_server(&sim, listen, 2);
     println!(
         "Simulated PostHog insights backend on http://{listen} (credentials: phx_demo_all, phx_demo_p1, phx_demo_p2)"
     );

@@ -95,6 +95,21 @@ pub fn build(config: Config, clock: Clock) -> Result<Built, StartError> {
     Ok(Built { server, app, simulator, upstream })
 }
 
+/// A server running only the simulated backend on `listen` (the `simulate` subcommand, tests,
+/// benchmarks).
+pub fn simulator_server(sim: &Simulator, listen: &str, threads: usize) -> Server {
+    let conf = ServerConf {
+        threads,
+        grace_period_seconds: Some(0),
+        graceful_shutdown_timeout_seconds: Some(1),
+        ..Default::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+    server.add_service(sim.service(listen));
+    server
+}
+
 /// A shutdown signal sent through a channel: `Some(true)` graceful, `Some(false)` fast.
 pub struct ChannelShutdown(pub tokio::sync::watch::Receiver<Option<bool>>);
 

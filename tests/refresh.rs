@@ -9,32 +9,6 @@ use common::*;
 use insights_proxy::simulate::Fault;
 use serde_json::Value;
 
-/// An insight of project 1 with a `day` interval and a relative date range (stale after 6 h,
-/// lazily stale after 12 h), and its URL.
-fn insight(h: &Harness) -> (u64, String) {
-    let list = h
-        .direct(
-            "GET",
-            "/api/environments/1/insights/?basic=true&limit=100",
-            &[("Authorization", "Bearer phx_demo_all")],
-            None,
-        )
-        .json();
-    let id = list["results"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|i| {
-            let dr = &i["query"]["source"]["dateRange"];
-            i["query"]["source"]["kind"] == "TrendsQuery"
-                && i["query"]["source"]["interval"] == "day"
-                && dr["date_to"].is_null()
-        })
-        .and_then(|i| i["id"].as_u64())
-        .expect("a trends insight with a relative range");
-    (id, format!("/api/environments/1/insights/{id}/"))
-}
-
 fn get(h: &Harness, url: &str, refresh: Option<&str>) -> Resp {
     let path = match refresh {
         Some(r) => format!("{url}?refresh={r}"),
@@ -64,7 +38,7 @@ fn stale(h: &Harness) {
 #[test]
 fn force_cache_miss_never_calculates() {
     let h = Harness::start();
-    let (id, url) = insight(&h);
+    let (id, url) = h.day_insight();
     let r = get(&h, &url, None);
     assert_eq!(r.status, 200);
     let v = r.json();
@@ -82,7 +56,7 @@ fn force_cache_miss_never_calculates() {
 #[test]
 fn blocking_calculates_once_then_serves_from_cache() {
     let h = Harness::start();
-    let (id, url) = insight(&h);
+    let (id, url) = h.day_insight();
     let first = get(&h, &url, Some("blocking"));
     assert_eq!(first.status, 200, "{}", first.text());
     let v1 = first.json();
@@ -112,7 +86,7 @@ fn blocking_calculates_once_then_serves_from_cache() {
 #[test]
 fn stale_entries_per_mode() {
     let h = Harness::start();
-    let (id, url) = insight(&h);
+    let (id, url) = h.day_insight();
     let v1 = get(&h, &url, Some("blocking")).json();
     stale(&h);
 
@@ -158,7 +132,7 @@ fn stale_entries_per_mode() {
 #[test]
 fn lazy_async_enqueues_only_when_lazily_stale() {
     let h = Harness::start();
-    let (id, url) = insight(&h);
+    let (id, url) = h.day_insight();
     get(&h, &url, Some("blocking"));
     h.clock.advance(Duration::from_secs(13 * 3600)); // past the LAZY threshold too
     let r = get(&h, &url, Some("lazy_async")).json();
@@ -170,7 +144,7 @@ fn lazy_async_enqueues_only_when_lazily_stale() {
 #[test]
 fn async_miss_then_poll_to_completion() {
     let h = Harness::start();
-    let (id, url) = insight(&h);
+    let (id, url) = h.day_insight();
     let r = get(&h, &url, Some("async"));
     assert_eq!(r.status, 200);
     let v = r.json();
@@ -195,7 +169,7 @@ fn async_miss_then_poll_to_completion() {
 #[test]
 fn force_modes_always_calculate() {
     let h = Harness::start();
-    let (id, url) = insight(&h);
+    let (id, url) = h.day_insight();
     for n in 1..=2 {
         let r = get(&h, &url, Some("force_blocking"));
         assert_eq!(r.json()["is_cached"], false);
@@ -216,7 +190,7 @@ fn force_modes_always_calculate() {
 #[test]
 fn async_except_on_cache_miss_calculates_synchronously_on_miss() {
     let h = Harness::start();
-    let (id, url) = insight(&h);
+    let (id, url) = h.day_insight();
     let v = get(&h, &url, Some("async_except_on_cache_miss")).json();
     assert!(!v["result"].is_null());
     assert_eq!(v["is_cached"], false);
@@ -226,7 +200,7 @@ fn async_except_on_cache_miss_calculates_synchronously_on_miss() {
 #[test]
 fn refresh_in_a_json_body_counts() {
     let h = Harness::start();
-    let (id, url) = insight(&h);
+    let (id, url) = h.day_insight();
     let r = h.request("GET", &url, &[("Authorization", "Bearer phx_demo_all")], Some(r#"{"refresh":"blocking"}"#));
     assert_eq!(r.json()["is_cached"], false);
     assert_eq!(h.calcs(1, id), 1);
@@ -238,7 +212,7 @@ fn refresh_in_a_json_body_counts() {
 #[test]
 fn fifty_concurrent_cold_blocking_requests_make_one_calculation() {
     let h = Harness::with(|_, sim| sim.calc_delay = Duration::from_millis(300));
-    let (id, url) = insight(&h);
+    let (id, url) = h.day_insight();
     let port = h.proxy_port;
     let barrier = std::sync::Arc::new(std::sync::Barrier::new(50));
     let threads: Vec<_> = (0..50)
@@ -263,7 +237,7 @@ fn fifty_concurrent_cold_blocking_requests_make_one_calculation() {
 #[test]
 fn upstream_faults_are_never_cached() {
     let h = Harness::start();
-    let (id, url) = insight(&h);
+    let (id, url) = h.day_insight();
     for (fault, status) in [(Fault::Status(500), 502), (Fault::Garbage, 502)] {
         h.sim.set_fault(fault);
         let r = get(&h, &url, Some("blocking"));
@@ -290,7 +264,7 @@ fn upstream_faults_are_never_cached() {
 #[test]
 fn stale_if_error() {
     let h = Harness::start();
-    let (_, url) = insight(&h);
+    let (_, url) = h.day_insight();
     let v1 = get(&h, &url, Some("blocking")).json();
     stale(&h);
     h.sim.set_fault(Fault::Status(503));
@@ -303,7 +277,7 @@ fn stale_if_error() {
 #[test]
 fn patch_invalidates_every_entry_of_the_insight() {
     let h = Harness::start();
-    let (id, url) = insight(&h);
+    let (id, url) = h.day_insight();
     get(&h, &url, Some("blocking"));
     let on_dash = h.get(&format!("{url}?refresh=blocking&filters_override=%7B%22date_from%22%3A%22-3d%22%7D"), ALL);
     assert_eq!(on_dash.status, 200);
@@ -349,7 +323,7 @@ fn list_answers_each_insight_from_the_shared_entries() {
 #[test]
 fn credentials_never_share_entries() {
     let h = Harness::start();
-    let (id, url) = insight(&h);
+    let (id, url) = h.day_insight();
     get(&h, &url, Some("blocking"));
     // A token without access to project 1 gets the upstream's 403, never the cached body.
     let denied = h.get(&format!("{url}?refresh=force_cache"), P2);

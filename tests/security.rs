@@ -8,29 +8,10 @@ use std::time::Duration;
 use common::*;
 use insights_proxy::simulate::Fault;
 
-fn day_insight(h: &Harness) -> (u64, String) {
-    let list = h
-        .direct(
-            "GET",
-            "/api/environments/1/insights/?basic=true&limit=100",
-            &[("Authorization", "Bearer phx_demo_all")],
-            None,
-        )
-        .json();
-    let id = list["results"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|i| i["query"]["source"]["interval"] == "day" && i["query"]["source"]["dateRange"]["date_to"].is_null())
-        .and_then(|i| i["id"].as_u64())
-        .unwrap();
-    (id, format!("/api/environments/1/insights/{id}/"))
-}
-
 #[test]
 fn a_token_for_another_project_never_sees_the_data_even_while_racing() {
     let h = Harness::with(|_, sim| sim.calc_delay = Duration::from_millis(100));
-    let (id, url) = day_insight(&h);
+    let (id, url) = h.day_insight();
     let port = h.proxy_port;
     for round in 0..5 {
         h.clock.advance(Duration::from_secs(7 * 3600)); // stale: every round recalculates
@@ -69,7 +50,7 @@ fn a_token_for_another_project_never_sees_the_data_even_while_racing() {
 #[test]
 fn a_revoked_token_stops_getting_cached_data_within_the_window() {
     let h = Harness::with(|c, _| c.revalidate_after = Duration::from_secs(60));
-    let (_, url) = day_insight(&h);
+    let (_, url) = h.day_insight();
     let r = h.get(&format!("{url}?refresh=blocking"), P1);
     assert_eq!(r.status, 200);
     h.sim.revoke_token(P1);
@@ -89,7 +70,7 @@ fn a_revoked_token_stops_getting_cached_data_within_the_window() {
 #[test]
 fn losing_access_to_a_project_stops_cached_data_too() {
     let h = Harness::start();
-    let (_, url) = day_insight(&h);
+    let (_, url) = h.day_insight();
     assert_eq!(h.get(&format!("{url}?refresh=blocking"), P1).status, 200);
     h.sim.set_project_access(P1, 1, false);
     h.clock.advance(Duration::from_secs(61));
@@ -101,7 +82,7 @@ fn losing_access_to_a_project_stops_cached_data_too() {
 #[test]
 fn background_refresh_with_a_revoked_token_drops_the_entry() {
     let h = Harness::start();
-    let (_, url) = day_insight(&h);
+    let (_, url) = h.day_insight();
     assert_eq!(h.get(&format!("{url}?refresh=blocking"), P1).status, 200);
     h.clock.advance(Duration::from_secs(7 * 3600));
     h.sim.revoke_token(P1);
@@ -128,7 +109,7 @@ fn hostile_requests_get_posthog_shaped_errors() {
     assert!(r.status >= 400 && r.status < 500, "{}", r.status);
     assert_eq!(h.get("/api/projects/", ALL).status, 200);
     // Repeated parameters: the last one wins, as Django's QueryDict.get.
-    let (id, url) = day_insight(&h);
+    let (id, url) = h.day_insight();
     h.get(&format!("{url}?refresh=blocking&refresh=force_cache"), ALL);
     assert_eq!(h.calcs(1, id), 0, "the last refresh value (force_cache) applied");
     // Bad percent-encoding and invalid UTF-8.
@@ -153,26 +134,15 @@ fn hostile_requests_get_posthog_shaped_errors() {
 #[test]
 fn a_hung_upstream_times_out_and_stale_entries_survive() {
     let h = Harness::with(|c, _| c.read_timeout = Duration::from_millis(400));
-    let (_, url) = day_insight(&h);
+    let (_, url) = h.day_insight();
     let v = h.get(&format!("{url}?refresh=blocking"), ALL).json();
-    let (other, other_url) = {
-        let list = h
-            .direct(
-                "GET",
-                "/api/environments/1/insights/?basic=true&limit=100",
-                &[("Authorization", "Bearer phx_demo_all")],
-                None,
-            )
-            .json();
-        let id = list["results"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter_map(|i| i["id"].as_u64())
-            .find(|i| format!("/api/environments/1/insights/{i}/") != url)
-            .unwrap();
-        (id, format!("/api/environments/1/insights/{id}/"))
-    };
+    let other = h
+        .project1_insights()
+        .iter()
+        .filter_map(|i| i["id"].as_u64())
+        .find(|i| !url.ends_with(&format!("/{i}/")))
+        .unwrap();
+    let other_url = format!("/api/environments/1/insights/{other}/");
     h.sim.set_fault(Fault::Hang);
     h.clock.advance(Duration::from_secs(7 * 3600));
     let r = h.get(&format!("{url}?refresh=blocking"), ALL);
@@ -183,13 +153,12 @@ fn a_hung_upstream_times_out_and_stale_entries_survive() {
     assert_eq!(r.status, 504, "{}", r.text());
     assert_eq!(r.json()["code"], "gateway_timeout");
     h.sim.set_fault(Fault::None);
-    let _ = other;
 }
 
 #[test]
 fn oversized_upstream_answers_are_refused_not_cached() {
     let h = Harness::with(|c, _| c.max_response_bytes = 1024);
-    let (_, url) = day_insight(&h);
+    let (_, url) = h.day_insight();
     let r = h.get(&format!("{url}?refresh=blocking"), ALL);
     assert_eq!(r.status, 502, "{}", r.text());
     assert_eq!(r.json()["type"], "server_error");
@@ -201,7 +170,7 @@ fn a_dead_upstream_is_not_hammered() {
         c.breaker.failures = 3;
         c.breaker.cooldown = Duration::from_secs(60);
     });
-    let (_, url) = day_insight(&h);
+    let (_, url) = h.day_insight();
     h.sim.set_fault(Fault::Status(500));
     for _ in 0..3 {
         assert_eq!(h.get(&format!("{url}?refresh=force_blocking"), ALL).status, 502);

@@ -42,18 +42,7 @@ pub fn test_config(listen_port: u16, upstream_port: u16) -> Config {
 }
 
 pub fn start_backend(sim: &Simulator, port: u16) -> Running {
-    let mut srv = pingora::server::Server::new_with_opt_and_conf(
-        None,
-        pingora::server::configuration::ServerConf {
-            threads: 2,
-            grace_period_seconds: Some(0),
-            graceful_shutdown_timeout_seconds: Some(1),
-            ..Default::default()
-        },
-    );
-    srv.bootstrap();
-    srv.add_service(sim.service(&format!("127.0.0.1:{port}")));
-    let r = Running::start(srv);
+    let r = Running::start(server::simulator_server(sim, &format!("127.0.0.1:{port}"), 2));
     wait_for_port(port);
     r
 }
@@ -112,6 +101,34 @@ impl Harness {
     /// The same request straight to the simulated backend, bypassing the proxy.
     pub fn direct(&self, method: &str, path: &str, headers: &[(&str, &str)], body: Option<&str>) -> Resp {
         http(self.sim_port, method, path, headers, body)
+    }
+
+    /// The insights of project 1 as the upstream lists them (basic fields, straight from it).
+    pub fn project1_insights(&self) -> Vec<Value> {
+        let list = self.direct(
+            "GET",
+            "/api/environments/1/insights/?basic=true&limit=100",
+            &[("Authorization", "Bearer phx_demo_all")],
+            None,
+        );
+        list.json()["results"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// A trends insight of project 1 with a `day` interval and a relative date range (stale after
+    /// 6 h, lazily stale after 12 h), and its URL.
+    pub fn day_insight(&self) -> (u64, String) {
+        let id = self
+            .project1_insights()
+            .iter()
+            .find(|i| {
+                let source = &i["query"]["source"];
+                source["kind"] == "TrendsQuery"
+                    && source["interval"] == "day"
+                    && source["dateRange"]["date_to"].is_null()
+            })
+            .and_then(|i| i["id"].as_u64())
+            .expect("a trends insight with a day interval and a relative range");
+        (id, format!("/api/environments/1/insights/{id}/"))
     }
 
     pub fn calcs(&self, project: u64, insight: u64) -> u64 {
