@@ -1,7 +1,6 @@
 //! The proxy's shared state and the one way a calculation happens: [`App::calculation`], a
 //! single-flight upstream call whose good result lands in the cache.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use http::{HeaderName, HeaderValue, Method};
@@ -13,6 +12,7 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::flights::{Flight, Flights};
+use crate::metrics::Metrics;
 use crate::query::QueryParams;
 use crate::refresh::UpstreamRefresh;
 use crate::status::StatusRegistry;
@@ -124,16 +124,6 @@ pub fn credential_headers(c: &Credential) -> Vec<(HeaderName, HeaderValue)> {
     h
 }
 
-/// Counters the proxy keeps about itself (exported as metrics by the operations layer).
-#[derive(Debug, Default)]
-pub struct Stats {
-    pub calculations: AtomicU64,
-    pub peeks: AtomicU64,
-    pub coalesced: AtomicU64,
-    pub upstream_errors: AtomicU64,
-    pub revalidations: AtomicU64,
-}
-
 pub struct App {
     pub config: Arc<Config>,
     pub clock: Clock,
@@ -148,7 +138,7 @@ pub struct App {
     /// When the upstream last answered 200 to (partition, project): cached data reaches a
     /// credential only within `revalidate_after` of that.
     confirmations: moka::sync::Cache<(Partition, u64), OffsetDateTime>,
-    pub stats: Stats,
+    pub metrics: Metrics,
 }
 
 /// Confirmations kept at most; a forgotten one only costs a revalidation.
@@ -167,8 +157,11 @@ impl App {
     }
 
     pub fn new(config: Arc<Config>, clock: Clock, upstream: UpstreamClient) -> Arc<App> {
+        let metrics = Metrics::new();
+        let evictions = metrics.evictions.clone();
+        let hook: crate::cache::EvictionHook = Arc::new(move |cause| evictions.with_label_values(&[cause]).inc());
         Arc::new(App {
-            cache: InsightCache::new(config.cache_max_bytes, config.cache_ttl),
+            cache: InsightCache::new(config.cache_max_bytes, config.cache_ttl, Some(hook)),
             keyer: PartitionKeyer::new(config.partition_secret.as_deref()),
             flights: Flights::default(),
             statuses: StatusRegistry::new(config.status_ttl, config.status_max_records),
@@ -178,7 +171,7 @@ impl App {
                 .max_capacity(MAX_CONFIRMATIONS)
                 .time_to_live(config.revalidate_after)
                 .build(),
-            stats: Stats::default(),
+            metrics,
             upstream,
             clock,
             config,
@@ -187,44 +180,52 @@ impl App {
 
     /// Joins the running calculation for the key, or starts one. Returns the flight and whether
     /// this call started it.
+    /// `reason` labels the calculation in metrics: miss, stale, forced or background.
     pub fn calculation(
         self: &Arc<Self>,
         spec: &Arc<CalcSpec>,
         refresh: UpstreamRefresh,
+        reason: &'static str,
     ) -> (Arc<Flight<Outcome>>, bool) {
         let (flight, started) = self.flights.join_or_start((spec.key, FlightKind::Calculate), || {
             let (app, spec) = (self.clone(), spec.clone());
             async move {
                 let _permit = app.calc_permits.acquire().await;
-                app.stats.calculations.fetch_add(1, Ordering::Relaxed);
-                app.call(&spec, refresh).await
+                app.metrics.calculations.with_label_values(&[reason]).inc();
+                app.call(&spec, refresh, "calculation").await
             }
         });
         if !started {
-            self.stats.coalesced.fetch_add(1, Ordering::Relaxed);
+            self.metrics.coalesced.inc();
         }
         (flight, started)
     }
 
     /// Reads the upstream's cache for the key (never calculates), sharing concurrent peeks.
-    pub fn peek(self: &Arc<Self>, spec: &Arc<CalcSpec>) -> Arc<Flight<Outcome>> {
+    /// `reason` labels it in metrics: peek or revalidation.
+    pub fn peek(self: &Arc<Self>, spec: &Arc<CalcSpec>, reason: &'static str) -> Arc<Flight<Outcome>> {
         self.flights
             .join_or_start((spec.key, FlightKind::Peek), || {
                 let (app, spec) = (self.clone(), spec.clone());
                 async move {
-                    app.stats.peeks.fetch_add(1, Ordering::Relaxed);
-                    app.call(&spec, UpstreamRefresh::ForceCache).await
+                    app.metrics.upstream_reads.with_label_values(&[reason]).inc();
+                    app.call(&spec, UpstreamRefresh::ForceCache, "read").await
                 }
             })
             .0
     }
 
-    async fn call(&self, spec: &CalcSpec, refresh: UpstreamRefresh) -> Outcome {
+    async fn call(&self, spec: &CalcSpec, refresh: UpstreamRefresh, kind: &'static str) -> Outcome {
         let epoch = self.cache.begin();
+        let gauge = self.metrics.in_flight.with_label_values(&[kind]);
+        gauge.inc();
+        let timer = self.metrics.upstream_seconds.start_timer();
         let resp = self.upstream.send(&spec.upstream_request(refresh)).await;
+        timer.observe_duration();
+        gauge.dec();
         let outcome = self.absorb(spec, epoch, resp).await;
         if let Outcome::Failed(f) = &outcome {
-            self.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
+            self.metrics.upstream_errors.with_label_values(&[f.as_str()]).inc();
             tracing::warn!(
                 project = spec.project,
                 insight = spec.insight,

@@ -36,6 +36,7 @@ pub const DEFAULT_MAX_CONCURRENT_CALCULATIONS: usize = 16;
 pub const DEFAULT_SIM_CALC_DELAY_MS: u64 = 200;
 /// How long a (credential, project) confirmation by the upstream is trusted.
 pub const DEFAULT_REVALIDATE_AFTER_SECONDS: u64 = 60;
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
 pub const DEFAULT_BREAKER_FAILURES: u32 = 5;
 pub const DEFAULT_BREAKER_COOLDOWN_MS: u64 = 1_000;
 pub const DEFAULT_BREAKER_MAX_COOLDOWN_MS: u64 = 30_000;
@@ -50,6 +51,7 @@ pub struct FileConfig {
     pub staleness: StalenessSection,
     pub refresh: RefreshSection,
     pub security: SecuritySection,
+    pub admin: AdminSection,
     pub simulator: SimulatorSection,
     pub log: LogSection,
 }
@@ -164,6 +166,19 @@ impl Default for SecuritySection {
 
 #[derive(Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+pub struct AdminSection {
+    pub listen: String,
+    pub token: Option<String>,
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        Self { listen: DEFAULT_ADMIN_LISTEN.into(), token: None }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct SimulatorSection {
     pub listen: String,
     pub calc_delay_ms: u64,
@@ -176,7 +191,7 @@ impl Default for SimulatorSection {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     #[default]
@@ -249,6 +264,10 @@ pub struct Config {
     /// project within this window.
     pub revalidate_after: Duration,
     pub breaker: BreakerSettings,
+    /// The admin listener (`/metrics`, `/healthz`, `/readyz`, the admin API); `None` = off.
+    pub admin_listen: Option<String>,
+    /// Bearer token for the admin API (purge, inspect); without one the admin API is off.
+    pub admin_token: Option<String>,
     pub sim_calc_delay: Duration,
     pub sim_seed: u64,
     pub log_format: LogFormat,
@@ -299,6 +318,8 @@ impl fmt::Display for Problem {
 pub struct Overrides {
     pub listen: Option<String>,
     pub upstream: Option<String>,
+    pub admin_listen: Option<String>,
+    pub log_format: Option<LogFormat>,
 }
 
 impl FileConfig {
@@ -320,6 +341,12 @@ impl Config {
         }
         if let Some(u) = &overrides.upstream {
             file.upstream.url = Some(u.clone());
+        }
+        if let Some(a) = &overrides.admin_listen {
+            file.admin.listen = a.clone();
+        }
+        if let Some(f) = overrides.log_format {
+            file.log.format = f;
         }
         let mut problems = Vec::new();
         let mut bad = |key: &str, reason: String| problems.push(Problem { key: key.into(), reason });
@@ -409,6 +436,29 @@ impl Config {
             bad("refresh.max_concurrent_calculations", "must be at least 1".into());
         }
 
+        let admin_listen = match file.admin.listen.trim() {
+            "" | "off" => None,
+            l if l.parse::<SocketAddr>().is_ok() => Some(l.to_string()),
+            l => {
+                bad("admin.listen", format!("{l:?} is not an address like 127.0.0.1:9090 (or \"off\")"));
+                None
+            }
+        };
+        if file.admin.token.as_ref().is_some_and(|t| t.len() < 16) {
+            bad("admin.token", "must be at least 16 characters".into());
+        }
+        if file.security.revalidate_after_seconds == 0 {
+            bad("security.revalidate_after_seconds", "must be at least 1".into());
+        }
+        if file.security.breaker_failures == 0 {
+            bad("security.breaker_failures", "must be at least 1".into());
+        }
+        if file.security.breaker_cooldown_ms == 0 {
+            bad("security.breaker_cooldown_ms", "must be at least 1".into());
+        }
+        if file.security.breaker_max_cooldown_ms < file.security.breaker_cooldown_ms {
+            bad("security.breaker_max_cooldown_ms", "must be at least security.breaker_cooldown_ms".into());
+        }
         let Some(upstream) = upstream.filter(|_| problems.is_empty()) else {
             return Err(ConfigError::Invalid(problems));
         };
@@ -438,6 +488,8 @@ impl Config {
                 cooldown: Duration::from_millis(file.security.breaker_cooldown_ms),
                 max_cooldown: Duration::from_millis(file.security.breaker_max_cooldown_ms),
             },
+            admin_listen,
+            admin_token: file.admin.token,
             sim_calc_delay: Duration::from_millis(file.simulator.calc_delay_ms),
             sim_seed: file.simulator.seed,
             log_format: file.log.format,
@@ -514,7 +566,11 @@ mod tests {
     #[test]
     fn overrides_win() {
         let file = FileConfig::parse("[server]\nlisten = \"127.0.0.1:1\"\n").unwrap();
-        let o = Overrides { listen: Some("127.0.0.1:2".into()), upstream: Some("http://127.0.0.1:9".into()) };
+        let o = Overrides {
+            listen: Some("127.0.0.1:2".into()),
+            upstream: Some("http://127.0.0.1:9".into()),
+            ..Default::default()
+        };
         let c = Config::from_file_config(file, &o).unwrap();
         assert_eq!(c.listen, "127.0.0.1:2");
         let UpstreamTarget::Remote(u) = c.upstream else { panic!() };

@@ -96,8 +96,8 @@ async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, mode: RefreshMode, peeked:
                 // Cached data reaches a credential only while the upstream recently confirmed its
                 // access: ask again with a call that never calculates.
                 revalidated = true;
-                app.stats.revalidations.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                match app.peek(spec).wait().await {
+                app.metrics.revalidations.inc();
+                match app.peek(spec, "revalidation").wait().await {
                     Some(Outcome::Stored(_)) => entry = app.cache.get(&spec.key).await.or(entry),
                     Some(Outcome::Relay(r)) if matches!(r.status, 401 | 403 | 404) => {
                         return Reply::relay(
@@ -135,7 +135,11 @@ async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, mode: RefreshMode, peeked:
                     (_, CacheState::Miss) => "miss",
                     _ => "stale",
                 };
-                let (flight, started) = app.calculation(spec, refresh);
+                let reason = match fwd {
+                    "request" => "forced",
+                    other => other,
+                };
+                let (flight, started) = app.calculation(spec, refresh, reason);
                 let outcome = flight
                     .wait()
                     .await
@@ -161,7 +165,7 @@ async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, mode: RefreshMode, peeked:
                 let outcome = match peeked.take() {
                     Some(o) => o,
                     None => app
-                        .peek(spec)
+                        .peek(spec, "peek")
                         .wait()
                         .await
                         .unwrap_or(Outcome::Failed(Failure::Upstream(crate::upstream::UpstreamError::Broken))),
@@ -200,7 +204,7 @@ async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, mode: RefreshMode, peeked:
                     (Some(e), _) => Bytes::from(e.to_value(false).to_string()),
                     (None, Some(Outcome::Stored(e))) => Bytes::from(e.to_value(false).to_string()),
                     (None, Some(Outcome::Relay(r))) => r.body.clone(),
-                    (None, _) => match app.peek(spec).wait().await {
+                    (None, _) => match app.peek(spec, "peek").wait().await {
                         Some(Outcome::Stored(e)) => Bytes::from(e.to_value(false).to_string()),
                         Some(Outcome::Relay(r)) if r.status == 200 => r.body.clone(),
                         Some(Outcome::Relay(r)) => return Reply::relay(&r, cs),
@@ -283,6 +287,7 @@ pub async fn list(app: &Arc<App>, call: ListCall) -> Reply {
         body: None,
     };
     let bypass = format!("{CACHE_NAME}; fwd=uri-miss");
+    app.metrics.upstream_reads.with_label_values(&["list"]).inc();
     let resp = match app.upstream.send(&req).await {
         Ok(r) => r,
         Err(e) => {

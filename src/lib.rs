@@ -11,8 +11,10 @@
 //! - [`insights`]: answering retrieve, list and status polls; [`proxy`]: the thin pingora glue.
 //! - [`upstream`]: the client for the proxy's own upstream calls.
 //! - [`simulate`]: a built-in simulated PostHog insights backend for demos, tests and benchmarks.
+//! - [`admin`]: the admin listener (metrics, health, purge/inspect); [`metrics`]: Prometheus metrics.
 //! - [`server`]: assembling pingora services and running them until a shutdown signal.
 
+pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod cache;
@@ -21,6 +23,7 @@ pub mod config;
 pub mod error;
 pub mod flights;
 pub mod insights;
+pub mod metrics;
 pub mod proxy;
 pub mod query;
 pub mod refresh;

@@ -23,6 +23,13 @@ struct Cli {
     /// built-in simulated backend is started.
     #[arg(long, env = "INSIGHTS_PROXY_UPSTREAM")]
     upstream: Option<String>,
+    /// Admin listener for /metrics, /healthz, /readyz and the admin API, or "off"
+    /// (overrides admin.listen).
+    #[arg(long, env = "INSIGHTS_PROXY_ADMIN_LISTEN")]
+    admin_listen: Option<String>,
+    /// Log format (overrides log.format).
+    #[arg(long, env = "INSIGHTS_PROXY_LOG_FORMAT", value_enum)]
+    log_format: Option<LogFormat>,
     /// Validate the configuration and exit.
     #[arg(long)]
     check_config: bool,
@@ -49,7 +56,12 @@ fn load(cli: &Cli) -> Result<Config, ConfigError> {
         Some(p) => FileConfig::load(p)?,
         None => FileConfig::default(),
     };
-    let overrides = Overrides { listen: cli.listen.clone(), upstream: cli.upstream.clone() };
+    let overrides = Overrides {
+        listen: cli.listen.clone(),
+        upstream: cli.upstream.clone(),
+        admin_listen: cli.admin_listen.clone(),
+        log_format: cli.log_format,
+    };
     Config::from_file_config(file, &overrides)
 }
 
@@ -84,6 +96,7 @@ fn main() -> ExitCode {
     let listen = config.listen.clone();
     let simulated = matches!(config.upstream, UpstreamTarget::Simulated { .. });
     let (max_bytes, ttl) = (config.cache_max_bytes, config.cache_ttl);
+    let admin = config.admin_listen.clone().unwrap_or_else(|| "off".into());
     let built = match server::build(config, Clock::new()) {
         Ok(b) => b,
         Err(e) => {
@@ -91,7 +104,14 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    tracing::info!(listen = %listen, upstream = %built.upstream.origin(), cache_max_bytes = max_bytes, cache_ttl_s = ttl.as_secs(), "insights-proxy starting");
+    tracing::info!(
+        listen = %listen,
+        admin = %admin,
+        upstream = %built.upstream.origin(),
+        cache_max_bytes = max_bytes,
+        cache_ttl_s = ttl.as_secs(),
+        "insights-proxy starting"
+    );
     if simulated {
         println!("No upstream configured: proxying to the built-in simulated PostHog at {}", built.upstream.origin());
         println!("Try:  curl -H 'Authorization: Bearer phx_demo_all' 'http://{listen}/api/environments/1/insights/1/?refresh=blocking'");

@@ -453,6 +453,10 @@ impl ProxyHttp for InsightsProxy {
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let req = session.req_header();
+        let cache = ctx.cache_status.as_deref().unwrap_or("");
+        let m = &self.app.metrics;
+        m.requests.with_label_values(&[ctx.route, ctx.mode.unwrap_or("-"), crate::metrics::cache_label(cache)]).inc();
+        m.request_seconds.with_label_values(&[ctx.route]).observe(ctx.started.elapsed().as_secs_f64());
         // The path only: a query string may carry `personal_api_key`.
         tracing::info!(
             method = %req.method,

@@ -12,6 +12,7 @@ use pingora::proxy::http_proxy_service;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
 
+use crate::admin::AdminApp;
 use crate::app::App;
 use crate::clock::Clock;
 use crate::config::{Config, UpstreamTarget, UpstreamUrl};
@@ -59,6 +60,9 @@ pub struct Built {
 
 pub fn build(config: Config, clock: Clock) -> Result<Built, StartError> {
     check_bind(&config.listen)?;
+    if let Some(admin) = &config.admin_listen {
+        check_bind(admin)?;
+    }
     let (upstream, simulator) = match &config.upstream {
         UpstreamTarget::Remote(u) => (u.clone(), None),
         UpstreamTarget::Simulated { listen } => {
@@ -66,8 +70,14 @@ pub fn build(config: Config, clock: Clock) -> Result<Built, StartError> {
             if addr.port() == 0 || listen.ends_with(":0") {
                 addr.set_port(free_port());
             }
-            let sim_cfg =
-                SimConfig { calc_delay: config.sim_calc_delay, seed: config.sim_seed, ..SimConfig::default() };
+            let sim_cfg = SimConfig {
+                calc_delay: config.sim_calc_delay,
+                seed: config.sim_seed,
+                // The demo backend goes stale on the proxy's schedule, so configured staleness
+                // tables are visible end to end.
+                thresholds: config.thresholds.clone(),
+                ..SimConfig::default()
+            };
             let sim = Simulator::new(sim_cfg, clock.clone());
             let url = UpstreamUrl { tls: false, host: addr.ip().to_string(), port: addr.port(), addr };
             (url, Some(sim))
@@ -89,6 +99,11 @@ pub fn build(config: Config, clock: Clock) -> Result<Built, StartError> {
     proxy.add_tcp(&listen);
     server.add_service(proxy);
     server.add_service(background_service("refresh workers", Workers { app: app.clone() }));
+    if let Some(admin) = &app.config.admin_listen {
+        let mut svc = pingora::services::listening::Service::new("admin".into(), AdminApp { app: app.clone() });
+        svc.add_tcp(admin);
+        server.add_service(svc);
+    }
     if let Some(sim) = &simulator {
         server.add_service(sim.service(&upstream.addr.to_string()));
     }

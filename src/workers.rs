@@ -96,7 +96,7 @@ pub fn status_results(entry: &Entry) -> Value {
 /// Runs one job to completion and records the outcome in its status.
 pub async fn run_job(app: &Arc<App>, job: Job) {
     app.statuses.picked_up(&job.status_id, app.clock.now());
-    let (flight, _) = app.calculation(&job.spec, job.refresh);
+    let (flight, _) = app.calculation(&job.spec, job.refresh, "background");
     let result = match flight.wait().await {
         Some(Outcome::Stored(entry)) => Ok(status_results(&entry)),
         Some(Outcome::Relay(resp)) => Err(relay_message(&resp.body)),
@@ -131,7 +131,11 @@ impl BackgroundService for Workers {
                     tokio::select! {
                         _ = shutdown.changed() => return,
                         job = app.jobs.pop() => match job {
-                            Some(job) => run_job(&app, job).await,
+                            Some(job) => {
+                                app.metrics.busy_workers.inc();
+                                run_job(&app, job).await;
+                                app.metrics.busy_workers.dec();
+                            }
                             None => return,
                         },
                     }

@@ -148,13 +148,16 @@ fn config_errors_are_all_reported() {
 fn the_binary_starts_the_simulated_backend_and_prints_a_working_curl() {
     use std::io::{BufRead, BufReader};
     let port = insights_proxy::server::free_port();
-    let mut child = bin()
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut child = ChildGuard(
+        bin()
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--admin-listen", "off"])
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(child.0.stdout.take().unwrap()).lines();
     let mut printed = String::new();
     while let Some(Ok(l)) = lines.next() {
         printed.push_str(&l);
@@ -172,8 +175,7 @@ fn the_binary_starts_the_simulated_backend_and_prints_a_working_curl() {
         &[("Authorization", "Bearer phx_demo_all")],
         None,
     );
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(!r.json()["result"].is_null());
 }

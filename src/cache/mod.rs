@@ -78,18 +78,31 @@ pub struct InsightCache {
     epochs: Epochs,
 }
 
+/// Called with the cause of every entry the cache drops on its own (`size`, `expired`).
+pub type EvictionHook = Arc<dyn Fn(&'static str) + Send + Sync>;
+
 impl InsightCache {
-    pub fn new(max_bytes: u64, ttl: Duration) -> Self {
-        let entries = Cache::builder()
+    pub fn new(max_bytes: u64, ttl: Duration, on_evict: Option<EvictionHook>) -> Self {
+        let mut builder = Cache::builder()
             .name("insights")
             .max_capacity(max_bytes)
             .weigher(|_k: &CacheKey, v: &Arc<Entry>| -> u32 {
                 (v.weight() + std::mem::size_of::<CacheKey>()).try_into().unwrap_or(u32::MAX)
             })
             .time_to_live(ttl)
-            .support_invalidation_closures()
-            .build();
-        Self { entries, epochs: Epochs::new() }
+            .support_invalidation_closures();
+        if let Some(hook) = on_evict {
+            builder = builder.eviction_listener(move |_k, _v, cause| {
+                use moka::notification::RemovalCause;
+                match cause {
+                    RemovalCause::Size => hook("size"),
+                    RemovalCause::Expired => hook("expired"),
+                    RemovalCause::Explicit => hook("purged"),
+                    RemovalCause::Replaced => {}
+                }
+            });
+        }
+        Self { entries: builder.build(), epochs: Epochs::new() }
     }
 
     /// The epoch a calculation must carry: call it before asking the upstream.
@@ -136,6 +149,15 @@ impl InsightCache {
         let _ = self.entries.invalidate_entries_if(move |k, _| k.partition == partition);
     }
 
+    /// The live entries of one insight (every partition and variant): for the admin API, O(cache).
+    pub fn entries_of(&self, project: u64, insight: u64) -> Vec<(CacheKey, Arc<Entry>)> {
+        self.entries
+            .iter()
+            .filter(|(k, e)| k.project == project && k.insight == insight && self.epochs.is_current(k, e.epoch))
+            .map(|(k, e)| (*k, e))
+            .collect()
+    }
+
     pub fn entry_count(&self) -> u64 {
         self.entries.entry_count()
     }
@@ -166,7 +188,7 @@ mod tests {
 
     #[tokio::test]
     async fn purge_beats_a_racing_calculation() {
-        let c = InsightCache::new(1 << 20, Duration::from_secs(60));
+        let c = InsightCache::new(1 << 20, Duration::from_secs(60), None);
         let early = entry(&c, 1, "2026-01-01T00:00:00Z"); // calculation started
         c.purge_insight(1, 1); // PATCH lands meanwhile
         assert!(!c.insert(key(1, 1, 1), early).await, "a result from before the purge is refused");
@@ -177,7 +199,7 @@ mod tests {
 
     #[tokio::test]
     async fn purges_cover_their_scope_only() {
-        let c = InsightCache::new(1 << 20, Duration::from_secs(60));
+        let c = InsightCache::new(1 << 20, Duration::from_secs(60), None);
         for (p, proj, ins) in [(1, 1, 1), (2, 1, 1), (1, 1, 2), (1, 2, 3)] {
             let e = entry(&c, ins, "2026-01-01T00:00:00Z");
             assert!(c.insert(key(p, proj, ins), e).await);
@@ -195,7 +217,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_older_result_never_replaces_a_newer_one() {
-        let c = InsightCache::new(1 << 20, Duration::from_secs(60));
+        let c = InsightCache::new(1 << 20, Duration::from_secs(60), None);
         let older = entry(&c, 1, "2026-01-01T00:00:00Z");
         let newer = entry(&c, 1, "2026-01-01T00:05:00Z");
         assert!(c.insert(key(1, 1, 1), newer).await);

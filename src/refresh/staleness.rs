@@ -116,7 +116,7 @@ pub struct StaleInfo {
 impl StaleInfo {
     /// `cache_target_age`: when the result goes stale by the DEFAULT table.
     pub fn target_age(&self, t: &Thresholds) -> Option<OffsetDateTime> {
-        t.default_for(self.interval).map(|d| self.last_refresh + d)
+        t.default_for(self.interval).and_then(|d| self.last_refresh.checked_add(d.try_into().ok()?))
     }
 
     /// When the result goes stale under `table` (`None` = never).
@@ -126,7 +126,8 @@ impl StaleInfo {
                 return None;
             }
         }
-        threshold.map(|d| self.last_refresh + d)
+        // A threshold too large to add is as good as none.
+        threshold.and_then(|d| self.last_refresh.checked_add(d.try_into().ok()?))
     }
 
     pub fn is_stale(&self, now: OffsetDateTime, t: &Thresholds) -> bool {
@@ -192,6 +193,14 @@ mod tests {
         assert!(!i.is_stale(datetime!(2030-01-01 00:00 UTC), &t));
         i.date_to = Some(i.last_refresh); // ends "now": still goes stale
         assert!(i.is_stale(datetime!(2030-01-01 00:00 UTC), &t));
+    }
+
+    #[test]
+    fn huge_thresholds_mean_never_stale() {
+        let t = Thresholds::uniform(Duration::from_secs(u64::MAX), Duration::from_secs(u64::MAX));
+        let i = info(Interval::Day);
+        assert!(!i.is_stale(datetime!(2100-01-01 00:00 UTC), &t));
+        assert_eq!(i.target_age(&t), None);
     }
 
     #[test]

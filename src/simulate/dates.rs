@@ -1,7 +1,7 @@
 //! Date ranges: PostHog's relative/absolute date strings, the resolved `[from, to]` range of a
 //! query (`QueryDateRange`) and the interval buckets a trends series is laid out on. All UTC.
 
-use super::staleness::Interval;
+use crate::refresh::Interval;
 use time::{Date, Month, OffsetDateTime, PrimitiveDateTime, Time, UtcOffset};
 
 /// Upper bound on data points per series, so an override like `date_from=-1000y` with a minute
@@ -23,51 +23,24 @@ impl DateRange {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Unit {
-    Second,
-    Minute,
-    Hour,
-    Day,
-    Week,
-    Month,
-    Quarter,
-    Year,
-}
-
-impl From<Interval> for Unit {
-    fn from(i: Interval) -> Self {
-        match i {
-            Interval::Second => Unit::Second,
-            Interval::Minute => Unit::Minute,
-            Interval::Hour => Unit::Hour,
-            Interval::Day => Unit::Day,
-            Interval::Week => Unit::Week,
-            Interval::Month => Unit::Month,
-            Interval::Quarter => Unit::Quarter,
-            Interval::Year => Unit::Year,
-        }
+/// Seconds in one `unit`, or `None` for the calendar units (month, quarter, year).
+fn fixed_seconds(unit: Interval) -> Option<i64> {
+    match unit {
+        Interval::Second => Some(1),
+        Interval::Minute => Some(60),
+        Interval::Hour => Some(3600),
+        Interval::Day => Some(86_400),
+        Interval::Week => Some(7 * 86_400),
+        Interval::Month | Interval::Quarter | Interval::Year => None,
     }
 }
 
-impl Unit {
-    fn fixed_seconds(self) -> Option<i64> {
-        match self {
-            Unit::Second => Some(1),
-            Unit::Minute => Some(60),
-            Unit::Hour => Some(3600),
-            Unit::Day => Some(86_400),
-            Unit::Week => Some(7 * 86_400),
-            Unit::Month | Unit::Quarter | Unit::Year => None,
-        }
-    }
-
-    fn months(self) -> i64 {
-        match self {
-            Unit::Quarter => 3,
-            Unit::Year => 12,
-            _ => 1,
-        }
+/// Months in one calendar `unit` (1 for the others, which never ask).
+fn months(unit: Interval) -> i64 {
+    match unit {
+        Interval::Quarter => 3,
+        Interval::Year => 12,
+        _ => 1,
     }
 }
 
@@ -98,24 +71,21 @@ pub(crate) fn resolve(
 }
 
 /// Sub-day intervals keep their own precision; everything else works in whole days.
-fn range_unit(interval: Interval) -> Unit {
+fn range_unit(interval: Interval) -> Interval {
     match interval {
-        Interval::Second => Unit::Second,
-        Interval::Minute => Unit::Minute,
-        Interval::Hour => Unit::Hour,
-        _ => Unit::Day,
+        Interval::Second | Interval::Minute | Interval::Hour => interval,
+        _ => Interval::Day,
     }
 }
 
 /// Bucket starts for `range`, aligned to the interval (weeks start on Sunday, PostHog's default).
 pub(crate) fn buckets(range: &DateRange, interval: Interval) -> Vec<OffsetDateTime> {
-    let unit = Unit::from(interval);
-    let Some(mut t) = start_of(range.from, unit) else {
+    let Some(mut t) = start_of(range.from, interval) else {
         return Vec::new();
     };
-    let n = count_buckets(t, range.to, unit);
+    let n = count_buckets(t, range.to, interval);
     if n > MAX_BUCKETS {
-        match step(t, unit, n - MAX_BUCKETS) {
+        match step(t, interval, n - MAX_BUCKETS) {
             Some(skipped) => t = skipped,
             None => return Vec::new(),
         }
@@ -123,7 +93,7 @@ pub(crate) fn buckets(range: &DateRange, interval: Interval) -> Vec<OffsetDateTi
     let mut out = Vec::new();
     while t <= range.to && (out.len() as i64) < MAX_BUCKETS {
         out.push(t);
-        match step(t, unit, 1) {
+        match step(t, interval, 1) {
             Some(next) => t = next,
             None => break,
         }
@@ -131,13 +101,13 @@ pub(crate) fn buckets(range: &DateRange, interval: Interval) -> Vec<OffsetDateTi
     out
 }
 
-fn count_buckets(from: OffsetDateTime, to: OffsetDateTime, unit: Unit) -> i64 {
+fn count_buckets(from: OffsetDateTime, to: OffsetDateTime, unit: Interval) -> i64 {
     if to < from {
         return 0;
     }
-    match unit.fixed_seconds() {
+    match fixed_seconds(unit) {
         Some(secs) => (to - from).whole_seconds() / secs + 1,
-        None => (month_index(to) - month_index(from)) / unit.months() + 1,
+        None => (month_index(to) - month_index(from)) / months(unit) + 1,
     }
 }
 
@@ -191,14 +161,14 @@ fn parse_relative(s: &str, now: OffsetDateTime) -> Option<OffsetDateTime> {
     let (num, unit) = body.split_at(digits);
     let n: i64 = if num.is_empty() { 0 } else { num.parse().ok().filter(|n| *n <= 100_000)? };
     let unit = match unit {
-        "s" => Unit::Second,
-        "M" => Unit::Minute,
-        "h" => Unit::Hour,
-        "d" => Unit::Day,
-        "w" => Unit::Week,
-        "m" => Unit::Month,
-        "q" => Unit::Quarter,
-        "y" => Unit::Year,
+        "s" => Interval::Second,
+        "M" => Interval::Minute,
+        "h" => Interval::Hour,
+        "d" => Interval::Day,
+        "w" => Interval::Week,
+        "m" => Interval::Month,
+        "q" => Interval::Quarter,
+        "y" => Interval::Year,
         _ => return None,
     };
     let t = step(now, unit, -n)?;
@@ -246,27 +216,27 @@ fn add_months(t: OffsetDateTime, delta: i64) -> Option<OffsetDateTime> {
 }
 
 /// `t` moved by `n` units (negative = back), `None` on overflow.
-fn step(t: OffsetDateTime, unit: Unit, n: i64) -> Option<OffsetDateTime> {
-    match unit.fixed_seconds() {
+fn step(t: OffsetDateTime, unit: Interval, n: i64) -> Option<OffsetDateTime> {
+    match fixed_seconds(unit) {
         Some(secs) => t.checked_add(time::Duration::seconds(secs.checked_mul(n)?)),
-        None => add_months(t, n.checked_mul(unit.months())?),
+        None => add_months(t, n.checked_mul(months(unit))?),
     }
 }
 
-fn start_of(t: OffsetDateTime, unit: Unit) -> Option<OffsetDateTime> {
+fn start_of(t: OffsetDateTime, unit: Interval) -> Option<OffsetDateTime> {
     Some(match unit {
-        Unit::Second => t.truncate_to_second(),
-        Unit::Minute => t.truncate_to_minute(),
-        Unit::Hour => t.truncate_to_hour(),
-        Unit::Day => t.truncate_to_day(),
-        Unit::Week => {
+        Interval::Second => t.truncate_to_second(),
+        Interval::Minute => t.truncate_to_minute(),
+        Interval::Hour => t.truncate_to_hour(),
+        Interval::Day => t.truncate_to_day(),
+        Interval::Week => {
             let back = i64::from(t.weekday().number_days_from_sunday());
             t.truncate_to_day().checked_sub(time::Duration::days(back))?
         }
-        Unit::Month | Unit::Quarter | Unit::Year => {
+        Interval::Month | Interval::Quarter | Interval::Year => {
             let first_month = match unit {
-                Unit::Month => u8::from(t.month()),
-                Unit::Quarter => (u8::from(t.month()) - 1) / 3 * 3 + 1,
+                Interval::Month => u8::from(t.month()),
+                Interval::Quarter => (u8::from(t.month()) - 1) / 3 * 3 + 1,
                 _ => 1,
             };
             let date = Date::from_calendar_date(t.year(), Month::try_from(first_month).ok()?, 1).ok()?;
@@ -275,7 +245,7 @@ fn start_of(t: OffsetDateTime, unit: Unit) -> Option<OffsetDateTime> {
     })
 }
 
-fn end_of(t: OffsetDateTime, unit: Unit) -> Option<OffsetDateTime> {
+fn end_of(t: OffsetDateTime, unit: Interval) -> Option<OffsetDateTime> {
     step(start_of(t, unit)?, unit, 1)?.checked_sub(time::Duration::microseconds(1))
 }
 

@@ -4,9 +4,8 @@
 use super::body;
 use super::dates::DateRange;
 use super::query::Plan;
-use super::refresh::{decide, Decision, Freshness, RefreshMode};
+use super::refresh::{decide, next_allowed_refresh_delay, Decision, Freshness, RefreshMode};
 use super::results;
-use super::staleness::{add_duration, is_stale, next_allowed_refresh_delay};
 use super::{Fault, Inner};
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -224,10 +223,9 @@ pub(crate) async fn run(inner: &Arc<Inner>, job: Job, mode: RefreshMode) -> Outc
         _ => engine.lookup(&job.cache_key, now),
     };
     let freshness = hit.as_ref().map(|e| {
-        let stale = |table: &super::IntervalTable| {
-            is_stale(now, e.last_refresh, Some(job.plan.range.to), table.get(job.plan.interval))
-        };
-        Freshness { fresh_default: !stale(&inner.thresholds.default), fresh_lazy: !stale(&inner.thresholds.lazy) }
+        let info = job.plan.stale_info(e.last_refresh);
+        let t = &inner.thresholds;
+        Freshness { fresh_default: !info.is_stale(now, t), fresh_lazy: !info.is_lazy_stale(now, t) }
     });
     match (decide(mode, freshness), hit) {
         (Decision::Serve { enqueue, status_from_enqueue }, Some(entry)) => {
@@ -279,14 +277,14 @@ async fn compute_and_store(inner: &Arc<Inner>, job: &Job) -> Arc<Entry> {
     let now = inner.clock.now();
     let plan = &job.plan;
     let computed = results::compute(inner.seed, plan, number);
-    let frequency = next_allowed_refresh_delay(plan.interval, plan.range.span());
+    let frequency = time::Duration::try_from(next_allowed_refresh_delay(plan.interval, plan.range.span()));
     let entry = Arc::new(Entry {
         results: computed.results.into(),
         custom_names: plan.custom_names(),
         cache_key: job.cache_key.clone(),
         last_refresh: now,
-        next_allowed_client_refresh: add_duration(now, frequency).unwrap_or(now),
-        cache_target_age: inner.thresholds.default.get(plan.interval).and_then(|d| add_duration(now, d)),
+        next_allowed_client_refresh: frequency.ok().and_then(|d| now.checked_add(d)).unwrap_or(now),
+        cache_target_age: plan.stale_info(now).target_age(&inner.thresholds),
         timezone: job.timezone.clone(),
         hogql: computed.hogql,
         resolved: plan.range,

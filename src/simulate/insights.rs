@@ -13,6 +13,7 @@ use crate::clock::format_datetime;
 use crate::error::ApiError;
 use serde_json::{json, Map, Value};
 use std::sync::Arc;
+use time::OffsetDateTime;
 
 pub(crate) async fn handle(req: &Request<'_>, project: &Project, sub: Sub<'_>) -> Reply {
     match (sub, req.method) {
@@ -215,6 +216,16 @@ struct Fields {
     dashboards: Option<Vec<u64>>,
 }
 
+/// `$to.f = v` for each listed field `f` whose `$from.f` is `Some(v)`; the others keep their value
+/// (a PATCH: absent fields are left alone).
+macro_rules! assign_given {
+    ($to:ident, $from:ident: $($field:ident),+) => {
+        $(if let Some(v) = $from.$field {
+            $to.$field = v;
+        })+
+    };
+}
+
 fn invalid(attr: &'static str, detail: impl Into<String>) -> SimResponse {
     ApiError::bad_request(detail).with_attr(attr).into()
 }
@@ -337,6 +348,30 @@ fn display_name(i: &Insight) -> String {
     i.name.clone().or_else(|| i.derived_name.clone()).unwrap_or_default()
 }
 
+/// Saves `ins`, logs `activity` on it (by `user` at `at`) and returns it with its live tiles.
+fn store(
+    st: &mut Mutable,
+    ins: Insight,
+    activity: &'static str,
+    user: u64,
+    at: OffsetDateTime,
+    changes: Value,
+) -> (Insight, Vec<Tile>) {
+    st.log(Activity {
+        project: ins.project,
+        insight_id: ins.id,
+        short_id: ins.short_id.clone(),
+        name: display_name(&ins),
+        activity,
+        user_id: user,
+        at,
+        changes,
+    });
+    st.insights.insert(ins.id, ins.clone());
+    let tiles = st.live_tiles(ins.id).cloned().collect();
+    (ins, tiles)
+}
+
 async fn create(req: &Request<'_>, project: &Project) -> Reply {
     let data = &req.inner.data;
     let empty = Map::new();
@@ -372,19 +407,7 @@ async fn create(req: &Request<'_>, project: &Project) -> Reply {
         if let Some(dashboards) = &fields.dashboards {
             set_dashboards(&mut st, id, dashboards);
         }
-        st.log(Activity {
-            project: project.id,
-            insight_id: id,
-            short_id: ins.short_id.clone(),
-            name: display_name(&ins),
-            activity: "created",
-            user_id: user,
-            at: now,
-            changes: Value::Null,
-        });
-        st.insights.insert(id, ins.clone());
-        let tiles = st.live_tiles(id).cloned().collect::<Vec<_>>();
-        (ins, tiles)
+        store(&mut st, ins, "created", user, now, Value::Null)
     };
     Ok(json_response(201, render_full(&ctx, &ins, &tiles, None).await))
 }
@@ -406,30 +429,7 @@ async fn update(req: &Request<'_>, project: &Project, raw_id: &str) -> Reply {
             return Err(not_found());
         };
         let mut after = before.clone();
-        if let Some(v) = fields.name {
-            after.name = v;
-        }
-        if let Some(v) = fields.derived_name {
-            after.derived_name = v;
-        }
-        if let Some(v) = fields.description {
-            after.description = v;
-        }
-        if let Some(v) = fields.query {
-            after.query = v;
-        }
-        if let Some(v) = fields.tags {
-            after.tags = v;
-        }
-        if let Some(v) = fields.favorited {
-            after.favorited = v;
-        }
-        if let Some(v) = fields.order {
-            after.order = v;
-        }
-        if let Some(v) = fields.deleted {
-            after.deleted = v;
-        }
+        assign_given!(after, fields: name, derived_name, description, query, tags, favorited, order, deleted);
         after.saved = fields.saved.unwrap_or(true);
         after.is_sample = false;
         after.updated_at = now;
@@ -451,19 +451,8 @@ async fn update(req: &Request<'_>, project: &Project, raw_id: &str) -> Reply {
             (true, false) => "restored",
             _ => "updated",
         };
-        st.log(Activity {
-            project: project.id,
-            insight_id: after.id,
-            short_id: after.short_id.clone(),
-            name: display_name(&after),
-            activity,
-            user_id: user,
-            at: now,
-            changes: changes(&before, &after),
-        });
-        st.insights.insert(after.id, after.clone());
-        let tiles = st.live_tiles(after.id).cloned().collect::<Vec<_>>();
-        (after, tiles)
+        let changes = changes(&before, &after);
+        store(&mut st, after, activity, user, now, changes)
     };
     Ok(json_response(200, render_full(&ctx, &ins, &tiles, None).await))
 }

@@ -56,15 +56,14 @@ mod params;
 mod query;
 mod refresh;
 mod results;
-mod staleness;
 #[cfg(test)]
 mod tests;
 
 pub use self::http::SimApp;
-pub use refresh::{parse_refresh, RefreshMode, RefreshParam};
-pub use staleness::{add_duration, is_stale, next_allowed_refresh_delay, Interval, IntervalTable, Thresholds};
+pub use refresh::{next_allowed_refresh_delay, parse_refresh, RefreshMode, RefreshParam};
 
 use crate::clock::Clock;
+use crate::refresh::Thresholds;
 use bytes::Bytes;
 use parking_lot::RwLock;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -84,7 +83,8 @@ pub struct SimConfig {
     /// Per personal API key `(per minute, per hour)` on the insights endpoints; beyond it a 429.
     /// Default `None` (off, like `RATE_LIMIT_ENABLED` off).
     pub rate_limit: Option<(u32, u32)>,
-    /// DEFAULT and LAZY staleness per interval (§2.2). Default PostHog's table.
+    /// DEFAULT and LAZY staleness per interval (§2.2), the proxy's own type and rule.
+    /// Default PostHog's table ([`Thresholds::posthog`]).
     pub thresholds: Thresholds,
 }
 
@@ -95,7 +95,7 @@ impl Default for SimConfig {
             seed: 42,
             concurrency_limit: Some(3),
             rate_limit: None,
-            thresholds: Thresholds::default(),
+            thresholds: Thresholds::posthog(),
         }
     }
 }

@@ -2,7 +2,7 @@
 //! cache key (`cache_{team_id}_{hex}`, a content hash that ignores the principal).
 
 use super::dates::{self, DateRange};
-use super::staleness::Interval;
+use crate::refresh::{Interval, StaleInfo};
 use serde_json::{json, Map, Value};
 use std::fmt::Write as _;
 use time::OffsetDateTime;
@@ -38,6 +38,11 @@ pub(crate) struct Plan {
 }
 
 impl Plan {
+    /// What staleness needs to know about a result of this plan calculated at `last_refresh`.
+    pub fn stale_info(&self, last_refresh: OffsetDateTime) -> StaleInfo {
+        StaleInfo { last_refresh, interval: self.interval, date_to: Some(self.range.to) }
+    }
+
     pub fn custom_names(&self) -> Vec<Option<String>> {
         self.series.iter().map(|s| s.custom_name.clone()).collect()
     }
@@ -128,7 +133,7 @@ pub(crate) fn apply_filters(query: &Value, filters: &Map<String, Value>) -> Valu
         }
     }
 
-    if let Some(interval) = truthy_str(filters, "interval").filter(|i| Interval::parse(i).is_some()) {
+    if let Some(interval) = truthy_str(filters, "interval").filter(|i| i.parse::<Interval>().is_ok()) {
         if matches!(source.get("kind").and_then(Value::as_str), Some("TrendsQuery" | "FunnelsQuery")) {
             source.insert("interval".into(), interval.into());
         }
@@ -155,7 +160,7 @@ pub(crate) fn plan(query: &Value, now: OffsetDateTime) -> Plan {
     };
     let range_obj = source.get("dateRange");
     // Runners without a date range use "minute" for staleness (§2.1).
-    let interval = match source.get("interval").and_then(Value::as_str).and_then(Interval::parse) {
+    let interval = match source.get("interval").and_then(Value::as_str).and_then(|i| i.parse::<Interval>().ok()) {
         Some(i) => i,
         None if kind != Kind::Other || range_obj.is_some() => Interval::Day,
         None => Interval::Minute,

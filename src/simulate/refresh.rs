@@ -1,6 +1,10 @@
-//! `refresh` parsing on the insights endpoints (§1.1) and the pure per-mode decision (§1.2).
+//! `refresh` parsing on the insights endpoints (§1.1), the pure per-mode decision (§1.2) and the
+//! advisory `next_allowed_client_refresh` gap (§2.4). Staleness itself is the crate's
+//! [`crate::refresh::StaleInfo`]: upstream and the proxy share that rule.
 
+use crate::refresh::Interval;
 use serde_json::Value;
+use std::time::Duration;
 
 /// PostHog's `ExecutionMode`, named by its `refresh` value.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -124,6 +128,18 @@ pub(crate) fn decide(mode: RefreshMode, hit: Option<Freshness>) -> Decision {
     }
 }
 
+/// `_refresh_frequency` of the trends/funnels runners (TRQ, §2.4): the advisory gap between
+/// `last_refresh` and `next_allowed_client_refresh`.
+pub fn next_allowed_refresh_delay(interval: Interval, range: time::Duration) -> Duration {
+    const MIN: u64 = 60;
+    match interval {
+        Interval::Second | Interval::Minute => Duration::from_secs(MIN),
+        Interval::Hour => Duration::from_secs(3 * MIN),
+        _ if range <= time::Duration::days(7) => Duration::from_secs(3 * MIN),
+        _ => Duration::from_secs(15 * MIN),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,5 +211,14 @@ mod tests {
                 assert_eq!(decide(mode, state), want, "{mode:?} {state:?}");
             }
         }
+    }
+
+    #[test]
+    fn refresh_frequency() {
+        let d = time::Duration::days;
+        assert_eq!(next_allowed_refresh_delay(Interval::Minute, d(30)), Duration::from_secs(60));
+        assert_eq!(next_allowed_refresh_delay(Interval::Hour, d(30)), Duration::from_secs(180));
+        assert_eq!(next_allowed_refresh_delay(Interval::Day, d(7)), Duration::from_secs(180));
+        assert_eq!(next_allowed_refresh_delay(Interval::Day, d(8)), Duration::from_secs(900));
     }
 }

@@ -6,7 +6,7 @@
 
 use super::dates;
 use super::query::{data_seed, Kind, Plan, Series};
-use super::staleness::Interval;
+use crate::refresh::Interval;
 use serde_json::{json, Value};
 use time::OffsetDateTime;
 

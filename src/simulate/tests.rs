@@ -389,6 +389,23 @@ async fn fixed_past_range_is_never_stale() {
     assert_eq!((sim.calculations(1, 8), sim.calculations(1, 1)), (1, 2));
 }
 
+/// `SimConfig.thresholds` is the proxy's `Thresholds`: a custom table decides staleness and
+/// `cache_target_age`, and a missing threshold means never stale.
+#[tokio::test]
+async fn configured_thresholds_decide_staleness() {
+    use crate::refresh::{Interval, Thresholds};
+    let mut thresholds = Thresholds::uniform(Duration::from_secs(60), Duration::from_secs(120));
+    thresholds.set_default(Interval::Hour, None);
+    let sim = Simulator::new(SimConfig { thresholds, ..config(0) }, Clock::new());
+    let (day, hour) = (insight(1), insight(3)); // trends by day and by hour
+    let first = get(&sim, &format!("{day}?refresh=blocking")).await;
+    assert_eq!(ts(&first["cache_target_age"]) - ts(&first["last_refresh"]), time::Duration::seconds(60));
+    assert_eq!(get(&sim, &format!("{hour}?refresh=blocking")).await["cache_target_age"], Value::Null);
+    sim.clock().advance(Duration::from_secs(61));
+    assert_eq!(calc_no(&get(&sim, &format!("{day}?refresh=blocking")).await), 2);
+    assert_eq!(calc_no(&get(&sim, &format!("{hour}?refresh=blocking")).await), 1);
+}
+
 #[tokio::test]
 async fn storage_ttl_expires_entries() {
     let sim = sim();

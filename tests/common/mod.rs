@@ -23,6 +23,7 @@ pub struct Harness {
     pub sim: Simulator,
     pub sim_port: u16,
     pub proxy_port: u16,
+    pub admin_port: u16,
     pub app: Arc<App>,
     // Dropped in field order: the proxy stops before the backend.
     proxy: Option<Running>,
@@ -38,8 +39,12 @@ pub fn test_config(listen_port: u16, upstream_port: u16) -> Config {
     c.shutdown_timeout = Duration::from_secs(1);
     c.connect_timeout = Duration::from_millis(500);
     c.read_timeout = Duration::from_secs(10);
+    c.admin_listen = Some(format!("127.0.0.1:{}", free_port()));
+    c.admin_token = Some(ADMIN_TOKEN.into());
     c
 }
+
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 
 pub fn start_backend(sim: &Simulator, port: u16) -> Running {
     let r = Running::start(server::simulator_server(sim, &format!("127.0.0.1:{port}"), 2));
@@ -84,10 +89,14 @@ impl Harness {
         let (sim_port, proxy_port) = (free_port(), free_port());
         let mut config = test_config(proxy_port, sim_port);
         tweak(&mut config, &mut sim_cfg);
+        let admin_port = config.admin_listen.as_deref().and_then(|a| a.rsplit(':').next()?.parse().ok()).unwrap_or(0);
         let sim = Simulator::new(sim_cfg, clock.clone());
         let backend = start_backend(&sim, sim_port);
         let (proxy, app) = start_proxy(config, clock.clone());
-        Harness { clock, sim, sim_port, proxy_port, app, proxy: Some(proxy), backend: Some(backend) }
+        if admin_port != 0 {
+            wait_for_port(admin_port);
+        }
+        Harness { clock, sim, sim_port, proxy_port, admin_port, app, proxy: Some(proxy), backend: Some(backend) }
     }
 
     pub fn get(&self, path: &str, token: &str) -> Resp {
@@ -96,6 +105,20 @@ impl Harness {
 
     pub fn request(&self, method: &str, path: &str, headers: &[(&str, &str)], body: Option<&str>) -> Resp {
         http(self.proxy_port, method, path, headers, body)
+    }
+
+    /// A request to the admin listener, with the admin token when `authorized`.
+    pub fn admin(&self, method: &str, path: &str, authorized: bool) -> Resp {
+        let auth = format!("Bearer {ADMIN_TOKEN}");
+        let headers: Vec<(&str, &str)> = if authorized { vec![("Authorization", &auth)] } else { vec![] };
+        http(self.admin_port, method, path, &headers, None)
+    }
+
+    /// The value of one sample in `/metrics` (0 when absent). `series` is the name with labels in
+    /// Prometheus' sorted order, e.g. `insights_proxy_requests_total{cache="hit",mode="blocking",route="insight"}`.
+    pub fn metric(&self, series: &str) -> f64 {
+        let text = self.admin("GET", "/metrics", false).text();
+        text.lines().find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok())).unwrap_or(0.0)
     }
 
     /// The same request straight to the simulated backend, bypassing the proxy.
@@ -238,4 +261,14 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
         b = &b[eol + 2 + size + 2..];
     }
     out
+}
+
+/// A child process killed when dropped, so a failing test never leaves one holding its pipes.
+pub struct ChildGuard(pub std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

@@ -1,0 +1,174 @@
+//! Prometheus metrics, rendered by the admin listener's `/metrics`. Names follow Prometheus
+//! conventions (`_total` counters, `_seconds` histograms); label values come from `as_str()`-style
+//! constants, never from request data, so cardinality is bounded.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+pub struct Metrics {
+    registry: Registry,
+    /// Requests answered, by route, refresh mode and cache outcome.
+    pub requests: IntCounterVec,
+    pub request_seconds: HistogramVec,
+    /// Upstream calculations started, by reason (miss, stale, forced, background).
+    pub calculations: IntCounterVec,
+    /// Upstream reads that never calculate, by reason (peek, revalidation, list).
+    pub upstream_reads: IntCounterVec,
+    pub upstream_seconds: Histogram,
+    /// Requests that joined a calculation another request started.
+    pub coalesced: IntCounter,
+    pub upstream_errors: IntCounterVec,
+    pub revalidations: IntCounter,
+    pub evictions: IntCounterVec,
+    // Gauges set at scrape time from the components that own the numbers.
+    pub queue_depth: IntGauge,
+    pub busy_workers: IntGauge,
+    pub cache_entries: IntGauge,
+    pub cache_bytes: IntGauge,
+    pub status_records: IntGauge,
+    pub in_flight: IntGaugeVec,
+    pub circuit_open: IntGauge,
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("valid metric");
+    r.register(Box::new(g.clone())).expect("unique metric");
+    g
+}
+
+/// Buckets from 0.1 ms (a hit) to 3 min (PostHog's longest query).
+const SECONDS_BUCKETS: [f64; 16] =
+    [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 180.0];
+
+impl Metrics {
+    pub fn new() -> Self {
+        let r = Registry::new_custom(Some("insights_proxy".into()), None).expect("valid registry");
+        let request_seconds = HistogramVec::new(
+            HistogramOpts::new("request_duration_seconds", "Time to answer a request, by route.")
+                .buckets(SECONDS_BUCKETS.to_vec()),
+            &["route"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(request_seconds.clone())).expect("unique metric");
+        let upstream_seconds = Histogram::with_opts(
+            HistogramOpts::new("upstream_duration_seconds", "Time of the proxy's own upstream calls.")
+                .buckets(SECONDS_BUCKETS.to_vec()),
+        )
+        .expect("valid metric");
+        r.register(Box::new(upstream_seconds.clone())).expect("unique metric");
+        let in_flight = IntGaugeVec::new(Opts::new("in_flight", "Upstream calls in flight, by kind."), &["kind"])
+            .expect("valid metric");
+        r.register(Box::new(in_flight.clone())).expect("unique metric");
+        Self {
+            requests: counter_vec(&r, "requests_total", "Requests answered.", &["route", "mode", "cache"]),
+            request_seconds,
+            calculations: counter_vec(&r, "upstream_calculations_total", "Upstream calculations started.", &["reason"]),
+            upstream_reads: counter_vec(
+                &r,
+                "upstream_reads_total",
+                "Upstream reads that never calculate (refresh=force_cache).",
+                &["reason"],
+            ),
+            upstream_seconds,
+            coalesced: gauge_free_counter(&r, "coalesced_total", "Requests that shared another request's calculation."),
+            upstream_errors: counter_vec(&r, "upstream_errors_total", "Failed upstream calls, by kind.", &["kind"]),
+            revalidations: gauge_free_counter(
+                &r,
+                "revalidations_total",
+                "Credential revalidations (cached data older than the revalidation window).",
+            ),
+            evictions: counter_vec(
+                &r,
+                "cache_evictions_total",
+                "Entries removed from the cache, by cause.",
+                &["cause"],
+            ),
+            queue_depth: gauge(&r, "queue_depth", "Background calculations waiting for a worker."),
+            busy_workers: gauge(&r, "busy_workers", "Background workers running a calculation."),
+            cache_entries: gauge(&r, "cache_entries", "Entries in the cache."),
+            cache_bytes: gauge(&r, "cache_bytes", "Bytes the cache's entries weigh (bodies and keys)."),
+            status_records: gauge(&r, "query_status_records", "query_status records kept."),
+            in_flight,
+            circuit_open: gauge(&r, "upstream_circuit_open", "1 while the upstream circuit breaker is open."),
+            registry: r,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("text encoding cannot fail");
+        out
+    }
+}
+
+fn gauge_free_counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A short, bounded label for a `Cache-Status` value.
+pub fn cache_label(cache_status: &str) -> &'static str {
+    if cache_status.contains("; hit") {
+        if cache_status.contains("stale-if-error") {
+            "stale_if_error"
+        } else if cache_status.contains("detail=stale") {
+            "stale"
+        } else {
+            "hit"
+        }
+    } else if cache_status.contains("fwd=miss") || cache_status.contains("fwd=uri-miss") {
+        "miss"
+    } else if cache_status.contains("fwd=stale") {
+        "refresh"
+    } else if cache_status.contains("fwd=request") {
+        "forced"
+    } else if cache_status.is_empty() {
+        "none"
+    } else {
+        "bypass"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text() {
+        let m = Metrics::new();
+        m.requests.with_label_values(&["insight", "blocking", "hit"]).inc();
+        let text = String::from_utf8(m.render()).unwrap();
+        assert!(
+            text.contains("insights_proxy_requests_total{cache=\"hit\",mode=\"blocking\",route=\"insight\"} 1"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn labels() {
+        assert_eq!(cache_label("insights-proxy; hit; ttl=3"), "hit");
+        assert_eq!(cache_label("insights-proxy; hit; ttl=-3; detail=stale"), "stale");
+        assert_eq!(cache_label("insights-proxy; hit; ttl=-3; detail=stale-while-revalidate"), "stale");
+        assert_eq!(cache_label("insights-proxy; hit; detail=stale-if-error"), "stale_if_error");
+        assert_eq!(cache_label("insights-proxy; fwd=miss; stored"), "miss");
+        assert_eq!(cache_label("insights-proxy; fwd=stale; stored"), "refresh");
+        assert_eq!(cache_label("insights-proxy; fwd=request"), "forced");
+        assert_eq!(cache_label("insights-proxy; fwd=bypass"), "bypass");
+    }
+}
