@@ -51,6 +51,8 @@ pub struct FileConfig {
     pub staleness: StalenessSection,
     pub refresh: RefreshSection,
     pub security: SecuritySection,
+    pub budget: BudgetSection,
+    pub refresh_ahead: RefreshAheadSection,
     pub admin: AdminSection,
     pub simulator: SimulatorSection,
     pub log: LogSection,
@@ -166,6 +168,35 @@ impl Default for SecuritySection {
 
 #[derive(Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+pub struct BudgetSection {
+    pub project_concurrency: usize,
+    pub per_minute: u32,
+    pub per_hour: u32,
+    pub wait_ms: u64,
+}
+
+impl Default for BudgetSection {
+    fn default() -> Self {
+        Self { project_concurrency: 3, per_minute: 240, per_hour: 1200, wait_ms: 10_000 }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RefreshAheadSection {
+    pub enabled: bool,
+    pub min_reads: u32,
+    pub start_percent: u8,
+}
+
+impl Default for RefreshAheadSection {
+    fn default() -> Self {
+        Self { enabled: true, min_reads: 2, start_percent: 80 }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct AdminSection {
     pub listen: String,
     pub token: Option<String>,
@@ -264,6 +295,8 @@ pub struct Config {
     /// project within this window.
     pub revalidate_after: Duration,
     pub breaker: BreakerSettings,
+    pub budget: BudgetSettings,
+    pub refresh_ahead: RefreshAheadSettings,
     /// The admin listener (`/metrics`, `/healthz`, `/readyz`, the admin API); `None` = off.
     pub admin_listen: Option<String>,
     /// Bearer token for the admin API (purge, inspect); without one the admin API is off.
@@ -280,6 +313,28 @@ pub struct BreakerSettings {
     pub failures: u32,
     pub cooldown: Duration,
     pub max_cooldown: Duration,
+}
+
+/// Upstream offload: what the proxy may ask of the upstream (PostHog's limits, §7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BudgetSettings {
+    /// Calculations running at once per project.
+    pub project_concurrency: usize,
+    /// Upstream calls per personal API key per minute and per hour; `None` = unlimited.
+    pub per_minute: Option<u32>,
+    pub per_hour: Option<u32>,
+    /// How long a blocking request waits for budget.
+    pub wait: Duration,
+}
+
+/// Recalculating read entries shortly before they go stale.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RefreshAheadSettings {
+    pub enabled: bool,
+    /// Reads within the entry's life before it counts as hot.
+    pub min_reads: u32,
+    /// Start at this percentage of the staleness threshold (jittered per key by up to 10 points).
+    pub start_percent: u8,
 }
 
 /// One thing wrong with the configuration: which key, and why.
@@ -459,6 +514,15 @@ impl Config {
         if file.security.breaker_max_cooldown_ms < file.security.breaker_cooldown_ms {
             bad("security.breaker_max_cooldown_ms", "must be at least security.breaker_cooldown_ms".into());
         }
+        if file.budget.project_concurrency == 0 {
+            bad("budget.project_concurrency", "must be at least 1".into());
+        }
+        if !(1..=95).contains(&file.refresh_ahead.start_percent) {
+            bad("refresh_ahead.start_percent", "must be between 1 and 95".into());
+        }
+        if file.refresh_ahead.min_reads == 0 {
+            bad("refresh_ahead.min_reads", "must be at least 1".into());
+        }
         let Some(upstream) = upstream.filter(|_| problems.is_empty()) else {
             return Err(ConfigError::Invalid(problems));
         };
@@ -487,6 +551,17 @@ impl Config {
                 failures: file.security.breaker_failures,
                 cooldown: Duration::from_millis(file.security.breaker_cooldown_ms),
                 max_cooldown: Duration::from_millis(file.security.breaker_max_cooldown_ms),
+            },
+            budget: BudgetSettings {
+                project_concurrency: file.budget.project_concurrency,
+                per_minute: (file.budget.per_minute > 0).then_some(file.budget.per_minute),
+                per_hour: (file.budget.per_hour > 0).then_some(file.budget.per_hour),
+                wait: Duration::from_millis(file.budget.wait_ms),
+            },
+            refresh_ahead: RefreshAheadSettings {
+                enabled: file.refresh_ahead.enabled,
+                min_reads: file.refresh_ahead.min_reads,
+                start_percent: file.refresh_ahead.start_percent,
             },
             admin_listen,
             admin_token: file.admin.token,

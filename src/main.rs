@@ -7,7 +7,9 @@ use clap::{Parser, Subcommand};
 use insights_proxy::clock::Clock;
 use insights_proxy::config::{Config, ConfigError, FileConfig, LogFormat, Overrides, UpstreamTarget};
 use insights_proxy::server;
+use insights_proxy::refresh::Thresholds;
 use insights_proxy::simulate::{SimConfig, Simulator};
+use std::time::Duration;
 
 /// A caching reverse proxy for PostHog's insights API.
 #[derive(Parser, Debug)]
@@ -30,6 +32,10 @@ struct Cli {
     /// Log format (overrides log.format).
     #[arg(long, env = "INSIGHTS_PROXY_LOG_FORMAT", value_enum)]
     log_format: Option<LogFormat>,
+    /// Zero-downtime upgrade: take over the listening sockets from a running instance that is sent
+    /// SIGQUIT right after this one starts.
+    #[arg(long)]
+    upgrade: bool,
     /// Validate the configuration and exit.
     #[arg(long)]
     check_config: bool,
@@ -40,15 +46,30 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run only the simulated PostHog insights backend.
-    Simulate {
-        #[arg(long, default_value = "127.0.0.1:8010")]
-        listen: String,
-        /// How long one calculation takes, in milliseconds.
-        #[arg(long, default_value_t = 200)]
-        calc_delay_ms: u64,
-        #[arg(long, default_value_t = 42)]
-        seed: u64,
-    },
+    Simulate(SimulateArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct SimulateArgs {
+    #[arg(long, default_value = "127.0.0.1:8010")]
+    listen: String,
+    /// How long one calculation takes, in milliseconds.
+    #[arg(long, default_value_t = 200)]
+    calc_delay_ms: u64,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Concurrent calculations per team before `concurrency_limit_exceeded` (0 = unlimited).
+    #[arg(long, default_value_t = 3)]
+    concurrency_limit: usize,
+    /// Per personal API key and minute on the insights endpoints, as PostHog (0 = off).
+    #[arg(long, default_value_t = 0)]
+    rate_limit_per_minute: u32,
+    /// Per personal API key and hour (0 = off).
+    #[arg(long, default_value_t = 0)]
+    rate_limit_per_hour: u32,
+    /// Staleness threshold for every interval, in seconds (lazy: twice it). Default: PostHog's table.
+    #[arg(long)]
+    staleness_seconds: Option<u64>,
 }
 
 fn load(cli: &Cli) -> Result<Config, ConfigError> {
@@ -77,9 +98,9 @@ fn init_logging(format: LogFormat) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Command::Simulate { listen, calc_delay_ms, seed }) = &cli.command {
+    if let Some(Command::Simulate(args)) = &cli.command {
         init_logging(LogFormat::Text);
-        return run_simulator(listen, *calc_delay_ms, *seed);
+        return run_simulator(args);
     }
     let config = match load(&cli) {
         Ok(c) => c,
@@ -97,7 +118,7 @@ fn main() -> ExitCode {
     let simulated = matches!(config.upstream, UpstreamTarget::Simulated { .. });
     let (max_bytes, ttl) = (config.cache_max_bytes, config.cache_ttl);
     let admin = config.admin_listen.clone().unwrap_or_else(|| "off".into());
-    let built = match server::build(config, Clock::new()) {
+    let built = match server::build_with(config, Clock::new(), cli.upgrade) {
         Ok(b) => b,
         Err(e) => {
             eprintln!("insights-proxy: {e}");
@@ -119,12 +140,27 @@ fn main() -> ExitCode {
     built.server.run_forever()
 }
 
-fn run_simulator(listen: &str, calc_delay_ms: u64, seed: u64) -> ExitCode {
+fn run_simulator(args: &SimulateArgs) -> ExitCode {
+    let listen = args.listen.as_str();
     if let Err(e) = server::check_bind(listen) {
         eprintln!("insights-proxy simulate: {e}");
         return ExitCode::from(1);
     }
-    let cfg = SimConfig { calc_delay: std::time::Duration::from_millis(calc_delay_ms), seed, ..SimConfig::default() };
+    let rate_limit = match (args.rate_limit_per_minute, args.rate_limit_per_hour) {
+        (0, 0) => None,
+        (m, h) => Some((if m == 0 { u32::MAX } else { m }, if h == 0 { u32::MAX } else { h })),
+    };
+    let thresholds = match args.staleness_seconds {
+        Some(s) => Thresholds::uniform(Duration::from_secs(s.max(1)), Duration::from_secs(s.max(1) * 2)),
+        None => Thresholds::posthog(),
+    };
+    let cfg = SimConfig {
+        calc_delay: Duration::from_millis(args.calc_delay_ms),
+        seed: args.seed,
+        concurrency_limit: (args.concurrency_limit > 0).then_some(args.concurrency_limit),
+        rate_limit,
+        thresholds,
+    };
     let sim = Simulator::new(cfg, Clock::new());
     let srv = server::simulator_server(&sim, listen, 2);
     println!(

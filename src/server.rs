@@ -58,10 +58,18 @@ pub struct Built {
     pub upstream: UpstreamUrl,
 }
 
+/// Builds the proxy. `upgrade`: take over the listening sockets of a running instance that was sent
+/// SIGQUIT (pingora's zero-downtime upgrade) instead of binding them.
 pub fn build(config: Config, clock: Clock) -> Result<Built, StartError> {
-    check_bind(&config.listen)?;
-    if let Some(admin) = &config.admin_listen {
-        check_bind(admin)?;
+    build_with(config, clock, false)
+}
+
+pub fn build_with(config: Config, clock: Clock, upgrade: bool) -> Result<Built, StartError> {
+    if !upgrade {
+        check_bind(&config.listen)?;
+        if let Some(admin) = &config.admin_listen {
+            check_bind(admin)?;
+        }
     }
     let (upstream, simulator) = match &config.upstream {
         UpstreamTarget::Remote(u) => (u.clone(), None),
@@ -89,7 +97,8 @@ pub fn build(config: Config, clock: Clock) -> Result<Built, StartError> {
         read_timeout: config.read_timeout,
         max_response_bytes: config.max_response_bytes,
     };
-    let mut server = Server::new_with_opt_and_conf(None, server_conf(&config));
+    let opt = pingora::server::configuration::Opt { upgrade, ..Default::default() };
+    let mut server = Server::new_with_opt_and_conf(Some(opt), server_conf(&config));
     server.bootstrap();
     let listen = config.listen.clone();
     let breaker = config.breaker;
