@@ -7,6 +7,7 @@ use http::{HeaderName, HeaderValue, Method};
 use tokio::sync::Semaphore;
 
 use crate::auth::Credential;
+use crate::budget::{Budget, Priority};
 use crate::cache::{CacheKey, Entry, EntryError, InsightCache, Partition, PartitionKeyer};
 use crate::clock::Clock;
 use crate::config::Config;
@@ -18,6 +19,7 @@ use crate::refresh::UpstreamRefresh;
 use crate::status::StatusRegistry;
 use crate::upstream::{UpstreamClient, UpstreamError, UpstreamRequest, UpstreamResponse};
 use crate::workers::JobQueue;
+use std::time::Duration;
 use time::OffsetDateTime;
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
@@ -37,6 +39,8 @@ pub enum Failure {
     Status(u16),
     /// The upstream answered 200 with something that is not an insight.
     Garbage,
+    /// The proxy's own budget for the upstream is spent (it never causes an upstream limit error).
+    Budget,
 }
 
 impl Failure {
@@ -45,6 +49,7 @@ impl Failure {
             Failure::Upstream(e) => e.as_str(),
             Failure::Status(_) => "status_5xx",
             Failure::Garbage => "garbage",
+            Failure::Budget => "budget",
         }
     }
 
@@ -63,9 +68,16 @@ impl Failure {
             }
             Failure::Status(s) => ApiError::bad_gateway(format!("The upstream answered with status {s}.")),
             Failure::Garbage => ApiError::bad_gateway("The upstream's answer is not a valid insight."),
+            Failure::Budget => ApiError::throttled(CONCURRENCY_LIMIT_EXCEEDED),
         }
     }
 }
+
+/// PostHog's message when a team runs too many queries (refresh-semantics.md §1.3).
+pub const CONCURRENCY_LIMIT_EXCEEDED: &str = "concurrency_limit_exceeded";
+
+/// How long background work waits for budget before giving up.
+const BACKGROUND_BUDGET_WAIT: Duration = Duration::from_secs(60);
 
 /// What one upstream call for an insight came to. Cheap to clone: every waiter gets a copy.
 #[derive(Debug, Clone)]
@@ -135,6 +147,7 @@ pub struct App {
     pub jobs: JobQueue,
     /// Bounds concurrent upstream calculations, blocking and background alike.
     pub calc_permits: Semaphore,
+    pub budget: Arc<Budget>,
     /// When the upstream last answered 200 to (partition, project): cached data reaches a
     /// credential only within `revalidate_after` of that.
     confirmations: moka::sync::Cache<(Partition, u64), OffsetDateTime>,
@@ -167,6 +180,7 @@ impl App {
             statuses: StatusRegistry::new(config.status_ttl, config.status_max_records),
             jobs: JobQueue::new(config.queue_capacity),
             calc_permits: Semaphore::new(config.max_concurrent_calculations),
+            budget: Budget::new(config.budget),
             confirmations: moka::sync::Cache::builder()
                 .max_capacity(MAX_CONFIRMATIONS)
                 .time_to_live(config.revalidate_after)
@@ -190,7 +204,20 @@ impl App {
         let (flight, started) = self.flights.join_or_start((spec.key, FlightKind::Calculate), || {
             let (app, spec) = (self.clone(), spec.clone());
             async move {
+                let priority = match reason {
+                    "background" => Priority::Async,
+                    "ahead" => Priority::Ahead,
+                    _ => Priority::Blocking,
+                };
+                let wait =
+                    if priority == Priority::Blocking { app.budget.settings().wait } else { BACKGROUND_BUDGET_WAIT };
+                let Ok(_slot) = app.budget.slot(spec.project, priority, wait).await else {
+                    return Outcome::Failed(Failure::Budget);
+                };
                 let _permit = app.calc_permits.acquire().await;
+                if app.budget.rate_token(&spec.credential, spec.key.partition, wait).await.is_err() {
+                    return Outcome::Failed(Failure::Budget);
+                }
                 app.metrics.calculations.with_label_values(&[reason]).inc();
                 app.call(&spec, refresh, "calculation").await
             }
@@ -208,6 +235,10 @@ impl App {
             .join_or_start((spec.key, FlightKind::Peek), || {
                 let (app, spec) = (self.clone(), spec.clone());
                 async move {
+                    let wait = app.budget.settings().wait;
+                    if app.budget.rate_token(&spec.credential, spec.key.partition, wait).await.is_err() {
+                        return Outcome::Failed(Failure::Budget);
+                    }
                     app.metrics.upstream_reads.with_label_values(&[reason]).inc();
                     app.call(&spec, UpstreamRefresh::ForceCache, "read").await
                 }

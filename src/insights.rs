@@ -127,6 +127,9 @@ async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, mode: RefreshMode, peeked:
                 } else {
                     hit_status(app, &entry, detail)
                 };
+                if state == CacheState::Fresh {
+                    refresh_ahead(app, spec, &entry, now);
+                }
                 return Reply::json(200, entry.render(true, qs.as_deref()), cs);
             }
             Decision::Calculate { refresh, .. } => {
@@ -155,9 +158,12 @@ async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, mode: RefreshMode, peeked:
                         Reply::relay(&r, format!("{CACHE_NAME}; fwd={fwd}; fwd-status={}{collapsed}", r.status))
                     }
                     Outcome::Failed(f) => match entry {
-                        // stale-if-error: a result we have beats an error.
-                        Some(e) => Reply::json(200, e.render(true, None), hit_status(app, &e, Some("stale-if-error"))),
-                        _ => Reply::error(&f.to_api_error(), format!("{CACHE_NAME}; fwd={fwd}; detail={}", f.as_str())),
+                        // stale-if-error: a result we have beats an error; over budget, likewise.
+                        Some(e) => {
+                            let detail = if f == Failure::Budget { "budget" } else { "stale-if-error" };
+                            Reply::json(200, e.render(true, None), hit_status(app, &e, Some(detail)))
+                        }
+                        None => failure_reply(app, spec, &f, format!("{CACHE_NAME}; fwd={fwd}; detail={}", f.as_str())),
                     },
                 };
             }
@@ -190,10 +196,7 @@ async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, mode: RefreshMode, peeked:
                         };
                     }
                     Outcome::Failed(f) => {
-                        return Reply::error(
-                            &f.to_api_error(),
-                            format!("{CACHE_NAME}; fwd=miss; detail={}", f.as_str()),
-                        )
+                        return failure_reply(app, spec, &f, format!("{CACHE_NAME}; fwd=miss; detail={}", f.as_str()))
                     }
                 }
             }
@@ -218,6 +221,56 @@ async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, mode: RefreshMode, peeked:
     }
 }
 
+/// The answer when nothing cached can stand in for a failed upstream call. Over budget it is what
+/// PostHog answers when a team runs too many queries: HTTP 200, no result, an error status
+/// (refresh-semantics.md §1.3).
+fn failure_reply(app: &App, spec: &CalcSpec, f: &Failure, cache_status: String) -> Reply {
+    if *f != Failure::Budget {
+        return Reply::error(&f.to_api_error(), cache_status);
+    }
+    let now = crate::clock::format_datetime(app.clock.now());
+    let body = serde_json::json!({
+        "id": spec.insight,
+        "result": null,
+        "last_refresh": now,
+        "is_cached": false,
+        "query_status": {
+            "id": null,
+            "team_id": spec.project,
+            "insight_id": spec.insight,
+            "dashboard_id": spec.dashboard_id(),
+            "query_async": true,
+            "complete": true,
+            "error": true,
+            "error_message": crate::app::CONCURRENCY_LIMIT_EXCEEDED,
+        },
+    });
+    Reply::json(200, Bytes::from(body.to_string()), cache_status)
+}
+
+/// Schedules a background recalculation of a hot entry shortly before it goes stale: read at
+/// least `min_reads` times, and older than `start_percent` (+ up to 10 points of per-key jitter,
+/// so a dashboard's tiles do not fire together) of its staleness threshold.
+fn refresh_ahead(app: &App, spec: &Arc<CalcSpec>, entry: &Entry, now: time::OffsetDateTime) {
+    let settings = app.config.refresh_ahead;
+    let reads = entry.note_read();
+    if !settings.enabled || reads < settings.min_reads {
+        return;
+    }
+    let Some(threshold) = app.config.thresholds.default_for(entry.stale.interval) else { return };
+    let jitter = (spec.key.variant as u64 ^ spec.key.insight.wrapping_mul(0x9E37_79B9_7F4A_7C15)) % 1000;
+    let fraction = (f64::from(settings.start_percent) + jitter as f64 / 100.0) / 100.0;
+    let age = (now - entry.stale.last_refresh).as_seconds_f64();
+    if age < threshold.as_secs_f64() * fraction || !entry.claim_refresh_ahead() {
+        return;
+    }
+    // The upstream's own cache is still fresh, so only force_blocking recalculates.
+    let job = Job { spec: spec.clone(), refresh: UpstreamRefresh::ForceBlocking, status_id: None };
+    if app.jobs.push(job).is_err() {
+        tracing::debug!(project = spec.project, insight = spec.insight, "refresh-ahead queue full");
+    }
+}
+
 /// The status of a background calculation for the key that is still running, if any.
 fn running_status(app: &App, spec: &CalcSpec) -> Option<Bytes> {
     app.statuses.running(spec.key.partition, &app.keyer.status_id(&spec.key)).map(|s| s.to_json())
@@ -234,7 +287,7 @@ fn enqueue(app: &Arc<App>, spec: &Arc<CalcSpec>, refresh_requested: bool, refres
     }
     let now = app.clock.now();
     let status = app.statuses.start(owner, id.clone(), spec.project, spec.insight, spec.dashboard_id(), now);
-    let job = Job { spec: spec.clone(), refresh, status_id: id.clone() };
+    let job = Job { spec: spec.clone(), refresh, status_id: Some(id.clone()) };
     if app.jobs.push(job).is_err() {
         // Bounded queue: say so the way PostHog does when it cannot take more work.
         app.statuses.finish(&id, now, Err("concurrency_limit_exceeded".into()));
@@ -287,6 +340,10 @@ pub async fn list(app: &Arc<App>, call: ListCall) -> Reply {
         body: None,
     };
     let bypass = format!("{CACHE_NAME}; fwd=uri-miss");
+    if app.budget.rate_token(&call.credential, partition, app.budget.settings().wait).await.is_err() {
+        let f = Failure::Budget;
+        return Reply::error(&f.to_api_error(), format!("{bypass}; detail=budget"));
+    }
     app.metrics.upstream_reads.with_label_values(&["list"]).inc();
     let resp = match app.upstream.send(&req).await {
         Ok(r) => r,

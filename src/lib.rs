@@ -6,6 +6,7 @@
 //! - [`auth`]: the caller's credential; [`cache::key`] hashes it into the partition every key carries.
 //! - [`refresh`]: parsing `refresh`, staleness, and the pure mode decision.
 //! - [`cache`]: entries and [`cache::InsightCache`], the one type the rest talks to.
+//! - [`budget`]: the calculation budget (per-project slots by priority, per-key rates).
 //! - [`flights`]: single flight; [`app`]: shared state and the one way a calculation happens.
 //! - [`workers`]: the bounded background queue and its workers; [`status`]: query statuses.
 //! - [`insights`]: answering retrieve, list and status polls; [`proxy`]: the thin pingora glue.
@@ -17,6 +18,7 @@
 pub mod admin;
 pub mod app;
 pub mod auth;
+pub mod budget;
 pub mod cache;
 pub mod clock;
 pub mod config;

@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use insights_proxy::clock::Clock;
 use insights_proxy::config::{Config, ConfigError, FileConfig, LogFormat, Overrides, UpstreamTarget};
-use insights_proxy::server;
 use insights_proxy::refresh::Thresholds;
+use insights_proxy::server;
 use insights_proxy::simulate::{SimConfig, Simulator};
 use std::time::Duration;
 

@@ -19,40 +19,56 @@ use crate::refresh::UpstreamRefresh;
 pub struct Job {
     pub spec: Arc<CalcSpec>,
     pub refresh: UpstreamRefresh,
-    pub status_id: String,
+    /// The status a client polls; refresh-ahead has none.
+    pub status_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("the background queue is full")]
 pub struct QueueFull;
 
+/// Two lanes: work a client asked for, and refresh-ahead. Workers always drain the first before
+/// the second, so refresh-ahead only uses capacity nobody is waiting for.
 pub struct JobQueue {
-    tx: mpsc::Sender<Job>,
-    rx: tokio::sync::Mutex<mpsc::Receiver<Job>>,
+    client: mpsc::Sender<Job>,
+    ahead: mpsc::Sender<Job>,
+    rx: tokio::sync::Mutex<(mpsc::Receiver<Job>, mpsc::Receiver<Job>)>,
     /// Keys with a job waiting in the queue: a second job for the same key is not queued.
     queued: Mutex<HashSet<CacheKey>>,
 }
 
 impl JobQueue {
     pub fn new(capacity: usize) -> Self {
-        let (tx, rx) = mpsc::channel(capacity);
-        Self { tx, rx: tokio::sync::Mutex::new(rx), queued: Mutex::new(HashSet::new()) }
+        let (client, client_rx) = mpsc::channel(capacity);
+        let (ahead, ahead_rx) = mpsc::channel(capacity);
+        Self { client, ahead, rx: tokio::sync::Mutex::new((client_rx, ahead_rx)), queued: Mutex::new(HashSet::new()) }
     }
 
-    /// Queues `job` unless one for the same key is already waiting.
+    /// Queues `job` unless one for the same key is already waiting. Jobs with a status go in the
+    /// client lane, the others (refresh-ahead) in the ahead lane.
     pub fn push(&self, job: Job) -> Result<(), QueueFull> {
         let key = job.spec.key;
         let mut queued = self.queued.lock();
         if queued.contains(&key) {
             return Ok(());
         }
-        self.tx.try_send(job).map_err(|_| QueueFull)?;
+        let lane = if job.status_id.is_some() { &self.client } else { &self.ahead };
+        lane.try_send(job).map_err(|_| QueueFull)?;
         queued.insert(key);
         Ok(())
     }
 
     async fn pop(&self) -> Option<Job> {
-        let job = self.rx.lock().await.recv().await?;
+        let job = {
+            let mut rx = self.rx.lock().await;
+            let (client, ahead) = &mut *rx;
+            tokio::select! {
+                biased;
+                Some(job) = client.recv() => job,
+                Some(job) = ahead.recv() => job,
+                else => return None,
+            }
+        };
         self.queued.lock().remove(&job.spec.key);
         Some(job)
     }
@@ -95,7 +111,12 @@ pub fn status_results(entry: &Entry) -> Value {
 
 /// Runs one job to completion and records the outcome in its status.
 pub async fn run_job(app: &Arc<App>, job: Job) {
-    app.statuses.picked_up(&job.status_id, app.clock.now());
+    let Some(status_id) = job.status_id else {
+        // Refresh-ahead: nobody polls it; the result simply lands in the cache.
+        let _ = app.calculation(&job.spec, job.refresh, "ahead").0.wait().await;
+        return;
+    };
+    app.statuses.picked_up(&status_id, app.clock.now());
     let (flight, _) = app.calculation(&job.spec, job.refresh, "background");
     let result = match flight.wait().await {
         Some(Outcome::Stored(entry)) => Ok(status_results(&entry)),
@@ -103,7 +124,7 @@ pub async fn run_job(app: &Arc<App>, job: Job) {
         Some(Outcome::Failed(f)) => Err(f.to_api_error().detail),
         None => Err("The calculation was interrupted.".into()),
     };
-    app.statuses.finish(&job.status_id, app.clock.now(), result);
+    app.statuses.finish(&status_id, app.clock.now(), result);
 }
 
 /// The upstream's own error message for a relayed answer, e.g. `concurrency_limit_exceeded`.

@@ -3,6 +3,8 @@
 //! The per-response fields (`is_cached`, `query_status`) are cut out of the stored body and spliced
 //! in front of it on every answer, so a hit never parses or re-serialises JSON.
 
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+
 use bytes::{BufMut, Bytes, BytesMut};
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
@@ -17,6 +19,10 @@ pub struct Entry {
     pub stale: StaleInfo,
     /// The cache epoch at which the calculation that produced this entry started (see `Epochs`).
     pub epoch: u64,
+    /// Reads served from this entry, for refresh-ahead.
+    reads: AtomicU32,
+    /// Set once a refresh-ahead was scheduled for this entry, so it is scheduled once.
+    ahead: AtomicBool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -67,7 +73,13 @@ impl Entry {
         map.remove("is_cached");
         map.remove("query_status");
         let body = Bytes::from(serde_json::to_vec(&map).expect("a JSON map serialises"));
-        Ok(Entry { body, stale: StaleInfo { last_refresh, interval, date_to }, epoch })
+        Ok(Entry {
+            body,
+            stale: StaleInfo { last_refresh, interval, date_to },
+            epoch,
+            reads: AtomicU32::new(0),
+            ahead: AtomicBool::new(false),
+        })
     }
 
     /// The answer body: `{"is_cached":..,"query_status":..,` + the stored fields.
@@ -95,6 +107,16 @@ impl Entry {
             m.insert("query_status".into(), Value::Null);
         }
         v
+    }
+
+    /// Counts a read; returns the reads so far, this one included.
+    pub fn note_read(&self) -> u32 {
+        self.reads.fetch_add(1, Ordering::Relaxed).saturating_add(1)
+    }
+
+    /// True for the first caller only: that caller schedules the refresh-ahead.
+    pub fn claim_refresh_ahead(&self) -> bool {
+        !self.ahead.swap(true, Ordering::Relaxed)
     }
 
     /// Bytes this entry holds, for the cache's weigher.

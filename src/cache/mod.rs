@@ -115,14 +115,15 @@ impl InsightCache {
         self.epochs.is_current(key, e.epoch).then_some(e)
     }
 
-    /// Stores `entry` unless a purge happened since its calculation started, or a newer result is
-    /// already there. Returns whether it was stored.
+    /// Stores `entry` unless a purge happened since its calculation started, or the same or a newer
+    /// result is already there (keeping the old one keeps its read counts). Returns whether it was
+    /// stored.
     pub async fn insert(&self, key: CacheKey, entry: Arc<Entry>) -> bool {
         if !self.epochs.is_current(&key, entry.epoch) {
             return false;
         }
         if let Some(old) = self.get(&key).await {
-            if old.last_refresh() > entry.last_refresh() {
+            if old.last_refresh() >= entry.last_refresh() {
                 return false;
             }
         }

@@ -41,6 +41,10 @@ pub fn test_config(listen_port: u16, upstream_port: u16) -> Config {
     c.read_timeout = Duration::from_secs(10);
     c.admin_listen = Some(format!("127.0.0.1:{}", free_port()));
     c.admin_token = Some(ADMIN_TOKEN.into());
+    // The simulator enforces no rate limit unless a test asks; tests that exercise the proxy's
+    // own rate budget turn it back on.
+    c.budget.per_minute = None;
+    c.budget.per_hour = None;
     c
 }
 

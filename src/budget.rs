@@ -1,0 +1,274 @@
+//! The calculation budget: what the proxy itself may ask of the upstream, so it never trips
+//! PostHog's limits (refresh-semantics.md §7): at most N concurrent calculations per project, and
+//! per personal API key a rate that stays inside 240/min and 1200/hour.
+//!
+//! Calculation slots are handed out by priority: a client waiting on a blocking answer, then async
+//! work a client asked for, then refresh-ahead. A released slot goes straight to the next waiter.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tokio::sync::oneshot;
+
+use crate::auth::Credential;
+use crate::cache::Partition;
+use crate::config::BudgetSettings;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Priority {
+    /// A client is waiting for the answer.
+    Blocking = 0,
+    /// Background work a client asked for (`async`, `force_async`, ...).
+    Async = 1,
+    /// Refresh-ahead: nobody is waiting.
+    Ahead = 2,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the upstream budget is spent")]
+pub struct Exhausted;
+
+#[derive(Default)]
+struct Slots {
+    running: usize,
+    waiting: [VecDeque<oneshot::Sender<()>>; 3],
+}
+
+/// Credentials whose rate state is kept at most; a forgotten one starts with a full bucket.
+const MAX_RATE_STATES: u64 = 100_000;
+
+pub struct Budget {
+    settings: BudgetSettings,
+    projects: Mutex<HashMap<u64, Slots>>,
+    rates: moka::sync::Cache<Partition, Arc<Mutex<Rate>>>,
+}
+
+/// A held calculation slot; dropping it hands the slot on.
+pub struct Slot {
+    budget: Arc<Budget>,
+    project: u64,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.budget.release(self.project);
+    }
+}
+
+impl Budget {
+    pub fn new(settings: BudgetSettings) -> Arc<Self> {
+        let rates =
+            moka::sync::Cache::builder().max_capacity(MAX_RATE_STATES).time_to_idle(Duration::from_secs(3600)).build();
+        Arc::new(Self { settings, projects: Mutex::new(HashMap::new()), rates })
+    }
+
+    pub fn settings(&self) -> &BudgetSettings {
+        &self.settings
+    }
+
+    /// A calculation slot for `project`, waiting at most `wait` behind higher-priority work.
+    pub async fn slot(self: &Arc<Self>, project: u64, priority: Priority, wait: Duration) -> Result<Slot, Exhausted> {
+        let mut rx = {
+            let mut projects = self.projects.lock();
+            let slots = projects.entry(project).or_default();
+            if slots.running < self.settings.project_concurrency {
+                slots.running += 1;
+                return Ok(Slot { budget: self.clone(), project });
+            }
+            let (tx, rx) = oneshot::channel();
+            slots.waiting[priority as usize].push_back(tx);
+            rx
+        };
+        tokio::select! {
+            r = &mut rx => r.map(|()| Slot { budget: self.clone(), project }).map_err(|_| Exhausted),
+            _ = tokio::time::sleep(wait) => {
+                // A slot may have been handed over just as the wait ended: keep it if so.
+                rx.close();
+                rx.try_recv().map(|()| Slot { budget: self.clone(), project }).map_err(|_| Exhausted)
+            }
+        }
+    }
+
+    fn release(&self, project: u64) {
+        let mut projects = self.projects.lock();
+        let Some(slots) = projects.get_mut(&project) else { return };
+        for queue in slots.waiting.iter_mut() {
+            while let Some(tx) = queue.pop_front() {
+                if tx.send(()).is_ok() {
+                    return; // handed over: still running
+                }
+            }
+        }
+        slots.running = slots.running.saturating_sub(1);
+        if slots.running == 0 {
+            projects.remove(&project);
+        }
+    }
+
+    /// Calculations running for `project` (for tests and metrics).
+    pub fn running(&self, project: u64) -> usize {
+        self.projects.lock().get(&project).map_or(0, |s| s.running)
+    }
+
+    /// One upstream call's worth of rate for a personal API key, waiting at most `wait`. Session
+    /// credentials are exempt, as upstream exempts them.
+    pub async fn rate_token(
+        &self,
+        credential: &Credential,
+        partition: Partition,
+        wait: Duration,
+    ) -> Result<(), Exhausted> {
+        let is_api_key = credential.api_key_param.is_some() || credential.authorization.is_some();
+        let windows: Vec<(u32, Duration)> = [
+            self.settings.per_minute.map(|n| (n, Duration::from_secs(60))),
+            self.settings.per_hour.map(|n| (n, Duration::from_secs(3600))),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if !is_api_key || windows.is_empty() {
+            return Ok(());
+        }
+        let rate = self.rates.get_with(partition, || Arc::new(Mutex::new(Rate::new(&windows))));
+        let deadline = Instant::now() + wait;
+        loop {
+            let retry_in = rate.lock().take(Instant::now());
+            match retry_in {
+                None => return Ok(()),
+                Some(d) if Instant::now() + d <= deadline => tokio::time::sleep(d).await,
+                Some(_) => return Err(Exhausted),
+            }
+        }
+    }
+}
+
+/// Token buckets sized so that no window of the limit's length ever sees more than the limit:
+/// capacity L/4 plus a refill of 3L/4 per window is at most L in any window (a plain bucket of
+/// capacity L refilled at L per window would allow 2L), so upstream's sliding-window throttle
+/// never trips on the proxy's own calls.
+struct Rate {
+    buckets: Vec<Bucket>,
+}
+
+struct Bucket {
+    tokens: f64,
+    capacity: f64,
+    per_second: f64,
+    at: Instant,
+}
+
+impl Rate {
+    fn new(windows: &[(u32, Duration)]) -> Self {
+        let now = Instant::now();
+        let buckets = windows
+            .iter()
+            .map(|&(limit, window)| {
+                let limit = f64::from(limit);
+                let capacity = (limit / 4.0).max(1.0);
+                Bucket {
+                    tokens: capacity,
+                    capacity,
+                    per_second: (limit - capacity).max(0.0) / window.as_secs_f64(),
+                    at: now,
+                }
+            })
+            .collect();
+        Self { buckets }
+    }
+
+    /// Takes a token from every bucket, or says how long until that is possible.
+    fn take(&mut self, now: Instant) -> Option<Duration> {
+        let mut wait = Duration::ZERO;
+        for b in &mut self.buckets {
+            b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * b.per_second).min(b.capacity);
+            b.at = now;
+            if b.tokens < 1.0 {
+                let secs = if b.per_second > 0.0 { (1.0 - b.tokens) / b.per_second } else { f64::INFINITY };
+                wait = wait.max(Duration::from_secs_f64(secs.min(86_400.0)));
+            }
+        }
+        if wait > Duration::ZERO {
+            return Some(wait);
+        }
+        for b in &mut self.buckets {
+            b.tokens -= 1.0;
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(concurrency: usize) -> BudgetSettings {
+        BudgetSettings {
+            project_concurrency: concurrency,
+            per_minute: Some(8),
+            per_hour: None,
+            wait: Duration::from_secs(1),
+        }
+    }
+
+    #[tokio::test]
+    async fn slots_are_bounded_per_project_and_go_by_priority() {
+        let b = Budget::new(settings(1));
+        let held = b.slot(1, Priority::Blocking, Duration::from_secs(1)).await.unwrap();
+        let _other_project = b.slot(2, Priority::Ahead, Duration::ZERO).await.unwrap();
+        assert!(b.slot(1, Priority::Blocking, Duration::from_millis(10)).await.is_err());
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for p in [Priority::Ahead, Priority::Async, Priority::Blocking] {
+            let (b, order) = (b.clone(), order.clone());
+            tasks.push(tokio::spawn(async move {
+                let s = b.slot(1, p, Duration::from_secs(5)).await.unwrap();
+                order.lock().push(p);
+                drop(s);
+            }));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        drop(held);
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(*order.lock(), vec![Priority::Blocking, Priority::Async, Priority::Ahead]);
+        assert_eq!(b.running(1), 0);
+    }
+
+    #[test]
+    fn no_window_exceeds_the_limit() {
+        let start = Instant::now();
+        let mut r = Rate::new(&[(8, Duration::from_secs(60))]);
+        // Greedy caller: take whenever allowed, over 10 minutes of simulated time.
+        let mut taken = Vec::new();
+        let mut now = start;
+        while now < start + Duration::from_secs(600) {
+            match r.take(now) {
+                None => taken.push(now),
+                Some(d) => now += d.max(Duration::from_millis(1)),
+            }
+        }
+        for (i, t) in taken.iter().enumerate() {
+            let in_window = taken[i..].iter().take_while(|u| **u < *t + Duration::from_secs(60)).count();
+            assert!(in_window <= 8, "{in_window} calls in one minute");
+        }
+        assert!(taken.len() >= 8 * 10 * 3 / 4, "sustains at least 3/4 of the limit: {}", taken.len());
+    }
+
+    #[tokio::test]
+    async fn sessions_are_exempt_and_keys_are_limited() {
+        let b = Budget::new(settings(1));
+        let session = Credential { session_cookie: Some("s".into()), ..Default::default() };
+        for _ in 0..50 {
+            b.rate_token(&session, Partition([1; 16]), Duration::ZERO).await.unwrap();
+        }
+        let key = Credential { authorization: Some("Bearer k".into()), ..Default::default() };
+        let mut ok = 0;
+        while b.rate_token(&key, Partition([2; 16]), Duration::ZERO).await.is_ok() {
+            ok += 1;
+        }
+        assert_eq!(ok, 2, "capacity is a quarter of the per-minute limit");
+    }
+}
