@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Installs what a fresh Debian machine lacks to build insights-proxy: cmake (pingora's zlib-ng
-# build needs it), and rustfmt/clippy for the lint gates. Safe to run repeatedly.
+# Installs what a fresh Debian machine lacks to build and test insights-proxy: cmake (pingora's
+# zlib-ng build needs it), redis-server (shared-tier tests), and rustfmt/clippy for the lint gates.
+# Safe to run repeatedly.
 set -euo pipefail
 need=()
 command -v cmake >/dev/null 2>&1 || need+=(cmake)
 command -v cc >/dev/null 2>&1 || need+=(build-essential)
+# The shared-tier tests start their own redis-server on a loopback port.
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 if [ ${#need[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq

@@ -53,6 +53,10 @@ impl AdminApp {
         m.cache_bytes.set(app.cache.weighted_size() as i64);
         m.status_records.set(app.statuses.len() as i64);
         m.circuit_open.set(i64::from(app.upstream.breaker().is_open()));
+        if let Some(l2) = app.cache.l2() {
+            m.l2_up.set(i64::from(l2.is_up()));
+            m.l2_errors.set(l2.errors.load(std::sync::atomic::Ordering::Relaxed) as i64);
+        }
         m.render()
     }
 
@@ -62,6 +66,8 @@ impl AdminApp {
         if self.app.upstream.breaker().is_open() {
             return Err("upstream circuit open");
         }
+        // The shared tier being down degrades, it does not make the proxy unready: it is in the
+        // /readyz detail and in metrics.
         let timeout = settings.connect_timeout.min(Duration::from_secs(2));
         match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(settings.url.addr)).await {
             Ok(Ok(_)) => Ok(()),
@@ -152,10 +158,13 @@ impl ServeHttp for AdminApp {
         match (method, path.trim_end_matches('/')) {
             (Method::GET, "/metrics") => respond(200, "text/plain; version=0.0.4", self.metrics_text().await),
             (Method::GET, "/healthz") => json_reply(200, json!({"status": "ok"})),
-            (Method::GET, "/readyz") => match self.readiness().await {
-                Ok(()) => json_reply(200, json!({"status": "ready", "upstream": "ok"})),
-                Err(why) => json_reply(503, json!({"status": "not ready", "upstream": why})),
-            },
+            (Method::GET, "/readyz") => {
+                let l2 = self.app.cache.l2().map(|l2| if l2.is_up() { "ok" } else { "down" });
+                match self.readiness().await {
+                    Ok(()) => json_reply(200, json!({"status": "ready", "upstream": "ok", "l2": l2})),
+                    Err(why) => json_reply(503, json!({"status": "not ready", "upstream": why, "l2": l2})),
+                }
+            }
             (m, p @ ("/admin/purge" | "/admin/entries")) => {
                 if let Err(e) = self.authorized(session) {
                     return error(&e);

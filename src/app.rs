@@ -8,7 +8,8 @@ use tokio::sync::Semaphore;
 
 use crate::auth::Credential;
 use crate::budget::{Budget, Priority};
-use crate::cache::{CacheKey, Entry, EntryError, InsightCache, Partition, PartitionKeyer};
+use crate::cache::l2::Lease;
+use crate::cache::{CacheKey, Entry, EntryError, InsightCache, Partition, PartitionKeyer, L2};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::error::ApiError;
@@ -173,8 +174,15 @@ impl App {
         let metrics = Metrics::new();
         let evictions = metrics.evictions.clone();
         let hook: crate::cache::EvictionHook = Arc::new(move |cause| evictions.with_label_values(&[cause]).inc());
+        let l2 = config.l2.clone().and_then(|s| match L2::new(s) {
+            Ok(l2) => Some(l2),
+            Err(e) => {
+                tracing::error!(error = %e, "the [l2] url is unusable; running without the shared tier");
+                None
+            }
+        });
         Arc::new(App {
-            cache: InsightCache::new(config.cache_max_bytes, config.cache_ttl, Some(hook)),
+            cache: InsightCache::new(config.cache_max_bytes, config.cache_ttl, Some(hook)).with_l2(l2, clock.clone()),
             keyer: PartitionKeyer::new(config.partition_secret.as_deref()),
             flights: Flights::default(),
             statuses: StatusRegistry::new(config.status_ttl, config.status_max_records),
@@ -204,28 +212,103 @@ impl App {
         let (flight, started) = self.flights.join_or_start((spec.key, FlightKind::Calculate), || {
             let (app, spec) = (self.clone(), spec.clone());
             async move {
-                let priority = match reason {
-                    "background" => Priority::Async,
-                    "ahead" => Priority::Ahead,
-                    _ => Priority::Blocking,
-                };
-                let wait =
-                    if priority == Priority::Blocking { app.budget.settings().wait } else { BACKGROUND_BUDGET_WAIT };
-                let Ok(_slot) = app.budget.slot(spec.project, priority, wait).await else {
-                    return Outcome::Failed(Failure::Budget);
-                };
-                let _permit = app.calc_permits.acquire().await;
-                if app.budget.rate_token(&spec.credential, spec.key.partition, wait).await.is_err() {
-                    return Outcome::Failed(Failure::Budget);
+                match app.shared_flight(&spec, refresh, reason).await {
+                    Some(outcome) => outcome,
+                    None => app.calculate_here(&spec, refresh, reason).await,
                 }
-                app.metrics.calculations.with_label_values(&[reason]).inc();
-                app.call(&spec, refresh, "calculation").await
             }
         });
         if !started {
             self.metrics.coalesced.inc();
         }
         (flight, started)
+    }
+
+    /// Copies a status to the shared tier, so a poll may land on any replica.
+    pub fn share_status(&self, id: &str, owner: Partition) {
+        let (Some(l2), Some(status)) = (self.cache.l2().cloned(), self.statuses.get(owner, id)) else { return };
+        let (id, ttl) = (id.to_string(), self.config.status_ttl);
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move { l2.put_status(&id, owner, &status.to_json(), ttl).await });
+        }
+    }
+
+    /// One calculation on this replica, within the budget: a slot for the project (by priority),
+    /// a global permit, and a rate token for the credential.
+    async fn calculate_here(&self, spec: &Arc<CalcSpec>, refresh: UpstreamRefresh, reason: &'static str) -> Outcome {
+        let priority = match reason {
+            "background" => Priority::Async,
+            "ahead" => Priority::Ahead,
+            _ => Priority::Blocking,
+        };
+        let wait = if priority == Priority::Blocking { self.budget.settings().wait } else { BACKGROUND_BUDGET_WAIT };
+        let Ok(_slot) = self.budget.slot(spec.project, priority, wait).await else {
+            return Outcome::Failed(Failure::Budget);
+        };
+        let _permit = self.calc_permits.acquire().await;
+        if self.budget.rate_token(&spec.credential, spec.key.partition, wait).await.is_err() {
+            return Outcome::Failed(Failure::Budget);
+        }
+        self.metrics.calculations.with_label_values(&[reason]).inc();
+        self.call(spec, refresh, "calculation").await
+    }
+
+    /// With the shared tier: one calculation per key across replicas. Returns the outcome when
+    /// another replica's calculation served this one (or this replica calculated under a lease);
+    /// `None` to calculate here without a lease (no shared tier, or it is unavailable).
+    async fn shared_flight(
+        self: &Arc<Self>,
+        spec: &Arc<CalcSpec>,
+        refresh: UpstreamRefresh,
+        reason: &'static str,
+    ) -> Option<Outcome> {
+        let l2 = self.cache.l2()?.clone();
+        // What counts as an answer: newer than what this replica has, or, when forced, newer
+        // than the request.
+        let current = self.cache.get_local(&spec.key).await.map(|e| e.last_refresh());
+        let floor = match refresh {
+            UpstreamRefresh::ForceBlocking => Some(self.clock.now() - time::Duration::seconds(1)),
+            _ => current,
+        };
+        let deadline = tokio::time::Instant::now() + self.config.read_timeout;
+        loop {
+            match l2.try_lease(&spec.key).await {
+                Lease::Unavailable => return None,
+                Lease::Acquired(token) => {
+                    let renewer = {
+                        let (l2, key, token) = (l2.clone(), spec.key, token.clone());
+                        let every = l2.settings().lease / 3;
+                        tokio::spawn(async move {
+                            loop {
+                                tokio::time::sleep(every).await;
+                                if !l2.renew(&key, &token).await {
+                                    return;
+                                }
+                            }
+                        })
+                    };
+                    let outcome = self.calculate_here(spec, refresh, reason).await;
+                    renewer.abort();
+                    l2.release(&spec.key, &token).await;
+                    return Some(outcome);
+                }
+                Lease::Held => {
+                    l2.wait_done(&spec.key, l2.settings().wait_poll).await;
+                    let epoch = self.cache.begin();
+                    if let Some(e) = l2.get(&spec.key, epoch).await {
+                        if floor.is_none_or(|f| e.last_refresh() > f) {
+                            let e = Arc::new(e);
+                            self.cache.insert(spec.key, e.clone()).await;
+                            self.metrics.coalesced.inc();
+                            return Some(Outcome::Stored(e));
+                        }
+                    }
+                    if tokio::time::Instant::now() >= deadline {
+                        return None;
+                    }
+                }
+            }
+        }
     }
 
     /// Reads the upstream's cache for the key (never calculates), sharing concurrent peeks.
@@ -248,13 +331,14 @@ impl App {
 
     async fn call(&self, spec: &CalcSpec, refresh: UpstreamRefresh, kind: &'static str) -> Outcome {
         let epoch = self.cache.begin();
+        let started_ms = self.cache.now_ms();
         let gauge = self.metrics.in_flight.with_label_values(&[kind]);
         gauge.inc();
         let timer = self.metrics.upstream_seconds.start_timer();
         let resp = self.upstream.send(&spec.upstream_request(refresh)).await;
         timer.observe_duration();
         gauge.dec();
-        let outcome = self.absorb(spec, epoch, resp).await;
+        let outcome = self.absorb(spec, epoch, started_ms, resp).await;
         if let Outcome::Failed(f) = &outcome {
             self.metrics.upstream_errors.with_label_values(&[f.as_str()]).inc();
             tracing::warn!(
@@ -269,7 +353,13 @@ impl App {
     }
 
     /// Turns an upstream answer into an outcome, caching it only if it is a good insight.
-    async fn absorb(&self, spec: &CalcSpec, epoch: u64, resp: Result<UpstreamResponse, UpstreamError>) -> Outcome {
+    async fn absorb(
+        &self,
+        spec: &CalcSpec,
+        epoch: u64,
+        started_ms: i64,
+        resp: Result<UpstreamResponse, UpstreamError>,
+    ) -> Outcome {
         let resp = match resp {
             Err(e) => return Outcome::Failed(Failure::Upstream(e)),
             Ok(r) => r,
@@ -283,7 +373,7 @@ impl App {
                 self.cache.remove(&spec.key).await;
                 Outcome::Relay(Arc::new(resp))
             }
-            200 => match Entry::from_upstream(&resp.body, spec.insight, epoch) {
+            200 => match Entry::from_upstream(&resp.body, spec.insight, epoch).map(|e| e.stamped(started_ms)) {
                 Ok(e) => {
                     let e = Arc::new(e);
                     self.cache.insert(spec.key, e.clone()).await;

@@ -53,6 +53,7 @@ pub struct FileConfig {
     pub security: SecuritySection,
     pub budget: BudgetSection,
     pub refresh_ahead: RefreshAheadSection,
+    pub l2: Option<L2Section>,
     pub admin: AdminSection,
     pub simulator: SimulatorSection,
     pub log: LogSection,
@@ -197,6 +198,30 @@ impl Default for RefreshAheadSection {
 
 #[derive(Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+pub struct L2Section {
+    pub url: String,
+    pub key_prefix: String,
+    pub timeout_ms: u64,
+    pub ttl_seconds: u64,
+    pub lease_ms: u64,
+    pub wait_poll_ms: u64,
+}
+
+impl Default for L2Section {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            key_prefix: "ipx:".into(),
+            timeout_ms: 200,
+            ttl_seconds: DEFAULT_CACHE_TTL_SECONDS,
+            lease_ms: 30_000,
+            wait_poll_ms: 500,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct AdminSection {
     pub listen: String,
     pub token: Option<String>,
@@ -297,6 +322,7 @@ pub struct Config {
     pub breaker: BreakerSettings,
     pub budget: BudgetSettings,
     pub refresh_ahead: RefreshAheadSettings,
+    pub l2: Option<L2Settings>,
     /// The admin listener (`/metrics`, `/healthz`, `/readyz`, the admin API); `None` = off.
     pub admin_listen: Option<String>,
     /// Bearer token for the admin API (purge, inspect); without one the admin API is off.
@@ -325,6 +351,21 @@ pub struct BudgetSettings {
     pub per_hour: Option<u32>,
     /// How long a blocking request waits for budget.
     pub wait: Duration,
+}
+
+/// The shared second tier (Redis/Valkey).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct L2Settings {
+    pub url: String,
+    pub prefix: String,
+    /// Each Redis call's budget; a slow Redis counts as down.
+    pub timeout: Duration,
+    pub ttl: Duration,
+    /// How long a calculation lease lives without renewal (renewed while the calculation runs).
+    pub lease: Duration,
+    /// How long a replica waits for another's calculation before looking again (the fallback
+    /// when an event is lost or the leader died).
+    pub wait_poll: Duration,
 }
 
 /// Recalculating read entries shortly before they go stale.
@@ -523,6 +564,37 @@ impl Config {
         if file.refresh_ahead.min_reads == 0 {
             bad("refresh_ahead.min_reads", "must be at least 1".into());
         }
+        let l2 = match &file.l2 {
+            None => None,
+            Some(l2) => {
+                if !(l2.url.starts_with("redis://")
+                    || l2.url.starts_with("rediss://")
+                    || l2.url.starts_with("valkey://"))
+                {
+                    bad("l2.url", format!("{:?} must be a redis:// URL", l2.url));
+                }
+                if file.cache.partition_secret.is_none() {
+                    bad(
+                        "cache.partition_secret",
+                        "is required with [l2]: replicas must derive the same partitions".into(),
+                    );
+                }
+                if l2.timeout_ms == 0 || l2.lease_ms < 1000 || l2.wait_poll_ms == 0 || l2.ttl_seconds == 0 {
+                    bad(
+                        "l2",
+                        "timeout_ms, wait_poll_ms and ttl_seconds must be at least 1, lease_ms at least 1000".into(),
+                    );
+                }
+                Some(L2Settings {
+                    url: l2.url.replacen("valkey://", "redis://", 1),
+                    prefix: l2.key_prefix.clone(),
+                    timeout: Duration::from_millis(l2.timeout_ms),
+                    ttl: Duration::from_secs(l2.ttl_seconds),
+                    lease: Duration::from_millis(l2.lease_ms),
+                    wait_poll: Duration::from_millis(l2.wait_poll_ms),
+                })
+            }
+        };
         let Some(upstream) = upstream.filter(|_| problems.is_empty()) else {
             return Err(ConfigError::Invalid(problems));
         };
@@ -563,6 +635,7 @@ impl Config {
                 min_reads: file.refresh_ahead.min_reads,
                 start_percent: file.refresh_ahead.start_percent,
             },
+            l2,
             admin_listen,
             admin_token: file.admin.token,
             sim_calc_delay: Duration::from_millis(file.simulator.calc_delay_ms),

@@ -287,6 +287,7 @@ fn enqueue(app: &Arc<App>, spec: &Arc<CalcSpec>, refresh_requested: bool, refres
     }
     let now = app.clock.now();
     let status = app.statuses.start(owner, id.clone(), spec.project, spec.insight, spec.dashboard_id(), now);
+    app.share_status(&id, owner);
     let job = Job { spec: spec.clone(), refresh, status_id: Some(id.clone()) };
     if app.jobs.push(job).is_err() {
         // Bounded queue: say so the way PostHog does when it cannot take more work.
@@ -332,6 +333,7 @@ pub struct ListCall {
 pub async fn list(app: &Arc<App>, call: ListCall) -> Reply {
     let partition = app.keyer.partition(&call.credential);
     let epoch = app.cache.begin();
+    let started_ms = app.cache.now_ms();
     let q = call.query.encode_without(&["refresh", "client_query_id"], &[("refresh", "force_cache")]);
     let req = crate::upstream::UpstreamRequest {
         method: http::Method::GET,
@@ -383,7 +385,7 @@ pub async fn list(app: &Arc<App>, call: ListCall) -> Reply {
             credential: call.credential.clone(),
         });
         // The page came from the upstream's cache: a result on it is a peek worth keeping.
-        let peeked = match Entry::from_value(item.clone(), insight, epoch) {
+        let peeked = match Entry::from_value(item.clone(), insight, epoch).map(|e| e.stamped(started_ms)) {
             Ok(e) => {
                 let e = Arc::new(e);
                 app.cache.insert(spec.key, e.clone()).await;
@@ -433,7 +435,7 @@ pub fn rewrite_origin(url: &str, public_base: &str) -> String {
 
 /// `GET .../query/:id/` for ids the proxy issued: 202 running, 200 complete, 400 failed, 404
 /// unknown, expired, or another partition's. `None`: not ours, pass it through.
-pub fn query_status(app: &App, project: u64, query_id: &str, credential: Option<&Credential>) -> Option<Reply> {
+pub async fn query_status(app: &App, project: u64, query_id: &str, credential: Option<&Credential>) -> Option<Reply> {
     if !query_id.starts_with("ipx_") {
         return None;
     }
@@ -441,8 +443,15 @@ pub fn query_status(app: &App, project: u64, query_id: &str, credential: Option<
     let Some(credential) = credential else {
         return Some(Reply::error(&ApiError::not_authenticated(), cs));
     };
-    let status = app.statuses.get(app.keyer.partition(credential), query_id).filter(|s| s.team_id == project);
-    let Some(status) = status else {
+    let owner = app.keyer.partition(credential);
+    let mut status = app.statuses.get(owner, query_id);
+    if status.is_none() {
+        // Another replica may have issued it.
+        if let Some(l2) = app.cache.l2() {
+            status = l2.get_status(query_id, owner).await.and_then(|b| serde_json::from_slice(&b).ok());
+        }
+    }
+    let Some(status) = status.filter(|s| s.team_id == project) else {
         return Some(Reply::error(&ApiError::not_found(), cs));
     };
     let code = match (status.complete, status.error) {

@@ -30,6 +30,9 @@ pub struct Metrics {
     pub status_records: IntGauge,
     pub in_flight: IntGaugeVec,
     pub circuit_open: IntGauge,
+    pub l2_up: IntGauge,
+    /// Failed shared-tier calls since start (a gauge mirrored from the tier's own counter).
+    pub l2_errors: IntGauge,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -98,6 +101,8 @@ impl Metrics {
             status_records: gauge(&r, "query_status_records", "query_status records kept."),
             in_flight,
             circuit_open: gauge(&r, "upstream_circuit_open", "1 while the upstream circuit breaker is open."),
+            l2_up: gauge(&r, "l2_up", "1 while the shared tier (Redis) answers; 0 while its breaker is open."),
+            l2_errors: gauge(&r, "l2_errors", "Failed shared-tier calls since start."),
             registry: r,
         }
     }

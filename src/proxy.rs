@@ -209,7 +209,7 @@ impl ProxyHttp for InsightsProxy {
             }
             Route::QueryStatus { project, query_id } => {
                 let cred = Credential::from_request(&session.req_header().headers, query.get("personal_api_key"));
-                match insights::query_status(&self.app, project, &query_id, cred.as_ref()) {
+                match insights::query_status(&self.app, project, &query_id, cred.as_ref()).await {
                     Some(reply) => {
                         ctx.cache_status = Some(reply.cache_status.clone());
                         write_reply(session, &reply).await?;

@@ -108,6 +108,9 @@ pub fn build_with(config: Config, clock: Clock, upgrade: bool) -> Result<Built, 
     proxy.add_tcp(&listen);
     server.add_service(proxy);
     server.add_service(background_service("refresh workers", Workers { app: app.clone() }));
+    if app.cache.l2().is_some() {
+        server.add_service(background_service("l2 events", L2Events { app: app.clone() }));
+    }
     if let Some(admin) = &app.config.admin_listen {
         let mut svc = pingora::services::listening::Service::new("admin".into(), AdminApp { app: app.clone() });
         svc.add_tcp(admin);
@@ -117,6 +120,21 @@ pub fn build_with(config: Config, clock: Clock, upgrade: bool) -> Result<Built, 
         server.add_service(sim.service(&upstream.addr.to_string()));
     }
     Ok(Built { server, app, simulator, upstream })
+}
+
+/// Applies other replicas' purges and wakes waits on their calculations (the shared tier's
+/// pub/sub channel).
+struct L2Events {
+    app: Arc<App>,
+}
+
+#[async_trait]
+impl pingora::services::background::BackgroundService for L2Events {
+    async fn start(&self, shutdown: pingora::server::ShutdownWatch) {
+        let Some(l2) = self.app.cache.l2().cloned() else { return };
+        let app = self.app.clone();
+        l2.listen(move |scope| app.cache.purge_local(scope), shutdown).await;
+    }
 }
 
 /// A server running only the simulated backend on `listen` (the `simulate` subcommand, tests,

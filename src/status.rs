@@ -14,7 +14,7 @@ use time::OffsetDateTime;
 use crate::cache::Partition;
 use crate::clock::format_datetime;
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct QueryStatus {
     pub id: String,
     pub team_id: u64,
@@ -24,13 +24,13 @@ pub struct QueryStatus {
     pub complete: bool,
     pub error: bool,
     pub error_message: Option<String>,
-    #[serde(serialize_with = "ser_time")]
+    #[serde(serialize_with = "ser_time", deserialize_with = "de_time")]
     pub start_time: OffsetDateTime,
-    #[serde(serialize_with = "ser_opt_time")]
+    #[serde(serialize_with = "ser_opt_time", deserialize_with = "de_opt_time")]
     pub pickup_time: Option<OffsetDateTime>,
-    #[serde(serialize_with = "ser_opt_time")]
+    #[serde(serialize_with = "ser_opt_time", deserialize_with = "de_opt_time")]
     pub end_time: Option<OffsetDateTime>,
-    #[serde(serialize_with = "ser_time")]
+    #[serde(serialize_with = "ser_time", deserialize_with = "de_time")]
     pub expiration_time: OffsetDateTime,
     pub task_id: Option<String>,
     pub results: Option<Value>,
@@ -45,6 +45,17 @@ fn ser_opt_time<S: serde::Serializer>(t: &Option<OffsetDateTime>, s: S) -> Resul
         Some(t) => s.serialize_str(&format_datetime(*t)),
         None => s.serialize_none(),
     }
+}
+
+fn de_time<'de, D: serde::Deserializer<'de>>(d: D) -> Result<OffsetDateTime, D::Error> {
+    let s = <String as serde::Deserialize>::deserialize(d)?;
+    crate::clock::parse_datetime(&s).ok_or_else(|| serde::de::Error::custom("not an RFC 3339 datetime"))
+}
+
+fn de_opt_time<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<OffsetDateTime>, D::Error> {
+    let s = <Option<String> as serde::Deserialize>::deserialize(d)?;
+    s.map(|s| crate::clock::parse_datetime(&s).ok_or_else(|| serde::de::Error::custom("not an RFC 3339 datetime")))
+        .transpose()
 }
 
 impl QueryStatus {

@@ -117,6 +117,7 @@ pub async fn run_job(app: &Arc<App>, job: Job) {
         return;
     };
     app.statuses.picked_up(&status_id, app.clock.now());
+    app.share_status(&status_id, job.spec.key.partition);
     let (flight, _) = app.calculation(&job.spec, job.refresh, "background");
     let result = match flight.wait().await {
         Some(Outcome::Stored(entry)) => Ok(status_results(&entry)),
@@ -125,6 +126,7 @@ pub async fn run_job(app: &Arc<App>, job: Job) {
         None => Err("The calculation was interrupted.".into()),
     };
     app.statuses.finish(&status_id, app.clock.now(), result);
+    app.share_status(&status_id, job.spec.key.partition);
 }
 
 /// The upstream's own error message for a relayed answer, e.g. `concurrency_limit_exceeded`.

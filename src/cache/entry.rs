@@ -19,6 +19,9 @@ pub struct Entry {
     pub stale: StaleInfo,
     /// The cache epoch at which the calculation that produced this entry started (see `Epochs`).
     pub epoch: u64,
+    /// Wall-clock millisecond at which the calculation started: orders it against purges made on
+    /// other replicas (the shared tier's purge markers).
+    pub started_ms: i64,
     /// Reads served from this entry, for refresh-ahead.
     reads: AtomicU32,
     /// Set once a refresh-ahead was scheduled for this entry, so it is scheduled once.
@@ -73,13 +76,23 @@ impl Entry {
         map.remove("is_cached");
         map.remove("query_status");
         let body = Bytes::from(serde_json::to_vec(&map).expect("a JSON map serialises"));
-        Ok(Entry {
-            body,
-            stale: StaleInfo { last_refresh, interval, date_to },
-            epoch,
-            reads: AtomicU32::new(0),
-            ahead: AtomicBool::new(false),
-        })
+        Ok(Entry::from_parts(body, StaleInfo { last_refresh, interval, date_to }, epoch, 0))
+    }
+
+    /// An entry from its stored parts (the shared tier's format).
+    pub fn from_parts(body: Bytes, stale: StaleInfo, epoch: u64, started_ms: i64) -> Entry {
+        Entry { body, stale, epoch, started_ms, reads: AtomicU32::new(0), ahead: AtomicBool::new(false) }
+    }
+
+    /// Sets when the calculation started (wall clock, ms).
+    pub fn stamped(mut self, started_ms: i64) -> Entry {
+        self.started_ms = started_ms;
+        self
+    }
+
+    /// The stored body (without the per-response fields).
+    pub fn body(&self) -> &Bytes {
+        &self.body
     }
 
     /// The answer body: `{"is_cached":..,"query_status":..,` + the stored fields.

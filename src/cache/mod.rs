@@ -8,6 +8,7 @@
 
 pub mod entry;
 pub mod key;
+pub mod l2;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -17,13 +18,9 @@ use moka::future::Cache;
 
 pub use entry::{Entry, EntryError};
 pub use key::{CacheKey, Partition, PartitionKeyer};
+pub use l2::{PurgeScope, L2};
 
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
-enum Scope {
-    Insight { project: u64, insight: u64 },
-    Project(u64),
-    Partition(Partition),
-}
+use crate::clock::Clock;
 
 /// Purge records beyond this many are folded into the floor.
 const MAX_PURGE_RECORDS: u64 = 100_000;
@@ -33,7 +30,7 @@ struct Epochs {
     /// Epoch of the newest purge of any scope: entries newer than it skip the lookups.
     newest_purge: AtomicU64,
     floor: Arc<AtomicU64>,
-    purges: moka::sync::Cache<Scope, u64>,
+    purges: moka::sync::Cache<PurgeScope, u64>,
 }
 
 impl Epochs {
@@ -53,7 +50,7 @@ impl Epochs {
         self.counter.fetch_add(1, Ordering::Relaxed)
     }
 
-    fn purge(&self, scope: Scope) {
+    fn purge(&self, scope: PurgeScope) {
         let e = self.next();
         self.purges.insert(scope, e);
         self.newest_purge.fetch_max(e, Ordering::Release);
@@ -64,9 +61,9 @@ impl Epochs {
             return true;
         }
         let scopes = [
-            Scope::Insight { project: key.project, insight: key.insight },
-            Scope::Project(key.project),
-            Scope::Partition(key.partition),
+            PurgeScope::Insight { project: key.project, insight: key.insight },
+            PurgeScope::Project(key.project),
+            PurgeScope::Partition(key.partition),
         ];
         let newest = scopes.iter().filter_map(|s| self.purges.get(s)).max().unwrap_or(0);
         epoch > newest.max(self.floor.load(Ordering::Relaxed))
@@ -76,6 +73,9 @@ impl Epochs {
 pub struct InsightCache {
     entries: Cache<CacheKey, Arc<Entry>>,
     epochs: Epochs,
+    /// The shared second tier, when configured.
+    l2: Option<Arc<L2>>,
+    clock: Clock,
 }
 
 /// Called with the cause of every entry the cache drops on its own (`size`, `expired`).
@@ -102,7 +102,23 @@ impl InsightCache {
                 }
             });
         }
-        Self { entries: builder.build(), epochs: Epochs::new() }
+        Self { entries: builder.build(), epochs: Epochs::new(), l2: None, clock: Clock::new() }
+    }
+
+    /// Puts the shared tier behind this cache; purge markers and started times use `clock`.
+    pub fn with_l2(mut self, l2: Option<Arc<L2>>, clock: Clock) -> Self {
+        self.l2 = l2;
+        self.clock = clock;
+        self
+    }
+
+    pub fn l2(&self) -> Option<&Arc<L2>> {
+        self.l2.as_ref()
+    }
+
+    /// Wall-clock milliseconds, for ordering calculations against purges across replicas.
+    pub fn now_ms(&self) -> i64 {
+        (self.clock.now().unix_timestamp_nanos() / 1_000_000) as i64
     }
 
     /// The epoch a calculation must carry: call it before asking the upstream.
@@ -110,19 +126,42 @@ impl InsightCache {
         self.epochs.next()
     }
 
+    /// The entry for `key`: from memory, else from the shared tier (and then kept in memory).
     pub async fn get(&self, key: &CacheKey) -> Option<Arc<Entry>> {
+        if let Some(e) = self.get_local(key).await {
+            return Some(e);
+        }
+        let l2 = self.l2.as_ref()?;
+        let epoch = self.begin();
+        let e = Arc::new(l2.get(key, epoch).await?);
+        self.insert_local(*key, e.clone()).await;
+        self.epochs.is_current(key, e.epoch).then_some(e)
+    }
+
+    /// The entry for `key` in memory only.
+    pub async fn get_local(&self, key: &CacheKey) -> Option<Arc<Entry>> {
         let e = self.entries.get(key).await?;
         self.epochs.is_current(key, e.epoch).then_some(e)
     }
 
-    /// Stores `entry` unless a purge happened since its calculation started, or the same or a newer
-    /// result is already there (keeping the old one keeps its read counts). Returns whether it was
-    /// stored.
+    /// Stores `entry` in memory and in the shared tier, unless a purge happened since its
+    /// calculation started, or the same or a newer result is already there (keeping the old one
+    /// keeps its read counts). Returns whether it was stored.
     pub async fn insert(&self, key: CacheKey, entry: Arc<Entry>) -> bool {
+        let stored = self.insert_local(key, entry.clone()).await;
+        if stored {
+            if let Some(l2) = &self.l2 {
+                l2.put(&key, &entry).await;
+            }
+        }
+        stored
+    }
+
+    async fn insert_local(&self, key: CacheKey, entry: Arc<Entry>) -> bool {
         if !self.epochs.is_current(&key, entry.epoch) {
             return false;
         }
-        if let Some(old) = self.get(&key).await {
+        if let Some(old) = self.get_local(&key).await {
             if old.last_refresh() >= entry.last_refresh() {
                 return false;
             }
@@ -136,18 +175,41 @@ impl InsightCache {
     }
 
     pub fn purge_insight(&self, project: u64, insight: u64) {
-        self.epochs.purge(Scope::Insight { project, insight });
-        let _ = self.entries.invalidate_entries_if(move |k, _| k.project == project && k.insight == insight);
+        self.purge(PurgeScope::Insight { project, insight });
     }
 
     pub fn purge_project(&self, project: u64) {
-        self.epochs.purge(Scope::Project(project));
-        let _ = self.entries.invalidate_entries_if(move |k, _| k.project == project);
+        self.purge(PurgeScope::Project(project));
     }
 
     pub fn purge_partition(&self, partition: Partition) {
-        self.epochs.purge(Scope::Partition(partition));
-        let _ = self.entries.invalidate_entries_if(move |k, _| k.partition == partition);
+        self.purge(PurgeScope::Partition(partition));
+    }
+
+    /// Purges here and, through the shared tier, on every replica.
+    pub fn purge(&self, scope: PurgeScope) {
+        self.purge_local(scope);
+        if let Some(l2) = self.l2.clone() {
+            let now_ms = self.now_ms();
+            // Within a runtime (always, when serving); the marker also covers a lost event.
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move { l2.purge(&scope, now_ms).await });
+            }
+        }
+    }
+
+    /// Purges this replica's memory only (what another replica's purge event asks for).
+    pub fn purge_local(&self, scope: PurgeScope) {
+        self.epochs.purge(scope);
+        let _ = match scope {
+            PurgeScope::Insight { project, insight } => {
+                self.entries.invalidate_entries_if(move |k, _| k.project == project && k.insight == insight)
+            }
+            PurgeScope::Project(project) => self.entries.invalidate_entries_if(move |k, _| k.project == project),
+            PurgeScope::Partition(partition) => {
+                self.entries.invalidate_entries_if(move |k, _| k.partition == partition)
+            }
+        };
     }
 
     /// The live entries of one insight (every partition and variant): for the admin API, O(cache).
