@@ -149,6 +149,7 @@ pub struct App {
     /// Bounds concurrent upstream calculations, blocking and background alike.
     pub calc_permits: Semaphore,
     pub budget: Arc<Budget>,
+
     /// When the upstream last answered 200 to (partition, project): cached data reaches a
     /// credential only within `revalidate_after` of that.
     confirmations: moka::sync::Cache<(Partition, u64), OffsetDateTime>,
@@ -241,14 +242,22 @@ impl App {
             "ahead" => Priority::Ahead,
             _ => Priority::Blocking,
         };
-        let wait = if priority == Priority::Blocking { self.budget.settings().wait } else { BACKGROUND_BUDGET_WAIT };
-        let Ok(_slot) = self.budget.slot(spec.project, priority, wait).await else {
-            return Outcome::Failed(Failure::Budget);
+        let wait = match priority {
+            Priority::Blocking => self.budget.settings().wait,
+            Priority::Async => BACKGROUND_BUDGET_WAIT,
+            // Refresh-ahead only uses budget nobody is waiting for; the next read retries.
+            Priority::Ahead => Duration::from_secs(1),
         };
-        let _permit = self.calc_permits.acquire().await;
+        let deadline = tokio::time::Instant::now() + wait;
+        // The rate token first: a slot is never held while waiting for rate.
         if self.budget.rate_token(&spec.credential, spec.key.partition, wait).await.is_err() {
             return Outcome::Failed(Failure::Budget);
         }
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let Ok(_slot) = self.budget.slot(spec.project, priority, left).await else {
+            return Outcome::Failed(Failure::Budget);
+        };
+        let _permit = self.calc_permits.acquire().await;
         self.metrics.calculations.with_label_values(&[reason]).inc();
         self.call(spec, refresh, "calculation").await
     }
@@ -318,12 +327,24 @@ impl App {
             .join_or_start((spec.key, FlightKind::Peek), || {
                 let (app, spec) = (self.clone(), spec.clone());
                 async move {
-                    let wait = app.budget.settings().wait;
-                    if app.budget.rate_token(&spec.credential, spec.key.partition, wait).await.is_err() {
+                    // "The upstream has nothing" is remembered briefly, so repeated misses of a
+                    // never-calculated insight do not each cost an upstream call.
+                    if let Some(body) = app.cache.upstream_empty(&spec.key) {
+                        let content_type = Some("application/json".to_string());
+                        return Outcome::Relay(Arc::new(UpstreamResponse { status: 200, content_type, body }));
+                    }
+                    // A read never waits for budget: a miss answers at once, as upstream would.
+                    if app.budget.rate_token(&spec.credential, spec.key.partition, Duration::ZERO).await.is_err() {
                         return Outcome::Failed(Failure::Budget);
                     }
                     app.metrics.upstream_reads.with_label_values(&[reason]).inc();
-                    app.call(&spec, UpstreamRefresh::ForceCache, "read").await
+                    let outcome = app.call(&spec, UpstreamRefresh::ForceCache, "read").await;
+                    if let Outcome::Relay(r) = &outcome {
+                        if r.status == 200 {
+                            app.cache.note_upstream_empty(spec.key, r.body.clone());
+                        }
+                    }
+                    outcome
                 }
             })
             .0

@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use crate::app::{App, CalcSpec, Failure, Outcome};
 use crate::auth::Credential;
-use crate::cache::{CacheKey, Entry};
+use crate::cache::{CacheKey, Entry, PageKey};
 use crate::error::ApiError;
 use crate::query::QueryParams;
 use crate::refresh::{decide, Background, CacheState, Decision, RefreshMode, UpstreamRefresh};
@@ -143,10 +143,14 @@ async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, mode: RefreshMode, peeked:
                     other => other,
                 };
                 let (flight, started) = app.calculation(spec, refresh, reason);
-                let outcome = flight
-                    .wait()
-                    .await
-                    .unwrap_or(Outcome::Failed(Failure::Upstream(crate::upstream::UpstreamError::Broken)));
+                // Bounded even when joining someone else's calculation (e.g. background work
+                // still waiting for budget).
+                let patience = app.budget.settings().wait + app.config.connect_timeout + app.config.read_timeout;
+                let outcome = match tokio::time::timeout(patience, flight.wait()).await {
+                    Ok(Some(o)) => o,
+                    Ok(None) => Outcome::Failed(Failure::Upstream(crate::upstream::UpstreamError::Broken)),
+                    Err(_) => Outcome::Failed(Failure::Upstream(crate::upstream::UpstreamError::Timeout)),
+                };
                 let collapsed = if started { "" } else { "; collapsed" };
                 return match outcome {
                     Outcome::Stored(e) => Reply::json(
@@ -281,7 +285,9 @@ fn enqueue(app: &Arc<App>, spec: &Arc<CalcSpec>, refresh_requested: bool, refres
     let id = app.keyer.status_id(&spec.key);
     let owner = spec.key.partition;
     if !refresh_requested {
-        if let Some(s) = app.statuses.get(owner, &id) {
+        // An existing status is returned as it is (upstream's dedup), unless it is a failure:
+        // then the work is tried again rather than reporting the old error for 20 minutes.
+        if let Some(s) = app.statuses.get(owner, &id).filter(|s| !(s.complete && s.error)) {
             return s.to_json();
         }
     }
@@ -342,26 +348,37 @@ pub async fn list(app: &Arc<App>, call: ListCall) -> Reply {
         body: None,
     };
     let bypass = format!("{CACHE_NAME}; fwd=uri-miss");
-    if app.budget.rate_token(&call.credential, partition, app.budget.settings().wait).await.is_err() {
-        let f = Failure::Budget;
-        return Reply::error(&f.to_api_error(), format!("{bypass}; detail=budget"));
-    }
-    app.metrics.upstream_reads.with_label_values(&["list"]).inc();
-    let resp = match app.upstream.send(&req).await {
-        Ok(r) => r,
-        Err(e) => {
-            let f = Failure::Upstream(e);
-            return Reply::error(&f.to_api_error(), format!("{bypass}; detail={}", f.as_str()));
+    // A page's membership is kept briefly per credential, so a dashboard's viewers do not each
+    // cost an upstream call; the insights on it are answered from their own entries below.
+    let page_key = PageKey { partition, project: call.project, path_and_query: req.path_and_query.clone() };
+    let cached_page = app.cache.page(&page_key).await.filter(|_| app.is_confirmed(partition, call.project));
+    let (body, page_status) = match cached_page {
+        Some(body) => (body, format!("{CACHE_NAME}; hit; detail=list-page")),
+        None => {
+            if app.budget.rate_token(&call.credential, partition, app.budget.settings().wait).await.is_err() {
+                let f = Failure::Budget;
+                return Reply::error(&f.to_api_error(), format!("{bypass}; detail=budget"));
+            }
+            app.metrics.upstream_reads.with_label_values(&["list"]).inc();
+            let resp = match app.upstream.send(&req).await {
+                Ok(r) => r,
+                Err(e) => {
+                    let f = Failure::Upstream(e);
+                    return Reply::error(&f.to_api_error(), format!("{bypass}; detail={}", f.as_str()));
+                }
+            };
+            if resp.status != 200 {
+                if resp.status == 401 || resp.status == 403 {
+                    app.cache.purge_partition(partition);
+                }
+                return Reply::relay(&resp, format!("{bypass}; fwd-status={}", resp.status));
+            }
+            app.confirm(partition, call.project);
+            app.cache.put_page(page_key, resp.body.clone()).await;
+            (resp.body, format!("{bypass}; fwd-status=200"))
         }
     };
-    if resp.status != 200 {
-        if resp.status == 401 || resp.status == 403 {
-            app.cache.purge_partition(partition);
-        }
-        return Reply::relay(&resp, format!("{bypass}; fwd-status={}", resp.status));
-    }
-    app.confirm(partition, call.project);
-    let Ok(Value::Object(mut page)) = serde_json::from_slice::<Value>(&resp.body) else {
+    let Ok(Value::Object(mut page)) = serde_json::from_slice::<Value>(&body) else {
         return Reply::error(&Failure::Garbage.to_api_error(), format!("{bypass}; detail=garbage"));
     };
     let items = match page.get_mut("results") {
@@ -416,11 +433,7 @@ pub async fn list(app: &Arc<App>, call: ListCall) -> Reply {
             page.insert(link.into(), Value::String(rewritten));
         }
     }
-    Reply::json(
-        200,
-        Bytes::from(Value::Object(page).to_string()),
-        format!("{CACHE_NAME}; fwd=uri-miss; fwd-status=200"),
-    )
+    Reply::json(200, Bytes::from(Value::Object(page).to_string()), page_status)
 }
 
 /// Points an absolute URL the upstream built from its own host back at the proxy.

@@ -132,7 +132,7 @@ pub fn cache_label(cache_status: &str) -> &'static str {
     if cache_status.contains("; hit") {
         if cache_status.contains("stale-if-error") {
             "stale_if_error"
-        } else if cache_status.contains("detail=stale") {
+        } else if cache_status.contains("detail=stale") || cache_status.contains("detail=budget") {
             "stale"
         } else {
             "hit"

@@ -450,6 +450,13 @@ impl ProxyHttp for InsightsProxy {
         FailToProxy { error_code: api.status, can_reuse_downstream: false }
     }
 
+    /// What pingora's own error lines say about a request: method and path only, since a query
+    /// string may carry `personal_api_key`.
+    fn request_summary(&self, session: &Session, _ctx: &RequestCtx) -> String {
+        let req = session.req_header();
+        format!("{} {}", req.method, req.uri.path())
+    }
+
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let req = session.req_header();

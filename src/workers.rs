@@ -112,8 +112,14 @@ pub fn status_results(entry: &Entry) -> Value {
 /// Runs one job to completion and records the outcome in its status.
 pub async fn run_job(app: &Arc<App>, job: Job) {
     let Some(status_id) = job.status_id else {
-        // Refresh-ahead: nobody polls it; the result simply lands in the cache.
-        let _ = app.calculation(&job.spec, job.refresh, "ahead").0.wait().await;
+        // Refresh-ahead: nobody polls it; the result simply lands in the cache. If it could not
+        // run (budget), the next read may schedule it again.
+        let outcome = app.calculation(&job.spec, job.refresh, "ahead").0.wait().await;
+        if !matches!(outcome, Some(Outcome::Stored(_))) {
+            if let Some(e) = app.cache.get_local(&job.spec.key).await {
+                e.unclaim_refresh_ahead();
+            }
+        }
         return;
     };
     app.statuses.picked_up(&status_id, app.clock.now());

@@ -132,6 +132,11 @@ impl Entry {
         !self.ahead.swap(true, Ordering::Relaxed)
     }
 
+    /// Lets a later read schedule the refresh-ahead again (the scheduled one could not run).
+    pub fn unclaim_refresh_ahead(&self) {
+        self.ahead.store(false, Ordering::Relaxed);
+    }
+
     /// Bytes this entry holds, for the cache's weigher.
     pub fn weight(&self) -> usize {
         self.body.len() + std::mem::size_of::<Entry>()

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use moka::future::Cache;
 
 pub use entry::{Entry, EntryError};
@@ -70,8 +71,28 @@ impl Epochs {
     }
 }
 
+/// One page of an insights list as the upstream answered it, per credential.
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+pub struct PageKey {
+    pub partition: Partition,
+    pub project: u64,
+    pub path_and_query: String,
+}
+
+/// How long a list page's membership is reused.
+const PAGE_TTL: Duration = Duration::from_secs(10);
+const MAX_PAGES: u64 = 10_000;
+
+/// How long an upstream "nothing cached" answer is remembered (a calculation through the proxy
+/// fills the cache sooner; one made elsewhere shows up after this).
+const EMPTY_TTL: Duration = Duration::from_secs(10);
+const MAX_EMPTY: u64 = 100_000;
+
 pub struct InsightCache {
     entries: Cache<CacheKey, Arc<Entry>>,
+    pages: Cache<PageKey, Bytes>,
+    /// The upstream's answer when its cache had nothing for a key (a result-less insight body).
+    empty: moka::sync::Cache<CacheKey, Bytes>,
     epochs: Epochs,
     /// The shared second tier, when configured.
     l2: Option<Arc<L2>>,
@@ -102,7 +123,9 @@ impl InsightCache {
                 }
             });
         }
-        Self { entries: builder.build(), epochs: Epochs::new(), l2: None, clock: Clock::new() }
+        let pages = Cache::builder().max_capacity(MAX_PAGES).time_to_live(PAGE_TTL).build();
+        let empty = moka::sync::Cache::builder().max_capacity(MAX_EMPTY).time_to_live(EMPTY_TTL).build();
+        Self { entries: builder.build(), pages, empty, epochs: Epochs::new(), l2: None, clock: Clock::new() }
     }
 
     /// Puts the shared tier behind this cache; purge markers and started times use `clock`.
@@ -198,9 +221,28 @@ impl InsightCache {
         }
     }
 
+    pub fn upstream_empty(&self, key: &CacheKey) -> Option<Bytes> {
+        self.empty.get(key)
+    }
+
+    pub fn note_upstream_empty(&self, key: CacheKey, body: Bytes) {
+        self.empty.insert(key, body);
+    }
+
+    pub async fn page(&self, key: &PageKey) -> Option<Bytes> {
+        self.pages.get(key).await
+    }
+
+    pub async fn put_page(&self, key: PageKey, body: Bytes) {
+        self.pages.insert(key, body).await;
+    }
+
     /// Purges this replica's memory only (what another replica's purge event asks for).
     pub fn purge_local(&self, scope: PurgeScope) {
         self.epochs.purge(scope);
+        // Pages and "nothing cached" notes are short-lived: any purge drops them all.
+        self.pages.invalidate_all();
+        self.empty.invalidate_all();
         let _ = match scope {
             PurgeScope::Insight { project, insight } => {
                 self.entries.invalidate_entries_if(move |k, _| k.project == project && k.insight == insight)

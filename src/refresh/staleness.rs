@@ -140,7 +140,7 @@ impl StaleInfo {
 
     /// Seconds until stale (negative once stale), for `Cache-Status: ttl=`.
     pub fn ttl_seconds(&self, now: OffsetDateTime, t: &Thresholds) -> Option<i64> {
-        self.stale_after(t.default_for(self.interval)).map(|at| (at - now).whole_seconds())
+        self.stale_after(t.default_for(self.interval)).map(|at| (at - now).as_seconds_f64().floor() as i64)
     }
 }
 
