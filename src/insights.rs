@@ -182,12 +182,11 @@ async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, mode: RefreshMode, peeked:
                 };
                 match outcome {
                     // The upstream's cache had a result: answer as if it had been ours.
-                    Outcome::Stored(e) if entry.is_none() => {
+                    Outcome::Stored(e) => {
                         entry = Some(e);
                         via_peek = true;
                         continue;
                     }
-                    Outcome::Stored(_) => unreachable!("a peek happens only on a miss"),
                     Outcome::Relay(r) => {
                         let qs = match decision {
                             Decision::MissEnqueue => Some(enqueue(app, spec, false, UpstreamRefresh::Blocking)),
