@@ -198,6 +198,20 @@ async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, mode: RefreshMode, peeked:
                             _ => Reply::relay(&r, cs),
                         };
                     }
+                    // Out of budget for even a read: a miss is the honest answer (force_cache never
+                    // calculates), with a status when the mode enqueues work.
+                    Outcome::Failed(Failure::Budget) => {
+                        let qs = match decision {
+                            Decision::MissEnqueue => Some(enqueue(app, spec, false, UpstreamRefresh::Blocking)),
+                            _ => running_status(app, spec),
+                        };
+                        let body = serde_json::json!({
+                            "id": spec.insight, "result": null, "last_refresh": null, "is_cached": false,
+                            "timezone": null, "next_allowed_client_refresh": null, "cache_target_age": null,
+                        });
+                        let body = overlay_miss(body.to_string().as_bytes(), qs.as_deref(), false);
+                        return Reply::json(200, body, format!("{CACHE_NAME}; fwd=miss; detail=budget"));
+                    }
                     Outcome::Failed(f) => {
                         return failure_reply(app, spec, &f, format!("{CACHE_NAME}; fwd=miss; detail={}", f.as_str()))
                     }
