@@ -40,8 +40,12 @@ impl Epochs {
         let f = floor.clone();
         let purges = moka::sync::Cache::builder()
             .max_capacity(MAX_PURGE_RECORDS)
-            .eviction_listener(move |_k, v: u64, _cause| {
-                f.fetch_max(v, Ordering::Relaxed);
+            .eviction_listener(move |_k, v: u64, cause| {
+                // Only a record that is forgotten raises the floor; one replaced by a newer purge
+                // of the same scope is still covered by its successor.
+                if cause.was_evicted() {
+                    f.fetch_max(v, Ordering::Relaxed);
+                }
             })
             .build();
         Self { counter: AtomicU64::new(1), newest_purge: AtomicU64::new(0), floor, purges }
