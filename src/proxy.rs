@@ -363,8 +363,12 @@ impl ProxyHttp for InsightsProxy {
                     body: Vec::new(),
                     overflowed: false,
                 });
-                // The length changes: pingora frames the rewritten body itself.
+                // The length changes: chunked framing keeps the connection reusable (without it
+                // the body would be close-delimited).
                 upstream_response.remove_header(&header::CONTENT_LENGTH);
+                if session.req_header().version != http::Version::HTTP_10 {
+                    upstream_response.insert_header(header::TRANSFER_ENCODING, "chunked")?;
+                }
             }
         }
         if let Some(loc) = upstream_response.headers.get(header::LOCATION).and_then(|v| v.to_str().ok()) {

@@ -1,0 +1,186 @@
+#!/usr/bin/env python3
+"""Small HTTP/1.1 load clients for benches/compare.sh and benches/memory.sh (standard library only).
+
+burst: open N connections first, then send one GET on each at the same moment and time every answer
+       from its send to its last body byte. Prints one JSON object: statuses, latencies (ms), how many
+       answers took at least --threshold-ms, and the counts of each cache header value seen.
+fill:  send GETs for a list of targets over C keep-alive connections until done or --deadline;
+       prints JSON with the count of answers per status and the sum of response body bytes.
+
+Everything is bounded: connect, each answer and the whole run have timeouts; only 127.0.0.1.
+"""
+import argparse
+import asyncio
+import json
+import sys
+import time
+
+CACHE_HEADERS = (b"cache-status", b"x-cache-status", b"x-cache")
+
+
+def request_bytes(host, port, target, headers):
+    lines = [f"GET {target} HTTP/1.1", f"Host: {host}:{port}", "User-Agent: insights-proxy-bench", "Accept: */*"]
+    lines += headers
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+async def read_answer(reader):
+    """Reads one response (Content-Length or chunked). Returns (status, headers dict, body length)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    status = int(lines[0].split(b" ")[1])
+    headers = {}
+    for line in lines[1:]:
+        if b":" in line:
+            k, v = line.split(b":", 1)
+            headers[k.strip().lower()] = v.strip()
+    if b"content-length" in headers:
+        n = int(headers[b"content-length"])
+        await reader.readexactly(n)
+        return status, headers, n
+    if headers.get(b"transfer-encoding", b"").lower() == b"chunked":
+        total = 0
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+            await reader.readexactly(size + 2)
+            total += size
+            if size == 0:
+                return status, headers, total
+    body = await reader.read()  # close-delimited
+    return status, headers, len(body)
+
+
+def cache_value(headers):
+    for h in CACHE_HEADERS:
+        if h in headers:
+            v = headers[h].decode(errors="replace")
+            # Drop the per-answer ttl so equal outcomes count together.
+            return ";".join(p for p in v.split(";") if not p.strip().startswith("ttl="))
+    return "-"
+
+
+async def burst(args):
+    req = request_bytes(args.host, args.port, args.target, args.header)
+
+    async def connect():
+        return await asyncio.wait_for(asyncio.open_connection(args.host, args.port), args.timeout)
+
+    conns = await asyncio.gather(*(connect() for _ in range(args.n)))
+    go = asyncio.Event()
+
+    async def one(reader, writer):
+        await go.wait()
+        t0 = time.perf_counter()
+        writer.write(req)
+        try:
+            status, headers, _ = await asyncio.wait_for(read_answer(reader), args.timeout)
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, ValueError):
+            return None, "error", (time.perf_counter() - t0) * 1000
+        finally:
+            writer.close()
+        return status, cache_value(headers), (time.perf_counter() - t0) * 1000
+
+    tasks = [asyncio.ensure_future(one(r, w)) for r, w in conns]
+    await asyncio.sleep(0.05)  # every task is parked on the event
+    go.set()
+    results = await asyncio.gather(*tasks)
+    lat = sorted(r[2] for r in results)
+    statuses, caches = {}, {}
+    for s, c, _ in results:
+        statuses[str(s)] = statuses.get(str(s), 0) + 1
+        caches[c] = caches.get(c, 0) + 1
+    out = {
+        "n": len(results),
+        "ok": statuses.get("200", 0),
+        "statuses": statuses,
+        "cache": caches,
+        "min_ms": round(lat[0], 1),
+        "p50_ms": round(lat[len(lat) // 2], 1),
+        "max_ms": round(lat[-1], 1),
+        "waited": sum(1 for x in lat if x >= args.threshold_ms),
+        "threshold_ms": args.threshold_ms,
+    }
+    print(json.dumps(out))
+
+
+async def fill(args):
+    targets = [line.strip() for line in open(args.targets) if line.strip()]
+    queue = asyncio.Queue()
+    for t in targets:
+        queue.put_nowait(t)
+    deadline = time.monotonic() + args.deadline
+    statuses, caches = {}, {}
+    totals = {"bytes": 0, "done": 0}
+
+    async def worker():
+        reader = writer = None
+        while time.monotonic() < deadline:
+            try:
+                target = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                break
+            for _attempt in range(3):
+                try:
+                    if writer is None:
+                        reader, writer = await asyncio.wait_for(
+                            asyncio.open_connection(args.host, args.port), args.timeout)
+                    writer.write(request_bytes(args.host, args.port, target, args.header))
+                    status, headers, n = await asyncio.wait_for(read_answer(reader), args.timeout)
+                    break
+                except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, ValueError):
+                    if writer is not None:
+                        writer.close()
+                    reader = writer = None
+                    status, headers, n = None, {}, 0
+            statuses[str(status)] = statuses.get(str(status), 0) + 1
+            c = cache_value(headers)
+            caches[c] = caches.get(c, 0) + 1
+            if status == 200:
+                totals["bytes"] += n
+            totals["done"] += 1
+            if headers.get(b"connection", b"").lower() == b"close" and writer is not None:
+                writer.close()
+                reader = writer = None
+        if writer is not None:
+            writer.close()
+
+    t0 = time.monotonic()
+    await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+    print(json.dumps({
+        "requested": len(targets),
+        "done": totals["done"],
+        "statuses": statuses,
+        "cache": caches,
+        "body_bytes_200": totals["bytes"],
+        "seconds": round(time.monotonic() - t0, 1),
+        "timed_out": totals["done"] < len(targets),
+    }))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name in ("burst", "fill"):
+        s = sub.add_parser(name)
+        s.add_argument("--host", default="127.0.0.1")
+        s.add_argument("--port", type=int, required=True)
+        s.add_argument("--header", action="append", default=[], help="'Name: value', repeatable")
+        s.add_argument("--timeout", type=float, default=30.0, help="seconds per connect / answer")
+    b = sub.choices["burst"]
+    b.add_argument("--target", required=True, help="request target, e.g. /api/environments/1/insights/3/")
+    b.add_argument("-n", type=int, default=200)
+    b.add_argument("--threshold-ms", type=float, default=200.0)
+    f = sub.choices["fill"]
+    f.add_argument("--targets", required=True, help="file with one request target per line")
+    f.add_argument("--concurrency", type=int, default=16)
+    f.add_argument("--deadline", type=float, default=600.0, help="seconds for the whole fill")
+    args = p.parse_args()
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        sys.exit("loopback only")
+    coro = burst(args) if args.cmd == "burst" else fill(args)
+    limit = args.timeout * 2 + 5 if args.cmd == "burst" else args.deadline + args.timeout + 5
+    asyncio.run(asyncio.wait_for(coro, limit))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+#!/usr/bin/env bash
+# benches/profile.sh: where a cache hit's CPU goes, in numbers that do not depend on machine noise.
+#
+#   benches/profile.sh                   # callgrind: instructions per hit for insights-proxy and nginx
+#
+# 1. callgrind (user-space instructions, stable to ~1 % between runs): the server runs under
+#    `valgrind --tool=callgrind --instr-atstart=no`, pinned to SERVER_CPU; the hit insight is filled,
+#    wrk warms up, instrumentation is switched on (callgrind_control -i on), wrk runs DURATION s with 8
+#    connections, instrumentation off, dump. Instructions per request = total Ir / wrk's requests.
+#    Writes callgrind_annotate's exclusive and inclusive top lists to OUT. nginx (master_process
+#    off, same template as compare.sh) is measured the same way for reference.
+# 2. perf (if `perf` is installed): `perf record -e cpu-clock -g` of the release proxy under wrk
+#    (64 connections), split by kernel / binary / libc and top symbols. cpu-clock works without
+#    hardware counters (this VM has none: `perf stat -e instructions true` says <not supported>).
+# 3. strace -c of the proxy under wrk: system calls per request (sendto per answer).
+#
+# Settings (environment): TARGETS="insights-proxy nginx" DURATION=10 PROXY_LOG=warn (RUST_LOG of the
+# profiled proxy; "info" logs one line per request, as the default) PERF=1 STRACE=1 HIT_INSIGHT=11
+# SERVER_CPU=0 CLIENT_CPU=1 BASE_PORT=18200 INSIGHTS_PROXY_BIN (skip the build) OUT=/tmp/insights-profile.XXXX.
+# Installs valgrind (and linux-perf, strace) with apt-get when missing. Only 127.0.0.1; every run is
+# bounded; everything started is stopped by PID on exit.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(dirname "$HERE")
+TARGETS=${TARGETS:-"insights-proxy nginx"}
+DURATION=${DURATION:-10}
+PROXY_LOG=${PROXY_LOG:-warn}
+PERF=${PERF:-1}
+STRACE=${STRACE:-1}
+HIT_INSIGHT=${HIT_INSIGHT:-11}
+SERVER_CPU=${SERVER_CPU:-0}
+CLIENT_CPU=${CLIENT_CPU:-1}
+BASE_PORT=${BASE_PORT:-18200}
+OUT=${OUT:-$(mktemp -d /tmp/insights-profile.XXXXXX)}
+mkdir -p "$OUT"
+SIM_PORT=$((BASE_PORT + 10))
+PORT=$((BASE_PORT + 83))
+AUTH="Authorization: Bearer phx_demo_all"
+HIT_PATH="/api/environments/1/insights/$HIT_INSIGHT/"
+
+log() { printf '%s %s\n' "$(date +%T)" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+PIDS=()
+stop_pid() {
+  local pid=$1 i
+  kill -0 "$pid" 2>/dev/null || return 0
+  kill -TERM "$pid" 2>/dev/null || true
+  for i in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null
+  wait "$pid" 2>/dev/null || true
+}
+cleanup() { local p; for p in "${PIDS[@]}"; do stop_pid "$p"; done; PIDS=(); }
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+wait_port() {
+  local i
+  for i in $(seq 300); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    kill -0 "$2" 2>/dev/null || return 1
+    sleep 0.2
+  done
+  return 1
+}
+
+need=()
+command -v valgrind >/dev/null 2>&1 || need+=(valgrind)
+command -v wrk >/dev/null 2>&1 || need+=(wrk)
+[[ " $TARGETS " == *" nginx "* ]] && ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ] && need+=(nginx)
+[ "$PERF" = 1 ] && ! command -v perf >/dev/null 2>&1 && need+=(linux-perf)
+[ "$STRACE" = 1 ] && ! command -v strace >/dev/null 2>&1 && need+=(strace)
+if [ ${#need[@]} -gt 0 ]; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  log "installing ${need[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null || log "warning: install failed"
+fi
+export PATH="$PATH:/usr/sbin"
+
+if [ -n "${INSIGHTS_PROXY_BIN:-}" ]; then
+  BIN=$INSIGHTS_PROXY_BIN
+else
+  log "building insights-proxy (release)"
+  (cd "$ROOT" && cargo build --release --quiet --bin insights-proxy)
+  BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/insights-proxy
+fi
+
+start_sim() {
+  "$BIN" simulate --listen "127.0.0.1:$SIM_PORT" --calc-delay-ms 0 >"$OUT/sim.log" 2>&1 &
+  SIM_PID=$!; PIDS+=("$SIM_PID")
+  wait_port "$SIM_PORT" "$SIM_PID" || die "the simulator did not start"
+}
+
+# start_server NAME WRAPPER... : the server pinned to SERVER_CPU, under the given wrapper command.
+start_server() {
+  local name=$1; shift
+  local dir="$OUT/$name"
+  mkdir -p "$dir"
+  case "$name" in
+    insights-proxy)
+      sed -e "s#@THREADS@#1#g" -e "s#@FRESH_S@#300#g" -e "s#@MAX_BYTES@#268435456#g" \
+        "$HERE/conf/insights-proxy.toml.template" >"$dir/proxy.toml"
+      "$BIN" --check-config --config "$dir/proxy.toml" >/dev/null 2>&1 || sed -i '/BUDGET-BEGIN/,/BUDGET-END/d' "$dir/proxy.toml"
+      RUST_LOG=$PROXY_LOG taskset -c "$SERVER_CPU" "$@" "$BIN" --config "$dir/proxy.toml" --listen "127.0.0.1:$PORT" \
+        --upstream "http://127.0.0.1:$SIM_PORT" --admin-listen off >"$dir/server.out" 2>"$dir/server.err" &
+      ;;
+    nginx)
+      sed -e "s#@DIR@#$dir#g" -e "s#@PORT@#$PORT#g" -e "s#@UPSTREAM_PORT@#$SIM_PORT#g" -e "s#@STALE_PATH@#/none/#g" \
+        -e "s#@FRESH_S@#2#g" -e "s#master_process on#master_process off#" "$HERE/conf/nginx.conf.template" >"$dir/nginx.conf"
+      taskset -c "$SERVER_CPU" "$@" nginx -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log" >"$dir/server.out" 2>"$dir/server.err" &
+      ;;
+  esac
+  SRV_PID=$!; PIDS+=("$SRV_PID")
+  wait_port "$PORT" "$SRV_PID" || die "$name did not start (see $dir)"
+  curl -fsS --max-time 30 -o /dev/null -H "$AUTH" "http://127.0.0.1:$PORT$HIT_PATH?refresh=blocking"
+  curl -fsS --max-time 30 -o /dev/null -H "$AUTH" "http://127.0.0.1:$PORT$HIT_PATH"
+}
+
+wrk_run() { # seconds connections file
+  taskset -c "$CLIENT_CPU" timeout $(($1 + 30)) wrk -t1 -c"$2" -d"$1s" -H "$AUTH" "http://127.0.0.1:$PORT$HIT_PATH" >"$3"
+  awk '/requests in/ {print $1}' "$3"
+}
+
+SUMMARY="$OUT/summary.txt"
+: >"$SUMMARY"
+start_sim
+
+for name in $TARGETS; do
+  log "callgrind: $name"
+  start_server "$name" valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$OUT/$name/callgrind.out"
+  wrk_run 3 8 "$OUT/$name/warmup.txt" >/dev/null
+  sleep 1
+  callgrind_control -i on "$SRV_PID" >/dev/null
+  n=$(wrk_run "$DURATION" 8 "$OUT/$name/wrk.txt")
+  callgrind_control -i off "$SRV_PID" >/dev/null
+  callgrind_control -d "$SRV_PID" >/dev/null
+  sleep 1
+  stop_pid "$SRV_PID"
+  f=$(ls -S "$OUT/$name"/callgrind.out* | head -1)
+  ir=$(awk '/^totals:/ {print $2}' "$f" | sort -n | tail -1)
+  callgrind_annotate "$f" 2>/dev/null >"$OUT/$name/exclusive.txt" || true
+  callgrind_annotate --inclusive=yes "$f" 2>/dev/null >"$OUT/$name/inclusive.txt" || true
+  callgrind_annotate --inclusive=yes --tree=calling "$f" 2>/dev/null >"$OUT/$name/calling.txt" || true
+  per=$(python3 -c "print(round($ir / max(1, $n)))")
+  echo "$name: $per instructions per hit ($ir Ir / $n requests, user space, callgrind)" | tee -a "$SUMMARY"
+done
+
+if [[ " $TARGETS " == *" insights-proxy "* ]] && [ "$STRACE" = 1 ] && command -v strace >/dev/null; then
+  log "strace: system calls per request"
+  start_server insights-proxy
+  timeout $((DURATION + 10)) strace -c -f -p "$SRV_PID" -o "$OUT/strace.txt" &
+  ST=$!; PIDS+=("$ST")
+  sleep 1
+  n=$(wrk_run 3 8 "$OUT/strace-wrk.txt")
+  kill -INT "$ST" 2>/dev/null || true
+  wait "$ST" 2>/dev/null || true
+  stop_pid "$SRV_PID"
+  python3 - "$OUT/strace.txt" "$n" <<'EOF' | tee -a "$SUMMARY"
+import sys
+n = int(sys.argv[2])
+calls = {}
+for line in open(sys.argv[1]):
+    p = line.split()
+    if len(p) >= 5 and p[3].isdigit():
+        calls[p[-1]] = int(p[3])
+top = ", ".join(f"{k} {v / n:.2f}" for k, v in sorted(calls.items(), key=lambda kv: -kv[1])[:5] if k != "total")
+print(f"insights-proxy system calls per request: {top}")
+EOF
+fi
+
+if [[ " $TARGETS " == *" insights-proxy "* ]] && [ "$PERF" = 1 ] && command -v perf >/dev/null; then
+  log "perf: kernel/user split under wrk (64 connections)"
+  start_server insights-proxy
+  timeout 40 perf record -e cpu-clock -F 2000 -g -p "$SRV_PID" -o "$OUT/perf.data" -- sleep "$((DURATION + 1))" \
+    >"$OUT/perf.log" 2>&1 &
+  PF=$!; PIDS+=("$PF")
+  sleep 0.5
+  wrk_run "$DURATION" 64 "$OUT/perf-wrk.txt" >/dev/null
+  wait "$PF" 2>/dev/null || true
+  stop_pid "$SRV_PID"
+  perf report -i "$OUT/perf.data" --no-children --sort dso --stdio -g none 2>/dev/null | grep -E '^ +[0-9]' \
+    >"$OUT/perf-dso.txt" || true
+  perf report -i "$OUT/perf.data" --no-children --sort sym --stdio -g none 2>/dev/null | grep -E '^ +[0-9]' \
+    | head -40 >"$OUT/perf-sym.txt" || true
+  echo "perf (cpu-clock) split: $(head -4 "$OUT/perf-dso.txt" | awk '{printf "%s %s; ", $2, $1}')" | tee -a "$SUMMARY"
+fi
+
+echo
+echo "Top exclusive costs (insights-proxy):"
+grep -E '^ *[0-9,]+ \(' "$OUT/insights-proxy/exclusive.txt" 2>/dev/null | sed -n 2,26p | cut -c1-170 || true
+echo
+echo "Top inclusive costs (insights-proxy):"
+grep -E '^ *[0-9,]+ \(' "$OUT/insights-proxy/inclusive.txt" 2>/dev/null | sed -n 2,50p | cut -c1-170 || true
+echo
+cat "$SUMMARY"
+echo "raw: $OUT"
