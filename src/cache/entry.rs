@@ -75,7 +75,10 @@ impl Entry {
         let (interval, date_to) = interval_and_date_to(&map);
         map.remove("is_cached");
         map.remove("query_status");
-        let body = Bytes::from(serde_json::to_vec(&map).expect("a JSON map serialises"));
+        let mut body = serde_json::to_vec(&map).expect("a JSON map serialises");
+        // The serialiser's spare capacity would be cached with every body (up to 2x the bytes).
+        body.shrink_to_fit();
+        let body = Bytes::from(body);
         Ok(Entry::from_parts(body, StaleInfo { last_refresh, interval, date_to }, epoch, 0))
     }
 
