@@ -66,12 +66,16 @@ pub async fn retrieve(app: &Arc<App>, call: InsightCall) -> Reply {
 
 fn hit_status(app: &App, entry: &Entry, detail: Option<&str>) -> String {
     let ttl = entry.stale.ttl_seconds(app.clock.now(), &app.config.thresholds);
-    let mut s = format!("{CACHE_NAME}; hit");
+    use std::fmt::Write as _;
+    let mut s = String::with_capacity(64);
+    s.push_str(CACHE_NAME);
+    s.push_str("; hit");
     if let Some(ttl) = ttl {
-        s.push_str(&format!("; ttl={ttl}"));
+        let _ = write!(s, "; ttl={ttl}");
     }
     if let Some(d) = detail {
-        s.push_str(&format!("; detail={d}"));
+        s.push_str("; detail=");
+        s.push_str(d);
     }
     s
 }

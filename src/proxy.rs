@@ -143,13 +143,16 @@ fn public_base(app: &App, req: &RequestHeader) -> String {
 }
 
 pub async fn write_reply(session: &mut Session, reply: &Reply) -> Result<()> {
+    static CACHE_STATUS: header::HeaderName = header::HeaderName::from_static("cache-status");
     let mut resp = ResponseHeader::build(reply.status, Some(4))?;
     resp.insert_header(header::CONTENT_TYPE, reply.content_type.as_deref().unwrap_or("application/json"))?;
-    resp.insert_header(header::CONTENT_LENGTH, reply.body.len().to_string())?;
-    resp.insert_header("cache-status", &reply.cache_status)?;
-    resp.insert_header(header::VARY, "Authorization, Cookie")?;
-    session.write_response_header(Box::new(resp), false).await?;
-    session.write_response_body(Some(reply.body.clone()), true).await?;
+    resp.insert_header(header::CONTENT_LENGTH, http::HeaderValue::from(reply.body.len()))?;
+    resp.insert_header(CACHE_STATUS.clone(), &reply.cache_status)?;
+    resp.insert_header(header::VARY, http::HeaderValue::from_static("Authorization, Cookie"))?;
+    // A failed write is the client's doing (it went away): say so, or fail_to_proxy counts it
+    // against the upstream's circuit breaker.
+    session.write_response_header(Box::new(resp), false).await.map_err(|e| e.into_down())?;
+    session.write_response_body(Some(reply.body.clone()), true).await.map_err(|e| e.into_down())?;
     Ok(())
 }
 

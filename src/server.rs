@@ -105,7 +105,11 @@ pub fn build_with(config: Config, clock: Clock, upgrade: bool) -> Result<Built, 
     let app = App::new(Arc::new(config), clock, UpstreamClient::new(settings.clone(), breaker));
     let mut proxy =
         http_proxy_service(&server.configuration, InsightsProxy { app: app.clone(), peer: settings.peer() });
-    proxy.add_tcp(&listen);
+    // A 16 KB write buffer sends a cached answer's header and body in one write.
+    proxy.add_listener(
+        pingora::listeners::ListenerConfig::tcp(listen.as_str())
+            .l4_buffer(pingora::listeners::L4BufferSettings::default().write(16 * 1024)),
+    );
     server.add_service(proxy);
     server.add_service(background_service("refresh workers", Workers { app: app.clone() }));
     if app.cache.l2().is_some() {

