@@ -734,6 +734,13 @@ def main():
         window_s = (pts[-1][0] - pts[0][0]) if len(pts) > 1 else 0
         growth = slope * window_s / 3600.0
         flat = len(pts) >= 3 and (slope <= args.flat_mib_per_hour or growth <= args.flat_noise_mib)
+        # The same slope over successive quarters of that window: converging or steadily rising.
+        quarters = []
+        if len(pts) >= 8:
+            span = (pts[-1][0] - pts[0][0]) / 4
+            for q in range(4):
+                seg = [p for p in pts if pts[0][0] + q * span <= p[0] <= pts[0][0] + (q + 1) * span]
+                quarters.append(round(slope_per_hour(seg), 2))
 
         def in_fault(t):
             return any(f["start"] <= t - t_start <= (f.get("end", f["start"]) + (f.get("recovery_s") or 0) + 5)
@@ -755,6 +762,7 @@ def main():
             "drained_after_s": drained_at,
             "memory": {"warmup_s": warmup, "slope_mib_per_hour": round(slope, 2),
                        "fitted_growth_mib_over_window": round(growth, 2), "window_s": window_s,
+                       "slope_by_quarter_mib_per_hour": quarters,
                        "verdict": "flat" if flat else "growing",
                        "rule": f"slope <= {args.flat_mib_per_hour} MiB/h or growth <= {args.flat_noise_mib} MiB"},
         })

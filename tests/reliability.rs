@@ -454,11 +454,12 @@ fn a_thousand_idle_keep_alive_connections_do_not_stop_hits() {
 // (b) Slowloris.
 // ---------------------------------------------------------------------------------------------
 
-/// Bounded by pingora, not by the proxy: each read of the request head waits at most the
-/// keep-alive timeout (60 s, set per connection by pingora's HTTP app), each read of a request body
-/// at most the downstream read timeout (60 s). Both are per read, with no total deadline, so a
-/// client that sends a byte more often than that keeps its connection; what protects other
-/// clients is that each connection is one cheap task, never a worker.
+/// Bounded by pingora, not by the proxy: on a new connection each read of the request head waits at
+/// most the keep-alive timeout pingora's HTTP app sets (60 s; after the first request it becomes
+/// infinite, see `an_idle_keep_alive_connection_is_closed_after_the_idle_timeout`), each read of a
+/// request body at most the downstream read timeout (60 s, `v1/server.rs`). Both are per read, with
+/// no total deadline, so a client that sends a byte more often than that keeps its connection; what
+/// protects other clients is that each connection is one cheap task, never a worker.
 #[test]
 fn slowloris_clients_do_not_block_other_clients() {
     let h = Harness::start();
