@@ -52,6 +52,8 @@ impl AdminApp {
         m.cache_entries.set(app.cache.entry_count() as i64);
         m.cache_bytes.set(app.cache.weighted_size() as i64);
         m.status_records.set(app.statuses.len() as i64);
+        m.status_running.set(app.statuses.running_count() as i64);
+        m.status_bytes.set(app.statuses.done_bytes() as i64);
         m.circuit_open.set(i64::from(app.upstream.breaker().is_open()));
         if let Some(l2) = app.cache.l2() {
             m.l2_up.set(i64::from(l2.is_up()));

@@ -186,7 +186,7 @@ impl App {
             cache: InsightCache::new(config.cache_max_bytes, config.cache_ttl, Some(hook)).with_l2(l2, clock.clone()),
             keyer: PartitionKeyer::new(config.partition_secret.as_deref()),
             flights: Flights::default(),
-            statuses: StatusRegistry::new(config.status_ttl, config.status_max_records),
+            statuses: StatusRegistry::new(config.status_ttl, config.status_max_records, config.status_max_bytes),
             jobs: JobQueue::new(config.queue_capacity),
             calc_permits: Semaphore::new(config.max_concurrent_calculations),
             budget: Budget::new(config.budget),

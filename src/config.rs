@@ -32,6 +32,7 @@ pub const DEFAULT_QUEUE_CAPACITY: usize = 1024;
 /// PostHog's STATUS_TTL_SECONDS.
 pub const DEFAULT_STATUS_TTL_SECONDS: u64 = 20 * 60;
 pub const DEFAULT_STATUS_MAX_RECORDS: u64 = 100_000;
+pub const DEFAULT_STATUS_MAX_BYTES: u64 = 32 * 1024 * 1024;
 pub const DEFAULT_MAX_CONCURRENT_CALCULATIONS: usize = 16;
 pub const DEFAULT_SIM_CALC_DELAY_MS: u64 = 200;
 /// How long a (credential, project) confirmation by the upstream is trusted.
@@ -132,6 +133,7 @@ pub struct RefreshSection {
     pub queue_capacity: usize,
     pub status_ttl_seconds: u64,
     pub status_max_records: u64,
+    pub status_max_bytes: u64,
     pub max_concurrent_calculations: usize,
 }
 
@@ -142,6 +144,7 @@ impl Default for RefreshSection {
             queue_capacity: DEFAULT_QUEUE_CAPACITY,
             status_ttl_seconds: DEFAULT_STATUS_TTL_SECONDS,
             status_max_records: DEFAULT_STATUS_MAX_RECORDS,
+            status_max_bytes: DEFAULT_STATUS_MAX_BYTES,
             max_concurrent_calculations: DEFAULT_MAX_CONCURRENT_CALCULATIONS,
         }
     }
@@ -315,6 +318,7 @@ pub struct Config {
     pub queue_capacity: usize,
     pub status_ttl: Duration,
     pub status_max_records: u64,
+    pub status_max_bytes: u64,
     pub max_concurrent_calculations: usize,
     /// Cached data is served to a credential only while the upstream confirmed its access to the
     /// project within this window.
@@ -528,6 +532,9 @@ impl Config {
         if file.refresh.status_max_records == 0 {
             bad("refresh.status_max_records", "must be at least 1".into());
         }
+        if file.refresh.status_max_bytes < 64 * 1024 {
+            bad("refresh.status_max_bytes", "must be at least 65536".into());
+        }
         if file.refresh.max_concurrent_calculations == 0 {
             bad("refresh.max_concurrent_calculations", "must be at least 1".into());
         }
@@ -617,6 +624,7 @@ impl Config {
             queue_capacity: file.refresh.queue_capacity,
             status_ttl: Duration::from_secs(file.refresh.status_ttl_seconds),
             status_max_records: file.refresh.status_max_records,
+            status_max_bytes: file.refresh.status_max_bytes,
             max_concurrent_calculations: file.refresh.max_concurrent_calculations,
             revalidate_after: Duration::from_secs(file.security.revalidate_after_seconds),
             breaker: BreakerSettings {

@@ -192,9 +192,13 @@ async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, mode: RefreshMode, peeked:
                         continue;
                     }
                     Outcome::Relay(r) => {
+                        // Work is queued only for a caller the upstream just showed the insight to.
                         let qs = match decision {
-                            Decision::MissEnqueue => Some(enqueue(app, spec, false, UpstreamRefresh::Blocking)),
-                            _ => running_status(app, spec),
+                            Decision::MissEnqueue if r.status == 200 => {
+                                Some(enqueue(app, spec, false, UpstreamRefresh::Blocking))
+                            }
+                            _ if r.status == 200 => running_status(app, spec),
+                            _ => None,
                         };
                         let cs = format!("{CACHE_NAME}; fwd=miss; fwd-status={}", r.status);
                         return match (r.status, qs) {
@@ -205,8 +209,21 @@ async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, mode: RefreshMode, peeked:
                     // Out of budget for even a read: a miss is the honest answer (force_cache never
                     // calculates), with a status when the mode enqueues work.
                     Outcome::Failed(Failure::Budget) => {
+                        // Not even a read fit the budget, so the upstream has not vouched for this
+                        // caller just now: queue work only for one it confirmed recently.
+                        let confirmed = app.is_confirmed(spec.key.partition, spec.project);
                         let qs = match decision {
-                            Decision::MissEnqueue => Some(enqueue(app, spec, false, UpstreamRefresh::Blocking)),
+                            Decision::MissEnqueue if confirmed => {
+                                Some(enqueue(app, spec, false, UpstreamRefresh::Blocking))
+                            }
+                            Decision::MissEnqueue => {
+                                return failure_reply(
+                                    app,
+                                    spec,
+                                    &Failure::Budget,
+                                    format!("{CACHE_NAME}; fwd=miss; detail=budget"),
+                                )
+                            }
                             _ => running_status(app, spec),
                         };
                         let body = serde_json::json!({
@@ -222,20 +239,28 @@ async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, mode: RefreshMode, peeked:
                 }
             }
             Decision::ForceEnqueue => {
-                let qs = enqueue(app, spec, true, UpstreamRefresh::ForceBlocking);
                 let cs = format!("{CACHE_NAME}; fwd=request; detail=enqueued");
+                // The insight's metadata for the answer, and the upstream's word that this caller
+                // may see it, before any work is queued in the caller's name.
+                let vouched = via_peek || app.is_confirmed(spec.key.partition, spec.project);
                 let base = match (&entry, peeked.take()) {
-                    (Some(e), _) => Bytes::from(e.to_value(false).to_string()),
+                    (Some(e), _) if vouched => Bytes::from(e.to_value(false).to_string()),
                     (None, Some(Outcome::Stored(e))) => Bytes::from(e.to_value(false).to_string()),
-                    (None, Some(Outcome::Relay(r))) => r.body.clone(),
-                    (None, _) => match app.peek(spec, "peek").wait().await {
+                    (None, Some(Outcome::Relay(r))) if r.status == 200 => r.body.clone(),
+                    (None, Some(Outcome::Relay(r))) => return Reply::relay(&r, cs),
+                    _ => match app.peek(spec, "peek").wait().await {
                         Some(Outcome::Stored(e)) => Bytes::from(e.to_value(false).to_string()),
                         Some(Outcome::Relay(r)) if r.status == 200 => r.body.clone(),
                         Some(Outcome::Relay(r)) => return Reply::relay(&r, cs),
-                        Some(Outcome::Failed(f)) => return Reply::error(&f.to_api_error(), cs),
+                        // The upstream down or out of budget: as for a hit, what we have stands.
+                        Some(Outcome::Failed(f)) => match &entry {
+                            Some(e) => Bytes::from(e.to_value(false).to_string()),
+                            None => return failure_reply(app, spec, &f, cs),
+                        },
                         None => return Reply::error(&ApiError::bad_gateway("The upstream closed the connection."), cs),
                     },
                 };
+                let qs = enqueue(app, spec, true, UpstreamRefresh::ForceBlocking);
                 return Reply::json(200, overlay_miss(&base, Some(&qs), true), cs);
             }
         }
@@ -298,6 +323,8 @@ fn running_status(app: &App, spec: &CalcSpec) -> Option<Bytes> {
 }
 
 /// PostHog's `enqueue_async_calculation`: with `rr=false` an existing status is returned as it is.
+/// Work that cannot be taken (queue or registry full) is answered as PostHog does when it cannot
+/// take more: a completed status with `concurrency_limit_exceeded`, never one that looks queued.
 fn enqueue(app: &Arc<App>, spec: &Arc<CalcSpec>, refresh_requested: bool, refresh: UpstreamRefresh) -> Bytes {
     let id = app.keyer.status_id(&spec.key);
     let owner = spec.key.partition;
@@ -309,14 +336,28 @@ fn enqueue(app: &Arc<App>, spec: &Arc<CalcSpec>, refresh_requested: bool, refres
         }
     }
     let now = app.clock.now();
-    let status = app.statuses.start(owner, id.clone(), spec.project, spec.insight, spec.dashboard_id(), now);
-    app.share_status(&id, owner);
+    let refuse = || {
+        let s = app.statuses.refuse(
+            owner,
+            id.clone(),
+            spec.project,
+            spec.insight,
+            spec.dashboard_id(),
+            now,
+            crate::app::CONCURRENCY_LIMIT_EXCEEDED,
+        );
+        app.metrics.async_refused.inc();
+        app.share_status(&id, owner);
+        s.to_json()
+    };
+    let Ok(status) = app.statuses.start(owner, id.clone(), spec.project, spec.insight, spec.dashboard_id(), now) else {
+        return refuse();
+    };
     let job = Job { spec: spec.clone(), refresh, status_id: Some(id.clone()) };
     if app.jobs.push(job).is_err() {
-        // Bounded queue: say so the way PostHog does when it cannot take more work.
-        app.statuses.finish(&id, now, Err("concurrency_limit_exceeded".into()));
-        return app.statuses.get(owner, &id).map(|s| s.to_json()).unwrap_or_else(|| status.to_json());
+        return refuse();
     }
+    app.share_status(&id, owner);
     status.to_json()
 }
 

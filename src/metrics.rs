@@ -21,6 +21,8 @@ pub struct Metrics {
     pub coalesced: IntCounter,
     pub upstream_errors: IntCounterVec,
     pub revalidations: IntCounter,
+    /// Async requests answered with concurrency_limit_exceeded (queue or status registry full).
+    pub async_refused: IntCounter,
     pub evictions: IntCounterVec,
     // Gauges set at scrape time from the components that own the numbers.
     pub queue_depth: IntGauge,
@@ -28,6 +30,8 @@ pub struct Metrics {
     pub cache_entries: IntGauge,
     pub cache_bytes: IntGauge,
     pub status_records: IntGauge,
+    pub status_running: IntGauge,
+    pub status_bytes: IntGauge,
     pub in_flight: IntGaugeVec,
     pub circuit_open: IntGauge,
     pub l2_up: IntGauge,
@@ -88,6 +92,11 @@ impl Metrics {
                 "revalidations_total",
                 "Credential revalidations (cached data older than the revalidation window).",
             ),
+            async_refused: gauge_free_counter(
+                &r,
+                "async_refused_total",
+                "Async requests answered with concurrency_limit_exceeded (queue or status registry full).",
+            ),
             evictions: counter_vec(
                 &r,
                 "cache_evictions_total",
@@ -99,6 +108,8 @@ impl Metrics {
             cache_entries: gauge(&r, "cache_entries", "Entries in the cache."),
             cache_bytes: gauge(&r, "cache_bytes", "Bytes the cache's entries weigh (bodies and keys)."),
             status_records: gauge(&r, "query_status_records", "query_status records kept."),
+            status_running: gauge(&r, "query_status_running", "query_status records still running."),
+            status_bytes: gauge(&r, "query_status_bytes", "Bytes charged to completed query_status records."),
             in_flight,
             circuit_open: gauge(&r, "upstream_circuit_open", "1 while the upstream circuit breaker is open."),
             l2_up: gauge(&r, "l2_up", "1 while the shared tier (Redis) answers; 0 while its breaker is open."),

@@ -2,8 +2,9 @@
 //! (refresh-semantics.md §4). Records expire (PostHog's 20 min) and are bounded in number; an id is
 //! only ever answered to the partition that created it.
 
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -67,34 +68,58 @@ impl QueryStatus {
 struct Record {
     owner: Partition,
     status: QueryStatus,
+    /// Real time, not the app clock: only bounds how long a lost running record can linger.
+    expires: Instant,
 }
 
+/// The registry is full of running work: the caller answers with PostHog's concurrency error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("too many query statuses running")]
+pub struct RegistryFull;
+
+/// Running records live in a bounded map (each has a job behind it, so the queue bounds them
+/// too); completed ones in a cache bounded by bytes, since a completed status holds the insight's
+/// results. A completed record may be dropped early under that byte bound, oldest first, and then
+/// polls get 404 as after expiry; a running one is never dropped before it completes or expires.
 pub struct StatusRegistry {
-    records: moka::sync::Cache<String, Arc<Mutex<Record>>>,
+    running: Mutex<HashMap<String, Record>>,
+    done: moka::sync::Cache<String, Arc<Record>>,
+    max_running: usize,
     ttl: Duration,
 }
 
+/// What a completed record is charged beyond its serialised size (key, struct, cache overhead).
+const RECORD_OVERHEAD: usize = 512;
+
 impl StatusRegistry {
-    pub fn new(ttl: Duration, max_records: u64) -> Self {
-        Self { records: moka::sync::Cache::builder().max_capacity(max_records).time_to_live(ttl).build(), ttl }
+    pub fn new(ttl: Duration, max_running: u64, max_done_bytes: u64) -> Self {
+        let done = moka::sync::Cache::builder()
+            .max_capacity(max_done_bytes)
+            .weigher(|_k: &String, r: &Arc<Record>| -> u32 {
+                let results = r.status.results.as_ref().map_or(0, |v| v.to_string().len());
+                (RECORD_OVERHEAD + results).try_into().unwrap_or(u32::MAX)
+            })
+            // The newest completion must always be kept: TinyLFU could refuse to admit it.
+            .eviction_policy(moka::policy::EvictionPolicy::lru())
+            .time_to_live(ttl)
+            .build();
+        Self { running: Mutex::new(HashMap::new()), done, max_running: max_running as usize, ttl }
     }
 
     fn expiration(&self, now: OffsetDateTime) -> OffsetDateTime {
         now + self.ttl
     }
 
-    /// Writes a new, incomplete record (replacing any under the same id).
-    pub fn start(
+    fn blank(
         &self,
-        owner: Partition,
         id: String,
         team_id: u64,
         insight_id: u64,
         dashboard_id: Option<u64>,
         now: OffsetDateTime,
     ) -> QueryStatus {
-        let status = QueryStatus {
-            id: id.clone(),
+        QueryStatus {
+            id,
             team_id,
             insight_id: Some(insight_id),
             dashboard_id,
@@ -108,15 +133,64 @@ impl StatusRegistry {
             expiration_time: self.expiration(now),
             task_id: None,
             results: None,
-        };
-        self.records.insert(id, Arc::new(Mutex::new(Record { owner, status: status.clone() })));
+        }
+    }
+
+    /// Writes a new, incomplete record (replacing any under the same id), unless as many records
+    /// are already running as the registry holds.
+    pub fn start(
+        &self,
+        owner: Partition,
+        id: String,
+        team_id: u64,
+        insight_id: u64,
+        dashboard_id: Option<u64>,
+        now: OffsetDateTime,
+    ) -> Result<QueryStatus, RegistryFull> {
+        let status = self.blank(id.clone(), team_id, insight_id, dashboard_id, now);
+        let mut running = self.running.lock();
+        if running.len() >= self.max_running && !running.contains_key(&id) {
+            let t = Instant::now();
+            running.retain(|_, r| r.expires > t);
+            if running.len() >= self.max_running {
+                return Err(RegistryFull);
+            }
+        }
+        self.done.invalidate(&id);
+        running.insert(id, Record { owner, status: status.clone(), expires: Instant::now() + self.ttl });
+        Ok(status)
+    }
+
+    /// Records work refused before it started: a completed error status, pollable like any other.
+    #[allow(clippy::too_many_arguments)]
+    pub fn refuse(
+        &self,
+        owner: Partition,
+        id: String,
+        team_id: u64,
+        insight_id: u64,
+        dashboard_id: Option<u64>,
+        now: OffsetDateTime,
+        message: &str,
+    ) -> QueryStatus {
+        let mut status = self.blank(id.clone(), team_id, insight_id, dashboard_id, now);
+        complete(&mut status, now, Err(message.to_string()));
+        let mut running = self.running.lock();
+        self.done
+            .insert(id.clone(), Arc::new(Record { owner, status: status.clone(), expires: Instant::now() + self.ttl }));
+        running.remove(&id);
         status
     }
 
-    /// The record, if it exists and belongs to `owner`.
+    /// The record, if it exists, has not expired and belongs to `owner`.
     pub fn get(&self, owner: Partition, id: &str) -> Option<QueryStatus> {
-        let r = self.records.get(id)?;
-        let r = r.lock();
+        {
+            let running = self.running.lock();
+            if let Some(r) = running.get(id) {
+                return (r.owner == owner && r.expires > Instant::now()).then(|| r.status.clone());
+            }
+        }
+        let r = self.done.get(id)?;
         (r.owner == owner).then(|| r.status.clone())
     }
 
@@ -126,47 +200,61 @@ impl StatusRegistry {
     }
 
     pub fn picked_up(&self, id: &str, now: OffsetDateTime) {
-        self.update(id, now, |s| s.pickup_time = Some(now));
-    }
-
-    pub fn finish(&self, id: &str, now: OffsetDateTime, outcome: Result<Value, String>) {
-        self.update(id, now, |s| {
-            s.complete = true;
-            s.end_time = Some(now);
-            s.pickup_time.get_or_insert(now);
-            match outcome {
-                Ok(results) => {
-                    s.error = false;
-                    s.results = Some(results);
-                }
-                Err(message) => {
-                    s.error = true;
-                    s.error_message = Some(message);
-                    s.results = None;
-                }
-            }
-        });
-    }
-
-    /// Re-stores the record so its TTL restarts, as PostHog resets it on every store.
-    fn update(&self, id: &str, now: OffsetDateTime, f: impl FnOnce(&mut QueryStatus)) {
-        if let Some(r) = self.records.get(id) {
-            {
-                let mut rec = r.lock();
-                f(&mut rec.status);
-                rec.status.expiration_time = self.expiration(now);
-            }
-            self.records.insert(id.to_string(), r);
+        if let Some(r) = self.running.lock().get_mut(id) {
+            r.status.pickup_time = Some(now);
+            r.status.expiration_time = self.expiration(now);
+            r.expires = Instant::now() + self.ttl;
         }
     }
 
+    /// Completes a running record; its TTL restarts, as PostHog resets it on every store.
+    pub fn finish(&self, id: &str, now: OffsetDateTime, outcome: Result<Value, String>) -> Option<QueryStatus> {
+        let mut running = self.running.lock();
+        let r = running.get(id)?;
+        let mut status = r.status.clone();
+        complete(&mut status, now, outcome);
+        status.expiration_time = self.expiration(now);
+        let done = Record { owner: r.owner, status: status.clone(), expires: Instant::now() + self.ttl };
+        // Visible as done before it stops being visible as running: a poll never falls between.
+        self.done.insert(id.to_string(), Arc::new(done));
+        running.remove(id);
+        Some(status)
+    }
+
+    pub fn running_count(&self) -> usize {
+        self.running.lock().len()
+    }
+
     pub fn len(&self) -> u64 {
-        self.records.run_pending_tasks();
-        self.records.entry_count()
+        self.done.run_pending_tasks();
+        self.running_count() as u64 + self.done.entry_count()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Bytes charged to completed records.
+    pub fn done_bytes(&self) -> u64 {
+        self.done.run_pending_tasks();
+        self.done.weighted_size()
+    }
+}
+
+fn complete(s: &mut QueryStatus, now: OffsetDateTime, outcome: Result<Value, String>) {
+    s.complete = true;
+    s.end_time = Some(now);
+    s.pickup_time.get_or_insert(now);
+    match outcome {
+        Ok(results) => {
+            s.error = false;
+            s.results = Some(results);
+        }
+        Err(message) => {
+            s.error = true;
+            s.error_message = Some(message);
+            s.results = None;
+        }
     }
 }
 
@@ -174,21 +262,71 @@ impl StatusRegistry {
 mod tests {
     use super::*;
 
+    fn p(n: u8) -> Partition {
+        Partition([n; 16])
+    }
+
     #[test]
     fn lifecycle_and_ownership() {
-        let reg = StatusRegistry::new(Duration::from_secs(60), 10);
+        let reg = StatusRegistry::new(Duration::from_secs(60), 10, 1 << 20);
         let now = OffsetDateTime::now_utc();
-        let (a, b) = (Partition([1; 16]), Partition([2; 16]));
-        reg.start(a, "q1".into(), 1, 5, None, now);
+        let (a, b) = (p(1), p(2));
+        reg.start(a, "q1".into(), 1, 5, None, now).unwrap();
         assert!(reg.running(a, "q1").is_some());
         assert!(reg.get(b, "q1").is_none(), "another partition cannot see it");
         reg.picked_up("q1", now);
-        reg.finish("q1", now, Ok(serde_json::json!({"results": [1]})));
+        let done = reg.finish("q1", now, Ok(serde_json::json!({"results": [1]}))).unwrap();
         let s = reg.get(a, "q1").unwrap();
         assert!(s.complete && !s.error && s.pickup_time.is_some() && s.end_time.is_some());
+        assert_eq!(s.to_json(), done.to_json());
         assert!(reg.running(a, "q1").is_none());
+        assert!(reg.get(b, "q1").is_none(), "nor once it is complete");
         let v: Value = serde_json::from_slice(&s.to_json()).unwrap();
         assert_eq!(v["query_async"], Value::Bool(true));
         assert!(v["start_time"].as_str().unwrap().ends_with('Z'));
+    }
+
+    #[test]
+    fn running_records_are_bounded_and_never_dropped_for_new_ones() {
+        let reg = StatusRegistry::new(Duration::from_secs(60), 3, 1 << 20);
+        let now = OffsetDateTime::now_utc();
+        for i in 0..3 {
+            reg.start(p(1), format!("q{i}"), 1, i, None, now).unwrap();
+        }
+        assert_eq!(reg.start(p(1), "q3".into(), 1, 3, None, now).err(), Some(RegistryFull));
+        // Restarting one that exists is not a new record.
+        assert!(reg.start(p(1), "q0".into(), 1, 0, None, now).is_ok());
+        for i in 0..3 {
+            assert!(reg.running(p(1), &format!("q{i}")).is_some(), "q{i} still running");
+        }
+        // A completion frees a place.
+        reg.finish("q1", now, Err("boom".into()));
+        assert!(reg.start(p(1), "q3".into(), 1, 3, None, now).is_ok());
+    }
+
+    #[test]
+    fn a_refusal_is_a_completed_error_that_can_be_polled() {
+        let reg = StatusRegistry::new(Duration::from_secs(60), 1, 1 << 20);
+        let now = OffsetDateTime::now_utc();
+        let s = reg.refuse(p(1), "q".into(), 1, 2, Some(3), now, "concurrency_limit_exceeded");
+        assert!(s.complete && s.error);
+        let polled = reg.get(p(1), "q").unwrap();
+        assert_eq!(polled.error_message.as_deref(), Some("concurrency_limit_exceeded"));
+        assert_eq!(polled.dashboard_id, Some(3));
+    }
+
+    #[test]
+    fn completed_records_are_bounded_by_bytes_newest_kept() {
+        let reg = StatusRegistry::new(Duration::from_secs(60), 1000, 64 * 1024);
+        let now = OffsetDateTime::now_utc();
+        let big = serde_json::json!({"results": "x".repeat(8 * 1024)});
+        for i in 0..100 {
+            let id = format!("q{i}");
+            reg.start(p(1), id.clone(), 1, i, None, now).unwrap();
+            reg.finish(&id, now, Ok(big.clone())).unwrap();
+            assert!(reg.get(p(1), &id).is_some(), "the newest completion q{i} is kept");
+        }
+        assert!(reg.done_bytes() <= 64 * 1024, "{} bytes", reg.done_bytes());
+        assert!(reg.len() < 10, "{} records", reg.len());
     }
 }

@@ -627,18 +627,22 @@ fn ten_thousand_distinct_keys_stay_within_the_cache_size() {
 fn async_flood() -> (Harness, f64, f64) {
     const QUEUE: usize = 16;
     const RECORDS: u64 = 300;
+    const STATUS_BYTES: u64 = 256 * 1024;
     const REQUESTS: u64 = 2000;
     let h = Harness::with(|c, sim| {
         c.queue_capacity = QUEUE;
         c.status_max_records = RECORDS;
+        c.status_max_bytes = STATUS_BYTES;
         c.workers = 2;
         c.budget.project_concurrency = 2;
         c.refresh_ahead.enabled = false;
         sim.calc_delay = Duration::from_millis(5);
         sim.concurrency_limit = None;
     });
-    let sampler =
-        Sampler::start(h.admin_port, &["insights_proxy_queue_depth ", "insights_proxy_query_status_records "]);
+    let sampler = Sampler::start(
+        h.admin_port,
+        &["insights_proxy_queue_depth ", "insights_proxy_query_status_running ", "insights_proxy_query_status_bytes "],
+    );
     let results = parallel(h.proxy_port, 6, REQUESTS, |conn, i| {
         let id = 1 + i % PROJECT1_INSIGHTS;
         let t = Instant::now();
@@ -666,14 +670,15 @@ fn async_flood() -> (Harness, f64, f64) {
     }
     eprintln!(
         "{REQUESTS} async requests: {overflow} overflowed; slowest answer {slowest:?}; max queue depth {}; \
-         max status records {}",
-        max[0], max[1]
+         max running statuses {}; max bytes of completed statuses {}",
+        max[0], max[1], max[2]
     );
     assert!(overflow > 0, "a queue of {QUEUE} must overflow under {REQUESTS} requests");
     assert!(overflow < REQUESTS as usize, "some work must have been accepted");
     assert!(slowest < Duration::from_secs(5), "an async answer took {slowest:?}");
     assert!(max[0] <= QUEUE as f64, "queue depth reached {}", max[0]);
-    assert!(max[1] <= RECORDS as f64, "status records reached {}", max[1]);
+    assert!(max[1] <= RECORDS as f64, "running statuses reached {}", max[1]);
+    assert!(max[2] <= STATUS_BYTES as f64, "completed statuses reached {} bytes", max[2]);
     // Every acknowledged status ends: complete (200 result / 400 error) or gone (404, evicted).
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut pending: Vec<String> = ids;
@@ -699,7 +704,7 @@ fn async_flood() -> (Harness, f64, f64) {
     eventually("the queue drains", || {
         h.metric("insights_proxy_queue_depth") == 0.0 && h.metric("insights_proxy_busy_workers") == 0.0
     });
-    assert!(h.metric("insights_proxy_query_status_records") <= RECORDS as f64);
+    assert!(h.metric("insights_proxy_query_status_bytes") <= STATUS_BYTES as f64);
     // Still answering normally.
     assert_eq!(h.get(&format!("{}?refresh=blocking", insight_url(2)), ALL).status, 200);
     let accepted = REQUESTS as f64 - overflow as f64;
@@ -713,16 +718,11 @@ fn an_async_flood_is_answered_promptly_and_every_status_completes_or_expires() {
     assert!(background <= accepted, "{background} background calculations for {accepted} acknowledged statuses");
 }
 
-/// Known bug: when the queue is full, `insights::enqueue` marks the new status failed with
-/// `StatusRegistry::finish` and reads it back with `get`; but with the registry at
-/// `status_max_records`, moka may already have dropped the new record (TinyLFU admission, or its
-/// eviction during the insert's housekeeping). `finish` then updates nothing, `get` finds nothing,
-/// and the fallback `status.to_json()` is the *incomplete* status from `start`: the client is told
-/// its work is queued (`complete: false`, no `error_message`) although it was refused, and its id
-/// is 404 at the first poll. Seen as fewer background calculations than acknowledged statuses
-/// (e.g. 524 for 528).
+/// Regression: with the registry at its bound, moka could drop a new record (TinyLFU admission)
+/// so an overflowed request was told its work was queued (`complete: false`) and got 404 at the
+/// first poll. Running records now live outside any cache that may evict them, and a refusal is a
+/// completed `concurrency_limit_exceeded` status: every acknowledged status has a calculation.
 #[test]
-#[ignore = "known bug: an overflowed async request can be acknowledged as queued when the status registry is full"]
 fn an_overflowed_async_request_is_never_acknowledged_as_queued() {
     let (_h, accepted, background) = async_flood();
     assert_eq!(background, accepted, "{accepted} statuses were acknowledged as queued, {background} ran");
@@ -779,12 +779,11 @@ fn a_credential_flood_gets_no_data_and_leaves_no_state() {
     }
 }
 
-/// Known bug (see the README's Reliability section): on a miss, `refresh=async` enqueues the
-/// background calculation and writes a `query_status` *before* it looks at the upstream's answer
-/// to the peek, so a rejected credential (401) still costs a status record, a queue slot and a
-/// second upstream call; enough of them fill the queue and legitimate async requests overflow.
+/// Regression: on a miss, `refresh=async` used to enqueue the background calculation and write a
+/// `query_status` before looking at the upstream's answer to the peek, so a rejected credential
+/// cost a status record, a queue slot and a second upstream call, and a flood of them filled the
+/// queue for everyone.
 #[test]
-#[ignore = "known bug: async work is enqueued for credentials the upstream rejected"]
 fn a_credential_flood_with_async_requests_leaves_no_state() {
     let h = Harness::with(|c, sim| {
         c.queue_capacity = 64;
