@@ -53,6 +53,7 @@ impl AdminApp {
         m.cache_bytes.set(app.cache.weighted_size() as i64);
         m.status_records.set(app.statuses.len() as i64);
         m.status_running.set(app.statuses.running_count() as i64);
+        m.purge_records.set(app.cache.purge_records() as i64);
         m.status_bytes.set(app.statuses.done_bytes() as i64);
         m.circuit_open.set(i64::from(app.upstream.breaker().is_open()));
         if let Some(l2) = app.cache.l2() {

@@ -171,6 +171,17 @@ impl App {
         self.confirmations.get(&(partition, project)).is_some_and(|at| self.clock.now() - at <= window)
     }
 
+    /// The upstream refused this credential for this project (401/403): nothing cached reaches it
+    /// again, here or (through the shared tier) on other replicas. A credential this replica never
+    /// saw accepted and holds nothing for costs nothing, so a flood of bad keys leaves no state;
+    /// another replica that did accept it stops serving it within `revalidate_after`.
+    pub fn reject(&self, partition: Partition, project: u64) {
+        let was_confirmed = self.confirmations.remove(&(partition, project)).is_some();
+        if was_confirmed || self.cache.owns(partition) {
+            self.cache.purge_partition(partition);
+        }
+    }
+
     pub fn new(config: Arc<Config>, clock: Clock, upstream: UpstreamClient) -> Arc<App> {
         let metrics = Metrics::new();
         let evictions = metrics.evictions.clone();
@@ -406,7 +417,7 @@ impl App {
             s if s >= 500 => Outcome::Failed(Failure::Status(s)),
             401 | 403 => {
                 // The upstream no longer accepts this credential for this project.
-                self.cache.purge_partition(spec.key.partition);
+                self.reject(spec.key.partition, spec.project);
                 Outcome::Relay(Arc::new(resp))
             }
             _ => Outcome::Relay(Arc::new(resp)),

@@ -427,7 +427,7 @@ pub async fn list(app: &Arc<App>, call: ListCall) -> Reply {
             };
             if resp.status != 200 {
                 if resp.status == 401 || resp.status == 403 {
-                    app.cache.purge_partition(partition);
+                    app.reject(partition, call.project);
                 }
                 return Reply::relay(&resp, format!("{bypass}; fwd-status={}", resp.status));
             }

@@ -761,6 +761,7 @@ fn a_credential_flood_gets_no_data_and_leaves_no_state() {
     h.app.cache.run_pending_tasks().await_blocking();
     let entries = h.app.cache.entry_count();
     let statuses = h.app.statuses.len();
+    let purges = h.metric("insights_proxy_purge_records");
     let requests_before = h.sim.requests();
     const FLOOD: u64 = 1500;
     credential_flood(&h, FLOOD, &["force_cache", "blocking", "force_blocking"]);
@@ -771,6 +772,8 @@ fn a_credential_flood_gets_no_data_and_leaves_no_state() {
     h.app.cache.run_pending_tasks().await_blocking();
     assert_eq!(h.app.cache.entry_count(), entries, "nothing cached for rejected credentials");
     assert_eq!(h.app.statuses.len(), statuses, "no status records for rejected credentials");
+    // Past the purge records' bound, each new record would raise the floor and hide every entry.
+    assert_eq!(h.metric("insights_proxy_purge_records"), purges, "purge records for credentials that own nothing");
     // The legitimate partition still hits.
     for id in 1..=PROJECT1_INSIGHTS {
         let r = h.get(&insight_url(id), ALL);

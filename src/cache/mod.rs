@@ -10,12 +10,14 @@ pub mod entry;
 pub mod key;
 pub mod l2;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use moka::future::Cache;
+use parking_lot::Mutex;
 
 pub use entry::{Entry, EntryError};
 pub use key::{CacheKey, Partition, PartitionKeyer};
@@ -98,6 +100,9 @@ pub struct InsightCache {
     /// The upstream's answer when its cache had nothing for a key (a result-less insight body).
     empty: moka::sync::Cache<CacheKey, Bytes>,
     epochs: Epochs,
+    /// Entries per partition, so purging a partition that owns nothing (a rejected key seen for
+    /// the first time) costs nothing: no purge record, no invalidation scan.
+    owners: Arc<Mutex<HashMap<Partition, u32>>>,
     /// The shared second tier, when configured.
     l2: Option<Arc<L2>>,
     clock: Clock,
@@ -108,28 +113,40 @@ pub type EvictionHook = Arc<dyn Fn(&'static str) + Send + Sync>;
 
 impl InsightCache {
     pub fn new(max_bytes: u64, ttl: Duration, on_evict: Option<EvictionHook>) -> Self {
-        let mut builder = Cache::builder()
+        let owners: Arc<Mutex<HashMap<Partition, u32>>> = Arc::default();
+        let gone = owners.clone();
+        let entries = Cache::builder()
             .name("insights")
             .max_capacity(max_bytes)
             .weigher(|_k: &CacheKey, v: &Arc<Entry>| -> u32 {
                 (v.weight() + std::mem::size_of::<CacheKey>()).try_into().unwrap_or(u32::MAX)
             })
             .time_to_live(ttl)
-            .support_invalidation_closures();
-        if let Some(hook) = on_evict {
-            builder = builder.eviction_listener(move |_k, _v, cause| {
+            .support_invalidation_closures()
+            .eviction_listener(move |k: Arc<CacheKey>, _v, cause| {
                 use moka::notification::RemovalCause;
-                match cause {
-                    RemovalCause::Size => hook("size"),
-                    RemovalCause::Expired => hook("expired"),
-                    RemovalCause::Explicit => hook("purged"),
-                    RemovalCause::Replaced => {}
+                let cause = match cause {
+                    RemovalCause::Size => "size",
+                    RemovalCause::Expired => "expired",
+                    RemovalCause::Explicit => "purged",
+                    RemovalCause::Replaced => return,
+                };
+                let mut owners = gone.lock();
+                if let std::collections::hash_map::Entry::Occupied(mut n) = owners.entry(k.partition) {
+                    *n.get_mut() -= 1;
+                    if *n.get() == 0 {
+                        n.remove();
+                    }
                 }
-            });
-        }
+                drop(owners);
+                if let Some(hook) = &on_evict {
+                    hook(cause);
+                }
+            })
+            .build();
         let pages = Cache::builder().max_capacity(MAX_PAGES).time_to_live(PAGE_TTL).build();
         let empty = moka::sync::Cache::builder().max_capacity(MAX_EMPTY).time_to_live(EMPTY_TTL).build();
-        Self { entries: builder.build(), pages, empty, epochs: Epochs::new(), l2: None, clock: Clock::new() }
+        Self { entries, pages, empty, epochs: Epochs::new(), owners, l2: None, clock: Clock::new() }
     }
 
     /// Puts the shared tier behind this cache; purge markers and started times use `clock`.
@@ -185,16 +202,35 @@ impl InsightCache {
     }
 
     async fn insert_local(&self, key: CacheKey, entry: Arc<Entry>) -> bool {
+        use moka::ops::compute::{CompResult, Op};
         if !self.epochs.is_current(&key, entry.epoch) {
             return false;
         }
-        if let Some(old) = self.get_local(&key).await {
-            if old.last_refresh() >= entry.last_refresh() {
-                return false;
+        let epochs = &self.epochs;
+        let result = self
+            .entries
+            .entry(key)
+            .and_compute_with(|old| {
+                let keep_old = old.is_some_and(|o| {
+                    let o = o.into_value();
+                    epochs.is_current(&key, o.epoch) && o.last_refresh() >= entry.last_refresh()
+                });
+                std::future::ready(if keep_old { Op::Nop } else { Op::Put(entry) })
+            })
+            .await;
+        match result {
+            CompResult::Inserted(_) => {
+                *self.owners.lock().entry(key.partition).or_insert(0) += 1;
+                true
             }
+            CompResult::ReplacedWith(_) => true,
+            _ => false,
         }
-        self.entries.insert(key, entry).await;
-        true
+    }
+
+    /// Whether any entry in memory belongs to `partition`.
+    pub fn owns(&self, partition: Partition) -> bool {
+        self.owners.lock().contains_key(&partition)
     }
 
     pub async fn remove(&self, key: &CacheKey) {
@@ -252,6 +288,9 @@ impl InsightCache {
                 self.entries.invalidate_entries_if(move |k, _| k.project == project && k.insight == insight)
             }
             PurgeScope::Project(project) => self.entries.invalidate_entries_if(move |k, _| k.project == project),
+            // Every cache read evaluates a registered predicate until it retires: skip it when
+            // there is nothing to find.
+            PurgeScope::Partition(partition) if !self.owns(partition) => return,
             PurgeScope::Partition(partition) => {
                 self.entries.invalidate_entries_if(move |k, _| k.partition == partition)
             }
@@ -265,6 +304,12 @@ impl InsightCache {
             .filter(|(k, e)| k.project == project && k.insight == insight && self.epochs.is_current(k, e.epoch))
             .map(|(k, e)| (*k, e))
             .collect()
+    }
+
+    /// Purge records kept (insights, projects and partitions purged recently).
+    pub fn purge_records(&self) -> u64 {
+        self.epochs.purges.run_pending_tasks();
+        self.epochs.purges.entry_count()
     }
 
     pub fn entry_count(&self) -> u64 {
