@@ -32,6 +32,8 @@ pub const DEFAULT_QUEUE_CAPACITY: usize = 1024;
 /// PostHog's STATUS_TTL_SECONDS.
 pub const DEFAULT_STATUS_TTL_SECONDS: u64 = 20 * 60;
 pub const DEFAULT_STATUS_MAX_RECORDS: u64 = 100_000;
+/// nginx's keepalive_timeout is 75 s; pingora's first-request wait is 60 s.
+pub const DEFAULT_IDLE_TIMEOUT_SECONDS: u64 = 60;
 pub const DEFAULT_STATUS_MAX_BYTES: u64 = 32 * 1024 * 1024;
 pub const DEFAULT_MAX_CONCURRENT_CALCULATIONS: usize = 16;
 pub const DEFAULT_SIM_CALC_DELAY_MS: u64 = 200;
@@ -68,6 +70,7 @@ pub struct ServerSection {
     pub grace_period_ms: u64,
     pub shutdown_timeout_ms: u64,
     pub max_body_bytes: usize,
+    pub idle_timeout_seconds: u64,
     pub public_url: Option<String>,
 }
 
@@ -79,6 +82,7 @@ impl Default for ServerSection {
             grace_period_ms: DEFAULT_GRACE_PERIOD_MS,
             shutdown_timeout_ms: DEFAULT_SHUTDOWN_TIMEOUT_MS,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            idle_timeout_seconds: DEFAULT_IDLE_TIMEOUT_SECONDS,
             public_url: None,
         }
     }
@@ -305,6 +309,8 @@ pub struct Config {
     pub grace_period: Duration,
     pub shutdown_timeout: Duration,
     pub max_body_bytes: usize,
+    /// How long a keep-alive connection may sit idle between requests.
+    pub idle_timeout: Duration,
     pub public_url: Option<String>,
     pub upstream: UpstreamTarget,
     pub connect_timeout: Duration,
@@ -456,6 +462,9 @@ impl Config {
         }
         if file.server.threads == 0 || file.server.threads > 1024 {
             bad("server.threads", "must be between 1 and 1024".into());
+        }
+        if file.server.idle_timeout_seconds == 0 {
+            bad("server.idle_timeout_seconds", "must be at least 1 (idle connections must be closed some time)".into());
         }
         if file.server.max_body_bytes == 0 {
             bad("server.max_body_bytes", "must be at least 1".into());
@@ -611,6 +620,7 @@ impl Config {
             grace_period: Duration::from_millis(file.server.grace_period_ms),
             shutdown_timeout: Duration::from_millis(file.server.shutdown_timeout_ms),
             max_body_bytes: file.server.max_body_bytes,
+            idle_timeout: Duration::from_secs(file.server.idle_timeout_seconds),
             public_url: file.server.public_url.map(|u| u.trim_end_matches('/').to_string()),
             upstream,
             connect_timeout: Duration::from_millis(file.upstream.connect_timeout_ms),

@@ -45,6 +45,9 @@ pub struct RequestCtx {
     body_bytes: usize,
     /// For a passed-through JSON answer: the upstream's origin and the proxy's, and the body so far.
     relink: Option<Relink>,
+    /// When a passed-through request's answer must be complete: the proxy's own upstream calls
+    /// get `connect_timeout + read_timeout` in total, and so does a pass-through.
+    upstream_deadline: Option<Instant>,
 }
 
 /// Absolute links the upstream builds from its own host (a list's `next`/`previous`) are pointed
@@ -176,10 +179,14 @@ impl ProxyHttp for InsightsProxy {
             purge_on_success: None,
             body_bytes: 0,
             relink: None,
+            upstream_deadline: None,
         }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        // pingora makes an HTTP/1.1 connection's idle wait infinite once a request was read; this
+        // bounds the wait before the next request (carried to the reused connection).
+        session.set_keepalive(Some(self.app.config.idle_timeout.as_secs().max(1)));
         let req = session.req_header();
         let header_bytes: usize = req.headers.iter().map(|(k, v)| k.as_str().len() + v.len()).sum();
         if req.headers.len() > MAX_REQUEST_HEADERS || header_bytes > MAX_REQUEST_HEADER_BYTES {
@@ -309,8 +316,9 @@ impl ProxyHttp for InsightsProxy {
         &self,
         session: &mut Session,
         upstream_request: &mut RequestHeader,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
     ) -> Result<()> {
+        ctx.upstream_deadline = Some(Instant::now() + self.app.config.connect_timeout + self.app.config.read_timeout);
         let client_host = upstream_request.headers.get(header::HOST).cloned();
         for h in HOP_BY_HOP {
             upstream_request.remove_header(h);
@@ -392,6 +400,33 @@ impl ProxyHttp for InsightsProxy {
             upstream_response.insert_header("cache-status", cs.as_str())?;
         }
         Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        _upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        // A head that arrived after the deadline (dripped a byte per read timeout) is not relayed.
+        if ctx.upstream_deadline.is_some_and(|d| Instant::now() > d) {
+            return Error::e_explain(ErrorType::ReadTimedout, "the upstream's answer took longer than its deadline");
+        }
+        Ok(())
+    }
+
+    fn upstream_response_body_filter(
+        &self,
+        _session: &mut Session,
+        _body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<std::time::Duration>> {
+        // The upstream's per-read timeout alone lets one that drips bytes hold a request forever.
+        if !end_of_stream && ctx.upstream_deadline.is_some_and(|d| Instant::now() > d) {
+            return Error::e_explain(ErrorType::ReadTimedout, "the upstream's answer took longer than its deadline");
+        }
+        Ok(None)
     }
 
     fn response_body_filter(

@@ -281,6 +281,7 @@ mod tests {
         assert_eq!(s.to_json(), done.to_json());
         assert!(reg.running(a, "q1").is_none());
         assert!(reg.get(b, "q1").is_none(), "nor once it is complete");
+        assert_eq!(reg.len(), 1);
         let v: Value = serde_json::from_slice(&s.to_json()).unwrap();
         assert_eq!(v["query_async"], Value::Bool(true));
         assert!(v["start_time"].as_str().unwrap().ends_with('Z'));

@@ -73,8 +73,11 @@ impl JobQueue {
         Some(job)
     }
 
+    /// Jobs waiting, counted from the lanes themselves (the key set briefly holds one more while
+    /// a worker takes a job).
     pub fn len(&self) -> usize {
-        self.queued.lock().len()
+        let waiting = |lane: &mpsc::Sender<Job>| lane.max_capacity() - lane.capacity();
+        waiting(&self.client) + waiting(&self.ahead)
     }
 
     pub fn is_empty(&self) -> bool {

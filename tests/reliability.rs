@@ -198,6 +198,8 @@ enum Misbehaviour {
     Silent,
     /// Answers a valid insight one byte every `interval`.
     Drip { interval: Duration },
+    /// Sends the headers of a valid insight at once, then its body one byte every `interval`.
+    DripBody { interval: Duration },
     /// Sends the headers and half of the body of a valid insight, then closes.
     CloseMidBody,
 }
@@ -301,6 +303,18 @@ fn serve_badly(mut s: TcpStream, how: Misbehaviour, stop: &AtomicBool) {
                     return;
                 }
                 // The point of this upstream is its pace.
+                std::thread::sleep(interval);
+            }
+        }
+        Misbehaviour::DripBody { interval } => {
+            let head = response.len() - body.len();
+            if s.write_all(&response.as_bytes()[..head]).is_err() {
+                return;
+            }
+            for b in body.as_bytes() {
+                if !alive() || s.write_all(&[*b]).is_err() {
+                    return;
+                }
                 std::thread::sleep(interval);
             }
         }
@@ -543,28 +557,27 @@ fn slowloris_clients_do_not_block_other_clients() {
     assert!(r.cache_status().contains("; hit"), "{}", r.cache_status());
 }
 
-/// Known weakness (takes ~65 s): pingora 0.9.1 gives a new connection a 60 s keep-alive timeout,
-/// but `read_request` then calls `respect_keepalive()`, which for an HTTP/1.1 request without a
-/// `Connection` header sets the timeout to *infinite*, and that is what the connection keeps for
-/// every later idle period and request head. So after one request a connection is never closed
-/// for idleness, and each idle connection holds ~38 KB (benches/flood.py): with no connection cap,
-/// idle clients grow memory and use up file descriptors without bound. The proxy does not
-/// override it (`session.set_keepalive(..)` in a request hook would).
+/// Regression: pingora 0.9.1's `read_request` calls `respect_keepalive()`, which for an HTTP/1.1
+/// request makes the connection's idle timeout infinite, so after one request a connection was
+/// never closed for idleness (~38 KB and a file descriptor each, without bound). The proxy now sets
+/// `server.idle_timeout_seconds` on every request.
 #[test]
-#[ignore = "known weakness: idle keep-alive connections are never closed after their first request"]
 fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
-    let h = Harness::start();
+    let h = Harness::with(|c, _| c.idle_timeout = Duration::from_secs(1));
     let url = insight_url(1);
     assert_eq!(h.get(&format!("{url}?refresh=blocking"), ALL).status, 200);
     let mut s = TcpStream::connect(("127.0.0.1", h.proxy_port)).unwrap();
-    s.write_all(request_text(h.proxy_port, "GET", &url, ALL).as_bytes()).unwrap();
-    assert_eq!(read_response(&mut s).unwrap().status, 200);
-    // pingora's own figure is 60 s; allow 65 s for it to act.
-    s.set_read_timeout(Some(Duration::from_secs(65))).unwrap();
+    for _ in 0..2 {
+        s.write_all(request_text(h.proxy_port, "GET", &url, ALL).as_bytes()).unwrap();
+        assert_eq!(read_response(&mut s).unwrap().status, 200, "kept alive between requests");
+    }
+    // Generous bound for a noisy machine; an unbounded wait shows as the 30 s read timeout.
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let t = Instant::now();
     let mut byte = [0u8; 1];
     let closed = matches!(s.read(&mut byte), Ok(0));
     assert!(closed, "an idle keep-alive connection was still open after {:?}", t.elapsed());
+    eprintln!("idle connection closed after {:?} (idle timeout 1 s)", t.elapsed());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -804,7 +817,8 @@ fn a_credential_flood_with_async_requests_leaves_no_state() {
     assert_eq!(queued, 0, "rejected credentials' work was queued");
     assert!(legit["query_status"]["error_message"].is_null(), "a legitimate request overflowed: {legit}");
     assert!(upstream <= FLOOD, "{FLOOD} rejected requests caused {upstream} upstream requests");
-    assert_eq!(h.app.statuses.len(), statuses + 1, "status records for rejected credentials");
+    // (moka's counts catch up with a completion asynchronously.)
+    eventually("one status record, the legitimate one's", || h.app.statuses.len() == statuses + 1);
 }
 
 /// Regression (found by the credential flood): the purge records' moka eviction listener raised
@@ -1047,18 +1061,32 @@ fn a_passed_through_json_answer_is_framed_and_a_broken_one_is_detectable() {
     drop(running);
 }
 
-/// Known weakness: pass-through requests use pingora's per-read upstream timeout only, so an
-/// upstream that sends a byte more often than `read_timeout_ms` holds the request for as long as
-/// it likes; the proxy's own calls have a total deadline (connect + read timeout).
+/// Regression: pass-through requests had pingora's per-read upstream timeout only, so an upstream
+/// that sent a byte more often than `read_timeout_ms` held the request as long as it liked. They now
+/// get the proxy's own total deadline, `connect_timeout_ms + read_timeout_ms`.
 #[test]
-#[ignore = "known weakness: no total deadline on pass-through upstream responses"]
 fn a_dripping_upstream_cannot_hold_a_pass_through_request_past_the_deadline() {
-    let fake = FakeUpstream::start(Misbehaviour::Drip { interval: Duration::from_millis(100) });
+    let fake = FakeUpstream::start(Misbehaviour::DripBody { interval: Duration::from_millis(100) });
     let (running, _app, port) = proxy_in_front_of(&fake);
+    let full = fake_insight_body().len();
     let t = Instant::now();
-    let r = http(port, "GET", "/api/projects/", &[("Authorization", &format!("Bearer {ALL}"))], None);
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.write_all(request_text(port, "GET", "/api/projects/", ALL).as_bytes()).unwrap();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
     let took = t.elapsed();
-    eprintln!("pass-through against a 10 B/s upstream: {} after {took:?}", r.status);
-    assert!(took < Duration::from_secs(3), "a pass-through request was held {took:?} (read timeout 400 ms)");
+    let text = String::from_utf8_lossy(&got);
+    eprintln!(
+        "pass-through against an upstream dripping its body at 10 B/s ({full} B): {} B after {took:?}",
+        got.len()
+    );
+    // Without a deadline it lasts until the fake upstream gives up (FAKE_MAX_LIFE, 15 s).
+    assert!(took < Duration::from_secs(5), "a pass-through request was held {took:?}, deadline 700 ms");
+    // Cut off, not passed as complete: the head promised more than arrived (or the answer is an error).
+    assert!(
+        text.starts_with("HTTP/1.1 50") || !text.contains(&fake_insight_body()),
+        "a cut-off answer looked complete: {text}"
+    );
     drop(running);
 }
