@@ -42,7 +42,8 @@ pub const DEFAULT_REVALIDATE_AFTER_SECONDS: u64 = 60;
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
 pub const DEFAULT_BREAKER_FAILURES: u32 = 5;
 pub const DEFAULT_BREAKER_COOLDOWN_MS: u64 = 1_000;
-pub const DEFAULT_BREAKER_MAX_COOLDOWN_MS: u64 = 30_000;
+/// One probe call per 4 s at most while the upstream is down: recovery is seen within seconds.
+pub const DEFAULT_BREAKER_MAX_COOLDOWN_MS: u64 = 4_000;
 pub const DEFAULT_SIM_SEED: u64 = 42;
 
 #[derive(Debug, Default, Deserialize)]
