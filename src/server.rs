@@ -44,9 +44,30 @@ pub fn check_bind(addr: &str) -> Result<SocketAddr, StartError> {
     l.local_addr().map_err(|source| StartError::Bind { addr: addr.to_string(), source })
 }
 
-/// A free loopback port (reserved and released: there is a tiny race, acceptable for tests and the
-/// demo backend).
+/// A free loopback port for the demo backend and tests. Taken below Linux's ephemeral range
+/// (32768+), where the kernel never hands a released port to an outgoing connection, and never the
+/// same one twice in a process; checked free when handed out (another process may still take it).
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    if NEXT.load(Ordering::Relaxed) == u32::MAX {
+        // A different starting point per process, so concurrent test binaries rarely meet.
+        let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+        let _ = NEXT.compare_exchange(
+            u32::MAX,
+            (seed ^ std::process::id().wrapping_mul(7919)) % SPAN,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+    for _ in 0..SPAN {
+        let port = (LOW + NEXT.fetch_add(1, Ordering::Relaxed) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free loopback port")
 }
 
