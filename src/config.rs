@@ -557,6 +557,16 @@ impl Config {
                 None
             }
         };
+        // pingora would hand both services the one socket (two owners of one descriptor).
+        let clash = |a: &str, b: &str| match (a.parse::<SocketAddr>(), b.parse::<SocketAddr>()) {
+            (Ok(a), Ok(b)) => {
+                a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+            }
+            _ => false,
+        };
+        if admin_listen.as_deref().is_some_and(|a| clash(a, &file.server.listen)) {
+            bad("admin.listen", format!("{:?} is the proxy's own address (server.listen)", file.admin.listen));
+        }
         if file.admin.token.as_ref().is_some_and(|t| t.len() < 16) {
             bad("admin.token", "must be at least 16 characters".into());
         }
@@ -722,6 +732,29 @@ mod tests {
         };
         let keys: Vec<_> = problems.iter().map(|p| p.key.as_str()).collect();
         assert_eq!(keys, ["server.listen", "server.threads", "cache.max_bytes", "staleness.default.fortnight"]);
+    }
+
+    #[test]
+    fn the_admin_listener_cannot_share_the_proxy_address() {
+        for (listen, admin, ok) in [
+            ("127.0.0.1:8080", "127.0.0.1:8080", false),
+            ("0.0.0.0:8080", "127.0.0.1:8080", false),
+            ("127.0.0.1:8080", "0.0.0.0:8080", false),
+            ("127.0.0.1:8080", "127.0.0.1:9090", true),
+            ("127.0.0.1:8080", "127.0.0.2:8080", true),
+        ] {
+            let file = FileConfig::parse(&format!("[server]\nlisten = \"{listen}\"\n[admin]\nlisten = \"{admin}\"\n"))
+                .unwrap();
+            let result = Config::from_file_config(file, &Overrides::default());
+            match result {
+                Ok(_) => assert!(ok, "{listen} / {admin} accepted"),
+                Err(ConfigError::Invalid(p)) => {
+                    assert!(!ok, "{listen} / {admin}: {p:?}");
+                    assert_eq!(p[0].key, "admin.listen");
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
     }
 
     #[test]
