@@ -192,7 +192,7 @@ pub struct RefreshAheadSection {
 
 impl Default for RefreshAheadSection {
     fn default() -> Self {
-        Self { enabled: true, min_reads: 2, start_percent: 80 }
+        Self { enabled: true, min_reads: 2, start_percent: 90 }
     }
 }
 
@@ -374,7 +374,8 @@ pub struct RefreshAheadSettings {
     pub enabled: bool,
     /// Reads within the entry's life before it counts as hot.
     pub min_reads: u32,
-    /// Start at this percentage of the staleness threshold (jittered per key by up to 10 points).
+    /// Start at this percentage of the staleness threshold, jittered per key over the first half
+    /// of the rest (90 → 90–95 %).
     pub start_percent: u8,
 }
 

@@ -92,8 +92,23 @@ const MAX_PAGES: u64 = 10_000;
 const EMPTY_TTL: Duration = Duration::from_secs(10);
 const MAX_EMPTY: u64 = 100_000;
 
+const DAY: Duration = Duration::from_secs(86_400);
+
+/// Upstream cache keys whose newest known calculation time is kept, at most.
+const MAX_UPSTREAM_KEYS: u64 = 100_000;
+
+/// One upstream cache key of one insight, across credentials: (project, insight, group).
+pub type UpstreamKey = (u64, u64, u128);
+
 pub struct InsightCache {
     entries: Cache<CacheKey, Arc<Entry>>,
+    /// Per credential partition and upstream cache key (`CacheKey::group_key`): the newest result
+    /// any variant of that key brought in. Variants adopt it instead of calculating again.
+    groups: moka::sync::Cache<CacheKey, Arc<Entry>>,
+    /// Per upstream cache key, across partitions: when its newest known result was calculated.
+    /// Only a time, never data: it tells a refresh whether the upstream's own cache already holds
+    /// something newer than ours (then `refresh=blocking` reads it without a calculation).
+    upstream_latest: moka::sync::Cache<UpstreamKey, time::OffsetDateTime>,
     pages: Cache<PageKey, Bytes>,
     /// The upstream's answer when its cache had nothing for a key (a result-less insight body).
     empty: moka::sync::Cache<CacheKey, Bytes>,
@@ -129,7 +144,25 @@ impl InsightCache {
         }
         let pages = Cache::builder().max_capacity(MAX_PAGES).time_to_live(PAGE_TTL).build();
         let empty = moka::sync::Cache::builder().max_capacity(MAX_EMPTY).time_to_live(EMPTY_TTL).build();
-        Self { entries: builder.build(), pages, empty, epochs: Epochs::new(), l2: None, clock: Clock::new() }
+        // Group entries are the same Arcs as the entries themselves, so this costs little beyond
+        // keeping an evicted entry alive while its group is remembered.
+        let groups = moka::sync::Cache::builder()
+            .max_capacity((max_bytes / 4).max(1))
+            .weigher(|_k: &CacheKey, v: &Arc<Entry>| -> u32 { v.weight().try_into().unwrap_or(u32::MAX) })
+            .time_to_live(ttl)
+            .build();
+        let upstream_latest =
+            moka::sync::Cache::builder().max_capacity(MAX_UPSTREAM_KEYS).time_to_live(ttl.min(DAY)).build();
+        Self {
+            entries: builder.build(),
+            groups,
+            upstream_latest,
+            pages,
+            empty,
+            epochs: Epochs::new(),
+            l2: None,
+            clock: Clock::new(),
+        }
     }
 
     /// Puts the shared tier behind this cache; purge markers and started times use `clock`.
@@ -193,8 +226,38 @@ impl InsightCache {
                 return false;
             }
         }
+        self.note_group(&key, &entry);
         self.entries.insert(key, entry).await;
         true
+    }
+
+    /// Records `entry` as its group's newest result (in its partition) and its calculation time
+    /// as the upstream key's newest (across partitions), when it is newer than what is known.
+    fn note_group(&self, key: &CacheKey, entry: &Arc<Entry>) {
+        if entry.group == 0 {
+            return;
+        }
+        let gk = key.group_key(entry.group);
+        if self.groups.get(&gk).is_none_or(|g| g.last_refresh() < entry.last_refresh()) {
+            self.groups.insert(gk, entry.clone());
+        }
+        let uk = (key.project, key.insight, entry.group);
+        if self.upstream_latest.get(&uk).is_none_or(|t| t < entry.last_refresh()) {
+            self.upstream_latest.insert(uk, entry.last_refresh());
+        }
+    }
+
+    /// The newest result of the upstream cache key `group` in `key`'s partition, if it is still
+    /// current (no purge since).
+    pub fn group_latest(&self, key: &CacheKey, group: u128) -> Option<Arc<Entry>> {
+        let e = self.groups.get(&key.group_key(group))?;
+        self.epochs.is_current(key, e.epoch).then_some(e)
+    }
+
+    /// When the upstream last calculated this cache key of this insight, as far as any partition
+    /// saw.
+    pub fn upstream_latest(&self, project: u64, insight: u64, group: u128) -> Option<time::OffsetDateTime> {
+        self.upstream_latest.get(&(project, insight, group))
     }
 
     pub async fn remove(&self, key: &CacheKey) {
@@ -244,8 +307,10 @@ impl InsightCache {
     /// Purges this replica's memory only (what another replica's purge event asks for).
     pub fn purge_local(&self, scope: PurgeScope) {
         self.epochs.purge(scope);
-        // Pages and "nothing cached" notes are short-lived: any purge drops them all.
+        // Pages and "nothing cached" notes are short-lived: any purge drops them all. Upstream
+        // times are dropped too: after a write the upstream's cache key may be new.
         self.pages.invalidate_all();
+        self.upstream_latest.invalidate_all();
         self.empty.invalidate_all();
         let _ = match scope {
             PurgeScope::Insight { project, insight } => {
