@@ -190,7 +190,9 @@ impl App {
             }
         });
         Arc::new(App {
-            cache: InsightCache::new(config.cache_max_bytes, config.cache_ttl, Some(hook)).with_l2(l2, clock.clone()),
+            cache: InsightCache::new(config.cache_max_bytes, config.cache_ttl, Some(hook))
+                .with_page_ttl(config.list_page_ttl)
+                .with_l2(l2, clock.clone()),
             keyer: PartitionKeyer::new(config.partition_secret.as_deref()),
             flights: Flights::default(),
             ahead_flights: Flights::default(),

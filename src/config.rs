@@ -109,11 +109,17 @@ pub struct CacheSection {
     pub max_bytes: u64,
     pub ttl_seconds: u64,
     pub partition_secret: Option<String>,
+    pub list_page_seconds: u64,
 }
 
 impl Default for CacheSection {
     fn default() -> Self {
-        Self { max_bytes: DEFAULT_CACHE_MAX_BYTES, ttl_seconds: DEFAULT_CACHE_TTL_SECONDS, partition_secret: None }
+        Self {
+            max_bytes: DEFAULT_CACHE_MAX_BYTES,
+            ttl_seconds: DEFAULT_CACHE_TTL_SECONDS,
+            partition_secret: None,
+            list_page_seconds: 60,
+        }
     }
 }
 
@@ -309,6 +315,8 @@ pub struct Config {
     pub max_response_bytes: usize,
     pub cache_max_bytes: u64,
     pub cache_ttl: Duration,
+    /// How long a list page's membership is reused per credential.
+    pub list_page_ttl: Duration,
     pub partition_secret: Option<String>,
     pub thresholds: Thresholds,
     pub workers: usize,
@@ -489,6 +497,9 @@ impl Config {
         if file.cache.max_bytes < 1024 * 1024 {
             bad("cache.max_bytes", "must be at least 1048576 (1 MiB)".into());
         }
+        if file.cache.list_page_seconds == 0 {
+            bad("cache.list_page_seconds", "must be at least 1".into());
+        }
         if file.cache.ttl_seconds == 0 {
             bad("cache.ttl_seconds", "must be at least 1".into());
         }
@@ -612,6 +623,7 @@ impl Config {
             max_response_bytes: file.upstream.max_response_bytes,
             cache_max_bytes: file.cache.max_bytes,
             cache_ttl: Duration::from_secs(file.cache.ttl_seconds),
+            list_page_ttl: Duration::from_secs(file.cache.list_page_seconds),
             partition_secret: file.cache.partition_secret,
             thresholds,
             workers: file.refresh.workers,

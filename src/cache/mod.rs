@@ -83,7 +83,7 @@ pub struct PageKey {
     pub path_and_query: String,
 }
 
-/// How long a list page's membership is reused.
+/// How long a list page's membership is reused unless configured ([`InsightCache::with_page_ttl`]).
 const PAGE_TTL: Duration = Duration::from_secs(10);
 const MAX_PAGES: u64 = 10_000;
 
@@ -163,6 +163,12 @@ impl InsightCache {
             l2: None,
             clock: Clock::new(),
         }
+    }
+
+    /// Reuses a list page's membership for `ttl` (per credential; any purge drops every page).
+    pub fn with_page_ttl(mut self, ttl: Duration) -> Self {
+        self.pages = Cache::builder().max_capacity(MAX_PAGES).time_to_live(ttl).build();
+        self
     }
 
     /// Puts the shared tier behind this cache; purge markers and started times use `clock`.
