@@ -255,20 +255,32 @@ impl App {
         Some(adopted)
     }
 
-    /// The result of a flight as this variant's entry: a flight started by another variant of
-    /// the group stored its own body; this variant takes the result into its own (`own`: its
-    /// entry before the flight).
-    pub async fn adopt(&self, spec: &CalcSpec, own: Option<&Arc<Entry>>, outcome: Outcome) -> Outcome {
-        let Outcome::Stored(fresh) = &outcome else { return outcome };
+    /// The result of a flight as this variant's entry. `ours`: the flight ran for this variant
+    /// (this call started it, or it ran under the variant's own key). A flight another variant of
+    /// the group started stored that variant's body: this variant takes the result into its own
+    /// (`own`: its entry before the flight). `None` when that result is not this variant's to
+    /// take: the other variant's upstream key changed meanwhile (its dashboard's filters were
+    /// edited), so the caller calculates under its own key.
+    pub async fn adopt(
+        &self,
+        spec: &CalcSpec,
+        own: Option<&Arc<Entry>>,
+        outcome: Outcome,
+        ours: bool,
+    ) -> Option<Outcome> {
+        let Outcome::Stored(fresh) = &outcome else { return Some(outcome) };
         let current = self.cache.get_local(&spec.key).await;
-        if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, fresh) || c.last_refresh() >= fresh.last_refresh()) {
-            return current.map_or(outcome, Outcome::Stored);
+        if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, fresh)) || ours {
+            return Some(outcome);
         }
         match own.or(current.as_ref()) {
             Some(own) if own.group == fresh.group && fresh.group != 0 => {
-                self.adopt_from(spec, own, fresh).await.map_or(outcome, Outcome::Stored)
+                if current.as_ref().is_some_and(|c| c.last_refresh() >= fresh.last_refresh()) {
+                    return current.map(Outcome::Stored);
+                }
+                Some(self.adopt_from(spec, own, fresh).await.map_or(outcome, Outcome::Stored))
             }
-            _ => outcome,
+            _ => None,
         }
     }
 

@@ -154,19 +154,27 @@ async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, mode: RefreshMode, peeked:
                     "request" => "forced",
                     other => other,
                 };
-                let (flight, started) = app.calculation(spec, flight_key, refresh, reason, None);
                 // Bounded even when joining someone else's calculation (e.g. background work
                 // still waiting for budget).
                 let patience = app.budget.settings().wait + app.config.connect_timeout + app.config.read_timeout;
-                let outcome = match tokio::time::timeout(patience, flight.wait()).await {
-                    Ok(Some(o)) => o,
-                    Ok(None) => Outcome::Failed(Failure::Upstream(crate::upstream::UpstreamError::Broken)),
-                    Err(_) => Outcome::Failed(Failure::Upstream(crate::upstream::UpstreamError::Timeout)),
+                let mut flight_key = flight_key;
+                let (outcome, started) = loop {
+                    let (flight, started) = app.calculation(spec, flight_key, refresh, reason, None);
+                    let outcome = match tokio::time::timeout(patience, flight.wait()).await {
+                        Ok(Some(o)) => o,
+                        Ok(None) => Outcome::Failed(Failure::Upstream(crate::upstream::UpstreamError::Broken)),
+                        Err(_) => Outcome::Failed(Failure::Upstream(crate::upstream::UpstreamError::Timeout)),
+                    };
+                    // A flight another variant of the group started stored its own body: take
+                    // the result into this variant's, or calculate under the variant's own key
+                    // if the other's upstream key changed meanwhile.
+                    let ours = started || flight_key == spec.key;
+                    match app.adopt(spec, entry.as_ref(), outcome, ours).await {
+                        Some(outcome) => break (outcome, started),
+                        None => flight_key = spec.key,
+                    }
                 };
                 let collapsed = if started { "" } else { "; collapsed" };
-                // A flight another variant of the group started stored its own body: take the
-                // result into this variant's.
-                let outcome = app.adopt(spec, entry.as_ref(), outcome).await;
                 return match outcome {
                     Outcome::Stored(e) => Reply::json(
                         200,

@@ -237,11 +237,15 @@ async fn run_ahead(app: &Arc<App>, job: &Job, ahead: &Ahead) {
         // ours now reads the upstream's cache (or calculates if that did not happen).
         outcome = run().await;
     }
-    match outcome {
-        Some(o @ Outcome::Stored(_)) => {
-            app.adopt(spec, Some(&ahead.claimed), o).await;
-        }
-        _ => ahead.claimed.unclaim_refresh_ahead(),
+    let ours = job.flight == spec.key;
+    let taken = match outcome {
+        // Another variant's result whose upstream key changed meanwhile is not taken (`None`):
+        // this variant's next read schedules it again.
+        Some(o @ Outcome::Stored(_)) => app.adopt(spec, Some(&ahead.claimed), o, ours).await.is_some(),
+        _ => false,
+    };
+    if !taken {
+        ahead.claimed.unclaim_refresh_ahead();
     }
 }
 
@@ -254,10 +258,16 @@ pub async fn run_job(app: &Arc<App>, job: Job) {
     app.statuses.picked_up(&status_id, app.clock.now());
     app.share_status(&status_id, job.spec.key.partition);
     let own = app.cache.get_local(&job.spec.key).await;
-    let (flight, _) = app.calculation(&job.spec, job.flight, job.refresh, "background", None);
-    let outcome = match flight.wait().await {
-        Some(o) => Some(app.adopt(&job.spec, own.as_ref(), o).await),
-        None => None,
+    let mut flight_key = job.flight;
+    let outcome = loop {
+        let (flight, started) = app.calculation(&job.spec, flight_key, job.refresh, "background", None);
+        let Some(o) = flight.wait().await else { break None };
+        let ours = started || flight_key == job.spec.key;
+        match app.adopt(&job.spec, own.as_ref(), o, ours).await {
+            Some(o) => break Some(o),
+            // Another variant's upstream key changed meanwhile: calculate under our own.
+            None => flight_key = job.spec.key,
+        }
     };
     let result = match outcome {
         Some(Outcome::Stored(entry)) => Ok(status_results(&entry)),
