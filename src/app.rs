@@ -216,21 +216,22 @@ impl App {
     /// minute intervals, 2 h hourly, 12 h daily). Past that the variant asks the upstream itself
     /// again (a read, when the upstream's cache is fresh), so a dashboard whose filters changed
     /// elsewhere leaves the group within that time.
-    pub fn alias_usable(&self, entry: &Entry) -> bool {
+    pub fn alias_usable(&self, entry: &Entry, now: OffsetDateTime) -> bool {
         if entry.group == 0 {
             return false;
         }
         let Some(threshold) = self.config.thresholds.lazy_for(entry.stale.interval) else { return true };
-        let age_ms = self.cache.now_ms().saturating_sub(entry.confirmed_ms);
+        let now_ms = (now.unix_timestamp_nanos() / 1_000_000) as i64;
+        let age_ms = now_ms.saturating_sub(entry.confirmed_ms);
         u128::try_from(age_ms).is_ok_and(|a| a <= threshold.as_millis())
     }
 
     /// The flight a calculation for `spec` runs under: its group's when the entry's alias is
     /// usable (variants the upstream computes identically share one calculation), else its own.
     /// Always within the caller's partition.
-    pub fn flight_key(&self, spec: &CalcSpec, entry: Option<&Entry>) -> CacheKey {
+    pub fn flight_key(&self, spec: &CalcSpec, entry: Option<&Entry>, now: OffsetDateTime) -> CacheKey {
         match entry {
-            Some(e) if self.alias_usable(e) => spec.key.group_key(e.group),
+            Some(e) if self.alias_usable(e, now) => spec.key.group_key(e.group),
             _ => spec.key,
         }
     }
@@ -238,7 +239,7 @@ impl App {
     /// `entry` brought up to date from its group: when another variant of the same upstream cache
     /// key (same partition) holds a newer result, this variant adopts it, stores and returns it.
     pub async fn freshen(&self, spec: &CalcSpec, entry: &Arc<Entry>) -> Option<Arc<Entry>> {
-        if !self.alias_usable(entry) {
+        if !self.alias_usable(entry, self.clock.now()) {
             return None;
         }
         let newer = self.cache.group_latest(&spec.key, entry.group)?;

@@ -85,20 +85,24 @@ fn hit_status(app: &App, entry: &Entry, detail: Option<&str>) -> String {
 async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, mode: RefreshMode, peeked: Option<Outcome>) -> Reply {
     let mut peeked = peeked;
     let mut entry = app.cache.get(&spec.key).await;
-    // Another variant of the same upstream cache key may hold a newer result: adopt it rather
-    // than calculate (only looked up once the entry is old enough for that to matter).
-    if let Some(e) = entry.as_ref().filter(|e| worth_freshening(app, e)) {
-        if let Some(adopted) = app.freshen(spec, e).await {
-            entry = Some(adopted);
-        }
-    }
     // Set once the upstream's cache supplied the entry: the answer then did go upstream.
     let mut via_peek = false;
     let mut revalidated = false;
+    let mut freshened = false;
     loop {
         let now = app.clock.now();
+        if !freshened {
+            freshened = true;
+            // Another variant of the same upstream cache key may hold a newer result: adopt it
+            // rather than calculate (looked up only once the entry is old enough to matter).
+            if let Some(e) = entry.as_ref().filter(|e| worth_freshening(app, e, now)) {
+                if let Some(adopted) = app.freshen(spec, e).await {
+                    entry = Some(adopted);
+                }
+            }
+        }
         let state = CacheState::of(entry.as_ref().map(|e| &e.stale), now, &app.config.thresholds);
-        let flight_key = app.flight_key(spec, entry.as_deref());
+        let flight_key = app.flight_key(spec, entry.as_deref(), now);
         let in_flight = app.flights.is_running(&(flight_key, crate::app::FlightKind::Calculate));
         let decision = decide(mode, state, in_flight);
         match decision {
@@ -303,12 +307,12 @@ fn ahead_fraction(start_percent: u8, key: &CacheKey) -> f64 {
 
 /// Whether an entry is old enough that a newer result of its group could matter: in the
 /// refresh-ahead window or stale. Younger entries skip the group lookup (the hit path).
-fn worth_freshening(app: &App, entry: &Entry) -> bool {
+fn worth_freshening(app: &App, entry: &Entry, now: time::OffsetDateTime) -> bool {
     if entry.group == 0 {
         return false;
     }
     let Some(threshold) = app.config.thresholds.default_for(entry.stale.interval) else { return false };
-    let age = (app.clock.now() - entry.stale.last_refresh).as_seconds_f64();
+    let age = (now - entry.stale.last_refresh).as_seconds_f64();
     age >= threshold.as_secs_f64() * f64::from(app.config.refresh_ahead.start_percent) / 100.0
 }
 
@@ -327,7 +331,7 @@ fn refresh_ahead(app: &App, spec: &Arc<CalcSpec>, entry: &Arc<Entry>, now: time:
     if age < threshold.as_secs_f64() * ahead_fraction(settings.start_percent, &spec.key) {
         return;
     }
-    let usable = app.alias_usable(entry);
+    let usable = app.alias_usable(entry, now);
     // The claim lives on the group's newest result when the group is usable, else on the entry.
     let claimed = match usable.then(|| app.cache.group_latest(&spec.key, entry.group)).flatten() {
         Some(g) if g.last_refresh() == entry.last_refresh() => g,
@@ -338,7 +342,7 @@ fn refresh_ahead(app: &App, spec: &Arc<CalcSpec>, entry: &Arc<Entry>, now: time:
     }
     let heat = (f64::from(reads) * 60.0 / age.max(1.0)) as u64;
     let ahead = Ahead { claimed: claimed.clone(), base: entry.last_refresh(), group: entry.group, heat };
-    let flight = app.flight_key(spec, Some(entry));
+    let flight = app.flight_key(spec, Some(entry), now);
     // The upstream's own cache is still fresh, so only force_blocking recalculates.
     let job = Job {
         spec: spec.clone(),
