@@ -403,4 +403,19 @@ mod tests {
         assert!(c.insert(key(1, 1, 1), newer).await);
         assert!(!c.insert(key(1, 1, 1), older).await);
     }
+
+    #[tokio::test]
+    async fn a_group_is_per_partition_and_only_its_time_crosses() {
+        let c = InsightCache::new(1 << 20, Duration::from_secs(60), None);
+        let b = serde_json::to_vec(&json!({"id": 1, "result": [1], "last_refresh": "2026-01-01T00:00:00Z",
+            "filters_hash": "cache_1_x"}))
+        .unwrap();
+        let e = Arc::new(Entry::from_upstream(&b, 1, c.begin()).unwrap());
+        assert!(c.insert(key(1, 1, 1), e.clone()).await);
+        assert!(c.group_latest(&key(1, 1, 1), e.group).is_some());
+        assert!(c.group_latest(&key(2, 1, 1), e.group).is_none(), "another credential's group is its own");
+        assert_eq!(c.upstream_latest(1, 1, e.group), Some(e.last_refresh()));
+        c.purge_partition(Partition([1; 16]));
+        assert!(c.group_latest(&key(1, 1, 1), e.group).is_none(), "purged with the partition");
+    }
 }
