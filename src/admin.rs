@@ -134,6 +134,7 @@ impl AdminApp {
                 json!({
                     "partition": format!("{:?}", key.partition),
                     "variant": format!("{:032x}", key.variant),
+                    "upstream_key": (e.group != 0).then(|| format!("{:032x}", e.group)),
                     "last_refresh": format_datetime(e.stale.last_refresh),
                     "age_seconds": (now - e.stale.last_refresh).whole_seconds(),
                     "interval": e.stale.interval.as_str(),

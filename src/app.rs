@@ -32,6 +32,10 @@ pub enum FlightKind {
 
 pub type FlightKey = (CacheKey, FlightKind);
 
+/// One upstream cache key of one insight across partitions, for refresh-ahead: the group when
+/// known, else the proxy's variant (which is the same for every partition).
+pub type AheadKey = (u64, u64, u128, bool);
+
 /// Why an upstream call produced nothing to answer with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Failure {
@@ -143,6 +147,9 @@ pub struct App {
     pub cache: InsightCache,
     pub keyer: PartitionKeyer,
     pub flights: Flights<FlightKey, Outcome>,
+    /// Refresh-ahead runs per upstream key across partitions: the first partition calculates, the
+    /// others wait for it and then read the upstream's fresh cache with their own credential.
+    pub ahead_flights: Flights<AheadKey, Outcome>,
     pub statuses: StatusRegistry,
     pub upstream: UpstreamClient,
     pub jobs: JobQueue,
@@ -194,9 +201,12 @@ impl App {
             }
         });
         Arc::new(App {
-            cache: InsightCache::new(config.cache_max_bytes, config.cache_ttl, Some(hook)).with_l2(l2, clock.clone()),
+            cache: InsightCache::new(config.cache_max_bytes, config.cache_ttl, Some(hook))
+                .with_page_ttl(config.list_page_ttl)
+                .with_l2(l2, clock.clone()),
             keyer: PartitionKeyer::new(config.partition_secret.as_deref()),
             flights: Flights::default(),
+            ahead_flights: Flights::default(),
             statuses: StatusRegistry::new(config.status_ttl, config.status_max_records, config.status_max_bytes),
             jobs: JobQueue::new(config.queue_capacity),
             calc_permits: Semaphore::new(config.max_concurrent_calculations),
@@ -212,21 +222,100 @@ impl App {
         })
     }
 
-    /// Joins the running calculation for the key, or starts one. Returns the flight and whether
-    /// this call started it.
-    /// `reason` labels the calculation in metrics: miss, stale, forced or background.
+    /// Whether `entry`'s upstream cache key (its group) may stand for this variant: the upstream
+    /// confirmed it for this very variant within the entry's lazy staleness threshold (15 min for
+    /// minute intervals, 2 h hourly, 12 h daily). Past that the variant asks the upstream itself
+    /// again (a read, when the upstream's cache is fresh), so a dashboard whose filters changed
+    /// elsewhere leaves the group within that time.
+    pub fn alias_usable(&self, entry: &Entry, now: OffsetDateTime) -> bool {
+        if entry.group == 0 {
+            return false;
+        }
+        let Some(threshold) = self.config.thresholds.lazy_for(entry.stale.interval) else { return true };
+        let now_ms = (now.unix_timestamp_nanos() / 1_000_000) as i64;
+        let age_ms = now_ms.saturating_sub(entry.confirmed_ms);
+        u128::try_from(age_ms).is_ok_and(|a| a <= threshold.as_millis())
+    }
+
+    /// The flight a calculation for `spec` runs under: its group's when the entry's alias is
+    /// usable (variants the upstream computes identically share one calculation), else its own.
+    /// Always within the caller's partition.
+    pub fn flight_key(&self, spec: &CalcSpec, entry: Option<&Entry>, now: OffsetDateTime) -> CacheKey {
+        match entry {
+            Some(e) if self.alias_usable(e, now) => spec.key.group_key(e.group),
+            _ => spec.key,
+        }
+    }
+
+    /// `entry` brought up to date from its group: when another variant of the same upstream cache
+    /// key (same partition) holds a newer result, this variant adopts it, stores and returns it.
+    pub async fn freshen(&self, spec: &CalcSpec, entry: &Arc<Entry>) -> Option<Arc<Entry>> {
+        if !self.alias_usable(entry, self.clock.now()) {
+            return None;
+        }
+        let newer = self.cache.group_latest(&spec.key, entry.group)?;
+        if newer.last_refresh() <= entry.last_refresh() {
+            return None;
+        }
+        self.adopt_from(spec, entry, &newer).await
+    }
+
+    async fn adopt_from(&self, spec: &CalcSpec, own: &Arc<Entry>, fresh: &Arc<Entry>) -> Option<Arc<Entry>> {
+        let adopted = Arc::new(own.adopt(fresh)?);
+        self.metrics.adopted.inc();
+        self.cache.insert(spec.key, adopted.clone()).await;
+        Some(adopted)
+    }
+
+    /// The result of a flight as this variant's entry. `ours`: the flight ran for this variant
+    /// (this call started it, or it ran under the variant's own key). A flight another variant of
+    /// the group started stored that variant's body: this variant takes the result into its own
+    /// (`own`: its entry before the flight). `None` when that result is not this variant's to
+    /// take: the other variant's upstream key changed meanwhile (its dashboard's filters were
+    /// edited), so the caller calculates under its own key.
+    pub async fn adopt(
+        &self,
+        spec: &CalcSpec,
+        own: Option<&Arc<Entry>>,
+        outcome: Outcome,
+        ours: bool,
+    ) -> Option<Outcome> {
+        let Outcome::Stored(fresh) = &outcome else { return Some(outcome) };
+        let current = self.cache.get_local(&spec.key).await;
+        if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, fresh)) || ours {
+            return Some(outcome);
+        }
+        match own.or(current.as_ref()) {
+            Some(own) if own.group == fresh.group && fresh.group != 0 => {
+                if current.as_ref().is_some_and(|c| c.last_refresh() >= fresh.last_refresh()) {
+                    return current.map(Outcome::Stored);
+                }
+                Some(self.adopt_from(spec, own, fresh).await.map_or(outcome, Outcome::Stored))
+            }
+            _ => None,
+        }
+    }
+
+    /// Joins the running calculation under `flight` (see [`App::flight_key`]), or starts one.
+    /// Returns the flight and whether this call started it.
+    /// `reason` labels the calculation in metrics: miss, stale, forced, background or ahead.
+    /// `ahead_of`: for refresh-ahead, the `last_refresh` it means to replace; if something newer
+    /// arrived meanwhile it does nothing, and if another partition's result is newer upstream it
+    /// reads that (`blocking`) instead of calculating.
     pub fn calculation(
         self: &Arc<Self>,
         spec: &Arc<CalcSpec>,
+        flight: CacheKey,
         refresh: UpstreamRefresh,
         reason: &'static str,
+        ahead_of: Option<(OffsetDateTime, u128)>,
     ) -> (Arc<Flight<Outcome>>, bool) {
-        let (flight, started) = self.flights.join_or_start((spec.key, FlightKind::Calculate), || {
+        let (flight, started) = self.flights.join_or_start((flight, FlightKind::Calculate), || {
             let (app, spec) = (self.clone(), spec.clone());
             async move {
-                match app.shared_flight(&spec, refresh, reason).await {
+                match app.shared_flight(&spec, refresh, reason, ahead_of).await {
                     Some(outcome) => outcome,
-                    None => app.calculate_here(&spec, refresh, reason).await,
+                    None => app.calculate_here(&spec, refresh, reason, ahead_of).await,
                 }
             }
         });
@@ -247,7 +336,16 @@ impl App {
 
     /// One calculation on this replica, within the budget: a slot for the project (by priority),
     /// a global permit, and a rate token for the credential.
-    async fn calculate_here(&self, spec: &Arc<CalcSpec>, refresh: UpstreamRefresh, reason: &'static str) -> Outcome {
+    async fn calculate_here(
+        &self,
+        spec: &Arc<CalcSpec>,
+        refresh: UpstreamRefresh,
+        reason: &'static str,
+        ahead_of: Option<(OffsetDateTime, u128)>,
+    ) -> Outcome {
+        if let Some(done) = self.superseded(spec, ahead_of).await {
+            return done;
+        }
         let priority = match reason {
             "background" => Priority::Async,
             "ahead" => Priority::Ahead,
@@ -269,8 +367,38 @@ impl App {
             return Outcome::Failed(Failure::Budget);
         };
         let _permit = self.calc_permits.acquire().await;
+        if let Some(done) = self.superseded(spec, ahead_of).await {
+            return done;
+        }
+        let refresh = match ahead_of {
+            // Another partition's calculation of the same upstream key is newer than ours: the
+            // upstream's cache holds it, and `blocking` reads it without calculating.
+            Some((base, group)) if self.upstream_newer(spec, group, base) => {
+                self.metrics.upstream_reads.with_label_values(&["ahead"]).inc();
+                return self.call(spec, UpstreamRefresh::Blocking, "read").await;
+            }
+            _ => refresh,
+        };
         self.metrics.calculations.with_label_values(&[reason]).inc();
         self.call(spec, refresh, "calculation").await
+    }
+
+    /// Whether the upstream calculated this variant's upstream cache key after `base`, as far as
+    /// any partition saw (a time only, no data crosses partitions).
+    fn upstream_newer(&self, spec: &CalcSpec, group: u128, base: OffsetDateTime) -> bool {
+        group != 0 && self.cache.upstream_latest(spec.project, spec.insight, group).is_some_and(|t| t > base)
+    }
+
+    /// For refresh-ahead: the entry that already replaced the one it meant to refresh (a client's
+    /// calculation or another variant's landed meanwhile), so it need not run.
+    async fn superseded(&self, spec: &CalcSpec, ahead_of: Option<(OffsetDateTime, u128)>) -> Option<Outcome> {
+        let (base, _) = ahead_of?;
+        let own = self.cache.get_local(&spec.key).await?;
+        let own = match self.freshen(spec, &own).await {
+            Some(adopted) => adopted,
+            None => own,
+        };
+        (own.last_refresh() > base).then_some(Outcome::Stored(own))
     }
 
     /// With the shared tier: one calculation per key across replicas. Returns the outcome when
@@ -281,6 +409,7 @@ impl App {
         spec: &Arc<CalcSpec>,
         refresh: UpstreamRefresh,
         reason: &'static str,
+        ahead_of: Option<(OffsetDateTime, u128)>,
     ) -> Option<Outcome> {
         let l2 = self.cache.l2()?.clone();
         // What counts as an answer: newer than what this replica has, or, when forced, newer
@@ -307,7 +436,7 @@ impl App {
                             }
                         })
                     };
-                    let outcome = self.calculate_here(spec, refresh, reason).await;
+                    let outcome = self.calculate_here(spec, refresh, reason, ahead_of).await;
                     renewer.abort();
                     l2.release(&spec.key, &token).await;
                     return Some(outcome);

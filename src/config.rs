@@ -115,11 +115,17 @@ pub struct CacheSection {
     pub max_bytes: u64,
     pub ttl_seconds: u64,
     pub partition_secret: Option<String>,
+    pub list_page_seconds: u64,
 }
 
 impl Default for CacheSection {
     fn default() -> Self {
-        Self { max_bytes: DEFAULT_CACHE_MAX_BYTES, ttl_seconds: DEFAULT_CACHE_TTL_SECONDS, partition_secret: None }
+        Self {
+            max_bytes: DEFAULT_CACHE_MAX_BYTES,
+            ttl_seconds: DEFAULT_CACHE_TTL_SECONDS,
+            partition_secret: None,
+            list_page_seconds: 60,
+        }
     }
 }
 
@@ -200,7 +206,7 @@ pub struct RefreshAheadSection {
 
 impl Default for RefreshAheadSection {
     fn default() -> Self {
-        Self { enabled: true, min_reads: 2, start_percent: 80 }
+        Self { enabled: true, min_reads: 2, start_percent: 90 }
     }
 }
 
@@ -319,6 +325,8 @@ pub struct Config {
     pub max_response_bytes: usize,
     pub cache_max_bytes: u64,
     pub cache_ttl: Duration,
+    /// How long a list page's membership is reused per credential.
+    pub list_page_ttl: Duration,
     pub partition_secret: Option<String>,
     pub thresholds: Thresholds,
     pub workers: usize,
@@ -385,7 +393,8 @@ pub struct RefreshAheadSettings {
     pub enabled: bool,
     /// Reads within the entry's life before it counts as hot.
     pub min_reads: u32,
-    /// Start at this percentage of the staleness threshold (jittered per key by up to 10 points).
+    /// Start at this percentage of the staleness threshold, jittered per key over the first half
+    /// of the rest (90 → 90–95 %).
     pub start_percent: u8,
 }
 
@@ -501,6 +510,9 @@ impl Config {
         }
         if file.cache.max_bytes < 1024 * 1024 {
             bad("cache.max_bytes", "must be at least 1048576 (1 MiB)".into());
+        }
+        if file.cache.list_page_seconds == 0 {
+            bad("cache.list_page_seconds", "must be at least 1".into());
         }
         if file.cache.ttl_seconds == 0 {
             bad("cache.ttl_seconds", "must be at least 1".into());
@@ -639,6 +651,7 @@ impl Config {
             max_response_bytes: file.upstream.max_response_bytes,
             cache_max_bytes: file.cache.max_bytes,
             cache_ttl: Duration::from_secs(file.cache.ttl_seconds),
+            list_page_ttl: Duration::from_secs(file.cache.list_page_seconds),
             partition_secret: file.cache.partition_secret,
             thresholds,
             workers: file.refresh.workers,

@@ -12,7 +12,7 @@ use crate::cache::{CacheKey, Entry, PageKey};
 use crate::error::ApiError;
 use crate::query::QueryParams;
 use crate::refresh::{decide, Background, CacheState, Decision, RefreshMode, UpstreamRefresh};
-use crate::workers::Job;
+use crate::workers::{Ahead, Job};
 
 /// The `Cache-Status` cache name (RFC 9211).
 pub const CACHE_NAME: &str = "insights-proxy";
@@ -88,10 +88,22 @@ async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, mode: RefreshMode, peeked:
     // Set once the upstream's cache supplied the entry: the answer then did go upstream.
     let mut via_peek = false;
     let mut revalidated = false;
+    let mut freshened = false;
     loop {
         let now = app.clock.now();
+        if !freshened {
+            freshened = true;
+            // Another variant of the same upstream cache key may hold a newer result: adopt it
+            // rather than calculate (looked up only once the entry is old enough to matter).
+            if let Some(e) = entry.as_ref().filter(|e| worth_freshening(app, e, now)) {
+                if let Some(adopted) = app.freshen(spec, e).await {
+                    entry = Some(adopted);
+                }
+            }
+        }
         let state = CacheState::of(entry.as_ref().map(|e| &e.stale), now, &app.config.thresholds);
-        let in_flight = app.flights.is_running(&(spec.key, crate::app::FlightKind::Calculate));
+        let flight_key = app.flight_key(spec, entry.as_deref(), now);
+        let in_flight = app.flights.is_running(&(flight_key, crate::app::FlightKind::Calculate));
         let decision = decide(mode, state, in_flight);
         match decision {
             Decision::Serve { .. }
@@ -118,8 +130,8 @@ async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, mode: RefreshMode, peeked:
                 let qs = match background {
                     Background::None if in_flight => running_status(app, spec),
                     Background::None => None,
-                    Background::IfAbsent => Some(enqueue(app, spec, false, UpstreamRefresh::Blocking)),
-                    Background::Always => Some(enqueue(app, spec, true, UpstreamRefresh::Blocking)),
+                    Background::IfAbsent => Some(enqueue(app, spec, flight_key, false, UpstreamRefresh::Blocking)),
+                    Background::Always => Some(enqueue(app, spec, flight_key, true, UpstreamRefresh::Blocking)),
                 };
                 let detail = match (state, background) {
                     (CacheState::Fresh, _) => None,
@@ -146,14 +158,25 @@ async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, mode: RefreshMode, peeked:
                     "request" => "forced",
                     other => other,
                 };
-                let (flight, started) = app.calculation(spec, refresh, reason);
                 // Bounded even when joining someone else's calculation (e.g. background work
                 // still waiting for budget).
                 let patience = app.budget.settings().wait + app.config.connect_timeout + app.config.read_timeout;
-                let outcome = match tokio::time::timeout(patience, flight.wait()).await {
-                    Ok(Some(o)) => o,
-                    Ok(None) => Outcome::Failed(Failure::Upstream(crate::upstream::UpstreamError::Broken)),
-                    Err(_) => Outcome::Failed(Failure::Upstream(crate::upstream::UpstreamError::Timeout)),
+                let mut flight_key = flight_key;
+                let (outcome, started) = loop {
+                    let (flight, started) = app.calculation(spec, flight_key, refresh, reason, None);
+                    let outcome = match tokio::time::timeout(patience, flight.wait()).await {
+                        Ok(Some(o)) => o,
+                        Ok(None) => Outcome::Failed(Failure::Upstream(crate::upstream::UpstreamError::Broken)),
+                        Err(_) => Outcome::Failed(Failure::Upstream(crate::upstream::UpstreamError::Timeout)),
+                    };
+                    // A flight another variant of the group started stored its own body: take
+                    // the result into this variant's, or calculate under the variant's own key
+                    // if the other's upstream key changed meanwhile.
+                    let ours = started || flight_key == spec.key;
+                    match app.adopt(spec, entry.as_ref(), outcome, ours).await {
+                        Some(outcome) => break (outcome, started),
+                        None => flight_key = spec.key,
+                    }
                 };
                 let collapsed = if started { "" } else { "; collapsed" };
                 return match outcome {
@@ -195,7 +218,7 @@ async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, mode: RefreshMode, peeked:
                         // Work is queued only for a caller the upstream just showed the insight to.
                         let qs = match decision {
                             Decision::MissEnqueue if r.status == 200 => {
-                                Some(enqueue(app, spec, false, UpstreamRefresh::Blocking))
+                                Some(enqueue(app, spec, flight_key, false, UpstreamRefresh::Blocking))
                             }
                             _ if r.status == 200 => running_status(app, spec),
                             _ => None,
@@ -214,7 +237,7 @@ async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, mode: RefreshMode, peeked:
                         let confirmed = app.is_confirmed(spec.key.partition, spec.project);
                         let qs = match decision {
                             Decision::MissEnqueue if confirmed => {
-                                Some(enqueue(app, spec, false, UpstreamRefresh::Blocking))
+                                Some(enqueue(app, spec, flight_key, false, UpstreamRefresh::Blocking))
                             }
                             Decision::MissEnqueue => {
                                 return failure_reply(
@@ -260,7 +283,7 @@ async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, mode: RefreshMode, peeked:
                         None => return Reply::error(&ApiError::bad_gateway("The upstream closed the connection."), cs),
                     },
                 };
-                let qs = enqueue(app, spec, true, UpstreamRefresh::ForceBlocking);
+                let qs = enqueue(app, spec, flight_key, true, UpstreamRefresh::ForceBlocking);
                 return Reply::json(200, overlay_miss(&base, Some(&qs), true), cs);
             }
         }
@@ -294,25 +317,63 @@ fn failure_reply(app: &App, spec: &CalcSpec, f: &Failure, cache_status: String) 
     Reply::json(200, Bytes::from(body.to_string()), cache_status)
 }
 
+/// When refresh-ahead starts for `key`, as a fraction of the staleness threshold: at
+/// `start_percent`, plus a per-key jitter over the first half of what remains (so a dashboard's
+/// tiles do not fire together, and every refresh still lands well before the threshold).
+fn ahead_fraction(start_percent: u8, key: &CacheKey) -> f64 {
+    let jitter = (key.variant as u64 ^ key.insight.wrapping_mul(0x9E37_79B9_7F4A_7C15)) % 1000;
+    let start = f64::from(start_percent);
+    (start + (100.0 - start) / 2.0 * jitter as f64 / 1000.0) / 100.0
+}
+
+/// Whether an entry is old enough that a newer result of its group could matter: in the
+/// refresh-ahead window or stale. Younger entries skip the group lookup (the hit path).
+fn worth_freshening(app: &App, entry: &Entry, now: time::OffsetDateTime) -> bool {
+    if entry.group == 0 {
+        return false;
+    }
+    let Some(threshold) = app.config.thresholds.default_for(entry.stale.interval) else { return false };
+    let age = (now - entry.stale.last_refresh).as_seconds_f64();
+    age >= threshold.as_secs_f64() * f64::from(app.config.refresh_ahead.start_percent) / 100.0
+}
+
 /// Schedules a background recalculation of a hot entry shortly before it goes stale: read at
-/// least `min_reads` times, and older than `start_percent` (+ up to 10 points of per-key jitter,
-/// so a dashboard's tiles do not fire together) of its staleness threshold.
-fn refresh_ahead(app: &App, spec: &Arc<CalcSpec>, entry: &Entry, now: time::OffsetDateTime) {
+/// least `min_reads` times, and older than [`ahead_fraction`] of its staleness threshold. Once
+/// per calculated result of the upstream cache key: variants of the same key (same partition)
+/// share one claim, so they are refreshed once, not once each.
+fn refresh_ahead(app: &App, spec: &Arc<CalcSpec>, entry: &Arc<Entry>, now: time::OffsetDateTime) {
     let settings = app.config.refresh_ahead;
     let reads = entry.note_read();
     if !settings.enabled || reads < settings.min_reads {
         return;
     }
     let Some(threshold) = app.config.thresholds.default_for(entry.stale.interval) else { return };
-    let jitter = (spec.key.variant as u64 ^ spec.key.insight.wrapping_mul(0x9E37_79B9_7F4A_7C15)) % 1000;
-    let fraction = (f64::from(settings.start_percent) + jitter as f64 / 100.0) / 100.0;
     let age = (now - entry.stale.last_refresh).as_seconds_f64();
-    if age < threshold.as_secs_f64() * fraction || !entry.claim_refresh_ahead() {
+    if age < threshold.as_secs_f64() * ahead_fraction(settings.start_percent, &spec.key) {
         return;
     }
+    let usable = app.alias_usable(entry, now);
+    // The claim lives on the group's newest result when the group is usable, else on the entry.
+    let claimed = match usable.then(|| app.cache.group_latest(&spec.key, entry.group)).flatten() {
+        Some(g) if g.last_refresh() == entry.last_refresh() => g,
+        _ => entry.clone(),
+    };
+    if !claimed.claim_refresh_ahead() {
+        return;
+    }
+    let heat = (f64::from(reads) * 60.0 / age.max(1.0)) as u64;
+    let ahead = Ahead { claimed: claimed.clone(), base: entry.last_refresh(), group: entry.group, heat };
+    let flight = app.flight_key(spec, Some(entry), now);
     // The upstream's own cache is still fresh, so only force_blocking recalculates.
-    let job = Job { spec: spec.clone(), refresh: UpstreamRefresh::ForceBlocking, status_id: None };
+    let job = Job {
+        spec: spec.clone(),
+        flight,
+        refresh: UpstreamRefresh::ForceBlocking,
+        status_id: None,
+        ahead: Some(ahead),
+    };
     if app.jobs.push(job).is_err() {
+        claimed.unclaim_refresh_ahead();
         tracing::debug!(project = spec.project, insight = spec.insight, "refresh-ahead queue full");
     }
 }
@@ -325,7 +386,13 @@ fn running_status(app: &App, spec: &CalcSpec) -> Option<Bytes> {
 /// PostHog's `enqueue_async_calculation`: with `rr=false` an existing status is returned as it is.
 /// Work that cannot be taken (queue or registry full) is answered as PostHog does when it cannot
 /// take more: a completed status with `concurrency_limit_exceeded`, never one that looks queued.
-fn enqueue(app: &Arc<App>, spec: &Arc<CalcSpec>, refresh_requested: bool, refresh: UpstreamRefresh) -> Bytes {
+fn enqueue(
+    app: &Arc<App>,
+    spec: &Arc<CalcSpec>,
+    flight: CacheKey,
+    refresh_requested: bool,
+    refresh: UpstreamRefresh,
+) -> Bytes {
     let id = app.keyer.status_id(&spec.key);
     let owner = spec.key.partition;
     if !refresh_requested {
@@ -353,7 +420,7 @@ fn enqueue(app: &Arc<App>, spec: &Arc<CalcSpec>, refresh_requested: bool, refres
     let Ok(status) = app.statuses.start(owner, id.clone(), spec.project, spec.insight, spec.dashboard_id(), now) else {
         return refuse();
     };
-    let job = Job { spec: spec.clone(), refresh, status_id: Some(id.clone()) };
+    let job = Job { spec: spec.clone(), flight, refresh, status_id: Some(id.clone()), ahead: None };
     if app.jobs.push(job).is_err() {
         return refuse();
     }
@@ -537,6 +604,19 @@ pub async fn query_status(app: &App, project: u64, query_id: &str, credential: O
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refresh_ahead_starts_in_the_first_half_of_what_remains() {
+        use crate::cache::Partition;
+        let (mut lo, mut hi) = (1.0f64, 0.0f64);
+        for insight in 0..500 {
+            let key = CacheKey::new(Partition([0; 16]), 1, insight, &QueryParams::default());
+            let f = ahead_fraction(90, &key);
+            (lo, hi) = (lo.min(f), hi.max(f));
+        }
+        assert!(lo >= 0.90 && hi < 0.95, "{lo}..{hi}");
+        assert!(hi - lo > 0.04, "spread over the window: {lo}..{hi}");
+    }
 
     #[test]
     fn origins_are_rewritten() {

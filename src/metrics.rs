@@ -12,13 +12,16 @@ pub struct Metrics {
     /// Requests answered, by route, refresh mode and cache outcome.
     pub requests: IntCounterVec,
     pub request_seconds: HistogramVec,
-    /// Upstream calculations started, by reason (miss, stale, forced, background).
+    /// Upstream calculations started, by reason (miss, stale, forced, background, ahead).
     pub calculations: IntCounterVec,
-    /// Upstream reads that never calculate, by reason (peek, revalidation, list).
+    /// Upstream reads that never calculate, by reason (peek, revalidation, list, ahead).
     pub upstream_reads: IntCounterVec,
     pub upstream_seconds: Histogram,
     /// Requests that joined a calculation another request started.
     pub coalesced: IntCounter,
+    /// Results a variant took from another variant of the same upstream cache key instead of
+    /// asking the upstream.
+    pub adopted: IntCounter,
     pub upstream_errors: IntCounterVec,
     pub revalidations: IntCounter,
     /// Async requests answered with concurrency_limit_exceeded (queue or status registry full).
@@ -87,6 +90,11 @@ impl Metrics {
             ),
             upstream_seconds,
             coalesced: gauge_free_counter(&r, "coalesced_total", "Requests that shared another request's calculation."),
+            adopted: gauge_free_counter(
+                &r,
+                "adopted_total",
+                "Results taken from another variant of the same upstream cache key (same credential).",
+            ),
             upstream_errors: counter_vec(&r, "upstream_errors_total", "Failed upstream calls, by kind.", &["kind"]),
             revalidations: gauge_free_counter(
                 &r,

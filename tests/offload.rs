@@ -145,3 +145,120 @@ fn refresh_ahead_can_be_turned_off() {
     assert!(h.get(&url, ALL).cache_status().contains("detail=stale"));
     assert_eq!(h.calcs(1, id), 1);
 }
+
+/// An insight of project 1 on dashboard 1 (which has no filters), with a day interval and a
+/// relative range: the upstream computes it under one cache key standalone and via dashboard 1.
+/// Returns its id, its URL and the URL through the dashboard.
+fn insight_on_unfiltered_dashboard(h: &Harness) -> (u64, String, String) {
+    let id = h
+        .project1_insights()
+        .iter()
+        .find(|i| {
+            let source = &i["query"]["source"];
+            let on_dashboard_1 =
+                i["dashboard_tiles"].as_array().is_some_and(|t| t.iter().any(|t| t["dashboard_id"] == 1));
+            on_dashboard_1
+                && source["kind"] == "TrendsQuery"
+                && source["interval"] == "day"
+                && source["dateRange"]["date_to"].is_null()
+        })
+        .and_then(|i| i["id"].as_u64())
+        .expect("a day-interval trends insight on dashboard 1");
+    let url = format!("/api/environments/1/insights/{id}/");
+    let via_dashboard = format!("{url}?from_dashboard=1");
+    // What makes them one: the upstream's cache key (never calculates with force_cache).
+    let hash = |u: &str| {
+        let sep = if u.contains('?') { '&' } else { '?' };
+        let r =
+            h.direct("GET", &format!("{u}{sep}refresh=force_cache"), &[("Authorization", "Bearer phx_demo_all")], None);
+        r.json()["filters_hash"].clone()
+    };
+    assert!(hash(&url).is_string());
+    assert_eq!(hash(&url), hash(&via_dashboard), "the upstream keys both variants identically");
+    (id, url, via_dashboard)
+}
+
+/// No background work queued or running.
+fn idle(h: &Harness) -> bool {
+    h.app.jobs.is_empty() && h.app.metrics.busy_workers.get() == 0 && h.app.flights.is_empty()
+}
+
+#[test]
+fn variants_the_upstream_keys_identically_share_one_refresh_ahead() {
+    let h = Harness::start();
+    let (id, url, dash) = insight_on_unfiltered_dashboard(&h);
+    let first = h.get(&format!("{url}?refresh=blocking"), ALL).json();
+    // The upstream's cache is fresh: the dashboard variant costs no calculation.
+    let tile = h.get(&format!("{dash}&refresh=blocking"), ALL).json();
+    assert!(tile["color"].is_string(), "answered through the dashboard tile");
+    assert_eq!(h.calcs(1, id), 1);
+    for _ in 0..2 {
+        h.get(&url, ALL);
+        h.get(&dash, ALL);
+    }
+    h.clock.advance(Duration::from_secs(5 * 3600 + 45 * 60)); // 96 % of the threshold
+    assert!(h.get(&url, ALL).cache_status().contains("; hit"));
+    assert!(h.get(&dash, ALL).cache_status().contains("; hit"));
+    eventually("a refresh-ahead lands and nothing else is pending", || h.calcs(1, id) >= 2 && idle(&h));
+    assert_eq!(h.calcs(1, id), 2, "one refresh-ahead for both variants");
+    h.clock.advance(Duration::from_secs(3600)); // past the first result's staleness
+    for u in [&url, &dash] {
+        let r = h.get(u, ALL);
+        assert!(r.cache_status().contains("; hit") && !r.cache_status().contains("stale"), "{}", r.cache_status());
+        assert_ne!(r.json()["last_refresh"], first["last_refresh"]);
+    }
+    let r = h.get(&dash, ALL).json();
+    assert_eq!(r["color"], tile["color"], "the tile's own fields stay");
+    assert_eq!(r["layouts"], tile["layouts"]);
+    assert_eq!(r["filters_hash"], first["filters_hash"]);
+    assert_eq!(h.calcs(1, id), 2);
+    assert_eq!(h.metric("insights_proxy_upstream_calculations_total{reason=\"ahead\"}"), 1.0);
+}
+
+#[test]
+fn stale_variants_the_upstream_keys_identically_share_one_calculation() {
+    let h = Harness::start();
+    let (id, url, dash) = insight_on_unfiltered_dashboard(&h);
+    h.get(&format!("{url}?refresh=blocking"), ALL);
+    let tile = h.get(&format!("{dash}&refresh=blocking"), ALL).json();
+    assert_eq!(h.calcs(1, id), 1);
+    h.clock.advance(Duration::from_secs(7 * 3600)); // stale (6 h), not lazily stale (12 h)
+    h.sim.set_calc_delay(Duration::from_millis(800));
+    let (port, standalone) = (h.proxy_port, format!("{url}?refresh=blocking"));
+    let first =
+        std::thread::spawn(move || http(port, "GET", &standalone, &[("Authorization", "Bearer phx_demo_all")], None));
+    eventually("the standalone variant's calculation is running", || h.app.flights.len() == 1);
+    let r = h.get(&format!("{dash}&refresh=blocking"), ALL);
+    assert!(r.cache_status().contains("collapsed"), "{}", r.cache_status());
+    let first = first.join().unwrap().json();
+    let r = r.json();
+    assert_eq!(r["last_refresh"], first["last_refresh"]);
+    assert_eq!(r["result"], first["result"]);
+    assert_eq!(r["color"], tile["color"], "the tile's own fields stay");
+    assert_eq!(h.calcs(1, id), 2, "one calculation for both variants");
+}
+
+#[test]
+fn refresh_ahead_runs_once_per_upstream_key_across_credentials() {
+    let h = Harness::start();
+    let (id, url) = h.day_insight();
+    let first = h.get(&format!("{url}?refresh=blocking"), ALL).json();
+    h.get(&format!("{url}?refresh=blocking"), P1); // the upstream's cache is fresh
+    assert_eq!(h.calcs(1, id), 1);
+    for _ in 0..2 {
+        h.get(&url, ALL);
+        h.get(&url, P1);
+    }
+    h.clock.advance(Duration::from_secs(5 * 3600 + 45 * 60));
+    h.get(&url, ALL);
+    h.get(&url, P1);
+    eventually("both credentials' entries are refreshed", || {
+        let v = h.admin("GET", &format!("/admin/entries?project=1&insight={id}"), true).json();
+        let entries = v["entries"].as_array().cloned().unwrap_or_default();
+        entries.len() == 2 && entries.iter().all(|e| e["last_refresh"] != first["last_refresh"]) && idle(&h)
+    });
+    // Each credential got its result with its own credential; only one was calculated.
+    assert_eq!(h.calcs(1, id), 2);
+    assert_eq!(h.metric("insights_proxy_upstream_calculations_total{reason=\"ahead\"}"), 1.0);
+    assert_eq!(h.metric("insights_proxy_upstream_reads_total{reason=\"ahead\"}"), 1.0);
+}

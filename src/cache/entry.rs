@@ -26,7 +26,36 @@ pub struct Entry {
     reads: AtomicU32,
     /// Set once a refresh-ahead was scheduled for this entry, so it is scheduled once.
     ahead: AtomicBool,
+    /// The upstream's cache key for this result (`filters_hash`, hashed; 0 when the body has
+    /// none): variants of an insight with the same one are computed identically upstream.
+    pub group: u128,
+    /// Wall-clock millisecond at which the upstream last confirmed, for this very variant, that
+    /// its cache key is `group`. A result adopted from another variant of the group keeps the
+    /// variant's own confirmation time, so an alias is trusted only for a bounded time.
+    pub confirmed_ms: i64,
 }
+
+/// The fields of an insight body that come from the calculation (refresh-semantics.md §1.3: the
+/// ones copied from the runner's response), as opposed to the insight's and the tile's own fields
+/// (`name`, `color`, `layouts`, `dashboards`, ...); `query_status` is never stored. A variant adopting another variant's result
+/// takes exactly these.
+pub const RESULT_FIELDS: [&str; 15] = [
+    "result",
+    "hasMore",
+    "columns",
+    "last_refresh",
+    "cache_key",
+    "timezone",
+    "next_allowed_client_refresh",
+    "cache_target_age",
+    "timings",
+    "hogql",
+    "types",
+    "resolved_date_range",
+    "filters_hash",
+    "query_metadata",
+    "calculation_trigger",
+];
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EntryError {
@@ -73,24 +102,64 @@ impl Entry {
             .and_then(parse_datetime)
             .ok_or(EntryError::NoLastRefresh)?;
         let (interval, date_to) = interval_and_date_to(&map);
+        let group = group_of(map.get("filters_hash"));
         map.remove("is_cached");
         map.remove("query_status");
         let mut body = serde_json::to_vec(&map).expect("a JSON map serialises");
         // The serialiser's spare capacity would be cached with every body (up to 2x the bytes).
         body.shrink_to_fit();
         let body = Bytes::from(body);
-        Ok(Entry::from_parts(body, StaleInfo { last_refresh, interval, date_to }, epoch, 0))
+        Ok(Entry::with_group(body, StaleInfo { last_refresh, interval, date_to }, epoch, 0, group))
     }
 
     /// An entry from its stored parts (the shared tier's format).
     pub fn from_parts(body: Bytes, stale: StaleInfo, epoch: u64, started_ms: i64) -> Entry {
-        Entry { body, stale, epoch, started_ms, reads: AtomicU32::new(0), ahead: AtomicBool::new(false) }
+        #[derive(serde::Deserialize)]
+        struct Hash {
+            filters_hash: Option<Value>,
+        }
+        let group = serde_json::from_slice::<Hash>(&body).ok().map_or(0, |h| group_of(h.filters_hash.as_ref()));
+        Entry::with_group(body, stale, epoch, started_ms, group)
     }
 
-    /// Sets when the calculation started (wall clock, ms).
+    fn with_group(body: Bytes, stale: StaleInfo, epoch: u64, started_ms: i64, group: u128) -> Entry {
+        Entry {
+            body,
+            stale,
+            epoch,
+            started_ms,
+            reads: AtomicU32::new(0),
+            ahead: AtomicBool::new(false),
+            group,
+            confirmed_ms: started_ms,
+        }
+    }
+
+    /// Sets when the calculation (or the read of the upstream's cache) started, wall clock in ms;
+    /// that is also when the upstream confirmed this variant's cache key.
     pub fn stamped(mut self, started_ms: i64) -> Entry {
         self.started_ms = started_ms;
+        self.confirmed_ms = started_ms;
         self
+    }
+
+    /// This variant's entry with the result of `fresh`, another variant of the same upstream cache
+    /// key: the calculation's fields from `fresh`, everything else (tile colour, layouts, the
+    /// insight's own fields) from `self`. `None` if either body is not a JSON object.
+    pub fn adopt(&self, fresh: &Entry) -> Option<Entry> {
+        let Ok(Value::Object(mut own)) = serde_json::from_slice::<Value>(&self.body) else { return None };
+        let Ok(Value::Object(theirs)) = serde_json::from_slice::<Value>(&fresh.body) else { return None };
+        for field in RESULT_FIELDS {
+            match theirs.get(field) {
+                Some(v) => own.insert(field.into(), v.clone()),
+                None => own.remove(field),
+            };
+        }
+        let mut body = serde_json::to_vec(&own).ok()?;
+        body.shrink_to_fit();
+        let mut e = Entry::with_group(Bytes::from(body), fresh.stale, fresh.epoch, fresh.started_ms, fresh.group);
+        e.confirmed_ms = self.confirmed_ms;
+        Some(e)
     }
 
     /// The stored body (without the per-response fields).
@@ -147,6 +216,17 @@ impl Entry {
 
     pub fn last_refresh(&self) -> OffsetDateTime {
         self.stale.last_refresh
+    }
+}
+
+/// The hash of the upstream's cache key (`filters_hash`); 0 when there is none.
+fn group_of(filters_hash: Option<&Value>) -> u128 {
+    match filters_hash {
+        Some(Value::String(s)) if !s.is_empty() => {
+            let h = blake3::hash(s.as_bytes());
+            u128::from_le_bytes(h.as_bytes()[..16].try_into().expect("16 bytes")).max(1)
+        }
+        _ => 0,
     }
 }
 
@@ -242,5 +322,29 @@ mod tests {
             Entry::from_upstream(&body(json!({"result":[1],"last_refresh":lr,"query":{"kind":"HogQLQuery"}})), 1, 1)
                 .unwrap();
         assert_eq!(e.stale.interval, Interval::Minute);
+    }
+
+    #[test]
+    fn a_variant_adopts_only_the_calculation_fields() {
+        let own = body(json!({"id": 3, "name": "Tile", "color": "blue", "layouts": {"sm": 1}, "result": [1],
+            "last_refresh": "2026-01-01T00:00:00Z", "filters_hash": "cache_1_abc", "timings": [1]}));
+        let fresh = body(json!({"id": 3, "name": "Tile", "result": [2], "last_refresh": "2026-01-01T01:00:00Z",
+            "filters_hash": "cache_1_abc", "hogql": "SELECT 2"}));
+        let own = Entry::from_upstream(&own, 3, 1).unwrap().stamped(1_000);
+        let fresh = Entry::from_upstream(&fresh, 3, 2).unwrap().stamped(2_000);
+        assert_eq!(own.group, fresh.group);
+        assert_ne!(own.group, 0);
+        let e = own.adopt(&fresh).unwrap();
+        let v: Value = serde_json::from_slice(e.body()).unwrap();
+        assert_eq!(v["color"], json!("blue"));
+        assert_eq!(v["layouts"], json!({"sm": 1}));
+        assert_eq!(v["result"], json!([2]));
+        assert_eq!(v["hogql"], json!("SELECT 2"));
+        assert!(v.get("timings").is_none(), "a calculation field the fresh result lacks is dropped");
+        assert_eq!(e.last_refresh(), fresh.last_refresh());
+        assert_eq!((e.epoch, e.started_ms), (2, 2_000));
+        assert_eq!(e.confirmed_ms, 1_000, "the variant's own confirmation is kept");
+        let none = Entry::from_upstream(&body(json!({"result": [1], "last_refresh": "2026-01-01T00:00:00Z"})), 3, 1);
+        assert_eq!(none.unwrap().group, 0);
     }
 }

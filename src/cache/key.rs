@@ -68,6 +68,8 @@ impl PartitionKeyer {
 pub const VARIANT_PARAMS: [&str; 4] =
     ["from_dashboard", "filters_override", "variables_override", "tile_filters_override"];
 
+const GROUP_TAG: u128 = 0x6772_6f75_7000_0000_0000_0000_0000_0001;
+
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub struct CacheKey {
     pub partition: Partition,
@@ -81,6 +83,13 @@ pub struct CacheKey {
 impl CacheKey {
     pub fn new(partition: Partition, project: u64, insight: u64, query: &QueryParams) -> Self {
         Self { partition, project, insight, variant: variant_of(query) }
+    }
+
+    /// The key of the upstream cache key `group` within this key's partition and insight: where
+    /// variants that the upstream computes identically meet (one flight, one newest result).
+    pub fn group_key(&self, group: u128) -> CacheKey {
+        // Tagged, so it is not a variant's own key (short of a 128-bit hash collision).
+        CacheKey { variant: group ^ GROUP_TAG, ..*self }
     }
 
     pub fn to_bytes(&self) -> [u8; 48] {

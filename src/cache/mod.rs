@@ -85,7 +85,7 @@ pub struct PageKey {
     pub path_and_query: String,
 }
 
-/// How long a list page's membership is reused.
+/// How long a list page's membership is reused unless configured ([`InsightCache::with_page_ttl`]).
 const PAGE_TTL: Duration = Duration::from_secs(10);
 const MAX_PAGES: u64 = 10_000;
 
@@ -94,8 +94,23 @@ const MAX_PAGES: u64 = 10_000;
 const EMPTY_TTL: Duration = Duration::from_secs(10);
 const MAX_EMPTY: u64 = 100_000;
 
+const DAY: Duration = Duration::from_secs(86_400);
+
+/// Upstream cache keys whose newest known calculation time is kept, at most.
+const MAX_UPSTREAM_KEYS: u64 = 100_000;
+
+/// One upstream cache key of one insight, across credentials: (project, insight, group).
+pub type UpstreamKey = (u64, u64, u128);
+
 pub struct InsightCache {
     entries: Cache<CacheKey, Arc<Entry>>,
+    /// Per credential partition and upstream cache key (`CacheKey::group_key`): the newest result
+    /// any variant of that key brought in. Variants adopt it instead of calculating again.
+    groups: moka::sync::Cache<CacheKey, Arc<Entry>>,
+    /// Per upstream cache key, across partitions: when its newest known result was calculated.
+    /// Only a time, never data: it tells a refresh whether the upstream's own cache already holds
+    /// something newer than ours (then `refresh=blocking` reads it without a calculation).
+    upstream_latest: moka::sync::Cache<UpstreamKey, time::OffsetDateTime>,
     pages: Cache<PageKey, Bytes>,
     /// The upstream's answer when its cache had nothing for a key (a result-less insight body).
     empty: moka::sync::Cache<CacheKey, Bytes>,
@@ -146,7 +161,32 @@ impl InsightCache {
             .build();
         let pages = Cache::builder().max_capacity(MAX_PAGES).time_to_live(PAGE_TTL).build();
         let empty = moka::sync::Cache::builder().max_capacity(MAX_EMPTY).time_to_live(EMPTY_TTL).build();
-        Self { entries, pages, empty, epochs: Epochs::new(), owners, l2: None, clock: Clock::new() }
+        // Group entries are the same Arcs as the entries themselves, so this costs little beyond
+        // keeping an evicted entry alive while its group is remembered.
+        let groups = moka::sync::Cache::builder()
+            .max_capacity((max_bytes / 4).max(1))
+            .weigher(|_k: &CacheKey, v: &Arc<Entry>| -> u32 { v.weight().try_into().unwrap_or(u32::MAX) })
+            .time_to_live(ttl)
+            .build();
+        let upstream_latest =
+            moka::sync::Cache::builder().max_capacity(MAX_UPSTREAM_KEYS).time_to_live(ttl.min(DAY)).build();
+        Self {
+            entries,
+            groups,
+            upstream_latest,
+            pages,
+            empty,
+            epochs: Epochs::new(),
+            owners,
+            l2: None,
+            clock: Clock::new(),
+        }
+    }
+
+    /// Reuses a list page's membership for `ttl` (per credential; any purge drops every page).
+    pub fn with_page_ttl(mut self, ttl: Duration) -> Self {
+        self.pages = Cache::builder().max_capacity(MAX_PAGES).time_to_live(ttl).build();
+        self
     }
 
     /// Puts the shared tier behind this cache; purge markers and started times use `clock`.
@@ -215,22 +255,50 @@ impl InsightCache {
                     let o = o.into_value();
                     epochs.is_current(&key, o.epoch) && o.last_refresh() >= entry.last_refresh()
                 });
-                std::future::ready(if keep_old { Op::Nop } else { Op::Put(entry) })
+                std::future::ready(if keep_old { Op::Nop } else { Op::Put(entry.clone()) })
             })
             .await;
         match result {
-            CompResult::Inserted(_) => {
-                *self.owners.lock().entry(key.partition).or_insert(0) += 1;
-                true
-            }
-            CompResult::ReplacedWith(_) => true,
-            _ => false,
+            CompResult::Inserted(_) => *self.owners.lock().entry(key.partition).or_insert(0) += 1,
+            CompResult::ReplacedWith(_) => {}
+            _ => return false,
         }
+        self.note_group(&key, &entry);
+        true
     }
 
     /// Whether any entry in memory belongs to `partition`.
     pub fn owns(&self, partition: Partition) -> bool {
         self.owners.lock().contains_key(&partition)
+    }
+
+    /// Records `entry` as its group's newest result (in its partition) and its calculation time
+    /// as the upstream key's newest (across partitions), when it is newer than what is known.
+    fn note_group(&self, key: &CacheKey, entry: &Arc<Entry>) {
+        if entry.group == 0 {
+            return;
+        }
+        let gk = key.group_key(entry.group);
+        if self.groups.get(&gk).is_none_or(|g| g.last_refresh() < entry.last_refresh()) {
+            self.groups.insert(gk, entry.clone());
+        }
+        let uk = (key.project, key.insight, entry.group);
+        if self.upstream_latest.get(&uk).is_none_or(|t| t < entry.last_refresh()) {
+            self.upstream_latest.insert(uk, entry.last_refresh());
+        }
+    }
+
+    /// The newest result of the upstream cache key `group` in `key`'s partition, if it is still
+    /// current (no purge since).
+    pub fn group_latest(&self, key: &CacheKey, group: u128) -> Option<Arc<Entry>> {
+        let e = self.groups.get(&key.group_key(group))?;
+        self.epochs.is_current(key, e.epoch).then_some(e)
+    }
+
+    /// When the upstream last calculated this cache key of this insight, as far as any partition
+    /// saw.
+    pub fn upstream_latest(&self, project: u64, insight: u64, group: u128) -> Option<time::OffsetDateTime> {
+        self.upstream_latest.get(&(project, insight, group))
     }
 
     pub async fn remove(&self, key: &CacheKey) {
@@ -280,8 +348,10 @@ impl InsightCache {
     /// Purges this replica's memory only (what another replica's purge event asks for).
     pub fn purge_local(&self, scope: PurgeScope) {
         self.epochs.purge(scope);
-        // Pages and "nothing cached" notes are short-lived: any purge drops them all.
+        // Pages and "nothing cached" notes are short-lived: any purge drops them all. Upstream
+        // times are dropped too: after a write the upstream's cache key may be new.
         self.pages.invalidate_all();
+        self.upstream_latest.invalidate_all();
         self.empty.invalidate_all();
         let _ = match scope {
             PurgeScope::Insight { project, insight } => {
@@ -376,5 +446,20 @@ mod tests {
         let newer = entry(&c, 1, "2026-01-01T00:05:00Z");
         assert!(c.insert(key(1, 1, 1), newer).await);
         assert!(!c.insert(key(1, 1, 1), older).await);
+    }
+
+    #[tokio::test]
+    async fn a_group_is_per_partition_and_only_its_time_crosses() {
+        let c = InsightCache::new(1 << 20, Duration::from_secs(60), None);
+        let b = serde_json::to_vec(&json!({"id": 1, "result": [1], "last_refresh": "2026-01-01T00:00:00Z",
+            "filters_hash": "cache_1_x"}))
+        .unwrap();
+        let e = Arc::new(Entry::from_upstream(&b, 1, c.begin()).unwrap());
+        assert!(c.insert(key(1, 1, 1), e.clone()).await);
+        assert!(c.group_latest(&key(1, 1, 1), e.group).is_some());
+        assert!(c.group_latest(&key(2, 1, 1), e.group).is_none(), "another credential's group is its own");
+        assert_eq!(c.upstream_latest(1, 1, e.group), Some(e.last_refresh()));
+        c.purge_partition(Partition([1; 16]));
+        assert!(c.group_latest(&key(1, 1, 1), e.group).is_none(), "purged with the partition");
     }
 }
