@@ -14,6 +14,7 @@ use serde_json::Value;
 
 use crate::app::App;
 use crate::auth::Credential;
+use crate::config::AccessLog;
 use crate::error::ApiError;
 use crate::insights::{self, InsightCall, ListCall, Reply, CACHE_NAME};
 use crate::query::QueryParams;
@@ -144,7 +145,9 @@ fn public_base(app: &App, req: &RequestHeader) -> String {
 
 pub async fn write_reply(session: &mut Session, reply: &Reply) -> Result<()> {
     static CACHE_STATUS: header::HeaderName = header::HeaderName::from_static("cache-status");
-    let mut resp = ResponseHeader::build(reply.status, Some(4))?;
+    // No case map: the names are written as pingora titles them either way, and the map costs
+    // an allocation per header.
+    let mut resp = ResponseHeader::build_no_case(reply.status, Some(6))?;
     resp.insert_header(header::CONTENT_TYPE, reply.content_type.as_deref().unwrap_or("application/json"))?;
     resp.insert_header(header::CONTENT_LENGTH, http::HeaderValue::from(reply.body.len()))?;
     resp.insert_header(CACHE_STATUS.clone(), &reply.cache_status)?;
@@ -156,16 +159,24 @@ pub async fn write_reply(session: &mut Session, reply: &Reply) -> Result<()> {
     Ok(())
 }
 
+/// Writes `reply` and keeps its `Cache-Status` for the log and metrics (also when the write fails).
+async fn answer_with(session: &mut Session, ctx: &mut RequestCtx, reply: Reply) -> Result<bool> {
+    let written = write_reply(session, &reply).await;
+    ctx.cache_status = Some(reply.cache_status);
+    written.map(|()| true)
+}
+
 async fn write_error(session: &mut Session, ctx: &mut RequestCtx, e: &ApiError) -> Result<bool> {
-    let reply = Reply::error(e, format!("{CACHE_NAME}; fwd=bypass; detail=rejected"));
-    ctx.cache_status = Some(reply.cache_status.clone());
-    write_reply(session, &reply).await?;
-    Ok(true)
+    answer_with(session, ctx, Reply::error(e, format!("{CACHE_NAME}; fwd=bypass; detail=rejected"))).await
 }
 
 #[async_trait]
 impl ProxyHttp for InsightsProxy {
     type CTX = RequestCtx;
+
+    /// No downstream modules: pingora's default adds a response-compression module (disabled, level
+    /// 0) that is built and consulted on every request for nothing.
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
 
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
@@ -213,11 +224,7 @@ impl ProxyHttp for InsightsProxy {
             Route::QueryStatus { project, query_id } => {
                 let cred = Credential::from_request(&session.req_header().headers, query.get("personal_api_key"));
                 match insights::query_status(&self.app, project, &query_id, cred.as_ref()).await {
-                    Some(reply) => {
-                        ctx.cache_status = Some(reply.cache_status.clone());
-                        write_reply(session, &reply).await?;
-                        Ok(true)
-                    }
+                    Some(reply) => answer_with(session, ctx, reply).await,
                     None => Ok(false),
                 }
             }
@@ -275,9 +282,7 @@ impl ProxyHttp for InsightsProxy {
                     }
                     _ => unreachable!("matched above"),
                 };
-                ctx.cache_status = Some(reply.cache_status.clone());
-                write_reply(session, &reply).await?;
-                Ok(true)
+                answer_with(session, ctx, reply).await
             }
         }
     }
@@ -465,12 +470,17 @@ impl ProxyHttp for InsightsProxy {
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+        let elapsed = ctx.started.elapsed().as_secs_f64();
+        let label = crate::metrics::cache_label(ctx.cache_status.as_deref().unwrap_or(""));
+        self.app.metrics.observe_request(ctx.route, ctx.mode.unwrap_or("-"), label, elapsed);
+        let from_cache = matches!(label, "hit" | "stale");
+        match self.app.config.access_log {
+            AccessLog::All => {}
+            AccessLog::Misses if !from_cache => {}
+            AccessLog::Misses | AccessLog::None => return,
+        }
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let req = session.req_header();
-        let cache = ctx.cache_status.as_deref().unwrap_or("");
-        let m = &self.app.metrics;
-        m.requests.with_label_values(&[ctx.route, ctx.mode.unwrap_or("-"), crate::metrics::cache_label(cache)]).inc();
-        m.request_seconds.with_label_values(&[ctx.route]).observe(ctx.started.elapsed().as_secs_f64());
         // The path only: a query string may carry `personal_api_key`.
         tracing::info!(
             method = %req.method,
@@ -479,7 +489,7 @@ impl ProxyHttp for InsightsProxy {
             mode = ctx.mode.unwrap_or("-"),
             status,
             cache = ctx.cache_status.as_deref().unwrap_or("-"),
-            ms = ctx.started.elapsed().as_secs_f64() * 1000.0,
+            ms = elapsed * 1000.0,
             "request"
         );
     }
