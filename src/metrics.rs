@@ -185,20 +185,26 @@ impl Default for Metrics {
 
 /// A short, bounded label for a `Cache-Status` value.
 pub fn cache_label(cache_status: &str) -> &'static str {
-    let detail = cache_status.find("; detail=").map(|i| &cache_status[i + 9..]);
-    if cache_status.contains("; hit") {
-        match detail {
-            Some(d) if d.starts_with("stale-if-error") => "stale_if_error",
-            Some(d) if d.starts_with("stale") || d.starts_with("budget") => "stale",
-            _ => "hit",
+    // The proxy's own values start with the cache name: read them without substring searches
+    // (this runs on every request).
+    if let Some(rest) = cache_status.strip_prefix("insights-proxy; ") {
+        if let Some(hit) = rest.strip_prefix("hit") {
+            let detail = hit.split(';').find_map(|p| p.trim_start().strip_prefix("detail="));
+            return match detail {
+                Some(d) if d.starts_with("stale-if-error") => "stale_if_error",
+                Some(d) if d.starts_with("stale") || d.starts_with("budget") => "stale",
+                _ => "hit",
+            };
         }
-    } else if cache_status.contains("fwd=miss") || cache_status.contains("fwd=uri-miss") {
-        "miss"
-    } else if cache_status.contains("fwd=stale") {
-        "refresh"
-    } else if cache_status.contains("fwd=request") {
-        "forced"
-    } else if cache_status.is_empty() {
+        let fwd = rest.split(';').next().unwrap_or("");
+        return match fwd {
+            "fwd=miss" | "fwd=uri-miss" => "miss",
+            "fwd=stale" => "refresh",
+            "fwd=request" => "forced",
+            _ => "bypass",
+        };
+    }
+    if cache_status.is_empty() {
         "none"
     } else {
         "bypass"

@@ -145,13 +145,24 @@ fn public_base(app: &App, req: &RequestHeader) -> String {
 
 pub async fn write_reply(session: &mut Session, reply: &Reply) -> Result<()> {
     static CACHE_STATUS: header::HeaderName = header::HeaderName::from_static("cache-status");
-    // No case map: the names are written as pingora titles them either way, and the map costs
-    // an allocation per header.
-    let mut resp = ResponseHeader::build_no_case(reply.status, Some(6))?;
-    resp.insert_header(header::CONTENT_TYPE, reply.content_type.as_deref().unwrap_or("application/json"))?;
-    resp.insert_header(header::CONTENT_LENGTH, http::HeaderValue::from(reply.body.len()))?;
-    resp.insert_header(CACHE_STATUS.clone(), &reply.cache_status)?;
-    resp.insert_header(header::VARY, http::HeaderValue::from_static("Authorization, Cookie"))?;
+    let invalid = |what: &'static str| Error::explain(ErrorType::InvalidHTTPHeader, what);
+    // Built as plain `http` parts, then handed to pingora: no case map, and the names are not
+    // re-parsed from bytes as `ResponseHeader::insert_header` does (pingora titles the standard
+    // names on the wire either way).
+    let (mut parts, ()) = http::Response::new(()).into_parts();
+    parts.status = http::StatusCode::from_u16(reply.status).map_err(|_| invalid("invalid status"))?;
+    let h = &mut parts.headers;
+    h.reserve(6);
+    let content_type = match reply.content_type.as_deref() {
+        Some(ct) => http::HeaderValue::from_str(ct).map_err(|_| invalid("invalid content-type"))?,
+        None => http::HeaderValue::from_static("application/json"),
+    };
+    h.insert(header::CONTENT_TYPE, content_type);
+    h.insert(header::CONTENT_LENGTH, http::HeaderValue::from(reply.body.len()));
+    let cache_status = http::HeaderValue::from_str(&reply.cache_status).map_err(|_| invalid("invalid cache-status"))?;
+    h.insert(CACHE_STATUS.clone(), cache_status);
+    h.insert(header::VARY, http::HeaderValue::from_static("Authorization, Cookie"));
+    let resp = ResponseHeader::from(parts);
     // A failed write is the client's doing (it went away): say so, or fail_to_proxy counts it
     // against the upstream's circuit breaker.
     session.write_response_header(Box::new(resp), false).await.map_err(|e| e.into_down())?;
