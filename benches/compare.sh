@@ -18,7 +18,9 @@
 #     /proc/<pid>/stat of every process of the server: nginx master+workers, Varnish manager+child)
 #     over the measured run;
 #   * herd test: calculation delay CALC_MS; HERD_N concurrent cold `?refresh=blocking` requests for
-#     an insight nobody has cached; upstream calculations (from /_sim/stats) and the slowest answer;
+#     an insight nobody has cached; upstream calculations (from /_sim/stats) and the slowest answer
+#     (send to the kernel's receive timestamp of its last bytes, benches/httpload.py burst; the
+#     moment the single-threaded client got round to reading it is reported beside it);
 #   * stale-window test: an insight whose freshness is FRESH_S seconds everywhere (nginx
 #     proxy_cache_valid, Varnish beresp.ttl, insights-proxy [staleness.default] minute; it is a
 #     minute-interval insight) is filled, left to go stale, the simulator's clock is moved 600 s so
@@ -225,7 +227,7 @@ get() { # port target -> the answer's headers
 }
 
 # --- one server, one round ---------------------------------------------------------------------
-printf 'round\tserver\thits_per_s\treq_per_cpu_s\tcpu_s\tcpu_util\tcore_busy\tloadavg\trequests\tp50_ms\tp99_ms\tnon2xx\tsock_errors\tresp_bytes\therd_calcs\therd_ok\therd_max_ms\tstale_waited\tstale_ok\tstale_max_ms\tstale_calcs\n' >"$OUT/results.tsv"
+printf 'round\tserver\thits_per_s\treq_per_cpu_s\tcpu_s\tcpu_util\tcore_busy\tloadavg\trequests\tp50_ms\tp99_ms\tnon2xx\tsock_errors\tresp_bytes\therd_calcs\therd_ok\therd_max_ms\therd_max_app_ms\tstale_waited\tstale_ok\tstale_max_ms\tstale_calcs\n' >"$OUT/results.tsv"
 
 run_one() { # server round
   local name=$1 round=$2 port=${PORT[$1]} dir="$OUT/r$2-$1"
@@ -291,15 +293,15 @@ run_one() { # server round
 
   stop_server
   stop_sim
-  local j='import json,sys; d=json.loads(sys.argv[1]); print(d["ok"], d["max_ms"], d["waited"])'
-  local hok hmax hwait sok smax swait
-  read -r hok hmax hwait < <(python3 -c "$j" "$herd")
-  read -r sok smax swait < <(python3 -c "$j" "$stale")
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
+  local j='import json,sys; d=json.loads(sys.argv[1]); print(d["ok"], d["max_ms"], d["waited"], d.get("max_ms_app", "-"))'
+  local hok hmax hwait happ sok smax swait sapp
+  read -r hok hmax hwait happ < <(python3 -c "$j" "$herd")
+  read -r sok smax swait sapp < <(python3 -c "$j" "$stale")
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
     "$round" "$name" "$rps" "$per_cpu" "$cpu" "$util" "$busy" "$load" "$requests" "$p50" "$p99" "$non2xx" "$errs" "$per" \
-    "$herd_calcs" "$hok" "$hmax" "$swait" "$sok" "$smax" "$stale_calcs" >>"$OUT/results.tsv"
+    "$herd_calcs" "$hok" "$hmax" "$happ" "$swait" "$sok" "$smax" "$stale_calcs" >>"$OUT/results.tsv"
   log "  $name: ${rps} hits/s, ${per_cpu} req/CPU-s (server cpu ${cpu}s, core busy ${busy}, load ${load}), p50 ${p50} ms, p99 ${p99} ms;" \
-    "herd ${herd_calcs} calc(s), slowest ${hmax} ms; stale: ${swait}/${STALE_N} waited >= ${CALC_MS} ms, ${stale_calcs} calc(s)"
+    "herd ${herd_calcs} calc(s), slowest ${hmax} ms (read by the client at ${happ} ms); stale: ${swait}/${STALE_N} waited >= ${CALC_MS} ms, ${stale_calcs} calc(s)"
 }
 
 read -ra LIST <<<"$SERVERS"

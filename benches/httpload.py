@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Small HTTP/1.1 load clients for benches/compare.sh and benches/memory.sh (standard library only).
 
-burst: open N connections first, then send one GET on each at the same moment and time every answer
-       from its send to its last body byte. Prints one JSON object: statuses, latencies (ms), how many
-       answers took at least --threshold-ms, and the counts of each cache header value seen.
+burst: open N connections first, then send one GET on each, back to back, and time every answer from
+       its send to the kernel's receive timestamp of its last bytes (SO_TIMESTAMPNS; the moment this
+       client read it is reported as *_app). Prints one JSON object: statuses, latencies (ms), how
+       many answers took at least --threshold-ms, and the counts of each cache header value seen.
 fill:  send GETs for a list of targets over C keep-alive connections until done or --deadline;
        prints JSON with the count of answers per status and the sum of response body bytes.
 
@@ -12,6 +13,7 @@ Everything is bounded: connect, each answer and the whole run have timeouts; onl
 import argparse
 import asyncio
 import json
+import struct
 import sys
 import time
 
@@ -59,34 +61,94 @@ def cache_value(headers):
     return "-"
 
 
-async def burst(args):
+SO_TIMESTAMPNS = 35  # Linux; SCM_TIMESTAMPNS has the same value (not exposed by Python's socket module)
+
+
+def parse_answer(buf, eof):
+    """(status, headers) once buf holds a whole response (Content-Length, chunked or, at EOF,
+    close-delimited), else None."""
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    lines = bytes(buf[:end]).split(b"\r\n")
+    status = int(lines[0].split(b" ")[1])
+    headers = {}
+    for line in lines[1:]:
+        if b":" in line:
+            k, v = line.split(b":", 1)
+            headers[k.strip().lower()] = v.strip()
+    body = end + 4
+    if b"content-length" in headers:
+        return (status, headers) if len(buf) - body >= int(headers[b"content-length"]) else None
+    if headers.get(b"transfer-encoding", b"").lower() == b"chunked":
+        i = body
+        while True:
+            nl = buf.find(b"\r\n", i)
+            if nl < 0:
+                return None
+            size = int(bytes(buf[i:nl]).split(b";")[0], 16)
+            if size == 0:
+                return (status, headers) if buf.find(b"\r\n", nl + 2) >= 0 else None
+            i = nl + 2 + size + 2
+            if i > len(buf):
+                return None
+    return (status, headers) if eof else None
+
+
+def burst(args):
+    """Every latency runs from the send to the kernel's receive timestamp of the answer's last bytes
+    (SO_TIMESTAMPNS), so it does not include the time this single-threaded client takes to get
+    round to reading 200 answers that arrive together; when the client got to each answer is
+    reported too (*_app)."""
+    import selectors
+    import socket
     req = request_bytes(args.host, args.port, args.target, args.header)
-
-    async def connect():
-        return await asyncio.wait_for(asyncio.open_connection(args.host, args.port), args.timeout)
-
-    conns = await asyncio.gather(*(connect() for _ in range(args.n)))
-    go = asyncio.Event()
-
-    async def one(reader, writer):
-        await go.wait()
-        t0 = time.perf_counter()
-        writer.write(req)
-        try:
-            status, headers, _ = await asyncio.wait_for(read_answer(reader), args.timeout)
-        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, ValueError):
-            return None, "error", (time.perf_counter() - t0) * 1000
-        finally:
-            writer.close()
-        return status, cache_value(headers), (time.perf_counter() - t0) * 1000
-
-    tasks = [asyncio.ensure_future(one(r, w)) for r, w in conns]
-    await asyncio.sleep(0.05)  # every task is parked on the event
-    go.set()
-    results = await asyncio.gather(*tasks)
+    socks = [socket.create_connection((args.host, args.port), timeout=args.timeout) for _ in range(args.n)]
+    for s in socks:
+        s.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        s.setblocking(False)
+    sel = selectors.DefaultSelector()
+    state = {}
+    for s in socks:  # the requests go out back to back, before any answer is read
+        state[s] = {"t0": time.time_ns(), "buf": bytearray(), "ts": None}
+        s.send(req)
+        sel.register(s, selectors.EVENT_READ)
+    deadline = time.monotonic() + args.timeout
+    results = []
+    while state and time.monotonic() < deadline:
+        for key, _ in sel.select(timeout=max(0.0, deadline - time.monotonic())):
+            s, st = key.fileobj, state[key.fileobj]
+            try:
+                data, anc, _, _ = s.recvmsg(1 << 16, socket.CMSG_SPACE(16))
+            except BlockingIOError:
+                continue
+            except OSError:
+                data, anc = b"", []
+            for level, kind, d in anc:
+                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(d) >= 16:
+                    sec, ns = struct.unpack("qq", d[:16])
+                    st["ts"] = sec * 1_000_000_000 + ns
+            st["buf"] += data
+            try:
+                done = parse_answer(st["buf"], eof=not data)
+            except (ValueError, IndexError):
+                done = (None, {})
+            if done is None and data:
+                continue
+            app = (time.time_ns() - st["t0"]) / 1e6
+            kernel = (st["ts"] - st["t0"]) / 1e6 if st["ts"] else app
+            status, headers = done if done else (None, {})
+            results.append((status, cache_value(headers) if done else "error", kernel, app))
+            sel.unregister(s)
+            s.close()
+            del state[s]
+    for s in state:  # timed out
+        results.append((None, "timeout", args.timeout * 1000, args.timeout * 1000))
+        s.close()
     lat = sorted(r[2] for r in results)
+    app = sorted(r[3] for r in results)
     statuses, caches = {}, {}
-    for s, c, _ in results:
+    for s, c, _, _ in results:
         statuses[str(s)] = statuses.get(str(s), 0) + 1
         caches[c] = caches.get(c, 0) + 1
     out = {
@@ -99,6 +161,8 @@ async def burst(args):
         "max_ms": round(lat[-1], 1),
         "waited": sum(1 for x in lat if x >= args.threshold_ms),
         "threshold_ms": args.threshold_ms,
+        "p50_ms_app": round(app[len(app) // 2], 1),
+        "max_ms_app": round(app[-1], 1),
     }
     print(json.dumps(out))
 
@@ -177,9 +241,10 @@ def main():
     args = p.parse_args()
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         sys.exit("loopback only")
-    coro = burst(args) if args.cmd == "burst" else fill(args)
-    limit = args.timeout * 2 + 5 if args.cmd == "burst" else args.deadline + args.timeout + 5
-    asyncio.run(asyncio.wait_for(coro, limit))
+    if args.cmd == "burst":
+        burst(args)
+        return
+    asyncio.run(asyncio.wait_for(fill(args), args.deadline + args.timeout + 5))
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ OTHER = [
     ("herd_calcs", "herd calcs"),
     ("herd_ok", "herd 200s"),
     ("herd_max_ms", "herd slowest ms"),
+    ("herd_max_app_ms", "herd read ms"),
     ("stale_waited", "stale waited"),
     ("stale_ok", "stale 200s"),
     ("stale_max_ms", "stale slowest ms"),
@@ -84,7 +85,7 @@ def summary(path):
     rounds = sorted({r["round"] for r in recs}, key=int)
 
     def med(s, key):
-        vals = [num(r[key]) for r in by[s] if num(r[key]) is not None]
+        vals = [num(r.get(key, "")) for r in by[s] if num(r.get(key, "")) is not None]
         return statistics.median(vals) if vals else None
 
     def ratio(s, key):

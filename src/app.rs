@@ -174,8 +174,13 @@ impl App {
 
     /// Whether the upstream accepted this credential for this project within the window.
     pub fn is_confirmed(&self, partition: Partition, project: u64) -> bool {
+        self.is_confirmed_at(partition, project, self.clock.now())
+    }
+
+    /// [`Self::is_confirmed`] with the clock already read.
+    pub fn is_confirmed_at(&self, partition: Partition, project: u64, now: OffsetDateTime) -> bool {
         let window = time::Duration::try_from(self.config.revalidate_after).unwrap_or(time::Duration::MAX);
-        self.confirmations.get(&(partition, project)).is_some_and(|at| self.clock.now() - at <= window)
+        self.confirmations.get(&(partition, project)).is_some_and(|at| now - at <= window)
     }
 
     /// The upstream refused this credential for this project (401/403): nothing cached reaches it

@@ -22,7 +22,11 @@ impl Clock {
 
     pub fn now(&self) -> OffsetDateTime {
         let off = self.offset_ms.load(Ordering::Relaxed);
-        OffsetDateTime::now_utc() + time::Duration::milliseconds(off)
+        let now = OffsetDateTime::now_utc();
+        if off == 0 {
+            return now;
+        }
+        now + time::Duration::milliseconds(off)
     }
 
     /// Moves this clock (and every clone of it) forward.

@@ -269,10 +269,26 @@ pub enum LogFormat {
     Json,
 }
 
+/// Which requests get an access-log line (`[log] access`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLog {
+    /// One line per request.
+    All,
+    /// One line per request that was not answered from the cache (hits and stale hits are only
+    /// counted, in `insights_proxy_requests_total`): the default, since hits are most of the traffic
+    /// and a line per hit costs about as much CPU as the hit itself.
+    #[default]
+    Misses,
+    /// No access log (errors and warnings are still logged).
+    None,
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogSection {
     pub format: LogFormat,
+    pub access: AccessLog,
 }
 
 /// Where calculations go.
@@ -349,6 +365,7 @@ pub struct Config {
     pub sim_calc_delay: Duration,
     pub sim_seed: u64,
     pub log_format: LogFormat,
+    pub access_log: AccessLog,
 }
 
 /// The upstream circuit breaker: after `failures` consecutive failures, calls fail fast for a
@@ -683,6 +700,7 @@ impl Config {
             sim_calc_delay: Duration::from_millis(file.simulator.calc_delay_ms),
             sim_seed: file.simulator.seed,
             log_format: file.log.format,
+            access_log: file.log.access,
         })
     }
 
@@ -768,6 +786,16 @@ mod tests {
                 Err(e) => panic!("{e}"),
             }
         }
+    }
+
+    #[test]
+    fn access_log_setting() {
+        assert_eq!(Config::defaults().access_log, AccessLog::Misses);
+        for (text, want) in [("all", AccessLog::All), ("misses", AccessLog::Misses), ("none", AccessLog::None)] {
+            let file = FileConfig::parse(&format!("[log]\naccess = \"{text}\"\n")).unwrap();
+            assert_eq!(Config::from_file_config(file, &Overrides::default()).unwrap().access_log, want);
+        }
+        assert!(FileConfig::parse("[log]\naccess = \"hits\"\n").is_err());
     }
 
     #[test]

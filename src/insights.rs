@@ -64,8 +64,8 @@ pub async fn retrieve(app: &Arc<App>, call: InsightCall) -> Reply {
     answer(app, &spec, call.mode, None).await
 }
 
-fn hit_status(app: &App, entry: &Entry, detail: Option<&str>) -> String {
-    let ttl = entry.stale.ttl_seconds(app.clock.now(), &app.config.thresholds);
+fn hit_status(app: &App, entry: &Entry, now: time::OffsetDateTime, detail: Option<&str>) -> String {
+    let ttl = entry.stale.ttl_seconds(now, &app.config.thresholds);
     use std::fmt::Write as _;
     let mut s = String::with_capacity(64);
     s.push_str(CACHE_NAME);
@@ -107,7 +107,7 @@ async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, mode: RefreshMode, peeked:
         let decision = decide(mode, state, in_flight);
         match decision {
             Decision::Serve { .. }
-                if !via_peek && !revalidated && !app.is_confirmed(spec.key.partition, spec.project) =>
+                if !via_peek && !revalidated && !app.is_confirmed_at(spec.key.partition, spec.project, now) =>
             {
                 // Cached data reaches a credential only while the upstream recently confirmed its
                 // access: ask again with a call that never calculates.
@@ -141,7 +141,7 @@ async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, mode: RefreshMode, peeked:
                 let cs = if via_peek {
                     format!("{CACHE_NAME}; fwd=miss; fwd-status=200; stored")
                 } else {
-                    hit_status(app, &entry, detail)
+                    hit_status(app, &entry, now, detail)
                 };
                 if state == CacheState::Fresh {
                     refresh_ahead(app, spec, &entry, now);
@@ -192,7 +192,7 @@ async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, mode: RefreshMode, peeked:
                         // stale-if-error: a result we have beats an error; over budget, likewise.
                         Some(e) => {
                             let detail = if f == Failure::Budget { "budget" } else { "stale-if-error" };
-                            Reply::json(200, e.render(true, None), hit_status(app, &e, Some(detail)))
+                            Reply::json(200, e.render(true, None), hit_status(app, &e, app.clock.now(), Some(detail)))
                         }
                         None => failure_reply(app, spec, &f, format!("{CACHE_NAME}; fwd={fwd}; detail={}", f.as_str())),
                     },

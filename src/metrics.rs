@@ -2,6 +2,8 @@
 //! conventions (`_total` counters, `_seconds` histograms); label values come from `as_str()`-style
 //! constants, never from request data, so cardinality is bounded.
 
+use std::sync::OnceLock;
+
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
@@ -9,6 +11,8 @@ use prometheus::{
 
 pub struct Metrics {
     registry: Registry,
+    /// Per-request handles of `requests` and `request_seconds`, resolved once per label set.
+    per_request: PerRequest,
     /// Requests answered, by route, refresh mode and cache outcome.
     pub requests: IntCounterVec,
     pub request_seconds: HistogramVec,
@@ -124,7 +128,26 @@ impl Metrics {
             circuit_open: gauge(&r, "upstream_circuit_open", "1 while the upstream circuit breaker is open."),
             l2_up: gauge(&r, "l2_up", "1 while the shared tier (Redis) answers; 0 while its breaker is open."),
             l2_errors: gauge(&r, "l2_errors", "Failed shared-tier calls since start."),
+            per_request: PerRequest::default(),
             registry: r,
+        }
+    }
+
+    /// Counts one answered request and its duration. The label values are looked up once per
+    /// combination and the handles kept (a label lookup hashes the values and takes a lock); a
+    /// value outside the known sets falls back to the lookup.
+    pub fn observe_request(&self, route: &'static str, mode: &'static str, cache: &'static str, seconds: f64) {
+        let p = &self.per_request;
+        match (pos(&ROUTE_LABELS, route), pos(&MODE_LABELS, mode), pos(&CACHE_LABELS, cache)) {
+            (Some(r), Some(m), Some(c)) => {
+                let i = (r * MODE_LABELS.len() + m) * CACHE_LABELS.len() + c;
+                p.counters[i].get_or_init(|| self.requests.with_label_values(&[route, mode, cache])).inc();
+                p.durations[r].get_or_init(|| self.request_seconds.with_label_values(&[route])).observe(seconds);
+            }
+            _ => {
+                self.requests.with_label_values(&[route, mode, cache]).inc();
+                self.request_seconds.with_label_values(&[route]).observe(seconds);
+            }
         }
     }
 
@@ -133,6 +156,39 @@ impl Metrics {
         let mut out = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("text encoding cannot fail");
         out
+    }
+}
+
+/// The `route` label values the proxy uses.
+pub const ROUTE_LABELS: [&str; 6] =
+    ["insight", "insight_list", "insight_write", "query_status", "passthrough", "rejected"];
+/// The `mode` label values: the refresh modes and "-" (none).
+const MODE_LABELS: [&str; 8] = [
+    "-",
+    "force_cache",
+    "blocking",
+    "async",
+    "lazy_async",
+    "force_blocking",
+    "force_async",
+    "async_except_on_cache_miss",
+];
+/// Every value [`cache_label`] returns.
+const CACHE_LABELS: [&str; 8] = ["hit", "stale", "stale_if_error", "miss", "refresh", "forced", "none", "bypass"];
+
+fn pos(list: &[&str], v: &str) -> Option<usize> {
+    list.iter().position(|x| *x == v)
+}
+
+struct PerRequest {
+    counters: Box<[OnceLock<IntCounter>]>,
+    durations: [OnceLock<Histogram>; ROUTE_LABELS.len()],
+}
+
+impl Default for PerRequest {
+    fn default() -> Self {
+        let n = ROUTE_LABELS.len() * MODE_LABELS.len() * CACHE_LABELS.len();
+        Self { counters: (0..n).map(|_| OnceLock::new()).collect(), durations: Default::default() }
     }
 }
 
@@ -150,21 +206,26 @@ impl Default for Metrics {
 
 /// A short, bounded label for a `Cache-Status` value.
 pub fn cache_label(cache_status: &str) -> &'static str {
-    if cache_status.contains("; hit") {
-        if cache_status.contains("stale-if-error") {
-            "stale_if_error"
-        } else if cache_status.contains("detail=stale") || cache_status.contains("detail=budget") {
-            "stale"
-        } else {
-            "hit"
+    // The proxy's own values start with the cache name: read them without substring searches
+    // (this runs on every request).
+    if let Some(rest) = cache_status.strip_prefix("insights-proxy; ") {
+        if let Some(hit) = rest.strip_prefix("hit") {
+            let detail = hit.split(';').find_map(|p| p.trim_start().strip_prefix("detail="));
+            return match detail {
+                Some(d) if d.starts_with("stale-if-error") => "stale_if_error",
+                Some(d) if d.starts_with("stale") || d.starts_with("budget") => "stale",
+                _ => "hit",
+            };
         }
-    } else if cache_status.contains("fwd=miss") || cache_status.contains("fwd=uri-miss") {
-        "miss"
-    } else if cache_status.contains("fwd=stale") {
-        "refresh"
-    } else if cache_status.contains("fwd=request") {
-        "forced"
-    } else if cache_status.is_empty() {
+        let fwd = rest.split(';').next().unwrap_or("");
+        return match fwd {
+            "fwd=miss" | "fwd=uri-miss" => "miss",
+            "fwd=stale" => "refresh",
+            "fwd=request" => "forced",
+            _ => "bypass",
+        };
+    }
+    if cache_status.is_empty() {
         "none"
     } else {
         "bypass"
@@ -196,5 +257,27 @@ mod tests {
         assert_eq!(cache_label("insights-proxy; fwd=stale; stored"), "refresh");
         assert_eq!(cache_label("insights-proxy; fwd=request"), "forced");
         assert_eq!(cache_label("insights-proxy; fwd=bypass"), "bypass");
+        assert_eq!(cache_label("insights-proxy; hit; ttl=-3; detail=budget"), "stale");
+        assert_eq!(cache_label(""), "none");
+        for l in ["insights-proxy; hit; ttl=3", "insights-proxy; fwd=request", "", "x"] {
+            assert!(CACHE_LABELS.contains(&cache_label(l)));
+        }
+    }
+
+    #[test]
+    fn cached_handles_count_like_label_lookups() {
+        let m = Metrics::new();
+        m.observe_request("insight", "-", "hit", 0.001);
+        m.observe_request("insight", "-", "hit", 0.001);
+        m.observe_request("passthrough", "-", "none", 0.001);
+        m.observe_request("somewhere", "-", "hit", 0.001);
+        let text = String::from_utf8(m.render()).unwrap();
+        assert!(text.contains("insights_proxy_requests_total{cache=\"hit\",mode=\"-\",route=\"insight\"} 2"), "{text}");
+        assert!(text.contains("insights_proxy_requests_total{cache=\"none\",mode=\"-\",route=\"passthrough\"} 1"));
+        assert!(text.contains("insights_proxy_requests_total{cache=\"hit\",mode=\"-\",route=\"somewhere\"} 1"));
+        assert!(text.contains("insights_proxy_request_duration_seconds_count{route=\"insight\"} 2"), "{text}");
+        for mode in crate::refresh::RefreshMode::ALL {
+            assert!(MODE_LABELS.contains(&mode.as_str()));
+        }
     }
 }

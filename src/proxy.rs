@@ -14,6 +14,7 @@ use serde_json::Value;
 
 use crate::app::App;
 use crate::auth::Credential;
+use crate::config::AccessLog;
 use crate::error::ApiError;
 use crate::insights::{self, InsightCall, ListCall, Reply, CACHE_NAME};
 use crate::query::QueryParams;
@@ -147,11 +148,24 @@ fn public_base(app: &App, req: &RequestHeader) -> String {
 
 pub async fn write_reply(session: &mut Session, reply: &Reply) -> Result<()> {
     static CACHE_STATUS: header::HeaderName = header::HeaderName::from_static("cache-status");
-    let mut resp = ResponseHeader::build(reply.status, Some(4))?;
-    resp.insert_header(header::CONTENT_TYPE, reply.content_type.as_deref().unwrap_or("application/json"))?;
-    resp.insert_header(header::CONTENT_LENGTH, http::HeaderValue::from(reply.body.len()))?;
-    resp.insert_header(CACHE_STATUS.clone(), &reply.cache_status)?;
-    resp.insert_header(header::VARY, http::HeaderValue::from_static("Authorization, Cookie"))?;
+    let invalid = |what: &'static str| Error::explain(ErrorType::InvalidHTTPHeader, what);
+    // Built as plain `http` parts, then handed to pingora: no case map, and the names are not
+    // re-parsed from bytes as `ResponseHeader::insert_header` does (pingora titles the standard
+    // names on the wire either way).
+    let (mut parts, ()) = http::Response::new(()).into_parts();
+    parts.status = http::StatusCode::from_u16(reply.status).map_err(|_| invalid("invalid status"))?;
+    let h = &mut parts.headers;
+    h.reserve(6);
+    let content_type = match reply.content_type.as_deref() {
+        Some(ct) => http::HeaderValue::from_str(ct).map_err(|_| invalid("invalid content-type"))?,
+        None => http::HeaderValue::from_static("application/json"),
+    };
+    h.insert(header::CONTENT_TYPE, content_type);
+    h.insert(header::CONTENT_LENGTH, http::HeaderValue::from(reply.body.len()));
+    let cache_status = http::HeaderValue::from_str(&reply.cache_status).map_err(|_| invalid("invalid cache-status"))?;
+    h.insert(CACHE_STATUS.clone(), cache_status);
+    h.insert(header::VARY, http::HeaderValue::from_static("Authorization, Cookie"));
+    let resp = ResponseHeader::from(parts);
     // A failed write is the client's doing (it went away): say so, or fail_to_proxy counts it
     // against the upstream's circuit breaker.
     session.write_response_header(Box::new(resp), false).await.map_err(|e| e.into_down())?;
@@ -159,16 +173,24 @@ pub async fn write_reply(session: &mut Session, reply: &Reply) -> Result<()> {
     Ok(())
 }
 
+/// Writes `reply` and keeps its `Cache-Status` for the log and metrics (also when the write fails).
+async fn answer_with(session: &mut Session, ctx: &mut RequestCtx, reply: Reply) -> Result<bool> {
+    let written = write_reply(session, &reply).await;
+    ctx.cache_status = Some(reply.cache_status);
+    written.map(|()| true)
+}
+
 async fn write_error(session: &mut Session, ctx: &mut RequestCtx, e: &ApiError) -> Result<bool> {
-    let reply = Reply::error(e, format!("{CACHE_NAME}; fwd=bypass; detail=rejected"));
-    ctx.cache_status = Some(reply.cache_status.clone());
-    write_reply(session, &reply).await?;
-    Ok(true)
+    answer_with(session, ctx, Reply::error(e, format!("{CACHE_NAME}; fwd=bypass; detail=rejected"))).await
 }
 
 #[async_trait]
 impl ProxyHttp for InsightsProxy {
     type CTX = RequestCtx;
+
+    /// No downstream modules: pingora's default adds a response-compression module (disabled, level
+    /// 0) that is built and consulted on every request for nothing.
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
 
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
@@ -220,11 +242,7 @@ impl ProxyHttp for InsightsProxy {
             Route::QueryStatus { project, query_id } => {
                 let cred = Credential::from_request(&session.req_header().headers, query.get("personal_api_key"));
                 match insights::query_status(&self.app, project, &query_id, cred.as_ref()).await {
-                    Some(reply) => {
-                        ctx.cache_status = Some(reply.cache_status.clone());
-                        write_reply(session, &reply).await?;
-                        Ok(true)
-                    }
+                    Some(reply) => answer_with(session, ctx, reply).await,
                     None => Ok(false),
                 }
             }
@@ -282,9 +300,7 @@ impl ProxyHttp for InsightsProxy {
                     }
                     _ => unreachable!("matched above"),
                 };
-                ctx.cache_status = Some(reply.cache_status.clone());
-                write_reply(session, &reply).await?;
-                Ok(true)
+                answer_with(session, ctx, reply).await
             }
         }
     }
@@ -500,12 +516,24 @@ impl ProxyHttp for InsightsProxy {
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+        // A request that shared another's calculation was woken together with all its other waiters
+        // (a herd: hundreds at once on one thread). Let them write their answers before this one does
+        // its bookkeeping (metrics, log line, then pingora's keep-alive read), so the last waiter is
+        // answered after the others' writes only, not after their bookkeeping too.
+        if ctx.cache_status.as_deref().is_some_and(|c| c.ends_with("; collapsed")) {
+            tokio::task::yield_now().await;
+        }
+        let elapsed = ctx.started.elapsed().as_secs_f64();
+        let label = crate::metrics::cache_label(ctx.cache_status.as_deref().unwrap_or(""));
+        self.app.metrics.observe_request(ctx.route, ctx.mode.unwrap_or("-"), label, elapsed);
+        let from_cache = matches!(label, "hit" | "stale");
+        match self.app.config.access_log {
+            AccessLog::All => {}
+            AccessLog::Misses if !from_cache => {}
+            AccessLog::Misses | AccessLog::None => return,
+        }
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let req = session.req_header();
-        let cache = ctx.cache_status.as_deref().unwrap_or("");
-        let m = &self.app.metrics;
-        m.requests.with_label_values(&[ctx.route, ctx.mode.unwrap_or("-"), crate::metrics::cache_label(cache)]).inc();
-        m.request_seconds.with_label_values(&[ctx.route]).observe(ctx.started.elapsed().as_secs_f64());
         // The path only: a query string may carry `personal_api_key`.
         tracing::info!(
             method = %req.method,
@@ -514,7 +542,7 @@ impl ProxyHttp for InsightsProxy {
             mode = ctx.mode.unwrap_or("-"),
             status,
             cache = ctx.cache_status.as_deref().unwrap_or("-"),
-            ms = ctx.started.elapsed().as_secs_f64() * 1000.0,
+            ms = elapsed * 1000.0,
             "request"
         );
     }

@@ -41,11 +41,14 @@ pub fn route(method: &Method, path: &str, query: &QueryParams) -> Route {
         Id::TooLarge => return Route::Reject(ApiError::not_found()),
         Id::NotNumeric => return Route::Passthrough, // e.g. `@current`
     };
-    let rest: Vec<&str> = parts.collect();
+    // The remaining segments, at most two of interest (no allocation: this runs on every hit).
+    let rest = (parts.next(), parts.next(), parts.next());
     let csv = query.get("format").is_some_and(|f| f != "json");
-    match (rest.as_slice(), method) {
-        (["insights"], &Method::GET) if !csv && query.get("basic") != Some("true") => Route::InsightList { project },
-        (["insights", id], m) => match parse_id(id) {
+    match (rest, method) {
+        ((Some("insights"), None, _), &Method::GET) if !csv && query.get("basic") != Some("true") => {
+            Route::InsightList { project }
+        }
+        ((Some("insights"), Some(id), None), m) => match parse_id(id) {
             Id::Valid(insight) if m == Method::GET && !csv => Route::InsightRetrieve { project, insight },
             Id::Valid(insight) if m == Method::PATCH || m == Method::PUT || m == Method::POST => {
                 Route::InsightWrite { project, insight }
@@ -53,7 +56,9 @@ pub fn route(method: &Method, path: &str, query: &QueryParams) -> Route {
             Id::TooLarge => Route::Reject(ApiError::not_found()),
             _ => Route::Passthrough,
         },
-        (["query", id], &Method::GET) if !id.is_empty() => Route::QueryStatus { project, query_id: id.to_string() },
+        ((Some("query"), Some(id), None), &Method::GET) if !id.is_empty() => {
+            Route::QueryStatus { project, query_id: id.to_string() }
+        }
         _ => Route::Passthrough,
     }
 }
@@ -115,6 +120,12 @@ mod tests {
             Route::QueryStatus { project: 3, query_id: "abc".into() }
         );
         assert_eq!(r(Method::GET, "/healthz", ""), Route::Passthrough);
+        assert_eq!(
+            r(Method::GET, "/api/projects/1/query/abc/", ""),
+            Route::QueryStatus { project: 1, query_id: "abc".into() }
+        );
+        assert_eq!(r(Method::GET, "/api/projects/1/query/abc/def/", ""), Route::Passthrough);
+        assert_eq!(r(Method::GET, "/api/projects/1/", ""), Route::Passthrough);
     }
 
     #[test]

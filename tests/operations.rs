@@ -141,3 +141,73 @@ fn json_logs_carry_one_line_per_request_and_no_credential() {
     assert_eq!(v["fields"]["mode"], "blocking");
     assert_eq!(v["fields"]["status"], 200);
 }
+
+/// Runs the binary with JSON logs and `log_section` as its `[log]` config, sends `paths` one after
+/// another with the demo credential, stops it with SIGTERM, and returns the request log lines it
+/// wrote (all of them: the process has exited).
+fn request_log_lines(log_section: &str, paths: &[&str]) -> Vec<serde_json::Value> {
+    use std::io::Read;
+    let port = insights_proxy::server::free_port();
+    let dir = std::env::temp_dir().join(format!("ipx-access-log-{}-{port}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("config.toml");
+    std::fs::write(
+        &config,
+        format!("[server]\ngrace_period_ms = 0\nshutdown_timeout_ms = 1000\n[log]\n{log_section}\n"),
+    )
+    .unwrap();
+    let mut child = ChildGuard(
+        std::process::Command::new(env!("CARGO_BIN_EXE_insights-proxy"))
+            .args(["--config", config.to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--admin-listen", "off", "--log-format", "json"])
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut stdout = child.0.stdout.take().unwrap();
+    // Read on a thread, so a process that never exits fails the test instead of hanging it.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut out = String::new();
+        let _ = stdout.read_to_string(&mut out);
+        let _ = tx.send(out);
+    });
+    wait_for_port(port);
+    for path in paths {
+        let r = http(port, "GET", path, &[("Authorization", "Bearer phx_demo_all")], None);
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+    }
+    let pid = child.0.id().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let out = rx.recv_timeout(std::time::Duration::from_secs(60)).expect("the proxy exits after SIGTERM");
+    let _ = std::fs::remove_dir_all(&dir);
+    out.lines()
+        .filter(|l| l.starts_with('{'))
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["fields"]["message"] == "request")
+        .collect()
+}
+
+#[test]
+fn access_log_lines_per_setting() {
+    let miss = "/api/environments/1/insights/2/?refresh=blocking";
+    let hit = "/api/environments/1/insights/2/";
+    let other = "/api/environments/1/insights/3/?refresh=blocking";
+    let caches = |lines: &[serde_json::Value]| -> Vec<String> {
+        lines.iter().map(|v| v["fields"]["cache"].as_str().unwrap_or("").to_string()).collect()
+    };
+    // The default: every request that was not answered from the cache, and no hit.
+    let lines = request_log_lines("", &[miss, hit, hit, other]);
+    assert_eq!(lines.len(), 2, "{:?}", caches(&lines));
+    assert!(caches(&lines).iter().all(|c| c.contains("fwd=miss")), "{:?}", caches(&lines));
+    // "all": one line per request, hits included.
+    let lines = request_log_lines("access = \"all\"", &[miss, hit, hit, other]);
+    assert_eq!(lines.len(), 4, "{:?}", caches(&lines));
+    assert_eq!(caches(&lines).iter().filter(|c| c.contains("; hit")).count(), 2, "{:?}", caches(&lines));
+    assert!(lines.iter().all(|v| v["fields"]["route"] == "insight" && v["fields"]["status"] == 200));
+    // "none": no request lines at all.
+    let lines = request_log_lines("access = \"none\"", &[miss, hit, other]);
+    assert!(lines.is_empty(), "{:?}", caches(&lines));
+}

@@ -1,7 +1,8 @@
 //! A cached insight: its body pre-rendered once, plus the facts staleness needs.
 //!
 //! The per-response fields (`is_cached`, `query_status`) are cut out of the stored body and spliced
-//! in front of it on every answer, so a hit never parses or re-serialises JSON.
+//! in front of it, so an answer never parses or re-serialises JSON. The common answer (a hit with no
+//! `query_status`) is kept rendered: serving it is a reference-count increment, not a copy.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
@@ -12,10 +13,16 @@ use time::OffsetDateTime;
 use crate::clock::parse_datetime;
 use crate::refresh::{Interval, StaleInfo};
 
+/// The start of the kept rendering: a hit with no status.
+const HIT_PREFIX: &[u8] = b"{\"is_cached\":true,\"query_status\":null";
+
 #[derive(Debug)]
 pub struct Entry {
-    /// The insight object without `is_cached` and `query_status`, starting with `{`.
-    body: Bytes,
+    /// `{"is_cached":true,"query_status":null,` + the insight's other fields + `}`: the answer to a
+    /// hit, as it is sent.
+    hit: Bytes,
+    /// Where the insight's own fields start in `hit` (they run to its end, closing brace included).
+    fields_at: usize,
     pub stale: StaleInfo,
     /// The cache epoch at which the calculation that produced this entry started (see `Epochs`).
     pub epoch: u64,
@@ -105,10 +112,9 @@ impl Entry {
         let group = group_of(map.get("filters_hash"));
         map.remove("is_cached");
         map.remove("query_status");
-        let mut body = serde_json::to_vec(&map).expect("a JSON map serialises");
-        // The serialiser's spare capacity would be cached with every body (up to 2x the bytes).
-        body.shrink_to_fit();
-        let body = Bytes::from(body);
+        // with_group copies it into an allocation of the exact size (the serialiser's spare
+        // capacity would otherwise be cached with every body: up to 2x the bytes).
+        let body = Bytes::from(serde_json::to_vec(&map).expect("a JSON map serialises"));
         Ok(Entry::with_group(body, StaleInfo { last_refresh, interval, date_to }, epoch, 0, group))
     }
 
@@ -122,9 +128,19 @@ impl Entry {
         Entry::with_group(body, stale, epoch, started_ms, group)
     }
 
+    /// `body` is the insight object without `is_cached` and `query_status`, starting with `{`.
     fn with_group(body: Bytes, stale: StaleInfo, epoch: u64, started_ms: i64, group: u128) -> Entry {
+        let tail = body.get(1..).unwrap_or_default();
+        let mut hit = Vec::with_capacity(HIT_PREFIX.len() + 1 + tail.len());
+        hit.extend_from_slice(HIT_PREFIX);
+        if tail.len() > 1 {
+            hit.push(b',');
+        }
+        let fields_at = hit.len();
+        hit.extend_from_slice(tail);
         Entry {
-            body,
+            hit: Bytes::from(hit),
+            fields_at,
             stale,
             epoch,
             started_ms,
@@ -147,46 +163,58 @@ impl Entry {
     /// key: the calculation's fields from `fresh`, everything else (tile colour, layouts, the
     /// insight's own fields) from `self`. `None` if either body is not a JSON object.
     pub fn adopt(&self, fresh: &Entry) -> Option<Entry> {
-        let Ok(Value::Object(mut own)) = serde_json::from_slice::<Value>(&self.body) else { return None };
-        let Ok(Value::Object(theirs)) = serde_json::from_slice::<Value>(&fresh.body) else { return None };
+        let Ok(Value::Object(mut own)) = serde_json::from_slice::<Value>(&self.body()) else { return None };
+        let Ok(Value::Object(theirs)) = serde_json::from_slice::<Value>(&fresh.body()) else { return None };
         for field in RESULT_FIELDS {
             match theirs.get(field) {
                 Some(v) => own.insert(field.into(), v.clone()),
                 None => own.remove(field),
             };
         }
-        let mut body = serde_json::to_vec(&own).ok()?;
-        body.shrink_to_fit();
+        let body = serde_json::to_vec(&own).ok()?;
         let mut e = Entry::with_group(Bytes::from(body), fresh.stale, fresh.epoch, fresh.started_ms, fresh.group);
         e.confirmed_ms = self.confirmed_ms;
         Some(e)
     }
 
-    /// The stored body (without the per-response fields).
-    pub fn body(&self) -> &Bytes {
-        &self.body
+    /// The insight's fields after `{`, closing brace included.
+    fn fields(&self) -> &[u8] {
+        &self.hit[self.fields_at..]
+    }
+
+    /// The stored body without the per-response fields (`{` + the insight's fields), assembled.
+    pub fn body(&self) -> Bytes {
+        let fields = self.fields();
+        let mut out = BytesMut::with_capacity(1 + fields.len());
+        out.put_u8(b'{');
+        out.put_slice(fields);
+        out.freeze()
     }
 
     /// The answer body: `{"is_cached":..,"query_status":..,` + the stored fields.
     pub fn render(&self, is_cached: bool, query_status: Option<&[u8]>) -> Bytes {
+        if is_cached && query_status.is_none() {
+            return self.hit.clone();
+        }
         let qs = query_status.unwrap_or(b"null");
-        let mut out = BytesMut::with_capacity(self.body.len() + qs.len() + 40);
+        let fields = self.fields();
+        let mut out = BytesMut::with_capacity(fields.len() + qs.len() + 40);
         out.put_slice(if is_cached {
             b"{\"is_cached\":true,\"query_status\":"
         } else {
             b"{\"is_cached\":false,\"query_status\":"
         });
         out.put_slice(qs);
-        if self.body.len() > 2 {
+        if fields.len() > 1 {
             out.put_u8(b',');
         }
-        out.put_slice(&self.body[1..]);
+        out.put_slice(fields);
         out.freeze()
     }
 
     /// The stored body as a JSON value (for list pages and status results, not the hit path).
     pub fn to_value(&self, is_cached: bool) -> Value {
-        let mut v: Value = serde_json::from_slice(&self.body).unwrap_or(Value::Null);
+        let mut v: Value = serde_json::from_slice(&self.body()).unwrap_or(Value::Null);
         if let Value::Object(m) = &mut v {
             m.insert("is_cached".into(), Value::Bool(is_cached));
             m.insert("query_status".into(), Value::Null);
@@ -211,7 +239,7 @@ impl Entry {
 
     /// Bytes this entry holds, for the cache's weigher.
     pub fn weight(&self) -> usize {
-        self.body.len() + std::mem::size_of::<Entry>()
+        self.hit.len() + std::mem::size_of::<Entry>()
     }
 
     pub fn last_refresh(&self) -> OffsetDateTime {
@@ -283,6 +311,22 @@ mod tests {
         let out: Value = serde_json::from_slice(&e.render(false, None)).unwrap();
         assert_eq!(out["is_cached"], json!(false));
         assert_eq!(out["query_status"], Value::Null);
+        let out: Value = serde_json::from_slice(&e.render(true, None)).unwrap();
+        assert_eq!(out["is_cached"], json!(true));
+        assert_eq!(out["query_status"], Value::Null);
+        assert_eq!(out["result"], json!([1]));
+        let stored: Value = serde_json::from_slice(&e.body()).unwrap();
+        assert!(stored.get("is_cached").is_none() && stored.get("query_status").is_none());
+        assert_eq!(stored["result"], json!([1]));
+    }
+
+    #[test]
+    fn an_empty_object_renders_valid_json() {
+        let stale = StaleInfo { last_refresh: OffsetDateTime::UNIX_EPOCH, interval: Interval::Day, date_to: None };
+        let e = Entry::from_parts(Bytes::from_static(b"{}"), stale, 1, 0);
+        assert_eq!(&e.render(true, None)[..], b"{\"is_cached\":true,\"query_status\":null}");
+        assert_eq!(&e.render(false, Some(b"{}"))[..], b"{\"is_cached\":false,\"query_status\":{}}");
+        assert_eq!(&e.body()[..], b"{}");
     }
 
     #[test]
@@ -335,7 +379,7 @@ mod tests {
         assert_eq!(own.group, fresh.group);
         assert_ne!(own.group, 0);
         let e = own.adopt(&fresh).unwrap();
-        let v: Value = serde_json::from_slice(e.body()).unwrap();
+        let v: Value = serde_json::from_slice(&e.body()).unwrap();
         assert_eq!(v["color"], json!("blue"));
         assert_eq!(v["layouts"], json!({"sm": 1}));
         assert_eq!(v["result"], json!([2]));

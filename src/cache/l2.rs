@@ -316,7 +316,8 @@ impl L2 {
 
 fn encode(entry: &Entry) -> Vec<u8> {
     let s = &entry.stale;
-    let mut out = Vec::with_capacity(entry.body().len() + 64);
+    let body = entry.body();
+    let mut out = Vec::with_capacity(body.len() + 64);
     out.extend_from_slice(FORMAT);
     out.extend_from_slice(&s.last_refresh.unix_timestamp_nanos().to_le_bytes());
     out.push(Interval::ALL.iter().position(|i| *i == s.interval).unwrap_or(1) as u8);
@@ -331,7 +332,7 @@ fn encode(entry: &Entry) -> Vec<u8> {
         }
     }
     out.extend_from_slice(&entry.started_ms.to_le_bytes());
-    out.extend_from_slice(entry.body());
+    out.extend_from_slice(&body);
     out
 }
 
