@@ -516,13 +516,6 @@ impl ProxyHttp for InsightsProxy {
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
-        // A request that shared another's calculation was woken together with all its other waiters
-        // (a herd: hundreds at once on one thread). Let them write their answers before this one does
-        // its bookkeeping (metrics, log line, then pingora's keep-alive read), so the last waiter is
-        // answered after the others' writes only, not after their bookkeeping too.
-        if ctx.cache_status.as_deref().is_some_and(|c| c.ends_with("; collapsed")) {
-            tokio::task::yield_now().await;
-        }
         let elapsed = ctx.started.elapsed().as_secs_f64();
         let label = crate::metrics::cache_label(ctx.cache_status.as_deref().unwrap_or(""));
         self.app.metrics.observe_request(ctx.route, ctx.mode.unwrap_or("-"), label, elapsed);
