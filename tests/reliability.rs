@@ -688,7 +688,9 @@ fn async_flood() -> (Harness, f64, f64) {
     );
     assert!(overflow > 0, "a queue of {QUEUE} must overflow under {REQUESTS} requests");
     assert!(overflow < REQUESTS as usize, "some work must have been accepted");
-    assert!(slowest < Duration::from_secs(5), "an async answer took {slowest:?}");
+    // Not a speed check (benches/flood.py measures that): an async answer must never wait on the
+    // queued work, which takes far longer than this under the flood.
+    assert!(slowest < Duration::from_secs(30), "an async answer took {slowest:?}");
     assert!(max[0] <= QUEUE as f64, "queue depth reached {}", max[0]);
     assert!(max[1] <= RECORDS as f64, "running statuses reached {}", max[1]);
     assert!(max[2] <= STATUS_BYTES as f64, "completed statuses reached {} bytes", max[2]);
