@@ -688,8 +688,7 @@ fn async_flood() -> (Harness, f64, f64) {
     );
     assert!(overflow > 0, "a queue of {QUEUE} must overflow under {REQUESTS} requests");
     assert!(overflow < REQUESTS as usize, "some work must have been accepted");
-    // Not a speed check (benches/flood.py measures that): an async answer must never wait on the
-    // queued work, which takes far longer than this under the flood.
+    // A hang check, not a speed check (benches/flood.py measures latency under a full-size flood).
     assert!(slowest < Duration::from_secs(30), "an async answer took {slowest:?}");
     assert!(max[0] <= QUEUE as f64, "queue depth reached {}", max[0]);
     assert!(max[1] <= RECORDS as f64, "running statuses reached {}", max[1]);
