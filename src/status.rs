@@ -173,13 +173,18 @@ impl StatusRegistry {
         now: OffsetDateTime,
         message: &str,
     ) -> QueryStatus {
-        let mut status = self.blank(id.clone(), team_id, insight_id, dashboard_id, now);
+        let mut status = self.blank(id, team_id, insight_id, dashboard_id, now);
         complete(&mut status, now, Err(message.to_string()));
-        let mut running = self.running.lock();
-        self.done
-            .insert(id.clone(), Arc::new(Record { owner, status: status.clone(), expires: Instant::now() + self.ttl }));
-        running.remove(&id);
+        self.settle(&mut self.running.lock(), owner, status.clone());
         status
+    }
+
+    /// Stores a completed status. Visible as done before it stops being visible as running: a
+    /// poll never falls between.
+    fn settle(&self, running: &mut HashMap<String, Record>, owner: Partition, status: QueryStatus) {
+        let id = status.id.clone();
+        self.done.insert(id.clone(), Arc::new(Record { owner, status, expires: Instant::now() + self.ttl }));
+        running.remove(&id);
     }
 
     /// The record, if it exists, has not expired and belongs to `owner`.
@@ -211,13 +216,10 @@ impl StatusRegistry {
     pub fn finish(&self, id: &str, now: OffsetDateTime, outcome: Result<Value, String>) -> Option<QueryStatus> {
         let mut running = self.running.lock();
         let r = running.get(id)?;
-        let mut status = r.status.clone();
+        let (owner, mut status) = (r.owner, r.status.clone());
         complete(&mut status, now, outcome);
         status.expiration_time = self.expiration(now);
-        let done = Record { owner: r.owner, status: status.clone(), expires: Instant::now() + self.ttl };
-        // Visible as done before it stops being visible as running: a poll never falls between.
-        self.done.insert(id.to_string(), Arc::new(done));
-        running.remove(id);
+        self.settle(&mut running, owner, status.clone());
         Some(status)
     }
 
