@@ -97,7 +97,14 @@ pub fn build_with(config: Config, clock: Clock, upgrade: bool) -> Result<Built, 
         UpstreamTarget::Simulated { listen } => {
             let mut addr = check_bind(listen)?;
             if addr.port() == 0 || listen.ends_with(":0") {
-                addr.set_port(free_port());
+                // Not yet bound, so a free port could be one of the proxy's own: skip those.
+                let own: Vec<u16> = [Some(config.listen.as_str()), config.admin_listen.as_deref()]
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|a| a.parse::<SocketAddr>().ok().map(|a| a.port()))
+                    .collect();
+                let port = std::iter::repeat_with(free_port).find(|p| !own.contains(p)).expect("a free port");
+                addr.set_port(port);
             }
             let sim_cfg = SimConfig {
                 calc_delay: config.sim_calc_delay,
