@@ -364,7 +364,8 @@ impl App {
         };
         let deadline = tokio::time::Instant::now() + wait;
         // The rate token first: a slot is never held while waiting for rate.
-        if self.budget.rate_token(&spec.credential, spec.key.partition, wait).await.is_err() {
+        let forced = reason == "forced";
+        if self.budget.rate_token(&spec.credential, spec.key.partition, wait, forced).await.is_err() {
             return Outcome::Failed(Failure::Budget);
         }
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -479,7 +480,8 @@ impl App {
                         return Outcome::Relay(Arc::new(UpstreamResponse { status: 200, content_type, body }));
                     }
                     // A read never waits for budget: a miss answers at once, as upstream would.
-                    if app.budget.rate_token(&spec.credential, spec.key.partition, Duration::ZERO).await.is_err() {
+                    if app.budget.rate_token(&spec.credential, spec.key.partition, Duration::ZERO, false).await.is_err()
+                    {
                         return Outcome::Failed(Failure::Budget);
                     }
                     app.metrics.upstream_reads.with_label_values(&[reason]).inc();

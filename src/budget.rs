@@ -4,6 +4,11 @@
 //!
 //! Calculation slots are handed out by priority: a client waiting on a blocking answer, then async
 //! work a client asked for, then refresh-ahead. A released slot goes straight to the next waiter.
+//!
+//! A forced recalculation (`force_blocking`) never takes the last `forced_reserve` share of a key's
+//! rate. The client already has an answer it could be given, whereas misses, stale entries and
+//! refresh-ahead keep every reader's tiles fresh: without the reserve, a steady 2 % of forced reads
+//! spent the whole hourly rate and refresh-ahead never ran.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -113,12 +118,13 @@ impl Budget {
     }
 
     /// One upstream call's worth of rate for a personal API key, waiting at most `wait`. Session
-    /// credentials are exempt, as upstream exempts them.
+    /// credentials are exempt, as upstream exempts them. A `forced` call leaves the reserve alone.
     pub async fn rate_token(
         &self,
         credential: &Credential,
         partition: Partition,
         wait: Duration,
+        forced: bool,
     ) -> Result<(), Exhausted> {
         let is_api_key = credential.api_key_param.is_some() || credential.authorization.is_some();
         let windows: Vec<(u32, Duration)> = [
@@ -132,9 +138,10 @@ impl Budget {
             return Ok(());
         }
         let rate = self.rates.get_with(partition, || Arc::new(Mutex::new(Rate::new(&windows))));
+        let reserve = if forced { f64::from(self.settings.forced_reserve_percent) / 100.0 } else { 0.0 };
         let deadline = Instant::now() + wait;
         loop {
-            let retry_in = rate.lock().take(Instant::now());
+            let retry_in = rate.lock().take(Instant::now(), reserve);
             match retry_in {
                 None => return Ok(()),
                 Some(d) if Instant::now() + d <= deadline => tokio::time::sleep(d).await,
@@ -178,14 +185,16 @@ impl Rate {
         Self { buckets }
     }
 
-    /// Takes a token from every bucket, or says how long until that is possible.
-    fn take(&mut self, now: Instant) -> Option<Duration> {
+    /// Takes a token from every bucket while leaving `reserve` (a share of its capacity) in it, or
+    /// says how long until that is possible.
+    fn take(&mut self, now: Instant, reserve: f64) -> Option<Duration> {
         let mut wait = Duration::ZERO;
         for b in &mut self.buckets {
             b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * b.per_second).min(b.capacity);
             b.at = now;
-            if b.tokens < 1.0 {
-                let secs = if b.per_second > 0.0 { (1.0 - b.tokens) / b.per_second } else { f64::INFINITY };
+            let need = 1.0 + reserve * b.capacity;
+            if b.tokens < need {
+                let secs = if b.per_second > 0.0 { (need - b.tokens) / b.per_second } else { f64::INFINITY };
                 wait = wait.max(Duration::from_secs_f64(secs.min(86_400.0)));
             }
         }
@@ -209,6 +218,7 @@ mod tests {
             per_minute: Some(8),
             per_hour: None,
             wait: Duration::from_secs(1),
+            forced_reserve_percent: 50,
         }
     }
 
@@ -245,7 +255,7 @@ mod tests {
         let mut taken = Vec::new();
         let mut now = start;
         while now < start + Duration::from_secs(600) {
-            match r.take(now) {
+            match r.take(now, 0.0) {
                 None => taken.push(now),
                 Some(d) => now += d.max(Duration::from_millis(1)),
             }
@@ -262,13 +272,58 @@ mod tests {
         let b = Budget::new(settings(1));
         let session = Credential { session_cookie: Some("s".into()), ..Default::default() };
         for _ in 0..50 {
-            b.rate_token(&session, Partition([1; 16]), Duration::ZERO).await.unwrap();
+            b.rate_token(&session, Partition([1; 16]), Duration::ZERO, true).await.unwrap();
         }
         let key = Credential { authorization: Some("Bearer k".into()), ..Default::default() };
         let mut ok = 0;
-        while b.rate_token(&key, Partition([2; 16]), Duration::ZERO).await.is_ok() {
+        while b.rate_token(&key, Partition([2; 16]), Duration::ZERO, false).await.is_ok() {
             ok += 1;
         }
         assert_eq!(ok, 2, "capacity is a quarter of the per-minute limit");
+    }
+
+    #[tokio::test]
+    async fn forced_calls_leave_the_reserve_to_the_others() {
+        // 40/min: capacity 10, refill 0.5/s; half of it reserved from forced calls.
+        let b = Budget::new(BudgetSettings { per_minute: Some(40), ..settings(1) });
+        let key = Credential { authorization: Some("Bearer k".into()), ..Default::default() };
+        let p = Partition([3; 16]);
+        let mut forced = 0;
+        while b.rate_token(&key, p, Duration::ZERO, true).await.is_ok() {
+            forced += 1;
+        }
+        assert_eq!(forced, 5, "forced calls stop at the reserve");
+        let mut others = 0;
+        while b.rate_token(&key, p, Duration::ZERO, false).await.is_ok() {
+            others += 1;
+        }
+        assert_eq!(others, 5, "the reserve is there for everything else");
+    }
+
+    #[test]
+    fn refills_go_to_the_reserve_before_forced_calls() {
+        // A forced caller and a normal one both take whenever allowed: the normal one's demand
+        // (one call every 4 s, below the 0.5/s refill) is always met; forced gets the rest.
+        let start = Instant::now();
+        let mut r = Rate::new(&[(40, Duration::from_secs(60))]);
+        let (mut forced, mut others, mut refused) = (0, 0, 0);
+        let mut now = start;
+        let mut next_other = start;
+        while now < start + Duration::from_secs(600) {
+            if now >= next_other {
+                match r.take(now, 0.0) {
+                    None => others += 1,
+                    Some(_) => refused += 1,
+                }
+                next_other += Duration::from_secs(4);
+            }
+            if r.take(now, 0.5).is_none() {
+                forced += 1;
+            }
+            now += Duration::from_millis(100);
+        }
+        assert_eq!(refused, 0, "a normal call was refused while forced calls were served");
+        assert_eq!(others, 150);
+        assert!(forced >= 140, "forced calls get what is left: {forced}");
     }
 }

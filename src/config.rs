@@ -188,11 +188,12 @@ pub struct BudgetSection {
     pub per_minute: u32,
     pub per_hour: u32,
     pub wait_ms: u64,
+    pub forced_reserve_percent: u8,
 }
 
 impl Default for BudgetSection {
     fn default() -> Self {
-        Self { project_concurrency: 3, per_minute: 240, per_hour: 1200, wait_ms: 10_000 }
+        Self { project_concurrency: 3, per_minute: 240, per_hour: 1200, wait_ms: 10_000, forced_reserve_percent: 25 }
     }
 }
 
@@ -387,6 +388,8 @@ pub struct BudgetSettings {
     pub per_hour: Option<u32>,
     /// How long a blocking request waits for budget.
     pub wait: Duration,
+    /// Share of each key's rate that forced recalculations may not use, in percent (0–90).
+    pub forced_reserve_percent: u8,
 }
 
 /// The shared second tier (Redis/Valkey).
@@ -614,6 +617,9 @@ impl Config {
         if file.budget.project_concurrency == 0 {
             bad("budget.project_concurrency", "must be at least 1".into());
         }
+        if file.budget.forced_reserve_percent > 90 {
+            bad("budget.forced_reserve_percent", "must be at most 90".into());
+        }
         if !(1..=95).contains(&file.refresh_ahead.start_percent) {
             bad("refresh_ahead.start_percent", "must be between 1 and 95".into());
         }
@@ -688,6 +694,7 @@ impl Config {
                 per_minute: (file.budget.per_minute > 0).then_some(file.budget.per_minute),
                 per_hour: (file.budget.per_hour > 0).then_some(file.budget.per_hour),
                 wait: Duration::from_millis(file.budget.wait_ms),
+                forced_reserve_percent: file.budget.forced_reserve_percent,
             },
             refresh_ahead: RefreshAheadSettings {
                 enabled: file.refresh_ahead.enabled,

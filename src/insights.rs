@@ -480,7 +480,7 @@ pub async fn list(app: &Arc<App>, call: ListCall) -> Reply {
     let (body, page_status) = match cached_page {
         Some(body) => (body, format!("{CACHE_NAME}; hit; detail=list-page")),
         None => {
-            if app.budget.rate_token(&call.credential, partition, app.budget.settings().wait).await.is_err() {
+            if app.budget.rate_token(&call.credential, partition, app.budget.settings().wait, false).await.is_err() {
                 let f = Failure::Budget;
                 return Reply::error(&f.to_api_error(), format!("{bypass}; detail=budget"));
             }
