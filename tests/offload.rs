@@ -99,6 +99,36 @@ fn the_per_key_rate_is_never_exceeded() {
 }
 
 #[test]
+fn forced_recalculations_leave_the_reserve_to_misses() {
+    let h = Harness::with(|c, _| {
+        c.budget.per_minute = Some(40); // a burst of 10, then 0.5 per second
+        c.budget.wait = Duration::ZERO;
+        c.budget.forced_reserve_percent = 50;
+    });
+    let ids = project1_ids(&h);
+    let forced_url = format!("/api/environments/1/insights/{}/?refresh=force_blocking", ids[0]);
+    h.get(&format!("/api/environments/1/insights/{}/?refresh=blocking", ids[0]), ALL);
+    let mut from_cache = 0;
+    for _ in 0..10 {
+        let r = h.get(&forced_url, ALL);
+        assert_eq!(r.status, 200);
+        if r.cache_status().contains("detail=budget") {
+            from_cache += 1;
+        }
+    }
+    // 9 tokens were left; forced calls stop when 5 (half the burst) would remain.
+    let forced = h.calcs(1, ids[0]) - 1;
+    assert!((4..=5).contains(&forced), "{forced} forced calculations");
+    assert_eq!(from_cache, 10 - forced, "the rest got the cached entry");
+    for id in &ids[1..3] {
+        let r = h.get(&format!("/api/environments/1/insights/{id}/?refresh=blocking"), ALL);
+        let v = r.json();
+        assert!(v["query_status"].is_null() && !v["result"].is_null(), "a miss still calculates: {v}");
+        assert_eq!(h.calcs(1, *id), 1);
+    }
+}
+
+#[test]
 fn hot_entries_are_recalculated_before_they_go_stale() {
     let h = Harness::start();
     let (id, url) = h.day_insight(); // stale after 6 h
