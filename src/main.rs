@@ -92,9 +92,15 @@ fn load(cli: &Cli) -> Result<Config, ConfigError> {
     Config::from_file_config(file, &overrides)
 }
 
+/// pingora's connection pool logs "failed to acquire reusable stream" at ERROR when its idle watcher
+/// still holds a pooled upstream connection; it then opens a new one, so nothing failed. That module
+/// is silenced by default (its submodules, which report real connect errors, are not).
+const DEFAULT_LOG_FILTER: &str = "info,pingora_core=warn,pingora_proxy=warn,pingora_core::connectors=off,\
+     pingora_core::connectors::l4=warn,pingora_core::connectors::http=warn,pingora_core::connectors::tls=warn";
+
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,pingora_core=warn,pingora_proxy=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     match format {
         LogFormat::Json => builder.json().init(),
@@ -173,4 +179,14 @@ fn run_simulator(args: &SimulateArgs) -> ExitCode {
         "Simulated PostHog insights backend on http://{listen} (credentials: phx_demo_all, phx_demo_p1, phx_demo_p2)"
     );
     srv.run_forever()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_default_log_filter_parses() {
+        let filter = tracing_subscriber::EnvFilter::try_new(super::DEFAULT_LOG_FILTER).unwrap();
+        let shown = filter.to_string();
+        assert!(shown.contains("pingora_core::connectors=off") && shown.contains("pingora_core::connectors::l4=warn"));
+    }
 }
