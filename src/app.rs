@@ -373,6 +373,7 @@ impl App {
             return Outcome::Failed(Failure::Budget);
         };
         let _permit = self.calc_permits.acquire().await;
+        crate::flights::mark_underway();
         if let Some(done) = self.superseded(spec, ahead_of).await {
             return done;
         }
@@ -448,6 +449,8 @@ impl App {
                     return Some(outcome);
                 }
                 Lease::Held => {
+                    // Another replica holds the calculation; its budget wait is its own.
+                    crate::flights::mark_underway();
                     l2.wait_done(&spec.key, l2.settings().wait_poll).await;
                     let epoch = self.cache.begin();
                     if let Some(e) = l2.get(&spec.key, epoch).await {

@@ -17,10 +17,42 @@ pub struct Flight<V> {
     value: OnceLock<V>,
     /// Set when the work ended without a value (its task panicked or was cancelled).
     abandoned: AtomicBool,
-    notify: Notify,
+    /// Set by the work (see [`mark_underway`]) once it stopped queueing, e.g. for budget.
+    underway: Arc<AtomicBool>,
+    notify: Arc<Notify>,
+}
+
+tokio::task_local! {
+    static UNDERWAY: (Arc<AtomicBool>, Arc<Notify>);
+}
+
+/// Called from inside a flight's work when it stops waiting its turn and starts the real work, so
+/// joiners can tell "queued" from "running" ([`Flight::underway`]). Outside a flight: no-op.
+pub fn mark_underway() {
+    let _ = UNDERWAY.try_with(|(flag, notify)| {
+        if !flag.swap(true, Ordering::AcqRel) {
+            notify.notify_waiters();
+        }
+    });
 }
 
 impl<V: Clone> Flight<V> {
+    /// Returns once the work is underway or over (whichever comes first).
+    pub async fn underway(&self) {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.underway.load(Ordering::Acquire)
+                || self.value.get().is_some()
+                || self.abandoned.load(Ordering::Acquire)
+            {
+                return;
+            }
+            notified.await;
+        }
+    }
+
     /// The work's value; `None` if the work was abandoned.
     pub async fn wait(&self) -> Option<V> {
         loop {
@@ -99,15 +131,20 @@ where
             if let Some(f) = map.get(&key) {
                 return (f.clone(), false);
             }
-            let f =
-                Arc::new(Flight { value: OnceLock::new(), abandoned: AtomicBool::new(false), notify: Notify::new() });
+            let f = Arc::new(Flight {
+                value: OnceLock::new(),
+                abandoned: AtomicBool::new(false),
+                underway: Arc::new(AtomicBool::new(false)),
+                notify: Arc::new(Notify::new()),
+            });
             map.insert(key.clone(), f.clone());
             f
         };
         let fut = work();
         let landing = Landing { running: self.running.clone(), key, flight: flight.clone() };
+        let marker = (flight.underway.clone(), flight.notify.clone());
         tokio::spawn(async move {
-            let v = fut.await;
+            let v = UNDERWAY.scope(marker, fut).await;
             let _ = landing.flight.value.set(v);
             drop(landing);
         });
@@ -147,6 +184,23 @@ mod tests {
         }
         assert_eq!(runs.load(Ordering::SeqCst), 1);
         assert!(flights.is_empty());
+    }
+
+    #[tokio::test]
+    async fn joiners_see_when_queued_work_gets_underway() {
+        let flights: Flights<u32, u64> = Flights::default();
+        let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+        let (f, _) = flights.join_or_start(1, || async move {
+            go_rx.await.unwrap(); // "waiting for budget"
+            mark_underway();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            5
+        });
+        assert!(tokio::time::timeout(Duration::from_millis(50), f.underway()).await.is_err(), "still queued");
+        go_tx.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), f.underway()).await.expect("underway");
+        assert_eq!(f.wait().await, Some(5));
+        mark_underway(); // outside a flight: nothing happens
     }
 
     #[tokio::test]

@@ -158,17 +158,10 @@ async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, mode: RefreshMode, peeked:
                     "request" => "forced",
                     other => other,
                 };
-                // Bounded even when joining someone else's calculation (e.g. background work
-                // still waiting for budget).
-                let patience = app.budget.settings().wait + app.config.connect_timeout + app.config.read_timeout;
                 let mut flight_key = flight_key;
                 let (outcome, started) = loop {
                     let (flight, started) = app.calculation(spec, flight_key, refresh, reason, None);
-                    let outcome = match tokio::time::timeout(patience, flight.wait()).await {
-                        Ok(Some(o)) => o,
-                        Ok(None) => Outcome::Failed(Failure::Upstream(crate::upstream::UpstreamError::Broken)),
-                        Err(_) => Outcome::Failed(Failure::Upstream(crate::upstream::UpstreamError::Timeout)),
-                    };
+                    let outcome = wait_as_client(app, &flight).await;
                     // A flight another variant of the group started stored its own body: take
                     // the result into this variant's, or calculate under the variant's own key
                     // if the other's upstream key changed meanwhile.
@@ -445,6 +438,20 @@ fn overlay_miss(body: &[u8], query_status: Option<&[u8]>, force_async: bool) -> 
     m.insert("is_cached".into(), Value::Bool(false));
     m.insert("query_status".into(), qs);
     Bytes::from(Value::Object(m).to_string())
+}
+
+/// A client's wait on a calculation it started or joined: like a blocking request's own budget
+/// wait, at most `budget.wait_ms` for the work to get underway (joined background work may still
+/// be queued behind other work), then the upstream's time.
+async fn wait_as_client(app: &App, flight: &crate::flights::Flight<Outcome>) -> Outcome {
+    if tokio::time::timeout(app.budget.settings().wait, flight.underway()).await.is_err() {
+        return Outcome::Failed(Failure::Budget);
+    }
+    match tokio::time::timeout(app.config.connect_timeout + app.config.read_timeout, flight.wait()).await {
+        Ok(Some(o)) => o,
+        Ok(None) => Outcome::Failed(Failure::Upstream(crate::upstream::UpstreamError::Broken)),
+        Err(_) => Outcome::Failed(Failure::Upstream(crate::upstream::UpstreamError::Timeout)),
+    }
 }
 
 /// One page of `GET /insights/`.

@@ -129,6 +129,40 @@ fn forced_recalculations_leave_the_reserve_to_misses() {
 }
 
 #[test]
+fn a_blocking_request_joining_queued_work_waits_only_the_budget_wait() {
+    let h = Harness::with(|c, sim| {
+        c.budget.project_concurrency = 1;
+        c.budget.wait = Duration::from_millis(300);
+        sim.calc_delay = Duration::from_secs(3);
+    });
+    let ids = project1_ids(&h);
+    let port = h.proxy_port;
+    // Holds the project's only slot for 3 s.
+    let holder = std::thread::spawn(move || {
+        let path = format!("/api/environments/1/insights/{}/?refresh=blocking", ids[0]);
+        http(port, "GET", &path, &[("Authorization", "Bearer phx_demo_all")], None)
+    });
+    eventually("the first calculation runs", || h.sim.total_calculations() == 1);
+    // A cold async read queues background work, which waits behind the running calculation.
+    let url = format!("/api/environments/1/insights/{}/", project1_ids(&h)[1]);
+    let queued = h.get(&format!("{url}?refresh=async"), ALL).json();
+    assert_eq!(queued["query_status"]["complete"], false, "{}", queued["query_status"]);
+    // A blocking reader joins that queued work: it gets the concurrency error after the budget
+    // wait, not the answer 3 s later (before: the queued work's 60 s budget wait plus the upstream's).
+    let joined = h.get(&format!("{url}?refresh=blocking"), ALL);
+    assert_eq!(joined.status, 200);
+    let v = joined.json();
+    assert_eq!(v["query_status"]["error_message"], "concurrency_limit_exceeded", "{}", joined.cache_status());
+    assert!(joined.cache_status().contains("detail=budget"), "{}", joined.cache_status());
+    assert_eq!(holder.join().unwrap().status, 200);
+    // The queued work still runs once, and its result is what the next read gets.
+    eventually("the queued calculation lands", || {
+        !h.get(&format!("{url}?refresh=force_cache"), ALL).json()["result"].is_null()
+    });
+    assert_eq!(h.sim.total_calculations(), 2);
+}
+
+#[test]
 fn hot_entries_are_recalculated_before_they_go_stale() {
     let h = Harness::start();
     let (id, url) = h.day_insight(); // stale after 6 h
