@@ -871,25 +871,3 @@ fn pingora_service_smoke() {
     stop.send(true).unwrap();
     thread.join().unwrap();
 }
-
-#[tokio::test]
-#[ignore]
-async fn perf_probe() {
-    let sim = Simulator::new(config(0), Clock::new());
-    get(&sim, &format!("{}?refresh=blocking", insight(2))).await;
-    let h = headers(Some(ALL));
-    let url = insight(2);
-    let start = std::time::Instant::now();
-    let n = 5000;
-    let mut bytes = 0;
-    for _ in 0..n {
-        bytes += sim.handle("GET", &url, &h, b"").await.body.len();
-    }
-    let el = start.elapsed();
-    println!("retrieve hit: {:.0} req/s, {} bytes each", n as f64 / el.as_secs_f64(), bytes / n);
-    let start = std::time::Instant::now();
-    for _ in 0..200 {
-        sim.handle("GET", "/api/projects/1/insights/", &h, b"").await;
-    }
-    println!("list of 20: {:.0} req/s", 200.0 / start.elapsed().as_secs_f64());
-}
