@@ -8,7 +8,9 @@ use bytes::Bytes;
 use http::header;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
+use pingora::protocols::http::ServerSession;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::ErrorSource;
 use pingora::{Error, ErrorType, Result};
 use serde_json::Value;
 
@@ -51,6 +53,21 @@ pub struct RequestCtx {
     upstream_deadline: Option<Instant>,
 }
 
+impl RequestCtx {
+    pub(crate) fn new() -> RequestCtx {
+        RequestCtx {
+            started: Instant::now(),
+            route: "passthrough",
+            mode: None,
+            cache_status: None,
+            purge_on_success: None,
+            body_bytes: 0,
+            relink: None,
+            upstream_deadline: None,
+        }
+    }
+}
+
 /// Absolute links the upstream builds from its own host (a list's `next`/`previous`) are pointed
 /// back at the proxy, so clients never leave it. Needs the whole body, so it is buffered (bounded).
 #[derive(Debug)]
@@ -83,129 +100,15 @@ impl InsightsProxy {
     fn max_body(&self) -> usize {
         self.app.config.max_body_bytes
     }
-}
 
-/// What the client sent in a JSON body that matters here: `refresh` and `personal_api_key`.
-#[derive(Default)]
-struct BodyFields {
-    refresh: Option<Value>,
-    api_key: Option<String>,
-}
-
-enum BodyError {
-    TooLarge,
-    Malformed,
-    Read,
-}
-
-/// Reads a (small, GET) request body fully, refusing more than `limit` bytes.
-async fn read_body(session: &mut Session, limit: usize) -> std::result::Result<Bytes, BodyError> {
-    let mut buf = Vec::new();
-    loop {
-        match session.read_request_body().await {
-            Ok(Some(chunk)) => {
-                if buf.len() + chunk.len() > limit {
-                    return Err(BodyError::TooLarge);
-                }
-                buf.extend_from_slice(&chunk);
-            }
-            Ok(None) => return Ok(Bytes::from(buf)),
-            Err(_) => return Err(BodyError::Read),
-        }
-    }
-}
-
-fn body_fields(body: &[u8]) -> std::result::Result<BodyFields, BodyError> {
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(BodyFields::default());
-    }
-    match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Object(mut m)) => Ok(BodyFields {
-            refresh: m.remove("refresh"),
-            api_key: m.remove("personal_api_key").and_then(|v| v.as_str().map(str::to_string)),
-        }),
-        Ok(_) => Ok(BodyFields::default()),
-        Err(_) => Err(BodyError::Malformed),
-    }
-}
-
-fn public_base(app: &App, req: &RequestHeader) -> String {
-    if let Some(u) = &app.config.public_url {
-        return u.clone();
-    }
-    let host = req
-        .headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| req.uri.authority().map(|a| a.as_str()))
-        .unwrap_or("localhost");
-    let proto = match req.headers.get("x-forwarded-proto").and_then(|h| h.to_str().ok()) {
-        Some("https") => "https",
-        _ => "http",
-    };
-    format!("{proto}://{host}")
-}
-
-pub async fn write_reply(session: &mut Session, reply: &Reply) -> Result<()> {
-    static CACHE_STATUS: header::HeaderName = header::HeaderName::from_static("cache-status");
-    let invalid = |what: &'static str| Error::explain(ErrorType::InvalidHTTPHeader, what);
-    // Built as plain `http` parts, then handed to pingora: no case map, and the names are not
-    // re-parsed from bytes as `ResponseHeader::insert_header` does (pingora titles the standard
-    // names on the wire either way).
-    let (mut parts, ()) = http::Response::new(()).into_parts();
-    parts.status = http::StatusCode::from_u16(reply.status).map_err(|_| invalid("invalid status"))?;
-    let h = &mut parts.headers;
-    h.reserve(6);
-    let content_type = match reply.content_type.as_deref() {
-        Some(ct) => http::HeaderValue::from_str(ct).map_err(|_| invalid("invalid content-type"))?,
-        None => http::HeaderValue::from_static("application/json"),
-    };
-    h.insert(header::CONTENT_TYPE, content_type);
-    h.insert(header::CONTENT_LENGTH, http::HeaderValue::from(reply.body.len()));
-    let cache_status = http::HeaderValue::from_str(&reply.cache_status).map_err(|_| invalid("invalid cache-status"))?;
-    h.insert(CACHE_STATUS.clone(), cache_status);
-    h.insert(header::VARY, http::HeaderValue::from_static("Authorization, Cookie"));
-    let resp = ResponseHeader::from(parts);
-    // A failed write is the client's doing (it went away): say so, or fail_to_proxy counts it
-    // against the upstream's circuit breaker.
-    session.write_response_header(Box::new(resp), false).await.map_err(|e| e.into_down())?;
-    session.write_response_body(Some(reply.body.clone()), true).await.map_err(|e| e.into_down())?;
-    Ok(())
-}
-
-/// Writes `reply` and keeps its `Cache-Status` for the log and metrics (also when the write fails).
-async fn answer_with(session: &mut Session, ctx: &mut RequestCtx, reply: Reply) -> Result<bool> {
-    let written = write_reply(session, &reply).await;
-    ctx.cache_status = Some(reply.cache_status);
-    written.map(|()| true)
-}
-
-async fn write_error(session: &mut Session, ctx: &mut RequestCtx, e: &ApiError) -> Result<bool> {
-    answer_with(session, ctx, Reply::error(e, format!("{CACHE_NAME}; fwd=bypass; detail=rejected"))).await
-}
-
-#[async_trait]
-impl ProxyHttp for InsightsProxy {
-    type CTX = RequestCtx;
-
-    /// No downstream modules: pingora's default adds a response-compression module (disabled, level
-    /// 0) that is built and consulted on every request for nothing.
-    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
-
-    fn new_ctx(&self) -> RequestCtx {
-        RequestCtx {
-            started: Instant::now(),
-            route: "passthrough",
-            mode: None,
-            cache_status: None,
-            purge_on_success: None,
-            body_bytes: 0,
-            relink: None,
-            upstream_deadline: None,
-        }
-    }
-
-    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+    /// Everything the proxy decides about a request before pingora may forward it: `Ok(true)` when
+    /// it answered (written to `session`), `Ok(false)` when the request goes to the upstream.
+    ///
+    /// `fast`: the caller is [`crate::fast::FastPath`], which can still hand the request to pingora's
+    /// proxy unread and unanswered: then `Ok(false)` is returned before anything the client could
+    /// see (and before a request body is read), and the request is decided again by
+    /// `request_filter` (with `fast` false).
+    pub(crate) async fn serve(&self, session: &mut ServerSession, ctx: &mut RequestCtx, fast: bool) -> Result<bool> {
         // pingora makes an HTTP/1.1 connection's idle wait infinite once a request was read; this
         // bounds the wait before the next request (carried to the reused connection).
         session.set_keepalive(Some(self.app.config.idle_timeout.as_secs().max(1)));
@@ -251,6 +154,8 @@ impl ProxyHttp for InsightsProxy {
                 // `request.data`); it is read here because the proxy answers the request itself.
                 let fields = if session.is_body_empty() {
                     BodyFields::default()
+                } else if fast {
+                    return Ok(false);
                 } else {
                     let body = match read_body(session, self.max_body()).await {
                         Ok(b) => b,
@@ -303,6 +208,189 @@ impl ProxyHttp for InsightsProxy {
                 answer_with(session, ctx, reply).await
             }
         }
+    }
+
+    /// What a failed request answers (if its response has not started) and whether its connection
+    /// can be reused (never).
+    pub(crate) async fn fail(&self, session: &mut ServerSession, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
+        let api = match (e.etype(), e.esource()) {
+            (ErrorType::HTTPStatus(413), _) => ApiError::payload_too_large(self.max_body()),
+            (ErrorType::HTTPStatus(503), _) => {
+                ApiError::service_unavailable("The upstream is failing; the proxy is not calling it for a moment.")
+            }
+            // The client went away or stalled: nobody to answer.
+            (
+                ErrorType::ReadError
+                | ErrorType::WriteError
+                | ErrorType::ConnectionClosed
+                | ErrorType::ReadTimedout
+                | ErrorType::WriteTimedout,
+                ErrorSource::Downstream,
+            ) => return FailToProxy { error_code: 0, can_reuse_downstream: false },
+            (_, ErrorSource::Downstream) | (ErrorType::HTTPStatus(400..=499), _) => {
+                ApiError::bad_request("The request could not be read.")
+            }
+            (ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout, _) => {
+                self.app.upstream.breaker().record(false);
+                ApiError::gateway_timeout("The upstream did not answer in time.")
+            }
+            _ => {
+                self.app.upstream.breaker().record(false);
+                ApiError::bad_gateway("The upstream is unreachable or failed to answer.")
+            }
+        };
+        let detail = if api.status >= 500 { "upstream-error" } else { "rejected" };
+        ctx.cache_status = Some(format!("{CACHE_NAME}; fwd=bypass; detail={detail}"));
+        let reply = Reply::error(&api, ctx.cache_status.clone().unwrap_or_default());
+        // The response may already have started; then there is nothing more to say.
+        if session.response_written().is_none() {
+            let _ = write_reply(session, &reply).await;
+        }
+        FailToProxy { error_code: api.status, can_reuse_downstream: false }
+    }
+
+    /// Metrics and the access log line of a finished request.
+    pub(crate) fn log_request(&self, session: &ServerSession, ctx: &RequestCtx) {
+        let elapsed = ctx.started.elapsed().as_secs_f64();
+        let label = crate::metrics::cache_label(ctx.cache_status.as_deref().unwrap_or(""));
+        self.app.metrics.observe_request(ctx.route, ctx.mode.unwrap_or("-"), label, elapsed);
+        let from_cache = matches!(label, "hit" | "stale");
+        match self.app.config.access_log {
+            AccessLog::All => {}
+            AccessLog::Misses if !from_cache => {}
+            AccessLog::Misses | AccessLog::None => return,
+        }
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let req = session.req_header();
+        // The path only: a query string may carry `personal_api_key`.
+        tracing::info!(
+            method = %req.method,
+            path = req.uri.path(),
+            route = ctx.route,
+            mode = ctx.mode.unwrap_or("-"),
+            status,
+            cache = ctx.cache_status.as_deref().unwrap_or("-"),
+            ms = elapsed * 1000.0,
+            "request"
+        );
+    }
+}
+
+/// What the client sent in a JSON body that matters here: `refresh` and `personal_api_key`.
+#[derive(Default)]
+struct BodyFields {
+    refresh: Option<Value>,
+    api_key: Option<String>,
+}
+
+enum BodyError {
+    TooLarge,
+    Malformed,
+    Read,
+}
+
+/// Reads a (small, GET) request body fully, refusing more than `limit` bytes.
+async fn read_body(session: &mut ServerSession, limit: usize) -> std::result::Result<Bytes, BodyError> {
+    let mut buf = Vec::new();
+    loop {
+        match session.read_request_body().await {
+            Ok(Some(chunk)) => {
+                if buf.len() + chunk.len() > limit {
+                    return Err(BodyError::TooLarge);
+                }
+                buf.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(Bytes::from(buf)),
+            Err(_) => return Err(BodyError::Read),
+        }
+    }
+}
+
+fn body_fields(body: &[u8]) -> std::result::Result<BodyFields, BodyError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(BodyFields::default());
+    }
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(mut m)) => Ok(BodyFields {
+            refresh: m.remove("refresh"),
+            api_key: m.remove("personal_api_key").and_then(|v| v.as_str().map(str::to_string)),
+        }),
+        Ok(_) => Ok(BodyFields::default()),
+        Err(_) => Err(BodyError::Malformed),
+    }
+}
+
+fn public_base(app: &App, req: &RequestHeader) -> String {
+    if let Some(u) = &app.config.public_url {
+        return u.clone();
+    }
+    let host = req
+        .headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri.authority().map(|a| a.as_str()))
+        .unwrap_or("localhost");
+    let proto = match req.headers.get("x-forwarded-proto").and_then(|h| h.to_str().ok()) {
+        Some("https") => "https",
+        _ => "http",
+    };
+    format!("{proto}://{host}")
+}
+
+pub async fn write_reply(session: &mut ServerSession, reply: &Reply) -> Result<()> {
+    static CACHE_STATUS: header::HeaderName = header::HeaderName::from_static("cache-status");
+    let invalid = |what: &'static str| Error::explain(ErrorType::InvalidHTTPHeader, what);
+    // Built as plain `http` parts, then handed to pingora: no case map, and the names are not
+    // re-parsed from bytes as `ResponseHeader::insert_header` does (pingora titles the standard
+    // names on the wire either way).
+    let (mut parts, ()) = http::Response::new(()).into_parts();
+    parts.status = http::StatusCode::from_u16(reply.status).map_err(|_| invalid("invalid status"))?;
+    let h = &mut parts.headers;
+    h.reserve(6);
+    let content_type = match reply.content_type.as_deref() {
+        Some(ct) => http::HeaderValue::from_str(ct).map_err(|_| invalid("invalid content-type"))?,
+        None => http::HeaderValue::from_static("application/json"),
+    };
+    h.insert(header::CONTENT_TYPE, content_type);
+    h.insert(header::CONTENT_LENGTH, http::HeaderValue::from(reply.body.len()));
+    let cache_status = http::HeaderValue::from_str(&reply.cache_status).map_err(|_| invalid("invalid cache-status"))?;
+    h.insert(CACHE_STATUS.clone(), cache_status);
+    h.insert(header::VARY, http::HeaderValue::from_static("Authorization, Cookie"));
+    let resp = ResponseHeader::from(parts);
+    // A failed write is the client's doing (it went away): say so, or fail_to_proxy counts it
+    // against the upstream's circuit breaker.
+    // Written to the downstream session directly: the proxy installs no downstream modules, so
+    // pingora_proxy's `Session::write_response_*` would only forward to these.
+    session.write_response_header(Box::new(resp)).await.map_err(|e| e.into_down())?;
+    session.write_response_body(reply.body.clone(), true).await.map_err(|e| e.into_down())?;
+    Ok(())
+}
+
+/// Writes `reply` and keeps its `Cache-Status` for the log and metrics (also when the write fails).
+async fn answer_with(session: &mut ServerSession, ctx: &mut RequestCtx, reply: Reply) -> Result<bool> {
+    let written = write_reply(session, &reply).await;
+    ctx.cache_status = Some(reply.cache_status);
+    written.map(|()| true)
+}
+
+async fn write_error(session: &mut ServerSession, ctx: &mut RequestCtx, e: &ApiError) -> Result<bool> {
+    answer_with(session, ctx, Reply::error(e, format!("{CACHE_NAME}; fwd=bypass; detail=rejected"))).await
+}
+
+#[async_trait]
+impl ProxyHttp for InsightsProxy {
+    type CTX = RequestCtx;
+
+    /// No downstream modules: pingora's default adds a response-compression module (disabled, level
+    /// 0) that is built and consulted on every request for nothing.
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx::new()
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        self.serve(session.as_downstream_mut(), ctx, false).await
     }
 
     async fn request_body_filter(
@@ -471,41 +559,7 @@ impl ProxyHttp for InsightsProxy {
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
-        use pingora::ErrorSource;
-        let api = match (e.etype(), e.esource()) {
-            (ErrorType::HTTPStatus(413), _) => ApiError::payload_too_large(self.max_body()),
-            (ErrorType::HTTPStatus(503), _) => {
-                ApiError::service_unavailable("The upstream is failing; the proxy is not calling it for a moment.")
-            }
-            // The client went away or stalled: nobody to answer.
-            (
-                ErrorType::ReadError
-                | ErrorType::WriteError
-                | ErrorType::ConnectionClosed
-                | ErrorType::ReadTimedout
-                | ErrorType::WriteTimedout,
-                ErrorSource::Downstream,
-            ) => return FailToProxy { error_code: 0, can_reuse_downstream: false },
-            (_, ErrorSource::Downstream) | (ErrorType::HTTPStatus(400..=499), _) => {
-                ApiError::bad_request("The request could not be read.")
-            }
-            (ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout, _) => {
-                self.app.upstream.breaker().record(false);
-                ApiError::gateway_timeout("The upstream did not answer in time.")
-            }
-            _ => {
-                self.app.upstream.breaker().record(false);
-                ApiError::bad_gateway("The upstream is unreachable or failed to answer.")
-            }
-        };
-        let detail = if api.status >= 500 { "upstream-error" } else { "rejected" };
-        ctx.cache_status = Some(format!("{CACHE_NAME}; fwd=bypass; detail={detail}"));
-        let reply = Reply::error(&api, ctx.cache_status.clone().unwrap_or_default());
-        // The response may already have started; then there is nothing more to say.
-        if session.response_written().is_none() {
-            let _ = write_reply(session, &reply).await;
-        }
-        FailToProxy { error_code: api.status, can_reuse_downstream: false }
+        self.fail(session.as_downstream_mut(), e, ctx).await
     }
 
     /// What pingora's own error lines say about a request: method and path only, since a query
@@ -516,27 +570,6 @@ impl ProxyHttp for InsightsProxy {
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
-        let elapsed = ctx.started.elapsed().as_secs_f64();
-        let label = crate::metrics::cache_label(ctx.cache_status.as_deref().unwrap_or(""));
-        self.app.metrics.observe_request(ctx.route, ctx.mode.unwrap_or("-"), label, elapsed);
-        let from_cache = matches!(label, "hit" | "stale");
-        match self.app.config.access_log {
-            AccessLog::All => {}
-            AccessLog::Misses if !from_cache => {}
-            AccessLog::Misses | AccessLog::None => return,
-        }
-        let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        let req = session.req_header();
-        // The path only: a query string may carry `personal_api_key`.
-        tracing::info!(
-            method = %req.method,
-            path = req.uri.path(),
-            route = ctx.route,
-            mode = ctx.mode.unwrap_or("-"),
-            status,
-            cache = ctx.cache_status.as_deref().unwrap_or("-"),
-            ms = elapsed * 1000.0,
-            "request"
-        );
+        self.log_request(session.as_downstream(), ctx);
     }
 }
