@@ -174,12 +174,7 @@ impl HttpServerApp for FastPath {
             Ok(true) => {
                 self.insights.log_request(&session, &ctx);
                 let persistent = HttpPersistentSettings::for_session(&session);
-                session
-                    .finish()
-                    .await
-                    .ok()
-                    .flatten()
-                    .map(|s| ReusedHttpStream::from_reusable_stream(s, persistent))
+                session.finish().await.ok().flatten().map(|s| ReusedHttpStream::from_reusable_stream(s, persistent))
             }
             Ok(false) => {
                 let ServerSession::H1(h1) = session else { unreachable!("an HTTP/1 session") };
@@ -189,7 +184,12 @@ impl HttpServerApp for FastPath {
                 // As pingora's proxy handles a `request_filter` error.
                 let res = self.insights.fail(&mut session, &e, &mut ctx).await;
                 let req = session.req_header();
-                tracing::error!("Fail to filter request: {e}, status: {}, {} {}", res.error_code, req.method, req.uri.path());
+                tracing::error!(
+                    "Fail to filter request: {e}, status: {}, {} {}",
+                    res.error_code,
+                    req.method,
+                    req.uri.path()
+                );
                 self.insights.log_request(&session, &ctx);
                 None
             }
