@@ -26,10 +26,10 @@ use pingora::protocols::http::ServerSession;
 use pingora::protocols::Stream;
 use pingora::proxy::HttpProxy;
 use pingora::server::ShutdownWatch;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
 
-use crate::proxy::{InsightsProxy, RequestCtx};
+use crate::proxy::{answer_with, reply_head, InsightsProxy, RequestCtx};
 
 /// pingora's first read of a request header (`INIT_HEADER_BUF_SIZE`).
 const HEADER_BUF: usize = 4096;
@@ -103,6 +103,37 @@ impl FastPath {
         session
     }
 
+    /// After the proxy's answer went through pingora's session (`answered`), or deciding failed: as
+    /// pingora's proxy ends a request that `request_filter` answered or failed.
+    async fn finish(
+        &self,
+        mut session: ServerSession,
+        mut ctx: RequestCtx,
+        answered: pingora::Result<bool>,
+    ) -> Option<ReusedHttpStream> {
+        let status = |s: &ServerSession| s.response_written().map_or(0, |r| r.status.as_u16());
+        match answered {
+            Ok(_) => {
+                let req = session.req_header();
+                self.insights.log_request(&req.method, req.uri.path(), status(&session), &ctx);
+                let persistent = HttpPersistentSettings::for_session(&session);
+                session.finish().await.ok().flatten().map(|s| ReusedHttpStream::from_reusable_stream(s, persistent))
+            }
+            Err(e) => {
+                let res = self.insights.fail(&mut session, &e, &mut ctx).await;
+                let req = session.req_header();
+                tracing::error!(
+                    "Fail to filter request: {e}, status: {}, {} {}",
+                    res.error_code,
+                    req.method,
+                    req.uri.path()
+                );
+                self.insights.log_request(&req.method, req.uri.path(), status(&session), &ctx);
+                None
+            }
+        }
+    }
+
     /// Hands the request (its bytes read so far in `prefix`) to pingora's proxy.
     async fn delegate(
         self: &Arc<Self>,
@@ -158,9 +189,10 @@ impl HttpServerApp for FastPath {
         let parsed = matches!(session.read_request().await, Ok(true));
         let delegate = !parsed
             || session.req_header().method != http::Method::GET
-            || session.as_http1().is_none_or(|h1| h1.get_headers_raw_bytes().len() != copy.len());
+            || session.as_http1().is_none_or(|h1| h1.get_headers_raw_bytes().len() != copy.len())
+            || !session.is_body_empty();
         if delegate {
-            // Malformed, not a GET, or more than a header (pipelined requests, a body): the proxy
+            // Malformed, not a GET, or more than a header (a body, pipelined requests): the proxy
             // answers exactly as it does when it reads the request itself.
             let ServerSession::H1(h1) = session else { unreachable!("an HTTP/1 session") };
             return self.delegate(h1.into_inner(), copy, settings, shutdown).await;
@@ -170,29 +202,50 @@ impl HttpServerApp for FastPath {
             session.set_keepalive(None);
         }
         let mut ctx = RequestCtx::new();
-        match self.insights.serve(&mut session, &mut ctx, true).await {
-            Ok(true) => {
-                self.insights.log_request(&session, &ctx);
-                let persistent = HttpPersistentSettings::for_session(&session);
-                session.finish().await.ok().flatten().map(|s| ReusedHttpStream::from_reusable_stream(s, persistent))
-            }
-            Ok(false) => {
+        let reply = match self.insights.decide(&mut session, &mut ctx, true).await {
+            Ok(Some(reply)) => reply,
+            Ok(None) => {
                 let ServerSession::H1(h1) = session else { unreachable!("an HTTP/1 session") };
-                self.delegate(h1.into_inner(), copy, settings, shutdown).await
+                return self.delegate(h1.into_inner(), copy, settings, shutdown).await;
             }
-            Err(e) => {
-                // As pingora's proxy handles a `request_filter` error.
-                let res = self.insights.fail(&mut session, &e, &mut ctx).await;
-                let req = session.req_header();
-                tracing::error!(
-                    "Fail to filter request: {e}, status: {}, {} {}",
-                    res.error_code,
-                    req.method,
-                    req.uri.path()
-                );
-                self.insights.log_request(&session, &ctx);
-                None
-            }
+            Err(e) => return self.finish(session, ctx, Err(e)).await,
+        };
+        let keep_alive = session.as_http1().is_some_and(|h1| h1.will_keepalive());
+        let Some(head) = reply_head(&reply, keep_alive) else {
+            // pingora's writer refuses it: as on the proxy's path.
+            let answered = answer_with(&mut session, &mut ctx, reply).await;
+            return self.finish(session, ctx, answered).await;
+        };
+        // What pingora's session would write (`reply_head`), written to the connection's buffered
+        // stream directly and flushed once, as pingora does at the end of a response with a length.
+        let persistent = HttpPersistentSettings::for_session(&session);
+        let (method, uri) = {
+            let req = session.req_header();
+            (req.method.clone(), req.uri.clone())
+        };
+        let ServerSession::H1(h1) = session else { unreachable!("an HTTP/1 session") };
+        let mut stream = h1.into_inner();
+        let mut status = 0;
+        let mut written = stream.write_all(&head).await;
+        if written.is_ok() {
+            status = reply.status;
+            written = stream.write_all(&reply.body).await;
+        }
+        if written.is_ok() {
+            written = stream.flush().await;
+        }
+        ctx.cache_status = Some(reply.cache_status);
+        if let Err(e) = written {
+            tracing::error!("Fail to filter request: Downstream WriteError: {e}, status: 0, {method} {}", uri.path());
+            self.insights.log_request(&method, uri.path(), status, &ctx);
+            return None;
+        }
+        self.insights.log_request(&method, uri.path(), status, &ctx);
+        if keep_alive {
+            Some(ReusedHttpStream::new(stream, Some(persistent)))
+        } else {
+            let _ = stream.shutdown().await;
+            None
         }
     }
 

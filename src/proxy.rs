@@ -42,7 +42,7 @@ pub struct RequestCtx {
     started: Instant,
     route: &'static str,
     mode: Option<&'static str>,
-    cache_status: Option<String>,
+    pub(crate) cache_status: Option<String>,
     /// A write to this insight is being passed through: purge it once the upstream accepts it.
     purge_on_success: Option<(u64, u64)>,
     body_bytes: usize,
@@ -101,30 +101,35 @@ impl InsightsProxy {
         self.app.config.max_body_bytes
     }
 
-    /// Everything the proxy decides about a request before pingora may forward it: `Ok(true)` when
-    /// it answered (written to `session`), `Ok(false)` when the request goes to the upstream.
+    /// Everything the proxy decides about a request before pingora may forward it: `Some(reply)`
+    /// when the proxy answers it itself (the caller writes `reply`), `None` when the request goes to
+    /// the upstream. Both `request_filter` and [`crate::fast::FastPath`] decide here.
     ///
-    /// `fast`: the caller is [`crate::fast::FastPath`], which can still hand the request to pingora's
-    /// proxy unread and unanswered: then `Ok(false)` is returned before anything the client could
-    /// see (and before a request body is read), and the request is decided again by
-    /// `request_filter` (with `fast` false).
-    pub(crate) async fn serve(&self, session: &mut ServerSession, ctx: &mut RequestCtx, fast: bool) -> Result<bool> {
+    /// `fast`: the caller can still hand the request to pingora's proxy unread: then `None` is
+    /// returned before a request body is read (a GET with a body is decided by `request_filter`).
+    /// Nothing here is visible to the client before the caller writes the reply.
+    pub(crate) async fn decide(
+        &self,
+        session: &mut ServerSession,
+        ctx: &mut RequestCtx,
+        fast: bool,
+    ) -> Result<Option<Reply>> {
         // pingora makes an HTTP/1.1 connection's idle wait infinite once a request was read; this
         // bounds the wait before the next request (carried to the reused connection).
         session.set_keepalive(Some(self.app.config.idle_timeout.as_secs().max(1)));
         let req = session.req_header();
         let header_bytes: usize = req.headers.iter().map(|(k, v)| k.as_str().len() + v.len()).sum();
         if req.headers.len() > MAX_REQUEST_HEADERS || header_bytes > MAX_REQUEST_HEADER_BYTES {
-            return write_error(session, ctx, &ApiError::headers_too_large()).await;
+            return Ok(Some(rejected(&ApiError::headers_too_large())));
         }
         let declared_len =
             req.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
         if declared_len.is_some_and(|n| n > self.max_body()) {
-            return write_error(session, ctx, &ApiError::payload_too_large(self.max_body())).await;
+            return Ok(Some(rejected(&ApiError::payload_too_large(self.max_body()))));
         }
         let query = match QueryParams::parse(req.uri.query()) {
             Ok(q) => q,
-            Err(e) => return write_error(session, ctx, &ApiError::bad_request(e.to_string())).await,
+            Err(e) => return Ok(Some(rejected(&ApiError::bad_request(e.to_string())))),
         };
         let route = route(&req.method, req.uri.path(), &query);
         ctx.route = match &route {
@@ -136,18 +141,15 @@ impl InsightsProxy {
             Route::Reject(_) => "rejected",
         };
         match route {
-            Route::Reject(e) => write_error(session, ctx, &e).await,
-            Route::Passthrough => Ok(false),
+            Route::Reject(e) => Ok(Some(rejected(&e))),
+            Route::Passthrough => Ok(None),
             Route::InsightWrite { project, insight } => {
                 ctx.purge_on_success = Some((project, insight));
-                Ok(false)
+                Ok(None)
             }
             Route::QueryStatus { project, query_id } => {
                 let cred = Credential::from_request(&session.req_header().headers, query.get("personal_api_key"));
-                match insights::query_status(&self.app, project, &query_id, cred.as_ref()).await {
-                    Some(reply) => answer_with(session, ctx, reply).await,
-                    None => Ok(false),
-                }
+                Ok(insights::query_status(&self.app, project, &query_id, cred.as_ref()).await)
             }
             Route::InsightRetrieve { .. } | Route::InsightList { .. } => {
                 // A GET may carry a JSON body with `refresh` or `personal_api_key` (PostHog reads
@@ -155,12 +157,12 @@ impl InsightsProxy {
                 let fields = if session.is_body_empty() {
                     BodyFields::default()
                 } else if fast {
-                    return Ok(false);
+                    return Ok(None);
                 } else {
                     let body = match read_body(session, self.max_body()).await {
                         Ok(b) => b,
                         Err(BodyError::TooLarge) => {
-                            return write_error(session, ctx, &ApiError::payload_too_large(self.max_body())).await
+                            return Ok(Some(rejected(&ApiError::payload_too_large(self.max_body()))))
                         }
                         Err(_) => return Err(Error::new(ErrorType::ReadError)),
                     };
@@ -173,7 +175,7 @@ impl InsightsProxy {
                                 "parse_error",
                                 "JSON parse error - the request body is not valid JSON.",
                             );
-                            return write_error(session, ctx, &e).await;
+                            return Ok(Some(rejected(&e)));
                         }
                     }
                 };
@@ -182,7 +184,7 @@ impl InsightsProxy {
                 let Some(credential) = Credential::from_request(&req.headers, api_key) else {
                     // Never answered from the cache: the upstream says what it says (401).
                     ctx.cache_status = Some(format!("{CACHE_NAME}; fwd=bypass; detail=no-credential"));
-                    return Ok(false);
+                    return Ok(None);
                 };
                 let param = match (query.get("refresh"), &fields.refresh) {
                     (Some(q), _) => RefreshParam::Text(q),
@@ -205,7 +207,7 @@ impl InsightsProxy {
                     }
                     _ => unreachable!("matched above"),
                 };
-                answer_with(session, ctx, reply).await
+                Ok(Some(reply))
             }
         }
     }
@@ -250,7 +252,7 @@ impl InsightsProxy {
     }
 
     /// Metrics and the access log line of a finished request.
-    pub(crate) fn log_request(&self, session: &ServerSession, ctx: &RequestCtx) {
+    pub(crate) fn log_request(&self, method: &http::Method, path: &str, status: u16, ctx: &RequestCtx) {
         let elapsed = ctx.started.elapsed().as_secs_f64();
         let label = crate::metrics::cache_label(ctx.cache_status.as_deref().unwrap_or(""));
         self.app.metrics.observe_request(ctx.route, ctx.mode.unwrap_or("-"), label, elapsed);
@@ -260,12 +262,10 @@ impl InsightsProxy {
             AccessLog::Misses if !from_cache => {}
             AccessLog::Misses | AccessLog::None => return,
         }
-        let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        let req = session.req_header();
         // The path only: a query string may carry `personal_api_key`.
         tracing::info!(
-            method = %req.method,
-            path = req.uri.path(),
+            method = %method,
+            path,
             route = ctx.route,
             mode = ctx.mode.unwrap_or("-"),
             status,
@@ -366,15 +366,61 @@ pub async fn write_reply(session: &mut ServerSession, reply: &Reply) -> Result<(
     Ok(())
 }
 
+/// The HTTP/1.1 response head pingora's HTTP/1 session writes for `reply` through [`write_reply`]
+/// (same status line, headers, order and case, then pingora's `Date` and `Connection`), built
+/// without a `ResponseHeader`. `None` when `write_reply` would refuse the reply (the caller then
+/// goes through it).
+pub(crate) fn reply_head(reply: &Reply, keep_alive: bool) -> Option<Vec<u8>> {
+    // `http::HeaderValue::from_str`'s rule.
+    let valid = |v: &str| v.bytes().all(|b| b == b'\t' || (b >= 32 && b != 127));
+    let status = http::StatusCode::from_u16(reply.status).ok()?;
+    let content_type = reply.content_type.as_deref().unwrap_or("application/json");
+    if !valid(content_type) || !valid(&reply.cache_status) {
+        return None;
+    }
+    let date = pingora::protocols::http::date::get_cached_date();
+    let mut head = Vec::with_capacity(200 + content_type.len() + reply.cache_status.len());
+    head.extend_from_slice(b"HTTP/1.1 ");
+    head.extend_from_slice(status.as_str().as_bytes());
+    head.push(b' ');
+    head.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    head.extend_from_slice(b"\r\nContent-Type: ");
+    head.extend_from_slice(content_type.as_bytes());
+    head.extend_from_slice(b"\r\nContent-Length: ");
+    head.extend_from_slice(itoa(reply.body.len(), &mut [0u8; 20]));
+    head.extend_from_slice(b"\r\ncache-status: ");
+    head.extend_from_slice(reply.cache_status.as_bytes());
+    head.extend_from_slice(b"\r\nvary: Authorization, Cookie\r\nDate: ");
+    head.extend_from_slice(date.as_bytes());
+    let connection: &[u8] = if keep_alive { b"keep-alive" } else { b"close" };
+    head.extend_from_slice(b"\r\nConnection: ");
+    head.extend_from_slice(connection);
+    head.extend_from_slice(b"\r\n\r\n");
+    Some(head)
+}
+
+fn itoa(mut n: usize, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[i..];
+        }
+    }
+}
+
 /// Writes `reply` and keeps its `Cache-Status` for the log and metrics (also when the write fails).
-async fn answer_with(session: &mut ServerSession, ctx: &mut RequestCtx, reply: Reply) -> Result<bool> {
+pub(crate) async fn answer_with(session: &mut ServerSession, ctx: &mut RequestCtx, reply: Reply) -> Result<bool> {
     let written = write_reply(session, &reply).await;
     ctx.cache_status = Some(reply.cache_status);
     written.map(|()| true)
 }
 
-async fn write_error(session: &mut ServerSession, ctx: &mut RequestCtx, e: &ApiError) -> Result<bool> {
-    answer_with(session, ctx, Reply::error(e, format!("{CACHE_NAME}; fwd=bypass; detail=rejected"))).await
+/// A request the proxy refuses itself.
+fn rejected(e: &ApiError) -> Reply {
+    Reply::error(e, format!("{CACHE_NAME}; fwd=bypass; detail=rejected"))
 }
 
 #[async_trait]
@@ -390,7 +436,10 @@ impl ProxyHttp for InsightsProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        self.serve(session.as_downstream_mut(), ctx, false).await
+        match self.decide(session.as_downstream_mut(), ctx, false).await? {
+            Some(reply) => answer_with(session.as_downstream_mut(), ctx, reply).await,
+            None => Ok(false),
+        }
     }
 
     async fn request_body_filter(
@@ -570,6 +619,8 @@ impl ProxyHttp for InsightsProxy {
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
-        self.log_request(session.as_downstream(), ctx);
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let req = session.req_header();
+        self.log_request(&req.method, req.uri.path(), status, ctx);
     }
 }
