@@ -1,18 +1,21 @@
 //! The proxy's own answers (cache hits above all) without pingora_proxy's per-request session.
 //!
-//! [`FastPath`] is the `HttpServerApp` of the listening service and wraps pingora's proxy
-//! (`HttpProxy<InsightsProxy>`). For an HTTP/1 request whose header arrived whole in one read it
-//! parses the request with pingora's own HTTP/1 session and runs [`InsightsProxy::serve`], the same
-//! decision `request_filter` makes. When that answers the request, the answer, keep-alive,
-//! metrics and access log are exactly those of the proxy's path (same session type, same writes,
-//! same `log_request`), without building pingora_proxy's `Session` (its HTTP cache state, module
-//! contexts, boxed downstream session) and running its phase machine, which moves that state
-//! between futures several times per request.
+//! [`FastPath`] is the `ServerApp` of the listening service and wraps pingora's proxy
+//! (`HttpProxy<InsightsProxy>`). It runs pingora's HTTP/1 connection loop itself (pingora-core's
+//! `ServerApp for HttpServerApp`, reproduced in [`FastPath::process_new`]). For a GET whose header
+//! (and nothing more) arrived in one read, it parses the request with pingora's own HTTP/1 session
+//! and decides with [`InsightsProxy::decide`], the decision `request_filter` makes. When the proxy
+//! answers the request itself, the fast path writes the same bytes pingora's session would
+//! ([`crate::proxy::reply_head`]), with the same keep-alive, metrics and access log, without
+//! pingora_proxy's `Session` (HTTP cache state, module contexts, a boxed downstream session), its
+//! phase machine (which moves that state between futures several times per request) and pingora's
+//! response-header building (`ResponseHeader` with `Date` and `Connection` inserted through a
+//! `HeaderMap`, serialized into a fresh 4 KB buffer).
 //!
 //! Everything else goes to pingora's proxy unchanged: the bytes read so far are handed to a fresh
 //! session as its pipelined prefix, so the proxy parses the same request as if it had read it
-//! itself. `serve(.., fast = true)` returns before anything the client could see (and before a
-//! request body is read) for every request the proxy forwards.
+//! itself, and `decide(.., fast = true)` returns `None` before a request body is read. HTTP/2 and
+//! custom protocols go to pingora's own connection handling.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -20,10 +23,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::BytesMut;
-use pingora::apps::{HttpPersistentSettings, HttpServerApp, HttpServerOptions, ReusedHttpStream};
-use pingora::protocols::http::v2::server::H2Options;
+use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream, ServerApp};
 use pingora::protocols::http::ServerSession;
-use pingora::protocols::Stream;
+use pingora::protocols::{Stream, ALPN};
 use pingora::proxy::HttpProxy;
 use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -88,7 +90,9 @@ impl FastPath {
         };
         match read {
             Ok(0) | Err(_) => Read::Closed,
-            Ok(_) if buf.ends_with(b"\r\n\r\n") => Read::Head(stream, buf),
+            // A request line, and the header's end at the end of the read: parsing it needs no
+            // further read, so every byte of the request is in `buf`.
+            Ok(_) if buf[0].is_ascii_alphabetic() && buf.ends_with(b"\r\n\r\n") => Read::Head(stream, buf),
             Ok(_) => Read::Partial(stream, buf),
         }
     }
@@ -156,23 +160,29 @@ struct Settings {
     user_context: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
 
-#[async_trait]
-impl HttpServerApp for FastPath {
-    async fn process_new_http(
-        self: &Arc<Self>,
-        mut session: ServerSession,
-        shutdown: &ShutdownWatch,
-    ) -> Option<ReusedHttpStream> {
-        if session.is_http2() || session.as_http1().is_none() || session.pipelining_enabled() {
-            return self.proxy.process_new_http(session, shutdown).await;
+/// Where a connection stands between two requests.
+enum Next {
+    /// After an answer of the fast path: the stream and the settings for the next request.
+    Fresh(Stream, Settings),
+    /// After pingora's proxy handled a request: the session pingora's loop would start with.
+    Session(Box<ServerSession>),
+}
+
+impl Next {
+    /// What pingora's loop does with a reusable stream the proxy returned.
+    fn reused(reused: Option<ReusedHttpStream>) -> Option<Next> {
+        let (stream, persistent) = reused?.consume();
+        let mut session = ServerSession::new_http1(stream);
+        if let Some(persistent) = persistent {
+            persistent.apply_to_session(&mut session);
         }
-        let settings = Settings {
-            keepalive: session.get_keepalive(),
-            reuses_remaining: session.get_keepalive_reuses_remaining(),
-            user_context: session.take_connection_user_context(),
-        };
-        let ServerSession::H1(h1) = session else { unreachable!("checked above") };
-        let stream = h1.into_inner();
+        Some(Next::Session(Box::new(session)))
+    }
+}
+
+impl FastPath {
+    /// One request on an HTTP/1 connection; `None` when the connection is done.
+    async fn request(self: &Arc<Self>, stream: Stream, settings: Settings, shutdown: &ShutdownWatch) -> Option<Next> {
         let read = tokio::select! {
             biased;
             r = Self::read_head(stream, settings.keepalive) => r,
@@ -180,7 +190,7 @@ impl HttpServerApp for FastPath {
         };
         let (stream, buf) = match read {
             Read::Closed => return None,
-            Read::Partial(stream, buf) => return self.delegate(stream, buf, settings, shutdown).await,
+            Read::Partial(stream, buf) => return Next::reused(self.delegate(stream, buf, settings, shutdown).await),
             Read::Head(stream, buf) => (stream, buf),
         };
         // Kept to hand the request to the proxy unchanged if it is not answered here.
@@ -195,7 +205,7 @@ impl HttpServerApp for FastPath {
             // Malformed, not a GET, or more than a header (a body, pipelined requests): the proxy
             // answers exactly as it does when it reads the request itself.
             let ServerSession::H1(h1) = session else { unreachable!("an HTTP/1 session") };
-            return self.delegate(h1.into_inner(), copy, settings, shutdown).await;
+            return Next::reused(self.delegate(h1.into_inner(), copy, settings, shutdown).await);
         }
         if *shutdown.borrow() {
             // stop downstream from reusing if this service is shutting down soon (as pingora does)
@@ -206,19 +216,23 @@ impl HttpServerApp for FastPath {
             Ok(Some(reply)) => reply,
             Ok(None) => {
                 let ServerSession::H1(h1) = session else { unreachable!("an HTTP/1 session") };
-                return self.delegate(h1.into_inner(), copy, settings, shutdown).await;
+                return Next::reused(self.delegate(h1.into_inner(), copy, settings, shutdown).await);
             }
-            Err(e) => return self.finish(session, ctx, Err(e)).await,
+            Err(e) => return Next::reused(self.finish(session, ctx, Err(e)).await),
         };
         let keep_alive = session.as_http1().is_some_and(|h1| h1.will_keepalive());
         let Some(head) = reply_head(&reply, keep_alive) else {
             // pingora's writer refuses it: as on the proxy's path.
             let answered = answer_with(&mut session, &mut ctx, reply).await;
-            return self.finish(session, ctx, answered).await;
+            return Next::reused(self.finish(session, ctx, answered).await);
         };
         // What pingora's session would write (`reply_head`), written to the connection's buffered
         // stream directly and flushed once, as pingora does at the end of a response with a length.
-        let persistent = HttpPersistentSettings::for_session(&session);
+        let persistent = Settings {
+            keepalive: session.get_keepalive(),
+            reuses_remaining: session.get_keepalive_reuses_remaining().map(|n| n.saturating_sub(1)),
+            user_context: None,
+        };
         let (method, uri) = {
             let req = session.req_header();
             (req.method.clone(), req.uri.clone())
@@ -231,35 +245,70 @@ impl HttpServerApp for FastPath {
             status = reply.status;
             written = stream.write_all(&reply.body).await;
         }
-        if written.is_ok() {
-            written = stream.flush().await;
-        }
         ctx.cache_status = Some(reply.cache_status);
         if let Err(e) = written {
             tracing::error!("Fail to filter request: Downstream WriteError: {e}, status: 0, {method} {}", uri.path());
             self.insights.log_request(&method, uri.path(), status, &ctx);
             return None;
         }
+        // Counted and logged before the answer leaves the write buffer, as on pingora's path (its
+        // `logging` runs before `finish` flushes): a client that has its answer sees it counted.
         self.insights.log_request(&method, uri.path(), status, &ctx);
+        if stream.flush().await.is_err() {
+            return None;
+        }
         if keep_alive {
-            Some(ReusedHttpStream::new(stream, Some(persistent)))
+            // `HttpPersistentSettings::for_session` then `apply_to_session`, as pingora's loop does.
+            Some(Next::Fresh(stream, persistent))
         } else {
             let _ = stream.shutdown().await;
             None
         }
     }
+}
 
-    async fn http_cleanup(&self) {
+#[async_trait]
+impl ServerApp for FastPath {
+    async fn process_new(self: &Arc<Self>, stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
+        // As pingora-core's `ServerApp for HttpServerApp`: HTTP/2 (h2c or ALPN) and custom protocols
+        // are pingora's; the HTTP/1 loop is this one.
+        let options = self.proxy.server_options();
+        let h2c = options.is_some_and(|o| o.h2c) && stream.get_ssl_digest().is_none();
+        let custom = options.is_some_and(|o| o.force_custom);
+        if h2c || custom || matches!(stream.selected_alpn_proto(), Some(ALPN::H2 | ALPN::Custom(_))) {
+            return ServerApp::process_new(&self.proxy, stream, shutdown).await;
+        }
+        let settings = Settings {
+            // pingora's default for a new connection (60 s), or none when shutting down.
+            keepalive: if *shutdown.borrow() { None } else { Some(60) },
+            reuses_remaining: options.and_then(|o| o.keepalive_request_limit),
+            user_context: None,
+        };
+        let mut next = Next::Fresh(stream, settings);
+        loop {
+            next = match next {
+                Next::Fresh(stream, settings) => self.request(stream, settings, shutdown).await?,
+                Next::Session(mut session) => {
+                    if session.pipelining_enabled() {
+                        // Never on here; pingora's proxy keeps such a connection.
+                        Next::reused(self.proxy.process_new_http(*session, shutdown).await)?
+                    } else {
+                        let settings = Settings {
+                            keepalive: session.get_keepalive(),
+                            reuses_remaining: session.get_keepalive_reuses_remaining(),
+                            user_context: session.take_connection_user_context(),
+                        };
+                        let ServerSession::H1(h1) = *session else { unreachable!("an HTTP/1 session") };
+                        self.request(h1.into_inner(), settings, shutdown).await?
+                    }
+                }
+            };
+        }
+    }
+
+    async fn cleanup(&self) {
         self.closing.store(true, Ordering::Release);
         self.closed.notify_waiters();
         self.proxy.http_cleanup().await;
-    }
-
-    fn server_options(&self) -> Option<&HttpServerOptions> {
-        self.proxy.server_options()
-    }
-
-    fn h2_options(&self) -> Option<H2Options> {
-        self.proxy.h2_options()
     }
 }
