@@ -9,7 +9,8 @@
 //! - [`budget`]: the calculation budget (per-project slots by priority, per-key rates).
 //! - [`flights`]: single flight; [`app`]: shared state and the one way a calculation happens.
 //! - [`workers`]: the bounded background queue and its workers; [`status`]: query statuses.
-//! - [`insights`]: answering retrieve, list and status polls; [`proxy`]: the thin pingora glue.
+//! - [`insights`]: answering retrieve, list and status polls; [`proxy`]: the thin pingora glue;
+//!   [`fast`]: the proxy's own answers without pingora_proxy's per-request session.
 //! - [`upstream`]: the client for the proxy's own upstream calls.
 //! - [`simulate`]: a built-in simulated PostHog insights backend for demos, tests and benchmarks.
 //! - [`admin`]: the admin listener (metrics, health, purge/inspect); [`metrics`]: Prometheus metrics.
@@ -23,6 +24,7 @@ pub mod cache;
 pub mod clock;
 pub mod config;
 pub mod error;
+pub mod fast;
 pub mod flights;
 pub mod insights;
 pub mod metrics;

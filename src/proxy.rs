@@ -8,7 +8,9 @@ use bytes::Bytes;
 use http::header;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
+use pingora::protocols::http::ServerSession;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::ErrorSource;
 use pingora::{Error, ErrorType, Result};
 use serde_json::Value;
 
@@ -40,7 +42,7 @@ pub struct RequestCtx {
     started: Instant,
     route: &'static str,
     mode: Option<&'static str>,
-    cache_status: Option<String>,
+    pub(crate) cache_status: Option<String>,
     /// A write to this insight is being passed through: purge it once the upstream accepts it.
     purge_on_success: Option<(u64, u64)>,
     body_bytes: usize,
@@ -49,6 +51,21 @@ pub struct RequestCtx {
     /// When a passed-through request's answer must be complete: the proxy's own upstream calls
     /// get `connect_timeout + read_timeout` in total, and so does a pass-through.
     upstream_deadline: Option<Instant>,
+}
+
+impl RequestCtx {
+    pub(crate) fn new() -> RequestCtx {
+        RequestCtx {
+            started: Instant::now(),
+            route: "passthrough",
+            mode: None,
+            cache_status: None,
+            purge_on_success: None,
+            body_bytes: 0,
+            relink: None,
+            upstream_deadline: None,
+        }
+    }
 }
 
 /// Absolute links the upstream builds from its own host (a list's `next`/`previous`) are pointed
@@ -83,6 +100,180 @@ impl InsightsProxy {
     fn max_body(&self) -> usize {
         self.app.config.max_body_bytes
     }
+
+    /// Everything the proxy decides about a request before pingora may forward it: `Some(reply)`
+    /// when the proxy answers it itself (the caller writes `reply`), `None` when the request goes to
+    /// the upstream. Both `request_filter` and [`crate::fast::FastPath`] decide here.
+    ///
+    /// `fast`: the caller can still hand the request to pingora's proxy unread: then `None` is
+    /// returned before a request body is read (a GET with a body is decided by `request_filter`).
+    /// Nothing here is visible to the client before the caller writes the reply.
+    pub(crate) async fn decide(
+        &self,
+        session: &mut ServerSession,
+        ctx: &mut RequestCtx,
+        fast: bool,
+    ) -> Result<Option<Reply>> {
+        // pingora makes an HTTP/1.1 connection's idle wait infinite once a request was read; this
+        // bounds the wait before the next request (carried to the reused connection).
+        session.set_keepalive(Some(self.app.config.idle_timeout.as_secs().max(1)));
+        let req = session.req_header();
+        let header_bytes: usize = req.headers.iter().map(|(k, v)| k.as_str().len() + v.len()).sum();
+        if req.headers.len() > MAX_REQUEST_HEADERS || header_bytes > MAX_REQUEST_HEADER_BYTES {
+            return Ok(Some(rejected(&ApiError::headers_too_large())));
+        }
+        let declared_len =
+            req.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
+        if declared_len.is_some_and(|n| n > self.max_body()) {
+            return Ok(Some(rejected(&ApiError::payload_too_large(self.max_body()))));
+        }
+        let query = match QueryParams::parse(req.uri.query()) {
+            Ok(q) => q,
+            Err(e) => return Ok(Some(rejected(&ApiError::bad_request(e.to_string())))),
+        };
+        let route = route(&req.method, req.uri.path(), &query);
+        ctx.route = match &route {
+            Route::InsightRetrieve { .. } => "insight",
+            Route::InsightList { .. } => "insight_list",
+            Route::InsightWrite { .. } => "insight_write",
+            Route::QueryStatus { .. } => "query_status",
+            Route::Passthrough => "passthrough",
+            Route::Reject(_) => "rejected",
+        };
+        match route {
+            Route::Reject(e) => Ok(Some(rejected(&e))),
+            Route::Passthrough => Ok(None),
+            Route::InsightWrite { project, insight } => {
+                ctx.purge_on_success = Some((project, insight));
+                Ok(None)
+            }
+            Route::QueryStatus { project, query_id } => {
+                let cred = Credential::from_request(&session.req_header().headers, query.get("personal_api_key"));
+                Ok(insights::query_status(&self.app, project, &query_id, cred.as_ref()).await)
+            }
+            Route::InsightRetrieve { .. } | Route::InsightList { .. } => {
+                // A GET may carry a JSON body with `refresh` or `personal_api_key` (PostHog reads
+                // `request.data`); it is read here because the proxy answers the request itself.
+                let fields = if session.is_body_empty() {
+                    BodyFields::default()
+                } else if fast {
+                    return Ok(None);
+                } else {
+                    let body = match read_body(session, self.max_body()).await {
+                        Ok(b) => b,
+                        Err(BodyError::TooLarge) => {
+                            return Ok(Some(rejected(&ApiError::payload_too_large(self.max_body()))))
+                        }
+                        Err(_) => return Err(Error::new(ErrorType::ReadError)),
+                    };
+                    match body_fields(&body) {
+                        Ok(f) => f,
+                        Err(_) => {
+                            let e = ApiError::new(
+                                400,
+                                "validation_error",
+                                "parse_error",
+                                "JSON parse error - the request body is not valid JSON.",
+                            );
+                            return Ok(Some(rejected(&e)));
+                        }
+                    }
+                };
+                let req = session.req_header();
+                let api_key = query.get("personal_api_key").or(fields.api_key.as_deref());
+                let Some(credential) = Credential::from_request(&req.headers, api_key) else {
+                    // Never answered from the cache: the upstream says what it says (401).
+                    ctx.cache_status = Some(format!("{CACHE_NAME}; fwd=bypass; detail=no-credential"));
+                    return Ok(None);
+                };
+                let param = match (query.get("refresh"), &fields.refresh) {
+                    (Some(q), _) => RefreshParam::Text(q),
+                    (None, Some(Value::Bool(b))) => RefreshParam::Bool(*b),
+                    (None, Some(Value::String(s))) => RefreshParam::Text(s.as_str()),
+                    _ => RefreshParam::Absent,
+                };
+                let mode = param.mode();
+                ctx.mode = Some(mode.as_str());
+                let path = req.uri.path().to_string();
+                let reply = match route {
+                    Route::InsightRetrieve { project, insight } => {
+                        let call = InsightCall { project, insight, path, query, credential, mode };
+                        insights::retrieve(&self.app, call).await
+                    }
+                    Route::InsightList { project } => {
+                        let public_base = public_base(&self.app, req);
+                        let call = ListCall { project, path, query, credential, mode, public_base };
+                        insights::list(&self.app, call).await
+                    }
+                    _ => unreachable!("matched above"),
+                };
+                Ok(Some(reply))
+            }
+        }
+    }
+
+    /// What a failed request answers (if its response has not started) and whether its connection
+    /// can be reused (never).
+    pub(crate) async fn fail(&self, session: &mut ServerSession, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
+        let api = match (e.etype(), e.esource()) {
+            (ErrorType::HTTPStatus(413), _) => ApiError::payload_too_large(self.max_body()),
+            (ErrorType::HTTPStatus(503), _) => {
+                ApiError::service_unavailable("The upstream is failing; the proxy is not calling it for a moment.")
+            }
+            // The client went away or stalled: nobody to answer.
+            (
+                ErrorType::ReadError
+                | ErrorType::WriteError
+                | ErrorType::ConnectionClosed
+                | ErrorType::ReadTimedout
+                | ErrorType::WriteTimedout,
+                ErrorSource::Downstream,
+            ) => return FailToProxy { error_code: 0, can_reuse_downstream: false },
+            (_, ErrorSource::Downstream) | (ErrorType::HTTPStatus(400..=499), _) => {
+                ApiError::bad_request("The request could not be read.")
+            }
+            (ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout, _) => {
+                self.app.upstream.breaker().record(false);
+                ApiError::gateway_timeout("The upstream did not answer in time.")
+            }
+            _ => {
+                self.app.upstream.breaker().record(false);
+                ApiError::bad_gateway("The upstream is unreachable or failed to answer.")
+            }
+        };
+        let detail = if api.status >= 500 { "upstream-error" } else { "rejected" };
+        ctx.cache_status = Some(format!("{CACHE_NAME}; fwd=bypass; detail={detail}"));
+        let reply = Reply::error(&api, ctx.cache_status.clone().unwrap_or_default());
+        // The response may already have started; then there is nothing more to say.
+        if session.response_written().is_none() {
+            let _ = write_reply(session, &reply).await;
+        }
+        FailToProxy { error_code: api.status, can_reuse_downstream: false }
+    }
+
+    /// Metrics and the access log line of a finished request.
+    pub(crate) fn log_request(&self, method: &http::Method, path: &str, status: u16, ctx: &RequestCtx) {
+        let elapsed = ctx.started.elapsed().as_secs_f64();
+        let label = crate::metrics::cache_label(ctx.cache_status.as_deref().unwrap_or(""));
+        self.app.metrics.observe_request(ctx.route, ctx.mode.unwrap_or("-"), label, elapsed);
+        let from_cache = matches!(label, "hit" | "stale");
+        match self.app.config.access_log {
+            AccessLog::All => {}
+            AccessLog::Misses if !from_cache => {}
+            AccessLog::Misses | AccessLog::None => return,
+        }
+        // The path only: a query string may carry `personal_api_key`.
+        tracing::info!(
+            method = %method,
+            path,
+            route = ctx.route,
+            mode = ctx.mode.unwrap_or("-"),
+            status,
+            cache = ctx.cache_status.as_deref().unwrap_or("-"),
+            ms = elapsed * 1000.0,
+            "request"
+        );
+    }
 }
 
 /// What the client sent in a JSON body that matters here: `refresh` and `personal_api_key`.
@@ -99,7 +290,7 @@ enum BodyError {
 }
 
 /// Reads a (small, GET) request body fully, refusing more than `limit` bytes.
-async fn read_body(session: &mut Session, limit: usize) -> std::result::Result<Bytes, BodyError> {
+async fn read_body(session: &mut ServerSession, limit: usize) -> std::result::Result<Bytes, BodyError> {
     let mut buf = Vec::new();
     loop {
         match session.read_request_body().await {
@@ -146,7 +337,7 @@ fn public_base(app: &App, req: &RequestHeader) -> String {
     format!("{proto}://{host}")
 }
 
-pub async fn write_reply(session: &mut Session, reply: &Reply) -> Result<()> {
+pub async fn write_reply(session: &mut ServerSession, reply: &Reply) -> Result<()> {
     static CACHE_STATUS: header::HeaderName = header::HeaderName::from_static("cache-status");
     let invalid = |what: &'static str| Error::explain(ErrorType::InvalidHTTPHeader, what);
     // Built as plain `http` parts, then handed to pingora: no case map, and the names are not
@@ -168,20 +359,68 @@ pub async fn write_reply(session: &mut Session, reply: &Reply) -> Result<()> {
     let resp = ResponseHeader::from(parts);
     // A failed write is the client's doing (it went away): say so, or fail_to_proxy counts it
     // against the upstream's circuit breaker.
-    session.write_response_header(Box::new(resp), false).await.map_err(|e| e.into_down())?;
-    session.write_response_body(Some(reply.body.clone()), true).await.map_err(|e| e.into_down())?;
+    // Written to the downstream session directly: the proxy installs no downstream modules, so
+    // pingora_proxy's `Session::write_response_*` would only forward to these.
+    session.write_response_header(Box::new(resp)).await.map_err(|e| e.into_down())?;
+    session.write_response_body(reply.body.clone(), true).await.map_err(|e| e.into_down())?;
     Ok(())
 }
 
+/// The HTTP/1.1 response head pingora's HTTP/1 session writes for `reply` through [`write_reply`]
+/// (same status line, headers, order and case, then pingora's `Date` and `Connection`), built
+/// without a `ResponseHeader`. `None` when `write_reply` would refuse the reply (the caller then
+/// goes through it).
+pub(crate) fn reply_head(reply: &Reply, keep_alive: bool) -> Option<Vec<u8>> {
+    // `http::HeaderValue::from_str`'s rule.
+    let valid = |v: &str| v.bytes().all(|b| b == b'\t' || (b >= 32 && b != 127));
+    let status = http::StatusCode::from_u16(reply.status).ok()?;
+    let content_type = reply.content_type.as_deref().unwrap_or("application/json");
+    if !valid(content_type) || !valid(&reply.cache_status) {
+        return None;
+    }
+    let date = pingora::protocols::http::date::get_cached_date();
+    let mut head = Vec::with_capacity(200 + content_type.len() + reply.cache_status.len());
+    head.extend_from_slice(b"HTTP/1.1 ");
+    head.extend_from_slice(status.as_str().as_bytes());
+    head.push(b' ');
+    head.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    head.extend_from_slice(b"\r\nContent-Type: ");
+    head.extend_from_slice(content_type.as_bytes());
+    head.extend_from_slice(b"\r\nContent-Length: ");
+    head.extend_from_slice(itoa(reply.body.len(), &mut [0u8; 20]));
+    head.extend_from_slice(b"\r\ncache-status: ");
+    head.extend_from_slice(reply.cache_status.as_bytes());
+    head.extend_from_slice(b"\r\nvary: Authorization, Cookie\r\nDate: ");
+    head.extend_from_slice(date.as_bytes());
+    let connection: &[u8] = if keep_alive { b"keep-alive" } else { b"close" };
+    head.extend_from_slice(b"\r\nConnection: ");
+    head.extend_from_slice(connection);
+    head.extend_from_slice(b"\r\n\r\n");
+    Some(head)
+}
+
+fn itoa(mut n: usize, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[i..];
+        }
+    }
+}
+
 /// Writes `reply` and keeps its `Cache-Status` for the log and metrics (also when the write fails).
-async fn answer_with(session: &mut Session, ctx: &mut RequestCtx, reply: Reply) -> Result<bool> {
+pub(crate) async fn answer_with(session: &mut ServerSession, ctx: &mut RequestCtx, reply: Reply) -> Result<bool> {
     let written = write_reply(session, &reply).await;
     ctx.cache_status = Some(reply.cache_status);
     written.map(|()| true)
 }
 
-async fn write_error(session: &mut Session, ctx: &mut RequestCtx, e: &ApiError) -> Result<bool> {
-    answer_with(session, ctx, Reply::error(e, format!("{CACHE_NAME}; fwd=bypass; detail=rejected"))).await
+/// A request the proxy refuses itself.
+fn rejected(e: &ApiError) -> Reply {
+    Reply::error(e, format!("{CACHE_NAME}; fwd=bypass; detail=rejected"))
 }
 
 #[async_trait]
@@ -193,115 +432,13 @@ impl ProxyHttp for InsightsProxy {
     fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
 
     fn new_ctx(&self) -> RequestCtx {
-        RequestCtx {
-            started: Instant::now(),
-            route: "passthrough",
-            mode: None,
-            cache_status: None,
-            purge_on_success: None,
-            body_bytes: 0,
-            relink: None,
-            upstream_deadline: None,
-        }
+        RequestCtx::new()
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        // pingora makes an HTTP/1.1 connection's idle wait infinite once a request was read; this
-        // bounds the wait before the next request (carried to the reused connection).
-        session.set_keepalive(Some(self.app.config.idle_timeout.as_secs().max(1)));
-        let req = session.req_header();
-        let header_bytes: usize = req.headers.iter().map(|(k, v)| k.as_str().len() + v.len()).sum();
-        if req.headers.len() > MAX_REQUEST_HEADERS || header_bytes > MAX_REQUEST_HEADER_BYTES {
-            return write_error(session, ctx, &ApiError::headers_too_large()).await;
-        }
-        let declared_len =
-            req.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
-        if declared_len.is_some_and(|n| n > self.max_body()) {
-            return write_error(session, ctx, &ApiError::payload_too_large(self.max_body())).await;
-        }
-        let query = match QueryParams::parse(req.uri.query()) {
-            Ok(q) => q,
-            Err(e) => return write_error(session, ctx, &ApiError::bad_request(e.to_string())).await,
-        };
-        let route = route(&req.method, req.uri.path(), &query);
-        ctx.route = match &route {
-            Route::InsightRetrieve { .. } => "insight",
-            Route::InsightList { .. } => "insight_list",
-            Route::InsightWrite { .. } => "insight_write",
-            Route::QueryStatus { .. } => "query_status",
-            Route::Passthrough => "passthrough",
-            Route::Reject(_) => "rejected",
-        };
-        match route {
-            Route::Reject(e) => write_error(session, ctx, &e).await,
-            Route::Passthrough => Ok(false),
-            Route::InsightWrite { project, insight } => {
-                ctx.purge_on_success = Some((project, insight));
-                Ok(false)
-            }
-            Route::QueryStatus { project, query_id } => {
-                let cred = Credential::from_request(&session.req_header().headers, query.get("personal_api_key"));
-                match insights::query_status(&self.app, project, &query_id, cred.as_ref()).await {
-                    Some(reply) => answer_with(session, ctx, reply).await,
-                    None => Ok(false),
-                }
-            }
-            Route::InsightRetrieve { .. } | Route::InsightList { .. } => {
-                // A GET may carry a JSON body with `refresh` or `personal_api_key` (PostHog reads
-                // `request.data`); it is read here because the proxy answers the request itself.
-                let fields = if session.is_body_empty() {
-                    BodyFields::default()
-                } else {
-                    let body = match read_body(session, self.max_body()).await {
-                        Ok(b) => b,
-                        Err(BodyError::TooLarge) => {
-                            return write_error(session, ctx, &ApiError::payload_too_large(self.max_body())).await
-                        }
-                        Err(_) => return Err(Error::new(ErrorType::ReadError)),
-                    };
-                    match body_fields(&body) {
-                        Ok(f) => f,
-                        Err(_) => {
-                            let e = ApiError::new(
-                                400,
-                                "validation_error",
-                                "parse_error",
-                                "JSON parse error - the request body is not valid JSON.",
-                            );
-                            return write_error(session, ctx, &e).await;
-                        }
-                    }
-                };
-                let req = session.req_header();
-                let api_key = query.get("personal_api_key").or(fields.api_key.as_deref());
-                let Some(credential) = Credential::from_request(&req.headers, api_key) else {
-                    // Never answered from the cache: the upstream says what it says (401).
-                    ctx.cache_status = Some(format!("{CACHE_NAME}; fwd=bypass; detail=no-credential"));
-                    return Ok(false);
-                };
-                let param = match (query.get("refresh"), &fields.refresh) {
-                    (Some(q), _) => RefreshParam::Text(q),
-                    (None, Some(Value::Bool(b))) => RefreshParam::Bool(*b),
-                    (None, Some(Value::String(s))) => RefreshParam::Text(s.as_str()),
-                    _ => RefreshParam::Absent,
-                };
-                let mode = param.mode();
-                ctx.mode = Some(mode.as_str());
-                let path = req.uri.path().to_string();
-                let reply = match route {
-                    Route::InsightRetrieve { project, insight } => {
-                        let call = InsightCall { project, insight, path, query, credential, mode };
-                        insights::retrieve(&self.app, call).await
-                    }
-                    Route::InsightList { project } => {
-                        let public_base = public_base(&self.app, req);
-                        let call = ListCall { project, path, query, credential, mode, public_base };
-                        insights::list(&self.app, call).await
-                    }
-                    _ => unreachable!("matched above"),
-                };
-                answer_with(session, ctx, reply).await
-            }
+        match self.decide(session.as_downstream_mut(), ctx, false).await? {
+            Some(reply) => answer_with(session.as_downstream_mut(), ctx, reply).await,
+            None => Ok(false),
         }
     }
 
@@ -471,41 +608,7 @@ impl ProxyHttp for InsightsProxy {
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
-        use pingora::ErrorSource;
-        let api = match (e.etype(), e.esource()) {
-            (ErrorType::HTTPStatus(413), _) => ApiError::payload_too_large(self.max_body()),
-            (ErrorType::HTTPStatus(503), _) => {
-                ApiError::service_unavailable("The upstream is failing; the proxy is not calling it for a moment.")
-            }
-            // The client went away or stalled: nobody to answer.
-            (
-                ErrorType::ReadError
-                | ErrorType::WriteError
-                | ErrorType::ConnectionClosed
-                | ErrorType::ReadTimedout
-                | ErrorType::WriteTimedout,
-                ErrorSource::Downstream,
-            ) => return FailToProxy { error_code: 0, can_reuse_downstream: false },
-            (_, ErrorSource::Downstream) | (ErrorType::HTTPStatus(400..=499), _) => {
-                ApiError::bad_request("The request could not be read.")
-            }
-            (ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout, _) => {
-                self.app.upstream.breaker().record(false);
-                ApiError::gateway_timeout("The upstream did not answer in time.")
-            }
-            _ => {
-                self.app.upstream.breaker().record(false);
-                ApiError::bad_gateway("The upstream is unreachable or failed to answer.")
-            }
-        };
-        let detail = if api.status >= 500 { "upstream-error" } else { "rejected" };
-        ctx.cache_status = Some(format!("{CACHE_NAME}; fwd=bypass; detail={detail}"));
-        let reply = Reply::error(&api, ctx.cache_status.clone().unwrap_or_default());
-        // The response may already have started; then there is nothing more to say.
-        if session.response_written().is_none() {
-            let _ = write_reply(session, &reply).await;
-        }
-        FailToProxy { error_code: api.status, can_reuse_downstream: false }
+        self.fail(session.as_downstream_mut(), e, ctx).await
     }
 
     /// What pingora's own error lines say about a request: method and path only, since a query
@@ -516,27 +619,8 @@ impl ProxyHttp for InsightsProxy {
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
-        let elapsed = ctx.started.elapsed().as_secs_f64();
-        let label = crate::metrics::cache_label(ctx.cache_status.as_deref().unwrap_or(""));
-        self.app.metrics.observe_request(ctx.route, ctx.mode.unwrap_or("-"), label, elapsed);
-        let from_cache = matches!(label, "hit" | "stale");
-        match self.app.config.access_log {
-            AccessLog::All => {}
-            AccessLog::Misses if !from_cache => {}
-            AccessLog::Misses | AccessLog::None => return,
-        }
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let req = session.req_header();
-        // The path only: a query string may carry `personal_api_key`.
-        tracing::info!(
-            method = %req.method,
-            path = req.uri.path(),
-            route = ctx.route,
-            mode = ctx.mode.unwrap_or("-"),
-            status,
-            cache = ctx.cache_status.as_deref().unwrap_or("-"),
-            ms = elapsed * 1000.0,
-            "request"
-        );
+        self.log_request(&req.method, req.uri.path(), status, ctx);
     }
 }

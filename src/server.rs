@@ -8,7 +8,7 @@ use std::thread::JoinHandle;
 
 use async_trait::async_trait;
 use pingora::prelude::background_service;
-use pingora::proxy::http_proxy_service;
+use pingora::proxy::http_proxy;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
 
@@ -16,6 +16,7 @@ use crate::admin::AdminApp;
 use crate::app::App;
 use crate::clock::Clock;
 use crate::config::{Config, UpstreamTarget, UpstreamUrl};
+use crate::fast::FastPath;
 use crate::proxy::InsightsProxy;
 use crate::simulate::{SimConfig, Simulator};
 use crate::upstream::{UpstreamClient, UpstreamSettings};
@@ -131,8 +132,11 @@ pub fn build_with(config: Config, clock: Clock, upgrade: bool) -> Result<Built, 
     let listen = config.listen.clone();
     let breaker = config.breaker;
     let app = App::new(Arc::new(config), clock, UpstreamClient::new(settings.clone(), breaker));
-    let mut proxy =
-        http_proxy_service(&server.configuration, InsightsProxy { app: app.clone(), peer: settings.peer() });
+    let insights = || InsightsProxy { app: app.clone(), peer: settings.peer() };
+    // Requests the proxy answers itself skip pingora_proxy's per-request session (`fast`); the
+    // rest go through pingora's proxy as before.
+    let fast = FastPath::new(http_proxy(&server.configuration, insights()), insights());
+    let mut proxy = pingora::services::listening::Service::new("Pingora HTTP Proxy Service".into(), fast);
     // A 16 KB write buffer sends a cached answer's header and body in one write.
     proxy.add_listener(
         pingora::listeners::ListenerConfig::tcp(listen.as_str())

@@ -1,0 +1,314 @@
+//! The proxy's own answers (cache hits above all) without pingora_proxy's per-request session.
+//!
+//! [`FastPath`] is the `ServerApp` of the listening service and wraps pingora's proxy
+//! (`HttpProxy<InsightsProxy>`). It runs pingora's HTTP/1 connection loop itself (pingora-core's
+//! `ServerApp for HttpServerApp`, reproduced in [`FastPath::process_new`]). For a GET whose header
+//! (and nothing more) arrived in one read, it parses the request with pingora's own HTTP/1 session
+//! and decides with [`InsightsProxy::decide`], the decision `request_filter` makes. When the proxy
+//! answers the request itself, the fast path writes the same bytes pingora's session would
+//! ([`crate::proxy::reply_head`]), with the same keep-alive, metrics and access log, without
+//! pingora_proxy's `Session` (HTTP cache state, module contexts, a boxed downstream session), its
+//! phase machine (which moves that state between futures several times per request) and pingora's
+//! response-header building (`ResponseHeader` with `Date` and `Connection` inserted through a
+//! `HeaderMap`, serialized into a fresh 4 KB buffer).
+//!
+//! Everything else goes to pingora's proxy unchanged: the bytes read so far are handed to a fresh
+//! session as its pipelined prefix, so the proxy parses the same request as if it had read it
+//! itself, and `decide(.., fast = true)` returns `None` before a request body is read. HTTP/2 and
+//! custom protocols go to pingora's own connection handling.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::BytesMut;
+use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream, ServerApp};
+use pingora::protocols::http::ServerSession;
+use pingora::protocols::{Stream, ALPN};
+use pingora::proxy::HttpProxy;
+use pingora::server::ShutdownWatch;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Notify;
+
+use crate::proxy::{answer_with, reply_head, InsightsProxy, RequestCtx};
+
+/// pingora's first read of a request header (`INIT_HEADER_BUF_SIZE`).
+const HEADER_BUF: usize = 4096;
+/// pingora's read timeout for a request on a connection without keep-alive.
+const READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub struct FastPath {
+    proxy: Arc<HttpProxy<InsightsProxy>>,
+    /// The same decision code as the proxy's `request_filter` (a second handle on the same `App`).
+    insights: InsightsProxy,
+    /// Set (and waiters woken) when the service stops listening, as pingora's proxy does for
+    /// requests it waits for on idle keep-alive connections.
+    closing: AtomicBool,
+    closed: Notify,
+}
+
+enum Read {
+    /// A whole request header (and whatever followed it in the same read).
+    Head(Stream, BytesMut),
+    /// Not a whole header in the first read: pingora's proxy continues from these bytes.
+    Partial(Stream, BytesMut),
+    /// The client closed the connection or stayed idle past the keep-alive timeout.
+    Closed,
+}
+
+impl FastPath {
+    pub fn new(proxy: HttpProxy<InsightsProxy>, insights: InsightsProxy) -> FastPath {
+        FastPath { proxy: Arc::new(proxy), insights, closing: AtomicBool::new(false), closed: Notify::new() }
+    }
+
+    async fn closing(&self) {
+        let notified = self.closed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if self.closing.load(Ordering::Acquire) {
+            return;
+        }
+        notified.await;
+    }
+
+    /// Reads the first bytes of the next request the way pingora's HTTP/1 session does: the wait
+    /// is bounded by the connection's keep-alive timeout (`Some(0)`: none), or by pingora's read
+    /// timeout when keep-alive is off.
+    async fn read_head(mut stream: Stream, keepalive: Option<u64>) -> Read {
+        let mut buf = BytesMut::with_capacity(HEADER_BUF);
+        let read = match keepalive {
+            Some(0) => stream.read_buf(&mut buf).await,
+            Some(secs) => match tokio::time::timeout(Duration::from_secs(secs), stream.read_buf(&mut buf)).await {
+                Ok(r) => r,
+                Err(_) => return Read::Closed,
+            },
+            None => match tokio::time::timeout(READ_TIMEOUT, stream.read_buf(&mut buf)).await {
+                Ok(r) => r,
+                Err(_) => return Read::Closed,
+            },
+        };
+        match read {
+            Ok(0) | Err(_) => Read::Closed,
+            // A request line, and the header's end at the end of the read: parsing it needs no
+            // further read, so every byte of the request is in `buf`.
+            Ok(_) if buf[0].is_ascii_alphabetic() && buf.ends_with(b"\r\n\r\n") => Read::Head(stream, buf),
+            Ok(_) => Read::Partial(stream, buf),
+        }
+    }
+
+    /// A new HTTP/1 session on `stream` that parses `prefix` before reading the socket, with the
+    /// connection's settings.
+    fn session(stream: Stream, prefix: BytesMut, settings: &Settings) -> ServerSession {
+        let mut session = ServerSession::new_http1(stream);
+        session.set_keepalive(settings.keepalive);
+        session.set_keepalive_reuses_remaining(settings.reuses_remaining);
+        session.set_pipelined_prefix(prefix);
+        session
+    }
+
+    /// After the proxy's answer went through pingora's session (`answered`), or deciding failed: as
+    /// pingora's proxy ends a request that `request_filter` answered or failed.
+    async fn finish(
+        &self,
+        mut session: ServerSession,
+        mut ctx: RequestCtx,
+        answered: pingora::Result<bool>,
+    ) -> Option<ReusedHttpStream> {
+        let status = |s: &ServerSession| s.response_written().map_or(0, |r| r.status.as_u16());
+        match answered {
+            Ok(_) => {
+                let req = session.req_header();
+                self.insights.log_request(&req.method, req.uri.path(), status(&session), &ctx);
+                let persistent = HttpPersistentSettings::for_session(&session);
+                session.finish().await.ok().flatten().map(|s| ReusedHttpStream::from_reusable_stream(s, persistent))
+            }
+            Err(e) => {
+                let res = self.insights.fail(&mut session, &e, &mut ctx).await;
+                let req = session.req_header();
+                tracing::error!(
+                    "Fail to filter request: {e}, status: {}, {} {}",
+                    res.error_code,
+                    req.method,
+                    req.uri.path()
+                );
+                self.insights.log_request(&req.method, req.uri.path(), status(&session), &ctx);
+                None
+            }
+        }
+    }
+
+    /// Hands the request (its bytes read so far in `prefix`) to pingora's proxy.
+    async fn delegate(
+        self: &Arc<Self>,
+        stream: Stream,
+        prefix: BytesMut,
+        settings: Settings,
+        shutdown: &ShutdownWatch,
+    ) -> Option<ReusedHttpStream> {
+        let mut session = Self::session(stream, prefix, &settings);
+        session.set_connection_user_context(settings.user_context);
+        self.proxy.process_new_http(session, shutdown).await
+    }
+}
+
+/// What pingora carries from one request to the next on a connection
+/// (`HttpPersistentSettings::apply_to_session`).
+struct Settings {
+    keepalive: Option<u64>,
+    reuses_remaining: Option<u32>,
+    user_context: Option<Box<dyn std::any::Any + Send + Sync>>,
+}
+
+/// Where a connection stands between two requests.
+enum Next {
+    /// After an answer of the fast path: the stream and the settings for the next request.
+    Fresh(Stream, Settings),
+    /// After pingora's proxy handled a request: the session pingora's loop would start with.
+    Session(Box<ServerSession>),
+}
+
+impl Next {
+    /// What pingora's loop does with a reusable stream the proxy returned.
+    fn reused(reused: Option<ReusedHttpStream>) -> Option<Next> {
+        let (stream, persistent) = reused?.consume();
+        let mut session = ServerSession::new_http1(stream);
+        if let Some(persistent) = persistent {
+            persistent.apply_to_session(&mut session);
+        }
+        Some(Next::Session(Box::new(session)))
+    }
+}
+
+impl FastPath {
+    /// One request on an HTTP/1 connection; `None` when the connection is done.
+    async fn request(self: &Arc<Self>, stream: Stream, settings: Settings, shutdown: &ShutdownWatch) -> Option<Next> {
+        let read = tokio::select! {
+            biased;
+            r = Self::read_head(stream, settings.keepalive) => r,
+            _ = self.closing() => return None,
+        };
+        let (stream, buf) = match read {
+            Read::Closed => return None,
+            Read::Partial(stream, buf) => return Next::reused(self.delegate(stream, buf, settings, shutdown).await),
+            Read::Head(stream, buf) => (stream, buf),
+        };
+        // Kept to hand the request to the proxy unchanged if it is not answered here.
+        let copy = BytesMut::from(&buf[..]);
+        let mut session = Self::session(stream, buf, &settings);
+        let parsed = matches!(session.read_request().await, Ok(true));
+        let delegate = !parsed
+            || session.req_header().method != http::Method::GET
+            || session.as_http1().is_none_or(|h1| h1.get_headers_raw_bytes().len() != copy.len())
+            || !session.is_body_empty();
+        if delegate {
+            // Malformed, not a GET, or more than a header (a body, pipelined requests): the proxy
+            // answers exactly as it does when it reads the request itself.
+            let ServerSession::H1(h1) = session else { unreachable!("an HTTP/1 session") };
+            return Next::reused(self.delegate(h1.into_inner(), copy, settings, shutdown).await);
+        }
+        if *shutdown.borrow() {
+            // stop downstream from reusing if this service is shutting down soon (as pingora does)
+            session.set_keepalive(None);
+        }
+        let mut ctx = RequestCtx::new();
+        let reply = match self.insights.decide(&mut session, &mut ctx, true).await {
+            Ok(Some(reply)) => reply,
+            Ok(None) => {
+                let ServerSession::H1(h1) = session else { unreachable!("an HTTP/1 session") };
+                return Next::reused(self.delegate(h1.into_inner(), copy, settings, shutdown).await);
+            }
+            Err(e) => return Next::reused(self.finish(session, ctx, Err(e)).await),
+        };
+        let keep_alive = session.as_http1().is_some_and(|h1| h1.will_keepalive());
+        let Some(head) = reply_head(&reply, keep_alive) else {
+            // pingora's writer refuses it: as on the proxy's path.
+            let answered = answer_with(&mut session, &mut ctx, reply).await;
+            return Next::reused(self.finish(session, ctx, answered).await);
+        };
+        // What pingora's session would write (`reply_head`), written to the connection's buffered
+        // stream directly and flushed once, as pingora does at the end of a response with a length.
+        let persistent = Settings {
+            keepalive: session.get_keepalive(),
+            reuses_remaining: session.get_keepalive_reuses_remaining().map(|n| n.saturating_sub(1)),
+            user_context: None,
+        };
+        let (method, uri) = {
+            let req = session.req_header();
+            (req.method.clone(), req.uri.clone())
+        };
+        let ServerSession::H1(h1) = session else { unreachable!("an HTTP/1 session") };
+        let mut stream = h1.into_inner();
+        let mut status = 0;
+        let mut written = stream.write_all(&head).await;
+        if written.is_ok() {
+            status = reply.status;
+            written = stream.write_all(&reply.body).await;
+        }
+        ctx.cache_status = Some(reply.cache_status);
+        if let Err(e) = written {
+            tracing::error!("Fail to filter request: Downstream WriteError: {e}, status: 0, {method} {}", uri.path());
+            self.insights.log_request(&method, uri.path(), status, &ctx);
+            return None;
+        }
+        // Counted and logged before the answer leaves the write buffer, as on pingora's path (its
+        // `logging` runs before `finish` flushes): a client that has its answer sees it counted.
+        self.insights.log_request(&method, uri.path(), status, &ctx);
+        if stream.flush().await.is_err() {
+            return None;
+        }
+        if keep_alive {
+            // `HttpPersistentSettings::for_session` then `apply_to_session`, as pingora's loop does.
+            Some(Next::Fresh(stream, persistent))
+        } else {
+            let _ = stream.shutdown().await;
+            None
+        }
+    }
+}
+
+#[async_trait]
+impl ServerApp for FastPath {
+    async fn process_new(self: &Arc<Self>, stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
+        // As pingora-core's `ServerApp for HttpServerApp`: HTTP/2 (h2c or ALPN) and custom protocols
+        // are pingora's; the HTTP/1 loop is this one.
+        let options = self.proxy.server_options();
+        let h2c = options.is_some_and(|o| o.h2c) && stream.get_ssl_digest().is_none();
+        let custom = options.is_some_and(|o| o.force_custom);
+        if h2c || custom || matches!(stream.selected_alpn_proto(), Some(ALPN::H2 | ALPN::Custom(_))) {
+            return ServerApp::process_new(&self.proxy, stream, shutdown).await;
+        }
+        let settings = Settings {
+            // pingora's default for a new connection (60 s), or none when shutting down.
+            keepalive: if *shutdown.borrow() { None } else { Some(60) },
+            reuses_remaining: options.and_then(|o| o.keepalive_request_limit),
+            user_context: None,
+        };
+        let mut next = Next::Fresh(stream, settings);
+        loop {
+            next = match next {
+                Next::Fresh(stream, settings) => self.request(stream, settings, shutdown).await?,
+                Next::Session(mut session) => {
+                    if session.pipelining_enabled() {
+                        // Never on here; pingora's proxy keeps such a connection.
+                        Next::reused(self.proxy.process_new_http(*session, shutdown).await)?
+                    } else {
+                        let settings = Settings {
+                            keepalive: session.get_keepalive(),
+                            reuses_remaining: session.get_keepalive_reuses_remaining(),
+                            user_context: session.take_connection_user_context(),
+                        };
+                        let ServerSession::H1(h1) = *session else { unreachable!("an HTTP/1 session") };
+                        self.request(h1.into_inner(), settings, shutdown).await?
+                    }
+                }
+            };
+        }
+    }
+
+    async fn cleanup(&self) {
+        self.closing.store(true, Ordering::Release);
+        self.closed.notify_waiters();
+        self.proxy.http_cleanup().await;
+    }
+}

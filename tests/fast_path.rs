@@ -1,0 +1,315 @@
+//! Issue 7: requests the proxy answers itself take a path in front of pingora's proxy
+//! (`src/fast.rs`); everything else is handed to the proxy on the same connection. These tests
+//! drive one keep-alive connection through both paths and the edges between them.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use common::*;
+
+/// One keep-alive connection that reads responses by their framing.
+struct Conn {
+    s: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Conn {
+    fn open(port: u16) -> Conn {
+        let s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        // A hang guard, not a timing assertion.
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        Conn { s, buf: Vec::new() }
+    }
+
+    fn send_raw(&mut self, raw: &[u8]) {
+        self.s.write_all(raw).expect("write");
+    }
+
+    fn send(&mut self, method: &str, path: &str, headers: &[(&str, &str)], body: Option<&str>) {
+        self.send_raw(&request(method, path, headers, body));
+    }
+
+    /// Reads more; false when the server closed the connection (or reset it).
+    fn fill(&mut self) -> bool {
+        let mut chunk = [0u8; 16 * 1024];
+        match self.s.read(&mut chunk) {
+            Ok(0) => false,
+            Ok(n) => {
+                self.buf.extend_from_slice(&chunk[..n]);
+                true
+            }
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                panic!("no answer and no close within the hang guard")
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// The next response, or `None` when the server closed the connection first.
+    fn response(&mut self) -> Option<Resp> {
+        self.response_raw().map(|raw| parse_response(&raw))
+    }
+
+    /// The next response's bytes as sent.
+    fn response_raw(&mut self) -> Option<Vec<u8>> {
+        let head_end = loop {
+            if let Some(p) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break p + 4;
+            }
+            if !self.fill() {
+                assert!(
+                    self.buf.is_empty(),
+                    "connection closed mid-response: {:?}",
+                    String::from_utf8_lossy(&self.buf)
+                );
+                return None;
+            }
+        };
+        let head = parse_response(&self.buf[..head_end]);
+        let total = if let Some(len) = head.header("content-length") {
+            head_end + len.parse::<usize>().unwrap()
+        } else if head.header("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+            loop {
+                if let Some(p) = self.buf[head_end..].windows(5).position(|w| w == b"0\r\n\r\n") {
+                    break head_end + p + 5;
+                }
+                assert!(self.fill(), "connection closed mid-body");
+            }
+        } else {
+            while self.fill() {}
+            self.buf.len()
+        };
+        while self.buf.len() < total {
+            assert!(self.fill(), "connection closed mid-body");
+        }
+        Some(self.buf.drain(..total).collect())
+    }
+
+    fn exchange(&mut self, method: &str, path: &str, headers: &[(&str, &str)], body: Option<&str>) -> Resp {
+        self.send(method, path, headers, body);
+        self.response().unwrap_or_else(|| panic!("{method} {path}: connection closed without an answer"))
+    }
+
+    /// Whether the server has closed the connection (nothing more to read).
+    fn closed(&mut self) -> bool {
+        !self.fill()
+    }
+}
+
+fn request(method: &str, path: &str, headers: &[(&str, &str)], body: Option<&str>) -> Vec<u8> {
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if let Some(b) = body {
+        req.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", b.len()));
+    }
+    req.push_str("\r\n");
+    if let Some(b) = body {
+        req.push_str(b);
+    }
+    req.into_bytes()
+}
+
+const AUTH: (&str, &str) = ("Authorization", "Bearer phx_demo_all");
+
+/// Insight hits counted in `insights_proxy_requests_total`, over all modes.
+fn hits(h: &Harness) -> f64 {
+    let text = h.admin("GET", "/metrics", false).text();
+    text.lines()
+        .filter(|l| l.starts_with("insights_proxy_requests_total{") && l.contains(r#"cache="hit""#))
+        .filter(|l| l.contains(r#"route="insight""#))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn one_connection_through_both_paths() {
+    let h = Harness::start();
+    let (id, url) = h.day_insight();
+    let mut c = Conn::open(h.proxy_port);
+
+    let miss = c.exchange("GET", &format!("{url}?refresh=blocking"), &[AUTH], None);
+    assert_eq!(miss.status, 200, "{}", miss.text());
+    let before = hits(&h);
+    let hit = c.exchange("GET", &url, &[AUTH], None);
+    assert_eq!(hit.status, 200);
+    assert!(hit.cache_status().contains("hit"), "{}", hit.cache_status());
+    assert_eq!(hit.header("vary"), Some("Authorization, Cookie"));
+    assert_eq!(hit.header("content-length").map(|l| l.parse::<usize>().unwrap()), Some(hit.body.len()));
+    assert_eq!(hit.json()["id"].as_u64(), Some(id));
+    assert_eq!(hits(&h), before + 1.0, "one hit counted once");
+
+    // Pass-through on the same connection: the upstream's own answer, no Cache-Status.
+    let projects = c.exchange("GET", "/api/projects/", &[AUTH], None);
+    assert_eq!(projects.status, 200);
+    assert_eq!(projects.header("cache-status"), None);
+
+    // A write with a body after a hit: forwarded with its body, then the entry is purged.
+    let patched = c.exchange("PATCH", &url, &[AUTH], Some(r#"{"description":"fast path"}"#));
+    assert_eq!(patched.status, 200, "{}", patched.text());
+    assert_eq!(patched.json()["description"], "fast path");
+    let after_write = c.exchange("GET", &format!("{url}?refresh=blocking"), &[AUTH], None);
+    assert_eq!(after_write.status, 200);
+    assert!(!after_write.cache_status().contains("; hit"), "purged by the write: {}", after_write.cache_status());
+    assert_eq!(after_write.json()["description"], "fast path");
+
+    // A GET with a JSON body is decided by the proxy (it reads the body): `refresh` in the body.
+    let body_get = c.exchange("GET", &url, &[AUTH], Some(r#"{"refresh":"force_cache"}"#));
+    assert_eq!(body_get.status, 200, "{}", body_get.text());
+    assert!(body_get.cache_status().contains("hit"), "{}", body_get.cache_status());
+
+    // No credential: the upstream says 401, and the proxy marks it as bypassed.
+    let anon = c.exchange("GET", &url, &[], None);
+    assert_eq!(anon.status, 401);
+    assert!(anon.cache_status().contains("no-credential"), "{}", anon.cache_status());
+
+    // Refused by the proxy itself: too many headers, on the same connection.
+    let many: Vec<(String, String)> = (0..101).map(|i| (format!("x-h{i}"), "v".to_string())).collect();
+    let mut headers: Vec<(&str, &str)> = many.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    headers.push(AUTH);
+    let refused = c.exchange("GET", &url, &headers, None);
+    assert_eq!(refused.status, 431, "{}", refused.text());
+
+    // A header larger than one read (a 20 KB cookie) still reaches the same decision.
+    let cookie = format!("other={}", "c".repeat(20_000));
+    let big = c.exchange("GET", &url, &[AUTH, ("Cookie", &cookie)], None);
+    assert_eq!(big.status, 200);
+    assert!(big.cache_status().contains("hit"), "{}", big.cache_status());
+
+    // A header sent in two pieces.
+    let raw = request("GET", &url, &[AUTH], None);
+    let (a, b) = raw.split_at(20);
+    c.send_raw(a);
+    c.s.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    c.send_raw(b);
+    let split = c.response().expect("an answer to a header sent in two writes");
+    assert_eq!(split.status, 200);
+    assert!(split.cache_status().contains("hit"), "{}", split.cache_status());
+
+    // Still the same connection, still a hit.
+    let last = c.exchange("GET", &url, &[AUTH], None);
+    assert!(last.cache_status().contains("hit"), "{}", last.cache_status());
+    assert_ne!(last.header("connection"), Some("close"));
+}
+
+#[test]
+fn connection_close_ends_the_connection_and_http10_is_answered() {
+    let h = Harness::start();
+    let (_, url) = h.day_insight();
+    assert_eq!(h.get(&format!("{url}?refresh=blocking"), ALL).status, 200);
+
+    let mut c = Conn::open(h.proxy_port);
+    let r = c.exchange("GET", &url, &[AUTH, ("Connection", "close")], None);
+    assert!(r.cache_status().contains("hit"), "{}", r.cache_status());
+    assert_eq!(r.header("connection"), Some("close"));
+    assert!(c.closed(), "Connection: close is honoured");
+
+    let mut c = Conn::open(h.proxy_port);
+    c.send_raw(format!("GET {url} HTTP/1.0\r\nAuthorization: Bearer {ALL}\r\n\r\n").as_bytes());
+    let r = c.response().expect("an answer");
+    assert_eq!(r.status, 200);
+    assert!(r.cache_status().contains("hit"), "{}", r.cache_status());
+}
+
+/// Two requests in one write. pingora 0.9 does not pipeline by default: it answers the first and
+/// closes the connection (bytes read past a request end it). The fast path does the same, whichever
+/// path the first request takes.
+#[test]
+fn pipelined_requests_are_answered_as_pingora_does() {
+    let h = Harness::start();
+    let (_, url) = h.day_insight();
+    assert_eq!(h.get(&format!("{url}?refresh=blocking"), ALL).status, 200);
+
+    for first in [url.as_str(), "/api/projects/"] {
+        let mut c = Conn::open(h.proxy_port);
+        let mut both = request("GET", first, &[AUTH], None);
+        both.extend_from_slice(&request("GET", &url, &[AUTH], None));
+        c.send_raw(&both);
+        let r = c.response().expect("the first request is answered");
+        assert_eq!(r.status, 200, "{first}");
+        assert!(c.response().is_none(), "{first}: the pipelined request is not answered");
+    }
+}
+
+/// Malformed and unusual requests the fast path hands to pingora unchanged.
+#[test]
+fn malformed_and_other_methods_go_to_pingora() {
+    let h = Harness::start();
+    let (_, url) = h.day_insight();
+    assert_eq!(h.get(&format!("{url}?refresh=blocking"), ALL).status, 200);
+
+    let mut c = Conn::open(h.proxy_port);
+    c.send_raw(b"GET /api/ HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n");
+    let r = c.response().expect("an answer to conflicting lengths");
+    assert_eq!(r.status, 400);
+
+    let mut c = Conn::open(h.proxy_port);
+    c.send_raw(b"CONNECT 127.0.0.1:1 HTTP/1.1\r\nHost: 127.0.0.1:1\r\n\r\n");
+    let r = c.response().expect("an answer to CONNECT");
+    assert_eq!(r.status, 405);
+}
+
+/// The head of the proxy's own answer, with the parts that change between two answers (the date,
+/// the entry's remaining freshness) blanked.
+fn head_of(raw: &[u8]) -> String {
+    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("a response head") + 4;
+    let head = String::from_utf8_lossy(&raw[..end]).into_owned();
+    head.lines()
+        .map(|l| {
+            if l.starts_with("Date: ") {
+                "Date: -".to_string()
+            } else if let Some(i) = l.find("ttl=") {
+                format!("{}ttl=-", &l[..i])
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The fast path writes its answers' heads itself: byte for byte what pingora's session writes for
+/// the same reply on the proxy's path (taken here by a GET with an empty JSON body, which the fast
+/// path leaves to the proxy).
+#[test]
+fn answers_are_byte_identical_on_both_paths() {
+    let h = Harness::start();
+    let (_, url) = h.day_insight();
+    assert_eq!(h.get(&format!("{url}?refresh=blocking"), ALL).status, 200);
+    let many: String = (0..101).map(|i| format!("x-h{i}: v\r\n")).collect();
+    let cases = [
+        (url.clone(), String::new()),
+        (url.clone(), "Connection: close\r\n".to_string()),
+        (url.clone(), many),
+        (format!("{url}?a=%zz"), String::new()),
+        ("/api/environments/1/../insights/".to_string(), String::new()),
+    ];
+    for (path, extra) in cases {
+        let mut heads = Vec::new();
+        for body in ["", "{}"] {
+            let len = if body.is_empty() { String::new() } else { format!("Content-Length: {}\r\n", body.len()) };
+            let raw = format!(
+                "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {ALL}\r\n{extra}{len}\r\n{body}"
+            );
+            let mut c = Conn::open(h.proxy_port);
+            c.send_raw(raw.as_bytes());
+            let all = c.response_raw().expect("an answer");
+            heads.push(head_of(&all));
+        }
+        if heads[0].starts_with("HTTP/1.1 200") {
+            assert_eq!(heads[0], heads[1], "{path} {extra:?}");
+        } else {
+            // Refused without reading the body: pingora closes a connection whose request body is
+            // unread; without a body the connection stays open on both paths.
+            let without_connection =
+                |h: &str| h.lines().filter(|l| !l.starts_with("Connection:")).collect::<Vec<_>>().join("\n");
+            assert_eq!(without_connection(&heads[0]), without_connection(&heads[1]), "{path}");
+            assert!(heads[0].contains("Connection: keep-alive"), "{}", heads[0]);
+        }
+    }
+}
