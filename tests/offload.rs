@@ -62,8 +62,11 @@ fn a_spent_budget_serves_stale_or_posthogs_concurrency_error() {
             None,
         )
     });
-    eventually("the slow calculation holds the project's only slot", || h.app.budget.running(1) == 1);
-    let before = h.sim.total_calculations();
+    // The simulator counts a calculation when it starts: then the slot is surely held.
+    let before = h.sim.total_calculations() + 1;
+    eventually("the slow calculation holds the project's only slot", || {
+        h.app.budget.running(1) == 1 && h.sim.total_calculations() == before
+    });
     let r = h.get(&format!("{}?refresh=blocking", url(cold)), ALL);
     assert_eq!(r.status, 200);
     let v = r.json();
