@@ -26,16 +26,20 @@ def request_bytes(host, port, target, headers):
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
-async def read_answer(reader):
-    """Reads one response (Content-Length or chunked). Returns (status, headers dict, body length)."""
-    head = await reader.readuntil(b"\r\n\r\n")
+def parse_head(head):
+    """(status, headers with lower-case names) of a response head."""
     lines = head.split(b"\r\n")
-    status = int(lines[0].split(b" ")[1])
     headers = {}
     for line in lines[1:]:
         if b":" in line:
             k, v = line.split(b":", 1)
             headers[k.strip().lower()] = v.strip()
+    return int(lines[0].split(b" ")[1]), headers
+
+
+async def read_answer(reader):
+    """Reads one response (Content-Length or chunked). Returns (status, headers dict, body length)."""
+    status, headers = parse_head(await reader.readuntil(b"\r\n\r\n"))
     if b"content-length" in headers:
         n = int(headers[b"content-length"])
         await reader.readexactly(n)
@@ -70,13 +74,7 @@ def parse_answer(buf, eof):
     end = buf.find(b"\r\n\r\n")
     if end < 0:
         return None
-    lines = bytes(buf[:end]).split(b"\r\n")
-    status = int(lines[0].split(b" ")[1])
-    headers = {}
-    for line in lines[1:]:
-        if b":" in line:
-            k, v = line.split(b":", 1)
-            headers[k.strip().lower()] = v.strip()
+    status, headers = parse_head(bytes(buf[:end]))
     body = end + 4
     if b"content-length" in headers:
         return (status, headers) if len(buf) - body >= int(headers[b"content-length"]) else None

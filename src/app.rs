@@ -301,6 +301,36 @@ impl App {
         }
     }
 
+    /// Calculates for `spec` under `flight` (its own key or its group's, [`App::flight_key`]), or
+    /// joins that calculation, and takes the result as this variant's ([`App::adopt`]); if the
+    /// flight was another variant's whose upstream key changed meanwhile, calculates under the
+    /// variant's own key. `wait` is how the caller waits on a flight (`None`: the work was
+    /// abandoned). Returns the outcome and whether this call started the flight it took it from.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn calculate_for<W, F>(
+        self: &Arc<Self>,
+        spec: &Arc<CalcSpec>,
+        own: Option<&Arc<Entry>>,
+        mut flight: CacheKey,
+        refresh: UpstreamRefresh,
+        reason: &'static str,
+        wait: W,
+    ) -> (Option<Outcome>, bool)
+    where
+        W: Fn(Arc<Flight<Outcome>>) -> F,
+        F: std::future::Future<Output = Option<Outcome>>,
+    {
+        loop {
+            let (running, started) = self.calculation(spec, flight, refresh, reason, None);
+            let Some(outcome) = wait(running).await else { return (None, started) };
+            let ours = started || flight == spec.key;
+            match self.adopt(spec, own, outcome, ours).await {
+                Some(outcome) => return (Some(outcome), started),
+                None => flight = spec.key,
+            }
+        }
+    }
+
     /// Joins the running calculation under `flight` (see [`App::flight_key`]), or starts one.
     /// Returns the flight and whether this call started it.
     /// `reason` labels the calculation in metrics: miss, stale, forced, background or ahead.

@@ -158,19 +158,12 @@ async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, mode: RefreshMode, peeked:
                     "request" => "forced",
                     other => other,
                 };
-                let mut flight_key = flight_key;
-                let (outcome, started) = loop {
-                    let (flight, started) = app.calculation(spec, flight_key, refresh, reason, None);
-                    let outcome = wait_as_client(app, &flight).await;
-                    // A flight another variant of the group started stored its own body: take
-                    // the result into this variant's, or calculate under the variant's own key
-                    // if the other's upstream key changed meanwhile.
-                    let ours = started || flight_key == spec.key;
-                    match app.adopt(spec, entry.as_ref(), outcome, ours).await {
-                        Some(outcome) => break (outcome, started),
-                        None => flight_key = spec.key,
-                    }
-                };
+                let wait =
+                    |flight: Arc<crate::flights::Flight<Outcome>>| async move { wait_as_client(app, &flight).await };
+                let (outcome, started) =
+                    app.calculate_for(spec, entry.as_ref(), flight_key, refresh, reason, wait).await;
+                let outcome =
+                    outcome.unwrap_or(Outcome::Failed(Failure::Upstream(crate::upstream::UpstreamError::Broken)));
                 let collapsed = if started { "" } else { "; collapsed" };
                 return match outcome {
                     Outcome::Stored(e) => Reply::json(
@@ -395,27 +388,20 @@ fn enqueue(
             return s.to_json();
         }
     }
-    let now = app.clock.now();
-    let refuse = || {
-        let s = app.statuses.refuse(
-            owner,
-            id.clone(),
-            spec.project,
-            spec.insight,
-            spec.dashboard_id(),
-            now,
-            crate::app::CONCURRENCY_LIMIT_EXCEEDED,
-        );
+    let blank = app.statuses.blank(id.clone(), spec.project, spec.insight, spec.dashboard_id(), app.clock.now());
+    let refuse = |blank| {
+        let s = app.statuses.refuse(owner, blank, crate::app::CONCURRENCY_LIMIT_EXCEEDED);
         app.metrics.async_refused.inc();
         app.share_status(&id, owner);
         s.to_json()
     };
-    let Ok(status) = app.statuses.start(owner, id.clone(), spec.project, spec.insight, spec.dashboard_id(), now) else {
-        return refuse();
+    let status = match app.statuses.start(owner, blank.clone()) {
+        Ok(status) => status,
+        Err(_) => return refuse(blank),
     };
     let job = Job { spec: spec.clone(), flight, refresh, status_id: Some(id.clone()), ahead: None };
     if app.jobs.push(job).is_err() {
-        return refuse();
+        return refuse(blank);
     }
     app.share_status(&id, owner);
     status.to_json()
@@ -443,14 +429,13 @@ fn overlay_miss(body: &[u8], query_status: Option<&[u8]>, force_async: bool) -> 
 /// A client's wait on a calculation it started or joined: like a blocking request's own budget
 /// wait, at most `budget.wait_ms` for the work to get underway (joined background work may still
 /// be queued behind other work), then the upstream's time.
-async fn wait_as_client(app: &App, flight: &crate::flights::Flight<Outcome>) -> Outcome {
+async fn wait_as_client(app: &App, flight: &crate::flights::Flight<Outcome>) -> Option<Outcome> {
     if tokio::time::timeout(app.budget.settings().wait, flight.underway()).await.is_err() {
-        return Outcome::Failed(Failure::Budget);
+        return Some(Outcome::Failed(Failure::Budget));
     }
     match tokio::time::timeout(app.config.connect_timeout + app.config.read_timeout, flight.wait()).await {
-        Ok(Some(o)) => o,
-        Ok(None) => Outcome::Failed(Failure::Upstream(crate::upstream::UpstreamError::Broken)),
-        Err(_) => Outcome::Failed(Failure::Upstream(crate::upstream::UpstreamError::Timeout)),
+        Ok(outcome) => outcome,
+        Err(_) => Some(Outcome::Failed(Failure::Upstream(crate::upstream::UpstreamError::Timeout))),
     }
 }
 

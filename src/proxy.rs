@@ -418,6 +418,14 @@ pub(crate) async fn answer_with(session: &mut ServerSession, ctx: &mut RequestCt
     written.map(|()| true)
 }
 
+/// Fails a pass-through whose upstream answer is taking longer than its total deadline.
+fn within_deadline(ctx: &RequestCtx) -> Result<()> {
+    if ctx.upstream_deadline.is_some_and(|d| Instant::now() > d) {
+        return Error::e_explain(ErrorType::ReadTimedout, "the upstream's answer took longer than its deadline");
+    }
+    Ok(())
+}
+
 /// A request the proxy refuses itself.
 fn rejected(e: &ApiError) -> Reply {
     Reply::error(e, format!("{CACHE_NAME}; fwd=bypass; detail=rejected"))
@@ -562,10 +570,7 @@ impl ProxyHttp for InsightsProxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         // A head that arrived after the deadline (dripped a byte per read timeout) is not relayed.
-        if ctx.upstream_deadline.is_some_and(|d| Instant::now() > d) {
-            return Error::e_explain(ErrorType::ReadTimedout, "the upstream's answer took longer than its deadline");
-        }
-        Ok(())
+        within_deadline(ctx)
     }
 
     fn upstream_response_body_filter(
@@ -576,8 +581,8 @@ impl ProxyHttp for InsightsProxy {
         ctx: &mut RequestCtx,
     ) -> Result<Option<std::time::Duration>> {
         // The upstream's per-read timeout alone lets one that drips bytes hold a request forever.
-        if !end_of_stream && ctx.upstream_deadline.is_some_and(|d| Instant::now() > d) {
-            return Error::e_explain(ErrorType::ReadTimedout, "the upstream's answer took longer than its deadline");
+        if !end_of_stream {
+            within_deadline(ctx)?;
         }
         Ok(None)
     }

@@ -110,7 +110,8 @@ impl StatusRegistry {
         now + self.ttl
     }
 
-    fn blank(
+    /// A new, incomplete status for `start` or `refuse`.
+    pub fn blank(
         &self,
         id: String,
         team_id: u64,
@@ -138,16 +139,8 @@ impl StatusRegistry {
 
     /// Writes a new, incomplete record (replacing any under the same id), unless as many records
     /// are already running as the registry holds.
-    pub fn start(
-        &self,
-        owner: Partition,
-        id: String,
-        team_id: u64,
-        insight_id: u64,
-        dashboard_id: Option<u64>,
-        now: OffsetDateTime,
-    ) -> Result<QueryStatus, RegistryFull> {
-        let status = self.blank(id.clone(), team_id, insight_id, dashboard_id, now);
+    pub fn start(&self, owner: Partition, status: QueryStatus) -> Result<QueryStatus, RegistryFull> {
+        let id = status.id.clone();
         let mut running = self.running.lock();
         if running.len() >= self.max_running && !running.contains_key(&id) {
             let t = Instant::now();
@@ -162,18 +155,8 @@ impl StatusRegistry {
     }
 
     /// Records work refused before it started: a completed error status, pollable like any other.
-    #[allow(clippy::too_many_arguments)]
-    pub fn refuse(
-        &self,
-        owner: Partition,
-        id: String,
-        team_id: u64,
-        insight_id: u64,
-        dashboard_id: Option<u64>,
-        now: OffsetDateTime,
-        message: &str,
-    ) -> QueryStatus {
-        let mut status = self.blank(id, team_id, insight_id, dashboard_id, now);
+    pub fn refuse(&self, owner: Partition, mut status: QueryStatus, message: &str) -> QueryStatus {
+        let now = status.start_time;
         complete(&mut status, now, Err(message.to_string()));
         self.settle(&mut self.running.lock(), owner, status.clone());
         status
@@ -273,7 +256,7 @@ mod tests {
         let reg = StatusRegistry::new(Duration::from_secs(60), 10, 1 << 20);
         let now = OffsetDateTime::now_utc();
         let (a, b) = (p(1), p(2));
-        reg.start(a, "q1".into(), 1, 5, None, now).unwrap();
+        reg.start(a, reg.blank("q1".into(), 1, 5, None, now)).unwrap();
         assert!(reg.running(a, "q1").is_some());
         assert!(reg.get(b, "q1").is_none(), "another partition cannot see it");
         reg.picked_up("q1", now);
@@ -294,24 +277,24 @@ mod tests {
         let reg = StatusRegistry::new(Duration::from_secs(60), 3, 1 << 20);
         let now = OffsetDateTime::now_utc();
         for i in 0..3 {
-            reg.start(p(1), format!("q{i}"), 1, i, None, now).unwrap();
+            reg.start(p(1), reg.blank(format!("q{i}"), 1, i, None, now)).unwrap();
         }
-        assert_eq!(reg.start(p(1), "q3".into(), 1, 3, None, now).err(), Some(RegistryFull));
+        assert_eq!(reg.start(p(1), reg.blank("q3".into(), 1, 3, None, now)).err(), Some(RegistryFull));
         // Restarting one that exists is not a new record.
-        assert!(reg.start(p(1), "q0".into(), 1, 0, None, now).is_ok());
+        assert!(reg.start(p(1), reg.blank("q0".into(), 1, 0, None, now)).is_ok());
         for i in 0..3 {
             assert!(reg.running(p(1), &format!("q{i}")).is_some(), "q{i} still running");
         }
         // A completion frees a place.
         reg.finish("q1", now, Err("boom".into()));
-        assert!(reg.start(p(1), "q3".into(), 1, 3, None, now).is_ok());
+        assert!(reg.start(p(1), reg.blank("q3".into(), 1, 3, None, now)).is_ok());
     }
 
     #[test]
     fn a_refusal_is_a_completed_error_that_can_be_polled() {
         let reg = StatusRegistry::new(Duration::from_secs(60), 1, 1 << 20);
         let now = OffsetDateTime::now_utc();
-        let s = reg.refuse(p(1), "q".into(), 1, 2, Some(3), now, "concurrency_limit_exceeded");
+        let s = reg.refuse(p(1), reg.blank("q".into(), 1, 2, Some(3), now), "concurrency_limit_exceeded");
         assert!(s.complete && s.error);
         let polled = reg.get(p(1), "q").unwrap();
         assert_eq!(polled.error_message.as_deref(), Some("concurrency_limit_exceeded"));
@@ -325,7 +308,7 @@ mod tests {
         let big = serde_json::json!({"results": "x".repeat(8 * 1024)});
         for i in 0..100 {
             let id = format!("q{i}");
-            reg.start(p(1), id.clone(), 1, i, None, now).unwrap();
+            reg.start(p(1), reg.blank(id.clone(), 1, i, None, now)).unwrap();
             reg.finish(&id, now, Ok(big.clone())).unwrap();
             assert!(reg.get(p(1), &id).is_some(), "the newest completion q{i} is kept");
         }

@@ -121,10 +121,10 @@ impl JobQueue {
             // The coldest waiting job: a linear scan, only when the lane is full.
             let coldest = lane.heap.iter().min().map(|c| (c.heat, c.seq));
             match coldest {
-                Some((h, _)) if h < heat => {
+                Some((h, seq)) if h < heat => {
                     let mut jobs = std::mem::take(&mut lane.heap).into_vec();
-                    jobs.sort();
-                    let dropped = jobs.remove(0);
+                    let at = jobs.iter().position(|c| c.seq == seq).expect("the coldest job is queued");
+                    let dropped = jobs.swap_remove(at);
                     queued.remove(&dropped.job.flight);
                     if let Some(a) = &dropped.job.ahead {
                         a.claimed.unclaim_refresh_ahead();
@@ -260,17 +260,8 @@ pub async fn run_job(app: &Arc<App>, job: Job) {
     app.statuses.picked_up(&status_id, app.clock.now());
     app.share_status(&status_id, job.spec.key.partition);
     let own = app.cache.get_local(&job.spec.key).await;
-    let mut flight_key = job.flight;
-    let outcome = loop {
-        let (flight, started) = app.calculation(&job.spec, flight_key, job.refresh, "background", None);
-        let Some(o) = flight.wait().await else { break None };
-        let ours = started || flight_key == job.spec.key;
-        match app.adopt(&job.spec, own.as_ref(), o, ours).await {
-            Some(o) => break Some(o),
-            // Another variant's upstream key changed meanwhile: calculate under our own.
-            None => flight_key = job.spec.key,
-        }
-    };
+    let wait = |flight: Arc<crate::flights::Flight<Outcome>>| async move { flight.wait().await };
+    let (outcome, _) = app.calculate_for(&job.spec, own.as_ref(), job.flight, job.refresh, "background", wait).await;
     let result = match outcome {
         Some(Outcome::Stored(entry)) => Ok(status_results(&entry)),
         Some(Outcome::Relay(resp)) => Err(relay_message(&resp.body)),

@@ -100,18 +100,7 @@ impl Conn {
 }
 
 fn request(method: &str, path: &str, headers: &[(&str, &str)], body: Option<&str>) -> Vec<u8> {
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n");
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    if let Some(b) = body {
-        req.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", b.len()));
-    }
-    req.push_str("\r\n");
-    if let Some(b) = body {
-        req.push_str(b);
-    }
-    req.into_bytes()
+    request_bytes(method, path, "127.0.0.1", headers, body)
 }
 
 const AUTH: (&str, &str) = ("Authorization", "Bearer phx_demo_all");

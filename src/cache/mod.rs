@@ -102,6 +102,10 @@ const MAX_UPSTREAM_KEYS: u64 = 100_000;
 /// One upstream cache key of one insight, across credentials: (project, insight, group).
 pub type UpstreamKey = (u64, u64, u128);
 
+fn pages_cache(ttl: Duration) -> Cache<PageKey, Bytes> {
+    Cache::builder().max_capacity(MAX_PAGES).time_to_live(ttl).build()
+}
+
 pub struct InsightCache {
     entries: Cache<CacheKey, Arc<Entry>>,
     /// Per credential partition and upstream cache key (`CacheKey::group_key`): the newest result
@@ -159,7 +163,7 @@ impl InsightCache {
                 }
             })
             .build();
-        let pages = Cache::builder().max_capacity(MAX_PAGES).time_to_live(PAGE_TTL).build();
+        let pages = pages_cache(PAGE_TTL);
         let empty = moka::sync::Cache::builder().max_capacity(MAX_EMPTY).time_to_live(EMPTY_TTL).build();
         // Group entries are the same Arcs as the entries themselves, so this costs little beyond
         // keeping an evicted entry alive while its group is remembered.
@@ -185,7 +189,7 @@ impl InsightCache {
 
     /// Reuses a list page's membership for `ttl` (per credential; any purge drops every page).
     pub fn with_page_ttl(mut self, ttl: Duration) -> Self {
-        self.pages = Cache::builder().max_capacity(MAX_PAGES).time_to_live(ttl).build();
+        self.pages = pages_cache(ttl);
         self
     }
 

@@ -212,11 +212,9 @@ impl Resp {
     }
 }
 
-/// A plain HTTP/1.1 request on a fresh connection (`Connection: close`), read to the end.
-pub fn http(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: Option<&str>) -> Resp {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n");
+/// An HTTP/1.1 request's bytes: `Host`, then `headers`, then (with a body) its JSON type and length.
+pub fn request_bytes(method: &str, path: &str, host: &str, headers: &[(&str, &str)], body: Option<&str>) -> Vec<u8> {
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\n");
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -227,7 +225,16 @@ pub fn http(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body:
     if let Some(b) = body {
         req.push_str(b);
     }
-    s.write_all(req.as_bytes()).expect("write");
+    req.into_bytes()
+}
+
+/// A plain HTTP/1.1 request on a fresh connection (`Connection: close`), read to the end.
+pub fn http(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: Option<&str>) -> Resp {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let headers: Vec<(&str, &str)> = [("Connection", "close")].into_iter().chain(headers.iter().copied()).collect();
+    let req = request_bytes(method, path, &format!("127.0.0.1:{port}"), &headers, body);
+    s.write_all(&req).expect("write");
     let mut raw = Vec::new();
     let _ = s.read_to_end(&mut raw);
     parse_response(&raw)
