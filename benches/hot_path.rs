@@ -19,7 +19,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use http::{HeaderMap, HeaderValue, Method};
 
 use insights_proxy::app::App;
-use insights_proxy::auth::Credential;
+use insights_proxy::auth::Principal;
 use insights_proxy::cache::{CacheKey, Entry, InsightCache, PartitionKeyer};
 use insights_proxy::clock::Clock;
 use insights_proxy::config::{parse_upstream_url, Config, UpstreamTarget};
@@ -91,13 +91,13 @@ fn fixture() -> Fixture {
     let entry = Arc::new(Entry::from_upstream(&body, insight, cache.begin()).expect("a cacheable insight"));
     let keyer = PartitionKeyer::new(Some("benchmark-partition-secret"));
     let headers = request_headers();
-    let cred = Credential::from_request(&headers, None).expect("a credential");
-    let plain_key = CacheKey::new(keyer.partition(&cred), 1, insight, &QueryParams::default());
+    let principal = Principal::from_request(&keyer, &headers, None, None).expect("valid").expect("a credential");
+    let plain_key = CacheKey::new(principal.partition(), 1, insight, &QueryParams::default());
     rt.block_on(async {
         // Some neighbours, so the lookup is not in a one-entry map.
         for other in 0..1_000u64 {
             let q = QueryParams::parse(Some(&format!("filters_override=%7B%22x%22%3A{other}%7D"))).unwrap();
-            let k = CacheKey::new(keyer.partition(&cred), 1, insight, &q);
+            let k = CacheKey::new(principal.partition(), 1, insight, &q);
             cache.insert(k, entry.clone()).await;
         }
         assert!(cache.insert(plain_key, entry.clone()).await);
@@ -133,19 +133,15 @@ fn steps(c: &mut Criterion, f: &Fixture) {
         })
     });
 
-    // 2. The credential and the key.
-    g.bench_function("credential", |b| b.iter(|| Credential::from_request(black_box(&f.headers), black_box(None))));
-    let cred = Credential::from_request(&f.headers, None).unwrap();
-    g.bench_function("partition", |b| b.iter(|| f.keyer.partition(black_box(&cred))));
-    let p = f.keyer.partition(&cred);
+    // 2. The principal (its partition included) and the key.
+    let principal = |h| Principal::from_request(&f.keyer, h, None, None).unwrap().unwrap();
+    g.bench_function("principal", |b| b.iter(|| principal(black_box(&f.headers))));
+    let p = principal(&f.headers).partition();
     g.bench_function("cache_key/plain", |b| b.iter(|| CacheKey::new(black_box(p), 1, black_box(f.insight), &empty)));
     let tile = QueryParams::parse(Some(TILE_QUERY)).unwrap();
     g.bench_function("cache_key/tile", |b| b.iter(|| CacheKey::new(black_box(p), 1, black_box(f.insight), &tile)));
-    g.bench_function("credential+partition+key", |b| {
-        b.iter(|| {
-            let cred = Credential::from_request(black_box(&f.headers), None).unwrap();
-            CacheKey::new(f.keyer.partition(&cred), 1, f.insight, &empty)
-        })
+    g.bench_function("principal+key", |b| {
+        b.iter(|| CacheKey::new(principal(black_box(&f.headers)).partition(), 1, f.insight, &empty))
     });
 
     // 3. The lookup (moka, plus the epoch check), on a tokio runtime as in the proxy.
@@ -212,8 +208,8 @@ fn composite(c: &mut Criterion, f: &Fixture) {
         if let Some(q) = query {
             // The tile variant must be a hit too.
             let qp = QueryParams::parse(Some(q)).unwrap();
-            let cred = Credential::from_request(&f.headers, None).unwrap();
-            let k = CacheKey::new(f.keyer.partition(&cred), 1, f.insight, &qp);
+            let p = Principal::from_request(&f.keyer, &f.headers, None, None).unwrap().unwrap();
+            let k = CacheKey::new(p.partition(), 1, f.insight, &qp);
             f.rt.block_on(f.cache.insert(k, f.entry.clone()));
         }
         g.bench_function(name, |b| {
@@ -226,13 +222,16 @@ fn composite(c: &mut Criterion, f: &Fixture) {
                         else {
                             unreachable!("an insight path")
                         };
-                        let cred = Credential::from_request(black_box(&f.headers), q.get("personal_api_key")).unwrap();
+                        let p =
+                            Principal::from_request(&f.keyer, black_box(&f.headers), q.get("personal_api_key"), None)
+                                .unwrap()
+                                .unwrap();
                         let mode = match q.get("refresh") {
                             Some(r) => RefreshParam::Text(r),
                             None => RefreshParam::Absent,
                         }
                         .mode();
-                        let key = CacheKey::new(f.keyer.partition(&cred), project, insight, &q);
+                        let key = CacheKey::new(p.partition(), project, insight, &q);
                         let entry = f.cache.get(&key).await.expect("a hit");
                         let state = CacheState::of(Some(&entry.stale), clock.now(), &f.thresholds);
                         black_box(decide(mode, state, false));
@@ -262,13 +261,13 @@ fn retrieve(c: &mut Criterion, f: &Fixture) {
     };
     let breaker = config.breaker;
     let app = App::new(Arc::new(config), Clock::new(), UpstreamClient::new(settings, breaker));
-    let cred = Credential::from_request(&f.headers, None).unwrap();
-    let key = CacheKey::new(app.keyer.partition(&cred), 1, f.insight, &QueryParams::default());
+    let principal = Principal::from_request(&app.keyer, &f.headers, None, None).unwrap().unwrap();
+    let key = CacheKey::new(principal.partition(), 1, f.insight, &QueryParams::default());
     f.rt.block_on(async {
         assert!(app.cache.insert(key, f.entry.clone()).await);
         app.cache.run_pending_tasks().await;
     });
-    app.confirm(key.partition, 1);
+    app.confirm(key.partition, 1, Some(f.insight));
     let mut g = c.benchmark_group("hit");
     g.bench_function("retrieve", |b| {
         b.iter_custom(|iters| {
@@ -280,7 +279,9 @@ fn retrieve(c: &mut Criterion, f: &Fixture) {
                         insight: f.insight,
                         path: f.path.clone(),
                         query: QueryParams::default(),
-                        credential: Credential::from_request(black_box(&f.headers), None).unwrap(),
+                        principal: Principal::from_request(&app.keyer, black_box(&f.headers), None, None)
+                            .unwrap()
+                            .unwrap(),
                         mode: RefreshMode::ForceCache,
                     };
                     let reply = insights::retrieve(&app, call).await;

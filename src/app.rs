@@ -3,21 +3,22 @@
 
 use std::sync::Arc;
 
-use http::{HeaderName, HeaderValue, Method};
+use http::Method;
 use tokio::sync::Semaphore;
 
-use crate::auth::Credential;
+use crate::auth::Principal;
 use crate::budget::{Budget, Priority};
 use crate::cache::l2::Lease;
 use crate::cache::{CacheKey, Entry, EntryError, InsightCache, Partition, PartitionKeyer, L2};
 use crate::clock::Clock;
 use crate::config::Config;
-use crate::error::ApiError;
+pub use crate::failure::{Failure, CONCURRENCY_LIMIT_EXCEEDED};
 use crate::flights::{Flight, Flights};
 use crate::metrics::Metrics;
 use crate::query::QueryParams;
 use crate::refresh::UpstreamRefresh;
 use crate::status::StatusRegistry;
+use crate::trust::Trust;
 use crate::upstream::{UpstreamClient, UpstreamError, UpstreamRequest, UpstreamResponse};
 use crate::workers::JobQueue;
 use std::time::Duration;
@@ -27,6 +28,9 @@ use time::OffsetDateTime;
 pub enum FlightKind {
     /// Reading the upstream's cache (`refresh=force_cache`): cheap, never calculates.
     Peek,
+    /// The same read made to confirm a principal: never answered from what the proxy remembers
+    /// of the upstream (its "nothing cached" note), only by the upstream itself.
+    Revalidate,
     Calculate,
 }
 
@@ -35,51 +39,6 @@ pub type FlightKey = (CacheKey, FlightKind);
 /// One upstream cache key of one insight across partitions, for refresh-ahead: the group when
 /// known, else the proxy's variant (which is the same for every partition).
 pub type AheadKey = (u64, u64, u128, bool);
-
-/// Why an upstream call produced nothing to answer with.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Failure {
-    Upstream(UpstreamError),
-    /// The upstream answered 5xx.
-    Status(u16),
-    /// The upstream answered 200 with something that is not an insight.
-    Garbage,
-    /// The proxy's own budget for the upstream is spent (it never causes an upstream limit error).
-    Budget,
-}
-
-impl Failure {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Failure::Upstream(e) => e.as_str(),
-            Failure::Status(_) => "status_5xx",
-            Failure::Garbage => "garbage",
-            Failure::Budget => "budget",
-        }
-    }
-
-    pub fn to_api_error(&self) -> ApiError {
-        match self {
-            Failure::Upstream(UpstreamError::Timeout) => {
-                ApiError::gateway_timeout("The upstream did not answer in time.")
-            }
-            Failure::Upstream(UpstreamError::Connect) => ApiError::bad_gateway("The upstream is unreachable."),
-            Failure::Upstream(UpstreamError::TooLarge(n)) => {
-                ApiError::bad_gateway(format!("The upstream's answer is larger than {n} bytes."))
-            }
-            Failure::Upstream(UpstreamError::Broken) => ApiError::bad_gateway("The upstream closed the connection."),
-            Failure::Upstream(UpstreamError::CircuitOpen) => {
-                ApiError::service_unavailable("The upstream is failing; the proxy is not calling it for a moment.")
-            }
-            Failure::Status(s) => ApiError::bad_gateway(format!("The upstream answered with status {s}.")),
-            Failure::Garbage => ApiError::bad_gateway("The upstream's answer is not a valid insight."),
-            Failure::Budget => ApiError::throttled(CONCURRENCY_LIMIT_EXCEEDED),
-        }
-    }
-}
-
-/// PostHog's message when a team runs too many queries (refresh-semantics.md §1.3).
-pub const CONCURRENCY_LIMIT_EXCEEDED: &str = "concurrency_limit_exceeded";
 
 /// How long background work waits for budget before giving up.
 const BACKGROUND_BUDGET_WAIT: Duration = Duration::from_secs(60);
@@ -103,12 +62,25 @@ pub struct CalcSpec {
     /// The path as the client sent it, so the upstream sees the same alias.
     pub path: String,
     pub query: QueryParams,
-    pub credential: Credential,
+    pub principal: Principal,
 }
 
 /// Query parameters that never go upstream from the proxy's own calls: the proxy sets `refresh`
-/// itself, and a client's `client_query_id` names the client's query, not ours.
-const NOT_FORWARDED: [&str; 2] = ["refresh", "client_query_id"];
+/// itself, a client's `client_query_id` names the client's query, not ours, and the credential
+/// travels only as the principal's one header.
+const NOT_FORWARDED: [&str; 3] = ["refresh", "client_query_id", "personal_api_key"];
+
+/// A GET the proxy makes on a principal's behalf: the client's parameters with the proxy's
+/// `refresh`, and exactly one credential, the principal's.
+pub fn own_request(path: &str, query: &QueryParams, principal: &Principal, refresh: &str) -> UpstreamRequest {
+    let query = query.encode_without(&NOT_FORWARDED, &[("refresh", refresh)]);
+    UpstreamRequest {
+        method: Method::GET,
+        path_and_query: format!("{path}?{query}"),
+        headers: vec![principal.upstream_header()],
+        body: None,
+    }
+}
 
 impl CalcSpec {
     pub fn dashboard_id(&self) -> Option<u64> {
@@ -116,29 +88,8 @@ impl CalcSpec {
     }
 
     pub fn upstream_request(&self, refresh: UpstreamRefresh) -> UpstreamRequest {
-        let query = self.query.encode_without(&NOT_FORWARDED, &[("refresh", refresh.as_str())]);
-        UpstreamRequest {
-            method: Method::GET,
-            path_and_query: format!("{}?{}", self.path, query),
-            headers: credential_headers(&self.credential),
-            body: None,
-        }
+        own_request(&self.path, &self.query, &self.principal, refresh.as_str())
     }
-}
-
-/// The headers that carry a credential upstream. Only the session cookie is forwarded from
-/// `Cookie`, so what authenticates upstream is exactly what the partition was derived from.
-pub fn credential_headers(c: &Credential) -> Vec<(HeaderName, HeaderValue)> {
-    let mut h = Vec::new();
-    if let Some(a) = c.authorization.as_deref().and_then(|a| HeaderValue::from_str(a).ok()) {
-        h.push((http::header::AUTHORIZATION, a));
-    }
-    if let Some(s) = &c.session_cookie {
-        if let Ok(v) = HeaderValue::from_str(&format!("{}={s}", crate::auth::SESSION_COOKIE)) {
-            h.push((http::header::COOKIE, v));
-        }
-    }
-    h
 }
 
 pub struct App {
@@ -157,39 +108,45 @@ pub struct App {
     pub calc_permits: Semaphore,
     pub budget: Arc<Budget>,
 
-    /// When the upstream last answered 200 to (partition, project): cached data reaches a
-    /// credential only within `revalidate_after` of that.
-    confirmations: moka::sync::Cache<(Partition, u64), OffsetDateTime>,
+    /// What the upstream said about principals recently: confirmations, refusals, and the
+    /// allowance for credentials it never accepted.
+    pub trust: Trust,
     pub metrics: Metrics,
 }
 
-/// Confirmations kept at most; a forgotten one only costs a revalidation.
-const MAX_CONFIRMATIONS: u64 = 100_000;
-
 impl App {
-    /// Records that the upstream just accepted this credential for this project.
-    pub fn confirm(&self, partition: Partition, project: u64) {
-        self.confirmations.insert((partition, project), self.clock.now());
+    /// Records that the upstream just accepted this principal for this project (and insight).
+    pub fn confirm(&self, partition: Partition, project: u64, insight: Option<u64>) {
+        self.trust.confirm(partition, project, insight, self.clock.now());
     }
 
-    /// Whether the upstream accepted this credential for this project within the window.
-    pub fn is_confirmed(&self, partition: Partition, project: u64) -> bool {
-        self.is_confirmed_at(partition, project, self.clock.now())
+    /// Whether the upstream accepted this principal for this project (and insight, under
+    /// `revalidate_scope = "insight"`) within the window.
+    pub fn is_confirmed(&self, partition: Partition, project: u64, insight: Option<u64>) -> bool {
+        self.is_confirmed_at(partition, project, insight, self.clock.now())
     }
 
     /// [`Self::is_confirmed`] with the clock already read.
-    pub fn is_confirmed_at(&self, partition: Partition, project: u64, now: OffsetDateTime) -> bool {
-        let window = time::Duration::try_from(self.config.revalidate_after).unwrap_or(time::Duration::MAX);
-        self.confirmations.get(&(partition, project)).is_some_and(|at| now - at <= window)
+    pub fn is_confirmed_at(
+        &self,
+        partition: Partition,
+        project: u64,
+        insight: Option<u64>,
+        now: OffsetDateTime,
+    ) -> bool {
+        self.trust.is_confirmed(partition, project, insight, now)
     }
 
-    /// The upstream refused this credential for this project (401/403): nothing cached reaches it
-    /// again, here or (through the shared tier) on other replicas. A credential this replica never
-    /// saw accepted and holds nothing for costs nothing, so a flood of bad keys leaves no state;
-    /// another replica that did accept it stops serving it within `revalidate_after`.
-    pub fn reject(&self, partition: Partition, project: u64) {
-        let was_confirmed = self.confirmations.remove(&(partition, project)).is_some();
-        if was_confirmed || self.cache.owns(partition) {
+    /// The upstream refused this principal (401/403): nothing cached reaches it again, here or
+    /// (through the shared tier) on other replicas, its query statuses are dropped, and the
+    /// refusal is answered from memory for `rejected_ttl`.
+    pub fn reject(&self, partition: Partition, project: u64, insight: Option<u64>, answer: Arc<UpstreamResponse>) {
+        self.trust.refuse(partition, project, insight, answer);
+        let was_known = self.trust.forget(partition);
+        self.statuses.drop_owner(partition);
+        // A credential never accepted and holding nothing costs nothing (no purge marker in the
+        // shared tier for every made-up key); one accepted elsewhere is dropped there as well.
+        if was_known || self.cache.owns(partition) {
             self.cache.purge_partition(partition);
         }
     }
@@ -216,10 +173,12 @@ impl App {
             jobs: JobQueue::new(config.queue_capacity),
             calc_permits: Semaphore::new(config.max_concurrent_calculations),
             budget: Budget::new(config.budget),
-            confirmations: moka::sync::Cache::builder()
-                .max_capacity(MAX_CONFIRMATIONS)
-                .time_to_live(config.revalidate_after)
-                .build(),
+            trust: Trust::new(
+                config.revalidate_after,
+                config.revalidate_scope,
+                config.rejected_ttl,
+                config.unconfirmed_calls_per_second,
+            ),
             metrics,
             upstream,
             clock,
@@ -395,7 +354,7 @@ impl App {
         let deadline = tokio::time::Instant::now() + wait;
         // The rate token first: a slot is never held while waiting for rate.
         let forced = reason == "forced";
-        if self.budget.rate_token(&spec.credential, spec.key.partition, wait, forced).await.is_err() {
+        if self.budget.rate_token(&spec.principal, wait, forced).await.is_err() {
             return Outcome::Failed(Failure::Budget);
         }
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -499,25 +458,27 @@ impl App {
         }
     }
 
-    /// Reads the upstream's cache for the key (never calculates), sharing concurrent peeks.
-    /// `reason` labels it in metrics: peek or revalidation.
-    pub fn peek(self: &Arc<Self>, spec: &Arc<CalcSpec>, reason: &'static str) -> Arc<Flight<Outcome>> {
+    /// Reads the upstream's cache for the key (never calculates), sharing concurrent reads of
+    /// the same kind: [`FlightKind::Peek`] or [`FlightKind::Revalidate`].
+    pub fn peek(self: &Arc<Self>, spec: &Arc<CalcSpec>, kind: FlightKind) -> Arc<Flight<Outcome>> {
         self.flights
-            .join_or_start((spec.key, FlightKind::Peek), || {
+            .join_or_start((spec.key, kind), || {
                 let (app, spec) = (self.clone(), spec.clone());
                 async move {
+                    let revalidating = kind == FlightKind::Revalidate;
                     // "The upstream has nothing" is remembered briefly, so repeated misses of a
-                    // never-calculated insight do not each cost an upstream call.
-                    if let Some(body) = app.cache.upstream_empty(&spec.key) {
+                    // never-calculated insight do not each cost an upstream call. It vouches for
+                    // nobody, so a revalidation always asks.
+                    if let Some(body) = app.cache.upstream_empty(&spec.key).filter(|_| !revalidating) {
                         let content_type = Some("application/json".to_string());
                         return Outcome::Relay(Arc::new(UpstreamResponse { status: 200, content_type, body }));
                     }
                     // A read never waits for budget: a miss answers at once, as upstream would.
-                    if app.budget.rate_token(&spec.credential, spec.key.partition, Duration::ZERO, false).await.is_err()
-                    {
+                    if app.budget.rate_token(&spec.principal, Duration::ZERO, false).await.is_err() {
                         return Outcome::Failed(Failure::Budget);
                     }
-                    app.metrics.upstream_reads.with_label_values(&[reason]).inc();
+                    let label = if revalidating { "revalidation" } else { "peek" };
+                    app.metrics.upstream_reads.with_label_values(&[label]).inc();
                     let outcome = app.call(&spec, UpstreamRefresh::ForceCache, "read").await;
                     if let Outcome::Relay(r) = &outcome {
                         if r.status == 200 {
@@ -531,6 +492,10 @@ impl App {
     }
 
     async fn call(&self, spec: &CalcSpec, refresh: UpstreamRefresh, kind: &'static str) -> Outcome {
+        if !self.trust.admit(spec.key.partition) {
+            self.metrics.trust_refusals.with_label_values(&["unconfirmed"]).inc();
+            return Outcome::Failed(Failure::Unconfirmed);
+        }
         let epoch = self.cache.begin();
         let started_ms = self.cache.now_ms();
         let gauge = self.metrics.in_flight.with_label_values(&[kind]);
@@ -566,7 +531,7 @@ impl App {
             Ok(r) => r,
         };
         if resp.status == 200 {
-            self.confirm(spec.key.partition, spec.project);
+            self.confirm(spec.key.partition, spec.project, Some(spec.insight));
         }
         match resp.status {
             404 => {
@@ -585,9 +550,10 @@ impl App {
             },
             s if s >= 500 => Outcome::Failed(Failure::Status(s)),
             401 | 403 => {
-                // The upstream no longer accepts this credential for this project.
-                self.reject(spec.key.partition, spec.project);
-                Outcome::Relay(Arc::new(resp))
+                // The upstream no longer accepts this principal for this project (or insight).
+                let resp = Arc::new(resp);
+                self.reject(spec.key.partition, spec.project, Some(spec.insight), resp.clone());
+                Outcome::Relay(resp)
             }
             _ => Outcome::Relay(Arc::new(resp)),
         }

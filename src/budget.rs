@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
-use crate::auth::Credential;
+use crate::auth::Principal;
 use crate::cache::Partition;
 use crate::config::BudgetSettings;
 
@@ -41,7 +41,7 @@ struct Slots {
     waiting: [VecDeque<oneshot::Sender<()>>; 3],
 }
 
-/// Credentials whose rate state is kept at most; a forgotten one starts with a full bucket.
+/// Keys whose rate state is kept at most; a forgotten one starts with a full bucket.
 const MAX_RATE_STATES: u64 = 100_000;
 
 pub struct Budget {
@@ -117,16 +117,11 @@ impl Budget {
         self.projects.lock().get(&project).map_or(0, |s| s.running)
     }
 
-    /// One upstream call's worth of rate for a personal API key, waiting at most `wait`. Session
-    /// credentials are exempt, as upstream exempts them. A `forced` call leaves the reserve alone.
-    pub async fn rate_token(
-        &self,
-        credential: &Credential,
-        partition: Partition,
-        wait: Duration,
-        forced: bool,
-    ) -> Result<(), Exhausted> {
-        let is_api_key = credential.api_key_param.is_some() || credential.authorization.is_some();
+    /// One upstream call's worth of rate for the principal's personal API key (the identity the
+    /// upstream throttles, whatever other carriers the request had), waiting at most `wait`.
+    /// Sessions are exempt, as upstream exempts them. A `forced` call leaves the reserve alone.
+    pub async fn rate_token(&self, principal: &Principal, wait: Duration, forced: bool) -> Result<(), Exhausted> {
+        let Some(key) = principal.rate_key() else { return Ok(()) };
         let windows: Vec<(u32, Duration)> = [
             self.settings.per_minute.map(|n| (n, Duration::from_secs(60))),
             self.settings.per_hour.map(|n| (n, Duration::from_secs(3600))),
@@ -134,10 +129,10 @@ impl Budget {
         .into_iter()
         .flatten()
         .collect();
-        if !is_api_key || windows.is_empty() {
+        if windows.is_empty() {
             return Ok(());
         }
-        let rate = self.rates.get_with(partition, || Arc::new(Mutex::new(Rate::new(&windows))));
+        let rate = self.rates.get_with(key, || Arc::new(Mutex::new(Rate::new(&windows))));
         let reserve = if forced { f64::from(self.settings.forced_reserve_percent) / 100.0 } else { 0.0 };
         let deadline = Instant::now() + wait;
         loop {
@@ -211,6 +206,7 @@ impl Rate {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cache::PartitionKeyer;
 
     fn settings(concurrency: usize) -> BudgetSettings {
         BudgetSettings {
@@ -270,13 +266,16 @@ mod tests {
     #[tokio::test]
     async fn sessions_are_exempt_and_keys_are_limited() {
         let b = Budget::new(settings(1));
-        let session = Credential { session_cookie: Some("s".into()), ..Default::default() };
+        let keyer = PartitionKeyer::new(None);
+        let mut h = http::HeaderMap::new();
+        h.insert(http::header::COOKIE, "sessionid=s".parse().unwrap());
+        let session = Principal::from_request(&keyer, &h, None, None).unwrap().unwrap();
         for _ in 0..50 {
-            b.rate_token(&session, Partition([1; 16]), Duration::ZERO, true).await.unwrap();
+            b.rate_token(&session, Duration::ZERO, true).await.unwrap();
         }
-        let key = Credential { authorization: Some("Bearer k".into()), ..Default::default() };
+        let key = Principal::api_key(&keyer, "k");
         let mut ok = 0;
-        while b.rate_token(&key, Partition([2; 16]), Duration::ZERO, false).await.is_ok() {
+        while b.rate_token(&key, Duration::ZERO, false).await.is_ok() {
             ok += 1;
         }
         assert_eq!(ok, 2, "capacity is a quarter of the per-minute limit");
@@ -286,15 +285,14 @@ mod tests {
     async fn forced_calls_leave_the_reserve_to_the_others() {
         // 40/min: capacity 10, refill 0.5/s; half of it reserved from forced calls.
         let b = Budget::new(BudgetSettings { per_minute: Some(40), ..settings(1) });
-        let key = Credential { authorization: Some("Bearer k".into()), ..Default::default() };
-        let p = Partition([3; 16]);
+        let key = Principal::api_key(&PartitionKeyer::new(None), "k");
         let mut forced = 0;
-        while b.rate_token(&key, p, Duration::ZERO, true).await.is_ok() {
+        while b.rate_token(&key, Duration::ZERO, true).await.is_ok() {
             forced += 1;
         }
         assert_eq!(forced, 5, "forced calls stop at the reserve");
         let mut others = 0;
-        while b.rate_token(&key, p, Duration::ZERO, false).await.is_ok() {
+        while b.rate_token(&key, Duration::ZERO, false).await.is_ok() {
             others += 1;
         }
         assert_eq!(others, 5, "the reserve is there for everything else");

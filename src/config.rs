@@ -39,6 +39,8 @@ pub const DEFAULT_MAX_CONCURRENT_CALCULATIONS: usize = 16;
 pub const DEFAULT_SIM_CALC_DELAY_MS: u64 = 200;
 /// How long a (credential, project) confirmation by the upstream is trusted.
 pub const DEFAULT_REVALIDATE_AFTER_SECONDS: u64 = 60;
+pub const DEFAULT_UNCONFIRMED_CALLS_PER_SECOND: u32 = 20;
+pub const DEFAULT_REJECTED_TTL_SECONDS: u64 = 60;
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
 pub const DEFAULT_BREAKER_FAILURES: u32 = 5;
 pub const DEFAULT_BREAKER_COOLDOWN_MS: u64 = 1_000;
@@ -161,10 +163,24 @@ impl Default for RefreshSection {
     }
 }
 
+/// What one upstream confirmation of a credential covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RevalidateScope {
+    /// Every insight of the project: one confirming read per credential and project per window.
+    Project,
+    /// One insight: PostHog's object-level access control (a restricted dashboard or insight) is
+    /// honoured within the window too, at one confirming read per credential and insight.
+    Insight,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SecuritySection {
     pub revalidate_after_seconds: u64,
+    pub revalidate_scope: RevalidateScope,
+    pub unconfirmed_calls_per_second: u32,
+    pub rejected_ttl_seconds: u64,
     pub breaker_failures: u32,
     pub breaker_cooldown_ms: u64,
     pub breaker_max_cooldown_ms: u64,
@@ -174,6 +190,9 @@ impl Default for SecuritySection {
     fn default() -> Self {
         Self {
             revalidate_after_seconds: DEFAULT_REVALIDATE_AFTER_SECONDS,
+            revalidate_scope: RevalidateScope::Project,
+            unconfirmed_calls_per_second: DEFAULT_UNCONFIRMED_CALLS_PER_SECOND,
+            rejected_ttl_seconds: DEFAULT_REJECTED_TTL_SECONDS,
             breaker_failures: DEFAULT_BREAKER_FAILURES,
             breaker_cooldown_ms: DEFAULT_BREAKER_COOLDOWN_MS,
             breaker_max_cooldown_ms: DEFAULT_BREAKER_MAX_COOLDOWN_MS,
@@ -355,6 +374,12 @@ pub struct Config {
     /// Cached data is served to a credential only while the upstream confirmed its access to the
     /// project within this window.
     pub revalidate_after: Duration,
+    pub revalidate_scope: RevalidateScope,
+    /// Upstream calls per second, across all credentials, on behalf of credentials the upstream
+    /// has not accepted recently (the rest are bounded by their own rate budget).
+    pub unconfirmed_calls_per_second: u32,
+    /// How long a credential the upstream refused is answered from memory.
+    pub rejected_ttl: Duration,
     pub breaker: BreakerSettings,
     pub budget: BudgetSettings,
     pub refresh_ahead: RefreshAheadSettings,
@@ -605,6 +630,9 @@ impl Config {
         if file.security.revalidate_after_seconds == 0 {
             bad("security.revalidate_after_seconds", "must be at least 1".into());
         }
+        if file.security.unconfirmed_calls_per_second == 0 {
+            bad("security.unconfirmed_calls_per_second", "must be at least 1".into());
+        }
         if file.security.breaker_failures == 0 {
             bad("security.breaker_failures", "must be at least 1".into());
         }
@@ -684,6 +712,9 @@ impl Config {
             status_max_bytes: file.refresh.status_max_bytes,
             max_concurrent_calculations: file.refresh.max_concurrent_calculations,
             revalidate_after: Duration::from_secs(file.security.revalidate_after_seconds),
+            revalidate_scope: file.security.revalidate_scope,
+            unconfirmed_calls_per_second: file.security.unconfirmed_calls_per_second,
+            rejected_ttl: Duration::from_secs(file.security.rejected_ttl_seconds),
             breaker: BreakerSettings {
                 failures: file.security.breaker_failures,
                 cooldown: Duration::from_millis(file.security.breaker_cooldown_ms),

@@ -43,6 +43,10 @@ impl ApiError {
         Self::new(413, "invalid_request", "payload_too_large", format!("Request body is larger than {limit} bytes."))
     }
 
+    pub fn uri_too_long(limit: usize) -> Self {
+        Self::new(414, "invalid_request", "uri_too_long", format!("Request URI is longer than {limit} bytes."))
+    }
+
     pub fn headers_too_large() -> Self {
         Self::new(431, "invalid_request", "headers_too_large", "Request headers are too large.")
     }

@@ -6,12 +6,13 @@ use std::sync::Arc;
 use bytes::Bytes;
 use serde_json::Value;
 
-use crate::app::{App, CalcSpec, Failure, Outcome};
-use crate::auth::Credential;
+use crate::app::{App, CalcSpec, Failure, FlightKind, Outcome};
+use crate::auth::Principal;
 use crate::cache::{CacheKey, Entry, PageKey};
 use crate::error::ApiError;
 use crate::query::QueryParams;
 use crate::refresh::{decide, Background, CacheState, Decision, RefreshMode, UpstreamRefresh};
+use crate::upstream::UpstreamError;
 use crate::workers::{Ahead, Job};
 
 /// The `Cache-Status` cache name (RFC 9211).
@@ -47,19 +48,19 @@ pub struct InsightCall {
     pub insight: u64,
     pub path: String,
     pub query: QueryParams,
-    pub credential: Credential,
+    pub principal: Principal,
     pub mode: RefreshMode,
 }
 
 pub async fn retrieve(app: &Arc<App>, call: InsightCall) -> Reply {
-    let key = CacheKey::new(app.keyer.partition(&call.credential), call.project, call.insight, &call.query);
+    let key = CacheKey::new(call.principal.partition(), call.project, call.insight, &call.query);
     let spec = Arc::new(CalcSpec {
         key,
         project: call.project,
         insight: call.insight,
         path: call.path,
         query: call.query,
-        credential: call.credential,
+        principal: call.principal,
     });
     answer(app, &spec, call.mode, None).await
 }
@@ -84,10 +85,18 @@ fn hit_status(app: &App, entry: &Entry, now: time::OffsetDateTime, detail: Optio
 /// has it (a list page), so a miss does not ask again.
 async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, mode: RefreshMode, peeked: Option<Outcome>) -> Reply {
     let mut peeked = peeked;
+    let (partition, project, insight) = (spec.key.partition, spec.project, Some(spec.insight));
+    let mut confirmed = app.is_confirmed(partition, project, insight);
+    if !confirmed {
+        // The upstream refused this principal a moment ago: its answer stands, at no cost.
+        if let Some(r) = app.trust.refusal(partition, project, insight) {
+            app.metrics.trust_refusals.with_label_values(&["refused"]).inc();
+            return Reply::relay(&r, format!("{CACHE_NAME}; fwd=bypass; fwd-status={}; detail=refused", r.status));
+        }
+    }
     let mut entry = app.cache.get(&spec.key).await;
     // Set once the upstream's cache supplied the entry: the answer then did go upstream.
     let mut via_peek = false;
-    let mut revalidated = false;
     let mut freshened = false;
     loop {
         let now = app.clock.now();
@@ -106,23 +115,12 @@ async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, mode: RefreshMode, peeked:
         let in_flight = app.flights.is_running(&(flight_key, crate::app::FlightKind::Calculate));
         let decision = decide(mode, state, in_flight);
         match decision {
-            Decision::Serve { .. }
-                if !via_peek && !revalidated && !app.is_confirmed_at(spec.key.partition, spec.project, now) =>
-            {
-                // Cached data reaches a credential only while the upstream recently confirmed its
-                // access: ask again with a call that never calculates.
-                revalidated = true;
-                app.metrics.revalidations.inc();
-                match app.peek(spec, "revalidation").wait().await {
-                    Some(Outcome::Stored(_)) => entry = app.cache.get(&spec.key).await.or(entry),
-                    Some(Outcome::Relay(r)) if matches!(r.status, 401 | 403 | 404) => {
-                        return Reply::relay(
-                            &r,
-                            format!("{CACHE_NAME}; fwd=request; fwd-status={}; detail=revalidated", r.status),
-                        );
-                    }
-                    // Anything else (the upstream down or throttling): keep serving what we have.
-                    _ => {}
+            Decision::Serve { .. } if !via_peek && !confirmed => {
+                confirmed = true;
+                match revalidate(app, spec).await {
+                    Ok(Some(stored)) => entry = app.cache.get(&spec.key).await.or(Some(stored)),
+                    Ok(None) => {}
+                    Err(reply) => return reply,
                 }
             }
             Decision::Serve { background } => {
@@ -162,8 +160,7 @@ async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, mode: RefreshMode, peeked:
                     |flight: Arc<crate::flights::Flight<Outcome>>| async move { wait_as_client(app, &flight).await };
                 let (outcome, started) =
                     app.calculate_for(spec, entry.as_ref(), flight_key, refresh, reason, wait).await;
-                let outcome =
-                    outcome.unwrap_or(Outcome::Failed(Failure::Upstream(crate::upstream::UpstreamError::Broken)));
+                let outcome = outcome.unwrap_or(Outcome::Failed(Failure::Interrupted));
                 let collapsed = if started { "" } else { "; collapsed" };
                 return match outcome {
                     Outcome::Stored(e) => Reply::json(
@@ -174,24 +171,33 @@ async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, mode: RefreshMode, peeked:
                     Outcome::Relay(r) => {
                         Reply::relay(&r, format!("{CACHE_NAME}; fwd={fwd}; fwd-status={}{collapsed}", r.status))
                     }
+                    // stale-if-error: a result we have beats an upstream outage. Over the proxy's
+                    // own budget it stands in too, but only for a principal the upstream
+                    // confirmed: the proxy's failure never unlocks cached data by itself.
                     Outcome::Failed(f) => match entry {
-                        // stale-if-error: a result we have beats an error; over budget, likewise.
-                        Some(e) => {
-                            let detail = if f == Failure::Budget { "budget" } else { "stale-if-error" };
-                            Reply::json(200, e.render(true, None), hit_status(app, &e, app.clock.now(), Some(detail)))
+                        Some(e) if f.is_upstream_outage() => Reply::json(
+                            200,
+                            e.render(true, None),
+                            hit_status(app, &e, app.clock.now(), Some("stale-if-error")),
+                        ),
+                        Some(e) if f == Failure::Budget => {
+                            if !app.is_confirmed(partition, project, insight) {
+                                if let Err(reply) = revalidate(app, spec).await {
+                                    return reply;
+                                }
+                            }
+                            Reply::json(200, e.render(true, None), hit_status(app, &e, app.clock.now(), Some("budget")))
                         }
-                        None => failure_reply(app, spec, &f, format!("{CACHE_NAME}; fwd={fwd}; detail={}", f.as_str())),
+                        _ => failure_reply(app, spec, &f, format!("{CACHE_NAME}; fwd={fwd}; detail={}", f.as_str())),
                     },
                 };
             }
             Decision::Peek | Decision::MissRunning | Decision::MissEnqueue => {
                 let outcome = match peeked.take() {
                     Some(o) => o,
-                    None => app
-                        .peek(spec, "peek")
-                        .wait()
-                        .await
-                        .unwrap_or(Outcome::Failed(Failure::Upstream(crate::upstream::UpstreamError::Broken))),
+                    None => {
+                        app.peek(spec, FlightKind::Peek).wait().await.unwrap_or(Outcome::Failed(Failure::Interrupted))
+                    }
                 };
                 match outcome {
                     // The upstream's cache had a result: answer as if it had been ours.
@@ -220,7 +226,7 @@ async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, mode: RefreshMode, peeked:
                     Outcome::Failed(Failure::Budget) => {
                         // Not even a read fit the budget, so the upstream has not vouched for this
                         // caller just now: queue work only for one it confirmed recently.
-                        let confirmed = app.is_confirmed(spec.key.partition, spec.project);
+                        let confirmed = app.is_confirmed(partition, project, insight);
                         let qs = match decision {
                             Decision::MissEnqueue if confirmed => {
                                 Some(enqueue(app, spec, flight_key, false, UpstreamRefresh::Blocking))
@@ -251,22 +257,27 @@ async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, mode: RefreshMode, peeked:
                 let cs = format!("{CACHE_NAME}; fwd=request; detail=enqueued");
                 // The insight's metadata for the answer, and the upstream's word that this caller
                 // may see it, before any work is queued in the caller's name.
-                let vouched = via_peek || app.is_confirmed(spec.key.partition, spec.project);
+                let vouched = via_peek || app.is_confirmed(partition, project, insight);
                 let base = match (&entry, peeked.take()) {
                     (Some(e), _) if vouched => Bytes::from(e.to_value(false).to_string()),
                     (None, Some(Outcome::Stored(e))) => Bytes::from(e.to_value(false).to_string()),
                     (None, Some(Outcome::Relay(r))) if r.status == 200 => r.body.clone(),
                     (None, Some(Outcome::Relay(r))) => return Reply::relay(&r, cs),
-                    _ => match app.peek(spec, "peek").wait().await {
-                        Some(Outcome::Stored(e)) => Bytes::from(e.to_value(false).to_string()),
-                        Some(Outcome::Relay(r)) if r.status == 200 => r.body.clone(),
-                        Some(Outcome::Relay(r)) => return Reply::relay(&r, cs),
-                        // The upstream down or out of budget: as for a hit, what we have stands.
-                        Some(Outcome::Failed(f)) => match &entry {
-                            Some(e) => Bytes::from(e.to_value(false).to_string()),
-                            None => return failure_reply(app, spec, &f, cs),
+                    _ => match app
+                        .peek(spec, FlightKind::Peek)
+                        .wait()
+                        .await
+                        .unwrap_or(Outcome::Failed(Failure::Interrupted))
+                    {
+                        Outcome::Stored(e) => Bytes::from(e.to_value(false).to_string()),
+                        Outcome::Relay(r) if r.status == 200 => r.body.clone(),
+                        Outcome::Relay(r) => return Reply::relay(&r, cs),
+                        // The upstream down: as for a hit, what we have stands. Nothing else
+                        // vouches for this principal, so nothing else queues work in its name.
+                        Outcome::Failed(f) => match &entry {
+                            Some(e) if f.is_upstream_outage() => Bytes::from(e.to_value(false).to_string()),
+                            _ => return failure_reply(app, spec, &f, cs),
                         },
-                        None => return Reply::error(&ApiError::bad_gateway("The upstream closed the connection."), cs),
                     },
                 };
                 let qs = enqueue(app, spec, flight_key, true, UpstreamRefresh::ForceBlocking);
@@ -435,7 +446,7 @@ async fn wait_as_client(app: &App, flight: &crate::flights::Flight<Outcome>) -> 
     }
     match tokio::time::timeout(app.config.connect_timeout + app.config.read_timeout, flight.wait()).await {
         Ok(outcome) => outcome,
-        Err(_) => Some(Outcome::Failed(Failure::Upstream(crate::upstream::UpstreamError::Timeout))),
+        Err(_) => Some(Outcome::Failed(Failure::Upstream(UpstreamError::Timeout))),
     }
 }
 
@@ -445,7 +456,7 @@ pub struct ListCall {
     pub project: u64,
     pub path: String,
     pub query: QueryParams,
-    pub credential: Credential,
+    pub principal: Principal,
     pub mode: RefreshMode,
     /// Where the client reaches the proxy (`http://host:port`), for `next`/`previous`.
     pub public_base: String,
@@ -454,43 +465,46 @@ pub struct ListCall {
 /// Each insight on the page is answered under the request's mode from the same per-insight
 /// entries as retrieve; the calculations a page needs run concurrently.
 pub async fn list(app: &Arc<App>, call: ListCall) -> Reply {
-    let partition = app.keyer.partition(&call.credential);
+    let partition = call.principal.partition();
     let epoch = app.cache.begin();
     let started_ms = app.cache.now_ms();
-    let q = call.query.encode_without(&["refresh", "client_query_id"], &[("refresh", "force_cache")]);
-    let req = crate::upstream::UpstreamRequest {
-        method: http::Method::GET,
-        path_and_query: format!("{}?{}", call.path, q),
-        headers: crate::app::credential_headers(&call.credential),
-        body: None,
-    };
+    let req = crate::app::own_request(&call.path, &call.query, &call.principal, "force_cache");
     let bypass = format!("{CACHE_NAME}; fwd=uri-miss");
-    // A page's membership is kept briefly per credential, so a dashboard's viewers do not each
+    let confirmed = app.is_confirmed(partition, call.project, None);
+    if !confirmed {
+        if let Some(r) = app.trust.refusal(partition, call.project, None) {
+            app.metrics.trust_refusals.with_label_values(&["refused"]).inc();
+            return Reply::relay(&r, format!("{CACHE_NAME}; fwd=bypass; fwd-status={}; detail=refused", r.status));
+        }
+    }
+    // A page's membership is kept briefly per principal, so a dashboard's viewers do not each
     // cost an upstream call; the insights on it are answered from their own entries below.
     let page_key = PageKey { partition, project: call.project, path_and_query: req.path_and_query.clone() };
-    let cached_page = app.cache.page(&page_key).await.filter(|_| app.is_confirmed(partition, call.project));
+    let cached_page = if confirmed { app.cache.page(&page_key).await } else { None };
     let (body, page_status) = match cached_page {
         Some(body) => (body, format!("{CACHE_NAME}; hit; detail=list-page")),
         None => {
-            if app.budget.rate_token(&call.credential, partition, app.budget.settings().wait, false).await.is_err() {
-                let f = Failure::Budget;
-                return Reply::error(&f.to_api_error(), format!("{bypass}; detail=budget"));
+            let failed = |f: Failure| Reply::error(&f.to_api_error(), format!("{bypass}; detail={}", f.as_str()));
+            if !app.trust.admit(partition) {
+                app.metrics.trust_refusals.with_label_values(&["unconfirmed"]).inc();
+                return failed(Failure::Unconfirmed);
+            }
+            if app.budget.rate_token(&call.principal, app.budget.settings().wait, false).await.is_err() {
+                return failed(Failure::Budget);
             }
             app.metrics.upstream_reads.with_label_values(&["list"]).inc();
             let resp = match app.upstream.send(&req).await {
                 Ok(r) => r,
-                Err(e) => {
-                    let f = Failure::Upstream(e);
-                    return Reply::error(&f.to_api_error(), format!("{bypass}; detail={}", f.as_str()));
-                }
+                Err(e) => return failed(Failure::Upstream(e)),
             };
             if resp.status != 200 {
+                let resp = Arc::new(resp);
                 if resp.status == 401 || resp.status == 403 {
-                    app.reject(partition, call.project);
+                    app.reject(partition, call.project, None, resp.clone());
                 }
                 return Reply::relay(&resp, format!("{bypass}; fwd-status={}", resp.status));
             }
-            app.confirm(partition, call.project);
+            app.confirm(partition, call.project, None);
             app.cache.put_page(page_key, resp.body.clone()).await;
             (resp.body, format!("{bypass}; fwd-status=200"))
         }
@@ -503,6 +517,9 @@ pub async fn list(app: &Arc<App>, call: ListCall) -> Reply {
         _ => return Reply::error(&Failure::Garbage.to_api_error(), format!("{bypass}; detail=garbage")),
     };
     let item_path = format!("{}/", call.path.trim_end_matches('/'));
+    // The upstream's list ignores `from_dashboard`: its items are the standalone results, so they
+    // are stored and answered as such, never under a dashboard's key.
+    let item_query = call.query.without(&["from_dashboard"]);
     let mut tasks = tokio::task::JoinSet::new();
     let mut answered: Vec<Value> = Vec::with_capacity(items.len());
     for (i, item) in items.into_iter().enumerate() {
@@ -510,13 +527,15 @@ pub async fn list(app: &Arc<App>, call: ListCall) -> Reply {
             answered.push(item);
             continue;
         };
+        // The upstream listed it to this principal: under the insight scope that confirms it.
+        app.confirm(partition, call.project, Some(insight));
         let spec = Arc::new(CalcSpec {
-            key: CacheKey::new(partition, call.project, insight, &call.query),
+            key: CacheKey::new(partition, call.project, insight, &item_query),
             project: call.project,
             insight,
             path: format!("{item_path}{insight}/"),
-            query: call.query.clone(),
-            credential: call.credential.clone(),
+            query: item_query.clone(),
+            principal: call.principal.clone(),
         });
         // The page came from the upstream's cache: a result on it is a peek worth keeping.
         let peeked = match Entry::from_value(item.clone(), insight, epoch).map(|e| e.stamped(started_ms)) {
@@ -565,15 +584,39 @@ pub fn rewrite_origin(url: &str, public_base: &str) -> String {
 
 /// `GET .../query/:id/` for ids the proxy issued: 202 running, 200 complete, 400 failed, 404
 /// unknown, expired, or another partition's. `None`: not ours, pass it through.
-pub async fn query_status(app: &App, project: u64, query_id: &str, credential: Option<&Credential>) -> Option<Reply> {
+/// Cached data reaches a principal only while the upstream recently confirmed its access: this
+/// asks again with a read that never calculates. `Ok` when cached data may reach it (with the
+/// entry the read stored, if any): the upstream accepted it, or the upstream is down, the one
+/// failure that lets what we have stand without its word. Otherwise the answer to give instead:
+/// the upstream's refusal, or the proxy's own failure (docs/trust.md).
+async fn revalidate(app: &Arc<App>, spec: &Arc<CalcSpec>) -> Result<Option<Arc<Entry>>, Reply> {
+    app.metrics.revalidations.inc();
+    let outcome = app.peek(spec, FlightKind::Revalidate).wait().await;
+    match outcome.unwrap_or(Outcome::Failed(Failure::Interrupted)) {
+        Outcome::Stored(e) => Ok(Some(e)),
+        Outcome::Relay(r) if r.status == 200 => Ok(None),
+        Outcome::Relay(r) => {
+            Err(Reply::relay(&r, format!("{CACHE_NAME}; fwd=request; fwd-status={}; detail=revalidated", r.status)))
+        }
+        Outcome::Failed(f) if f.is_upstream_outage() => Ok(None),
+        Outcome::Failed(f) => {
+            Err(failure_reply(app, spec, &f, format!("{CACHE_NAME}; fwd=request; detail={}", f.as_str())))
+        }
+    }
+}
+
+/// `GET .../query/:id/` for ids the proxy issued: 202 running, 200 complete, 400 failed, 404
+/// unknown, expired, or another principal's. `None`: not ours, pass it through. A status carries
+/// results, so a poll is a cached read: it needs the same confirmation as any cached answer.
+pub async fn query_status(app: &Arc<App>, project: u64, query_id: &str, principal: Option<Principal>) -> Option<Reply> {
     if !query_id.starts_with("ipx_") {
         return None;
     }
     let cs = format!("{CACHE_NAME}; hit");
-    let Some(credential) = credential else {
+    let Some(principal) = principal else {
         return Some(Reply::error(&ApiError::not_authenticated(), cs));
     };
-    let owner = app.keyer.partition(credential);
+    let owner = principal.partition();
     let mut status = app.statuses.get(owner, query_id);
     if status.is_none() {
         // Another replica may have issued it.
@@ -584,6 +627,31 @@ pub async fn query_status(app: &App, project: u64, query_id: &str, credential: O
     let Some(status) = status.filter(|s| s.team_id == project) else {
         return Some(Reply::error(&ApiError::not_found(), cs));
     };
+    if !app.is_confirmed(owner, project, status.insight_id) {
+        if let Some(r) = app.trust.refusal(owner, project, status.insight_id) {
+            app.metrics.trust_refusals.with_label_values(&["refused"]).inc();
+            return Some(Reply::relay(
+                &r,
+                format!("{CACHE_NAME}; fwd=bypass; fwd-status={}; detail=refused", r.status),
+            ));
+        }
+        let insight = status.insight_id.unwrap_or(0);
+        let query = match status.dashboard_id {
+            Some(d) => QueryParams::parse(Some(&format!("from_dashboard={d}"))).unwrap_or_default(),
+            None => QueryParams::default(),
+        };
+        let spec = Arc::new(CalcSpec {
+            key: CacheKey::new(owner, project, insight, &query),
+            project,
+            insight,
+            path: format!("/api/environments/{project}/insights/{insight}/"),
+            query,
+            principal,
+        });
+        if let Err(reply) = revalidate(app, &spec).await {
+            return Some(reply);
+        }
+    }
     let code = match (status.complete, status.error) {
         (false, _) => 202,
         (true, false) => 200,

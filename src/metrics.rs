@@ -27,6 +27,9 @@ pub struct Metrics {
     /// asking the upstream.
     pub adopted: IntCounter,
     pub upstream_errors: IntCounterVec,
+    /// Insight requests the proxy refused without an upstream call, by reason: `unconfirmed` (the
+    /// allowance for unknown credentials was spent), `refused` (the upstream's remembered 401/403).
+    pub trust_refusals: IntCounterVec,
     pub revalidations: IntCounter,
     /// Async requests answered with concurrency_limit_exceeded (queue or status registry full).
     pub async_refused: IntCounter,
@@ -100,6 +103,13 @@ impl Metrics {
                 "Results taken from another variant of the same upstream cache key (same credential).",
             ),
             upstream_errors: counter_vec(&r, "upstream_errors_total", "Failed upstream calls, by kind.", &["kind"]),
+            trust_refusals: counter_vec(
+                &r,
+                "trust_refusals_total",
+                "Insight requests refused without an upstream call: unconfirmed (the allowance for unknown credentials \
+                 was spent) or refused (the upstream's remembered 401/403).",
+                &["reason"],
+            ),
             revalidations: gauge_free_counter(
                 &r,
                 "revalidations_total",

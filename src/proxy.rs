@@ -15,7 +15,7 @@ use pingora::{Error, ErrorType, Result};
 use serde_json::Value;
 
 use crate::app::App;
-use crate::auth::Credential;
+use crate::auth::{Principal, PrincipalError};
 use crate::config::AccessLog;
 use crate::error::ApiError;
 use crate::insights::{self, InsightCall, ListCall, Reply, CACHE_NAME};
@@ -26,6 +26,10 @@ use crate::routes::{route, Route};
 /// More request headers than this, or more header bytes, is refused (431) before any work.
 pub const MAX_REQUEST_HEADERS: usize = 100;
 pub const MAX_REQUEST_HEADER_BYTES: usize = 64 * 1024;
+/// A longer request target is refused (414) before any work: the proxy re-encodes the query of
+/// its own upstream calls (up to three bytes per byte), and this keeps every such call within what
+/// an HTTP request line may carry, so a request the proxy accepts is one it can forward.
+pub const MAX_URI_BYTES: usize = 16 * 1024;
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) are never forwarded. pingora manages `Connection` and
 /// keep-alive for each side itself.
@@ -122,6 +126,10 @@ impl InsightsProxy {
         if req.headers.len() > MAX_REQUEST_HEADERS || header_bytes > MAX_REQUEST_HEADER_BYTES {
             return Ok(Some(rejected(&ApiError::headers_too_large())));
         }
+        let uri_len = req.uri.path_and_query().map_or(0, |p| p.as_str().len());
+        if uri_len > MAX_URI_BYTES {
+            return Ok(Some(rejected(&ApiError::uri_too_long(MAX_URI_BYTES))));
+        }
         let declared_len =
             req.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
         if declared_len.is_some_and(|n| n > self.max_body()) {
@@ -148,8 +156,11 @@ impl InsightsProxy {
                 Ok(None)
             }
             Route::QueryStatus { project, query_id } => {
-                let cred = Credential::from_request(&session.req_header().headers, query.get("personal_api_key"));
-                Ok(insights::query_status(&self.app, project, &query_id, cred.as_ref()).await)
+                let headers = &session.req_header().headers;
+                match Principal::from_request(&self.app.keyer, headers, query.get("personal_api_key"), None) {
+                    Ok(principal) => Ok(insights::query_status(&self.app, project, &query_id, principal).await),
+                    Err(e) => Ok(Some(refused_principal(&e))),
+                }
             }
             Route::InsightRetrieve { .. } | Route::InsightList { .. } => {
                 // A GET may carry a JSON body with `refresh` or `personal_api_key` (PostHog reads
@@ -180,11 +191,19 @@ impl InsightsProxy {
                     }
                 };
                 let req = session.req_header();
-                let api_key = query.get("personal_api_key").or(fields.api_key.as_deref());
-                let Some(credential) = Credential::from_request(&req.headers, api_key) else {
-                    // Never answered from the cache: the upstream says what it says (401).
-                    ctx.cache_status = Some(format!("{CACHE_NAME}; fwd=bypass; detail=no-credential"));
-                    return Ok(None);
+                let principal = match Principal::from_request(
+                    &self.app.keyer,
+                    &req.headers,
+                    query.get("personal_api_key"),
+                    fields.api_key.as_deref(),
+                ) {
+                    Ok(Some(p)) => p,
+                    Ok(None) => {
+                        // Never answered from the cache: the upstream says what it says (401).
+                        ctx.cache_status = Some(format!("{CACHE_NAME}; fwd=bypass; detail=no-credential"));
+                        return Ok(None);
+                    }
+                    Err(e) => return Ok(Some(refused_principal(&e))),
                 };
                 let param = match (query.get("refresh"), &fields.refresh) {
                     (Some(q), _) => RefreshParam::Text(q),
@@ -197,12 +216,12 @@ impl InsightsProxy {
                 let path = req.uri.path().to_string();
                 let reply = match route {
                     Route::InsightRetrieve { project, insight } => {
-                        let call = InsightCall { project, insight, path, query, credential, mode };
+                        let call = InsightCall { project, insight, path, query, principal, mode };
                         insights::retrieve(&self.app, call).await
                     }
                     Route::InsightList { project } => {
                         let public_base = public_base(&self.app, req);
-                        let call = ListCall { project, path, query, credential, mode, public_base };
+                        let call = ListCall { project, path, query, principal, mode, public_base };
                         insights::list(&self.app, call).await
                     }
                     _ => unreachable!("matched above"),
@@ -424,6 +443,11 @@ fn within_deadline(ctx: &RequestCtx) -> Result<()> {
         return Error::e_explain(ErrorType::ReadTimedout, "the upstream's answer took longer than its deadline");
     }
     Ok(())
+}
+
+/// A credential that can never authenticate: PostHog's answer for an invalid key.
+fn refused_principal(e: &PrincipalError) -> Reply {
+    rejected(&ApiError::authentication_failed(e.to_string()))
 }
 
 /// A request the proxy refuses itself.

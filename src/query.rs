@@ -43,6 +43,11 @@ impl QueryParams {
         self.pairs.iter().map(|(k, v)| (k.as_str(), v.as_str()))
     }
 
+    /// The parameters without `drop`.
+    pub fn without(&self, drop: &[&str]) -> QueryParams {
+        QueryParams { pairs: self.pairs.iter().filter(|(k, _)| !drop.contains(&k.as_str())).cloned().collect() }
+    }
+
     /// Re-encodes the parameters, leaving out `drop` and appending `extra`.
     pub fn encode_without(&self, drop: &[&str], extra: &[(&str, &str)]) -> String {
         let mut out = String::new();

@@ -101,6 +101,7 @@ impl StatusRegistry {
             })
             // The newest completion must always be kept: TinyLFU could refuse to admit it.
             .eviction_policy(moka::policy::EvictionPolicy::lru())
+            .support_invalidation_closures()
             .time_to_live(ttl)
             .build();
         Self { running: Mutex::new(HashMap::new()), done, max_running: max_running as usize, ttl }
@@ -204,6 +205,13 @@ impl StatusRegistry {
         status.expiration_time = self.expiration(now);
         self.settle(&mut running, owner, status.clone());
         Some(status)
+    }
+
+    /// Drops every record of a principal the upstream refused: a poll then answers 404, as after
+    /// expiry. Work still running for it completes into nothing.
+    pub fn drop_owner(&self, owner: Partition) {
+        self.running.lock().retain(|_, r| r.owner != owner);
+        let _ = self.done.invalidate_entries_if(move |_, r| r.owner == owner);
     }
 
     pub fn running_count(&self) -> usize {

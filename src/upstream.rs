@@ -15,6 +15,7 @@ use pingora::prelude::HttpPeer;
 use pingora::ErrorType;
 
 use crate::config::{BreakerSettings, UpstreamUrl};
+use crate::failure::Origin;
 
 /// Where the upstream is and how to talk to it.
 #[derive(Debug, Clone)]
@@ -64,6 +65,9 @@ pub enum UpstreamError {
     Broken,
     #[error("the upstream is failing; calls are paused")]
     CircuitOpen,
+    /// The proxy could not put the request on the wire (it is never sent).
+    #[error("the request cannot be sent upstream")]
+    Unsendable,
 }
 
 impl UpstreamError {
@@ -74,7 +78,21 @@ impl UpstreamError {
             UpstreamError::TooLarge(_) => "too_large",
             UpstreamError::Broken => "broken",
             UpstreamError::CircuitOpen => "circuit_open",
+            UpstreamError::Unsendable => "unsendable",
         }
+    }
+
+    /// Whose fault it is: everything but a request the proxy could not send is the upstream's.
+    pub fn origin(&self) -> Origin {
+        match self {
+            UpstreamError::Unsendable => Origin::Proxy,
+            _ => Origin::Upstream,
+        }
+    }
+
+    /// The upstream is down or failing (an answer too large is the upstream's, but it is alive).
+    pub fn is_outage(&self) -> bool {
+        !matches!(self, UpstreamError::Unsendable | UpstreamError::TooLarge(_))
     }
 
     fn from_pingora(e: &pingora::Error) -> Self {
@@ -187,47 +205,58 @@ impl UpstreamClient {
     /// Sends one request and reads the whole answer, within the read timeout and the size cap.
     /// A pooled connection the upstream closed meanwhile is retried once on a fresh one.
     pub async fn send(&self, req: &UpstreamRequest) -> Result<UpstreamResponse, UpstreamError> {
+        // Built before anything else: a request the proxy cannot send never reaches the breaker.
+        let header = self.request_header(req).map_err(|_| UpstreamError::Unsendable)?;
         if !self.breaker.allow() {
             return Err(UpstreamError::CircuitOpen);
         }
         let deadline = self.settings.connect_timeout + self.settings.read_timeout;
-        let result = match tokio::time::timeout(deadline, self.send_once(req)).await {
-            Ok(Err((UpstreamError::Broken, true))) => tokio::time::timeout(deadline, self.send_once(req))
-                .await
-                .map_err(|_| UpstreamError::Timeout)
-                .and_then(|r| r.map_err(|(e, _)| e)),
+        let result = match tokio::time::timeout(deadline, self.send_once(&header, req.body.as_ref())).await {
+            Ok(Err((UpstreamError::Broken, true))) => {
+                tokio::time::timeout(deadline, self.send_once(&header, req.body.as_ref()))
+                    .await
+                    .map_err(|_| UpstreamError::Timeout)
+                    .and_then(|r| r.map_err(|(e, _)| e))
+            }
             Ok(r) => r.map_err(|(e, _)| e),
             Err(_) => Err(UpstreamError::Timeout),
         };
-        let ok = match &result {
+        // Only the upstream's own health moves the breaker: a request the proxy could not send
+        // says nothing about it.
+        self.breaker.record(match &result {
             Ok(r) => r.status < 500,
-            Err(UpstreamError::TooLarge(_)) => true,
-            Err(_) => false,
-        };
-        self.breaker.record(ok);
+            Err(e) => !e.is_outage(),
+        });
         result
     }
 
+    fn request_header(&self, req: &UpstreamRequest) -> pingora::Result<RequestHeader> {
+        let mut header = RequestHeader::build(req.method.clone(), req.path_and_query.as_bytes(), None)?;
+        header.insert_header(http::header::HOST, self.settings.url.host_header())?;
+        header.insert_header(http::header::ACCEPT, "application/json")?;
+        header.insert_header(http::header::USER_AGENT, concat!("insights-proxy/", env!("CARGO_PKG_VERSION")))?;
+        for (k, v) in &req.headers {
+            header.insert_header(k.clone(), v.clone())?;
+        }
+        if let Some(b) = &req.body {
+            header.insert_header(http::header::CONTENT_LENGTH, b.len().to_string())?;
+        }
+        Ok(header)
+    }
+
     /// The error carries whether the connection was a reused one.
-    async fn send_once(&self, req: &UpstreamRequest) -> Result<UpstreamResponse, (UpstreamError, bool)> {
+    async fn send_once(
+        &self,
+        header: &RequestHeader,
+        body: Option<&Bytes>,
+    ) -> Result<UpstreamResponse, (UpstreamError, bool)> {
         let peer = &*self.peer;
         let (mut session, reused) =
             self.connector.get_http_session(peer).await.map_err(|e| (UpstreamError::from_pingora(&e), false))?;
         let fail = |e: Box<pingora::Error>| (UpstreamError::from_pingora(&e), reused);
         session.set_read_timeout(Some(self.settings.read_timeout));
-        let mut header = RequestHeader::build(req.method.clone(), req.path_and_query.as_bytes(), None)
-            .map_err(|_| (UpstreamError::Broken, false))?;
-        let _ = header.insert_header(http::header::HOST, self.settings.url.host_header());
-        let _ = header.insert_header(http::header::ACCEPT, "application/json");
-        let _ = header.insert_header(http::header::USER_AGENT, concat!("insights-proxy/", env!("CARGO_PKG_VERSION")));
-        for (k, v) in &req.headers {
-            let _ = header.insert_header(k.clone(), v.clone());
-        }
-        if let Some(b) = &req.body {
-            let _ = header.insert_header(http::header::CONTENT_LENGTH, b.len().to_string());
-        }
-        session.write_request_header(Box::new(header)).await.map_err(fail)?;
-        if let Some(b) = &req.body {
+        session.write_request_header(Box::new(header.clone())).await.map_err(fail)?;
+        if let Some(b) = body {
             session.write_request_body(b.clone(), true).await.map_err(fail)?;
         }
         session.finish_request_body().await.map_err(fail)?;

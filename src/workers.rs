@@ -14,7 +14,6 @@ use tokio::sync::mpsc;
 use crate::app::{App, CalcSpec, Failure, Outcome};
 use crate::cache::{CacheKey, Entry};
 use crate::refresh::UpstreamRefresh;
-use crate::upstream::UpstreamError;
 
 #[derive(Debug)]
 pub struct Job {
@@ -231,7 +230,7 @@ async fn run_ahead(app: &Arc<App>, job: &Job, ahead: &Ahead) {
     };
     let (first, started) = app.ahead_flights.join_or_start(key, || {
         let run = run.clone();
-        async move { run().await.unwrap_or(Outcome::Failed(Failure::Upstream(UpstreamError::Broken))) }
+        async move { run().await.unwrap_or(Outcome::Failed(Failure::Interrupted)) }
     });
     let mut outcome = first.wait().await;
     if !started {
@@ -315,7 +314,7 @@ impl BackgroundService for Workers {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::Credential;
+    use crate::auth::Principal;
     use crate::cache::Partition;
     use crate::query::QueryParams;
     use bytes::Bytes;
@@ -328,7 +327,7 @@ mod tests {
             insight,
             path: format!("/api/environments/1/insights/{insight}/"),
             query: QueryParams::default(),
-            credential: Credential::default(),
+            principal: Principal::api_key(&crate::cache::PartitionKeyer::new(None), "k"),
         });
         let body = Bytes::from(format!(r#"{{"id":{insight},"result":[1],"last_refresh":"2026-01-01T00:00:00Z"}}"#));
         let entry = Arc::new(Entry::from_upstream(&body, insight, 1).unwrap());

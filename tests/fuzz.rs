@@ -3,7 +3,8 @@
 //! cargo-fuzz, so these run under proptest; CI raises the case count (PROPTEST_CASES).
 
 use http::Method;
-use insights_proxy::auth::Credential;
+use insights_proxy::auth::Principal;
+use insights_proxy::cache::PartitionKeyer;
 use insights_proxy::cache::{CacheKey, Entry, Partition};
 use insights_proxy::query::QueryParams;
 use insights_proxy::refresh::{RefreshMode, RefreshParam};
@@ -93,12 +94,22 @@ proptest! {
     }
 
     #[test]
-    fn credential_encodings_are_injective(a in proptest::option::of(".{0,8}"), b in proptest::option::of(".{0,8}"),
-                                          c in proptest::option::of(".{0,8}"), d in proptest::option::of(".{0,8}")) {
-        let x = Credential { authorization: a.clone(), api_key_param: b.clone(), session_cookie: None };
-        let y = Credential { authorization: c.clone(), api_key_param: d.clone(), session_cookie: None };
-        if x != y {
-            prop_assert_ne!(x.canonical_bytes(), y.canonical_bytes());
+    fn the_principal_is_the_first_carrier_and_junk_beside_it_changes_nothing(
+        key in "[!-~]{1,16}", junk in "[!-~&&[^;]]{1,16}", other in "[!-~]{1,16}",
+    ) {
+        let keyer = PartitionKeyer::new(None);
+        let base = Principal::api_key(&keyer, &key);
+        let mut h = http::HeaderMap::new();
+        h.insert(http::header::AUTHORIZATION, format!("Bearer {key}").parse().unwrap());
+        h.insert(http::header::COOKIE, format!("sessionid={junk}").parse().unwrap());
+        let with_junk = Principal::from_request(&keyer, &h, Some(&junk), Some(&junk)).unwrap().unwrap();
+        prop_assert_eq!(with_junk.partition(), base.partition());
+        prop_assert_eq!(with_junk.rate_key(), base.rate_key());
+        prop_assert_eq!(with_junk.upstream_header(), base.upstream_header());
+        let in_query = Principal::from_request(&keyer, &http::HeaderMap::new(), Some(&key), Some(&junk)).unwrap().unwrap();
+        prop_assert_eq!(in_query.partition(), base.partition());
+        if other != key {
+            prop_assert_ne!(Principal::api_key(&keyer, &other).partition(), base.partition());
         }
     }
 

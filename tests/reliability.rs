@@ -15,7 +15,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::*;
-use insights_proxy::auth::Credential;
+use insights_proxy::auth::Principal;
 use insights_proxy::cache::CacheKey;
 use insights_proxy::clock::Clock;
 use insights_proxy::query::QueryParams;
@@ -397,8 +397,12 @@ impl Sampler {
 
 /// The query-status id the proxy issues for `path` (with its query string) under `token`.
 fn status_id_for(app: &insights_proxy::app::App, token: &str, project: u64, insight: u64, query: &str) -> String {
-    let cred = Credential { authorization: Some(format!("Bearer {token}")), ..Default::default() };
-    let key = CacheKey::new(app.keyer.partition(&cred), project, insight, &QueryParams::parse(Some(query)).unwrap());
+    let key = CacheKey::new(
+        Principal::api_key(&app.keyer, token).partition(),
+        project,
+        insight,
+        &QueryParams::parse(Some(query)).unwrap(),
+    );
     app.keyer.status_id(&key)
 }
 
@@ -750,20 +754,29 @@ fn random_token(i: u64) -> String {
     format!("phx_flood_{:016x}_{i}", rand::random::<u64>())
 }
 
-fn credential_flood(h: &Harness, requests: u64, modes: &'static [&'static str]) {
+/// Sends `requests` requests, each with a made-up key, and returns how many upstream calls they
+/// may have caused at most: the allowance for unknown credentials over the flood's duration.
+/// Each is answered the upstream's 401, or 429 once that allowance is spent; none gets data.
+fn credential_flood(h: &Harness, requests: u64, modes: &'static [&'static str]) -> u64 {
+    let started = Instant::now();
     let results = parallel(h.proxy_port, 6, requests, move |conn, i| {
         let mode = modes[i as usize % modes.len()];
         let token = random_token(i);
         let r = conn.get(&format!("{}?refresh={mode}", insight_url(1 + i % PROJECT1_INSIGHTS)), &token);
         (mode, r)
     });
+    let allowance = u64::from(h.app.config.unconfirmed_calls_per_second);
+    let bound = allowance * (started.elapsed().as_secs() + 2);
     for (mode, r) in &results {
-        assert_eq!(r.status, 401, "refresh={mode}: {} {}", r.status, r.text());
+        assert!(matches!(r.status, 401 | 429), "refresh={mode}: {} {}", r.status, r.text());
         assert!(!r.cache_status().contains("; hit"), "refresh={mode}: {}", r.cache_status());
         let v = r.json();
         assert!(v.get("result").is_none(), "refresh={mode}: a result reached a rejected credential: {v}");
-        assert_eq!(v["type"], "authentication_error", "{v}");
+        let kind = if r.status == 401 { "authentication_error" } else { "throttled_error" };
+        assert_eq!(v["type"], kind, "{v}");
     }
+    assert!(results.iter().any(|(_, r)| r.status == 401), "the upstream's own answer reaches some");
+    bound
 }
 
 #[test]
@@ -778,10 +791,10 @@ fn a_credential_flood_gets_no_data_and_leaves_no_state() {
     let purges = h.metric("insights_proxy_purge_records");
     let requests_before = h.sim.requests();
     const FLOOD: u64 = 1500;
-    credential_flood(&h, FLOOD, &["force_cache", "blocking", "force_blocking"]);
-    // At most one upstream call per rejected request (no amplification).
+    let bound = credential_flood(&h, FLOOD, &["force_cache", "blocking", "force_blocking"]);
+    // Unknown credentials share a bounded allowance of upstream calls.
     let upstream = h.sim.requests() - requests_before;
-    assert!(upstream <= FLOOD, "{FLOOD} rejected requests caused {upstream} upstream requests");
+    assert!(upstream <= bound, "{FLOOD} made-up keys caused {upstream} upstream requests (bound {bound})");
     eventually("no calculation left in flight", || h.app.flights.is_empty() && h.app.jobs.is_empty());
     h.app.cache.run_pending_tasks().await_blocking();
     assert_eq!(h.app.cache.entry_count(), entries, "nothing cached for rejected credentials");
@@ -807,17 +820,19 @@ fn a_credential_flood_with_async_requests_leaves_no_state() {
         c.workers = 1;
         sim.calc_delay = Duration::from_millis(1);
     });
+    // A tenant the upstream accepted before the flood is not held to the unknown keys' allowance.
+    assert_eq!(h.get(&format!("{}?refresh=blocking", insight_url(2)), ALL).status, 200);
     let statuses = h.app.statuses.len();
     let requests_before = h.sim.requests();
     const FLOOD: u64 = 600;
-    credential_flood(&h, FLOOD, &["async", "lazy_async"]);
+    let bound = credential_flood(&h, FLOOD, &["async", "lazy_async"]);
     let upstream = h.sim.requests() - requests_before;
     let queued = h.app.jobs.len();
     let legit = h.get(&calculated_variant_url(1, 1, "async"), ALL).json();
     eventually("no calculation left in flight", || h.app.flights.is_empty() && h.app.jobs.is_empty());
     assert_eq!(queued, 0, "rejected credentials' work was queued");
     assert!(legit["query_status"]["error_message"].is_null(), "a legitimate request overflowed: {legit}");
-    assert!(upstream <= FLOOD, "{FLOOD} rejected requests caused {upstream} upstream requests");
+    assert!(upstream <= bound, "{FLOOD} made-up keys caused {upstream} upstream requests (bound {bound})");
     // (moka's counts catch up with a completion asynchronously.)
     eventually("one status record, the legitimate one's", || h.app.statuses.len() == statuses + 1);
 }
@@ -987,7 +1002,7 @@ fn broken_upstream_is_contained(how: Misbehaviour, expect: &[u16]) {
     assert!(t.elapsed() < bound, "{how:?} force_async: answered after {:?}", t.elapsed());
     assert!(r.status == 200 || expect.contains(&r.status), "{how:?} force_async: {} {}", r.status, r.text());
     let id = status_id_for(&app, ALL, 1, 1, "");
-    let owner = app.keyer.partition(&Credential { authorization: Some(format!("Bearer {ALL}")), ..Default::default() });
+    let owner = Principal::api_key(&app.keyer, ALL).partition();
     eventually("the force_async status is not left running", || {
         app.statuses.get(owner, &id).is_none_or(|s| s.complete && s.error)
     });

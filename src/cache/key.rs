@@ -5,7 +5,6 @@
 
 use std::fmt;
 
-use crate::auth::Credential;
 use crate::query::QueryParams;
 
 /// 128 bits of a keyed BLAKE3 hash of the credential.
@@ -35,20 +34,13 @@ impl PartitionKeyer {
         Self { key }
     }
 
-    pub fn partition(&self, credential: &Credential) -> Partition {
+    /// The partition of one credential: `kind` separates kinds of credential, so a session id
+    /// equal to some key's text is another partition.
+    pub fn partition(&self, kind: &[u8], secret: &[u8]) -> Partition {
         let mut hasher = blake3::Hasher::new_keyed(&self.key);
-        for part in [&credential.authorization, &credential.api_key_param, &credential.session_cookie] {
-            match part {
-                Some(s) => {
-                    hasher.update(&[1]);
-                    hasher.update(&(s.len() as u64).to_le_bytes());
-                    hasher.update(s.as_bytes());
-                }
-                None => {
-                    hasher.update(&[0]);
-                }
-            }
-        }
+        hasher.update(&(kind.len() as u64).to_le_bytes());
+        hasher.update(kind);
+        hasher.update(secret);
         let h = hasher.finalize();
         let mut out = [0u8; 16];
         out.copy_from_slice(&h.as_bytes()[..16]);
@@ -131,8 +123,8 @@ fn variant_of(query: &QueryParams) -> u128 {
 mod tests {
     use super::*;
 
-    fn cred(token: &str) -> Credential {
-        Credential { authorization: Some(format!("Bearer {token}")), ..Default::default() }
+    fn part(k: &PartitionKeyer, token: &str) -> Partition {
+        k.partition(b"personal-api-key", token.as_bytes())
     }
 
     fn q(s: &str) -> QueryParams {
@@ -142,10 +134,10 @@ mod tests {
     #[test]
     fn partitions_differ_per_credential_and_key() {
         let k = PartitionKeyer::new(Some("0123456789abcdef"));
-        assert_ne!(k.partition(&cred("a")), k.partition(&cred("b")));
-        assert_eq!(k.partition(&cred("a")), k.partition(&cred("a")));
+        assert_ne!(part(&k, "a"), part(&k, "b"));
+        assert_eq!(part(&k, "a"), part(&k, "a"));
         let other = PartitionKeyer::new(Some("fedcba9876543210"));
-        assert_ne!(k.partition(&cred("a")), other.partition(&cred("a")));
+        assert_ne!(part(&k, "a"), part(&other, "a"));
     }
 
     #[test]
@@ -169,8 +161,8 @@ mod tests {
     #[test]
     fn status_ids_are_per_partition() {
         let k = PartitionKeyer::new(None);
-        let a = CacheKey::new(k.partition(&cred("a")), 1, 2, &q(""));
-        let b = CacheKey::new(k.partition(&cred("b")), 1, 2, &q(""));
+        let a = CacheKey::new(part(&k, "a"), 1, 2, &q(""));
+        let b = CacheKey::new(part(&k, "b"), 1, 2, &q(""));
         assert_ne!(k.status_id(&a), k.status_id(&b));
         assert!(k.status_id(&a).starts_with("ipx_1_"));
     }
