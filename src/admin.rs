@@ -15,6 +15,7 @@ use crate::app::App;
 use crate::clock::format_datetime;
 use crate::error::ApiError;
 use crate::query::QueryParams;
+use crate::upstream::UpstreamRequest;
 
 pub struct AdminApp {
     pub app: Arc<App>,
@@ -63,11 +64,18 @@ impl AdminApp {
         m.render()
     }
 
-    /// Ready when the upstream accepts a connection and its circuit is closed.
+    /// Ready when the upstream accepts a connection and its circuit is closed. While the circuit
+    /// is open, each check past the cooldown probes the upstream itself (an answer below 500
+    /// closes the circuit), so readiness cannot latch on a proxy that gets no traffic.
     pub async fn readiness(&self) -> Result<(), &'static str> {
         let settings = self.app.upstream.settings();
         if self.app.upstream.breaker().is_open() {
-            return Err("upstream circuit open");
+            let probe =
+                UpstreamRequest { method: Method::GET, path_and_query: "/_health".into(), headers: vec![], body: None };
+            return match self.app.upstream.send(&probe).await {
+                Ok(r) if r.status < 500 => Ok(()),
+                _ => Err("upstream circuit open"),
+            };
         }
         // The shared tier being down degrades, it does not make the proxy unready: it is in the
         // /readyz detail and in metrics.

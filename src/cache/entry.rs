@@ -321,6 +321,14 @@ mod tests {
     }
 
     #[test]
+    fn numbers_are_rendered_as_the_upstream_wrote_them() {
+        let b = br#"{"id":7,"result":[18446744073709551617,1.10,-0.0],"last_refresh":"2026-01-01T00:00:00Z"}"#;
+        let e = Entry::from_upstream(b, 7, 1).unwrap();
+        let out = String::from_utf8(e.render(true, None).to_vec()).unwrap();
+        assert!(out.contains("[18446744073709551617,1.10,-0.0]"), "{out}");
+    }
+
+    #[test]
     fn an_empty_object_renders_valid_json() {
         let stale = StaleInfo { last_refresh: OffsetDateTime::UNIX_EPOCH, interval: Interval::Day, date_to: None };
         let e = Entry::from_parts(Bytes::from_static(b"{}"), stale, 1, 0);

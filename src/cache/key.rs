@@ -159,6 +159,17 @@ mod tests {
     }
 
     #[test]
+    fn integers_beyond_64_bits_neither_collide_nor_turn_into_floats() {
+        let p = Partition([0; 16]);
+        let a = CacheKey::new(p, 1, 2, &q("filters_override=%7B%22x%22%3A18446744073709551616%7D"));
+        let b = CacheKey::new(p, 1, 2, &q("filters_override=%7B%22x%22%3A18446744073709551617%7D"));
+        let c = CacheKey::new(p, 1, 2, &q("filters_override=%7B%22x%22%3A1.8446744073709552e19%7D"));
+        assert_ne!(a, b);
+        assert_ne!(a, c);
+        assert_ne!(b, c);
+    }
+
+    #[test]
     fn status_ids_are_per_partition() {
         let k = PartitionKeyer::new(None);
         let a = CacheKey::new(part(&k, "a"), 1, 2, &q(""));

@@ -267,6 +267,8 @@ impl InsightCache {
             CompResult::ReplacedWith(_) => {}
             _ => return false,
         }
+        // The upstream has something for this key now: its "nothing cached" note is over.
+        self.empty.invalidate(&key);
         self.note_group(&key, &entry);
         true
     }

@@ -23,6 +23,9 @@ struct Credential {
     all_projects: bool,
     allow: HashSet<u64>,
     deny: HashSet<u64>,
+    /// Insights this credential may not see although it sees their project (PostHog's
+    /// object-level access control).
+    deny_insights: HashSet<u64>,
     revoked: bool,
 }
 
@@ -34,6 +37,7 @@ impl Credential {
             all_projects: false,
             allow: HashSet::new(),
             deny: HashSet::new(),
+            deny_insights: HashSet::new(),
             revoked: false,
         }
     }
@@ -94,6 +98,21 @@ impl Auth {
             c.allow.remove(&project);
             c.deny.insert(project);
         }
+    }
+
+    /// Restricts or restores one insight for a credential (object-level access control).
+    pub fn set_insight_access(&self, credential: &str, insight: u64, allowed: bool) {
+        let mut creds = self.credentials.lock();
+        let c = creds.entry(credential.to_owned()).or_insert_with(|| Credential::api_key(1));
+        if allowed {
+            c.deny_insights.remove(&insight);
+        } else {
+            c.deny_insights.insert(insight);
+        }
+    }
+
+    pub fn can_access_insight(&self, principal: &Principal, insight: u64) -> bool {
+        self.credentials.lock().get(&principal.credential).is_none_or(|c| !c.deny_insights.contains(&insight))
     }
 
     pub fn can_access(&self, principal: &Principal, project: u64) -> bool {

@@ -129,6 +129,9 @@ async fn render_full(ctx: &Ctx<'_>, ins: &Insight, tiles: &[Tile], via: Option<(
 
 async fn retrieve(req: &Request<'_>, project: &Project, raw_id: &str) -> Reply {
     let (ins, tiles) = find(&req.inner.data, project, raw_id, false).ok_or_else(not_found)?;
+    if !req.inner.auth.can_access_insight(&req.principal, ins.id) {
+        return Err(ApiError::permission_denied("You don't have access to this insight.").into());
+    }
     let ctx = Ctx::new(req, project)?;
     // `from_dashboard` only counts when a live tile joins that dashboard and this insight.
     let via = req

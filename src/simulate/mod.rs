@@ -207,6 +207,12 @@ impl Simulator {
         self.inner.auth.set_access(token, project, allowed);
     }
 
+    /// Restricts (403) or restores one insight for a token, as PostHog's access control on a
+    /// single insight does.
+    pub fn set_insight_access(&self, token: &str, insight: u64, allowed: bool) {
+        self.inner.auth.set_insight_access(token, insight, allowed);
+    }
+
     pub fn set_fault(&self, fault: Fault) {
         *self.inner.fault.write() = fault;
     }
