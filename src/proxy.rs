@@ -18,6 +18,7 @@ use crate::app::App;
 use crate::auth::{Principal, PrincipalError};
 use crate::config::AccessLog;
 use crate::error::ApiError;
+use crate::failure::Origin;
 use crate::insights::{self, InsightCall, ListCall, Reply, CACHE_NAME};
 use crate::query::QueryParams;
 use crate::refresh::RefreshParam;
@@ -234,7 +235,12 @@ impl InsightsProxy {
     /// What a failed request answers (if its response has not started) and whether its connection
     /// can be reused (never).
     pub(crate) async fn fail(&self, session: &mut ServerSession, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
-        let api = match (e.etype(), e.esource()) {
+        let origin = match e.esource() {
+            ErrorSource::Downstream => Origin::Client,
+            ErrorSource::Upstream => Origin::Upstream,
+            ErrorSource::Internal | ErrorSource::Unset => Origin::Proxy,
+        };
+        let api = match (e.etype(), origin) {
             (ErrorType::HTTPStatus(413), _) => ApiError::payload_too_large(self.max_body()),
             (ErrorType::HTTPStatus(503), _) => {
                 ApiError::service_unavailable("The upstream is failing; the proxy is not calling it for a moment.")
@@ -246,18 +252,23 @@ impl InsightsProxy {
                 | ErrorType::ConnectionClosed
                 | ErrorType::ReadTimedout
                 | ErrorType::WriteTimedout,
-                ErrorSource::Downstream,
+                Origin::Client,
             ) => return FailToProxy { error_code: 0, can_reuse_downstream: false },
-            (_, ErrorSource::Downstream) | (ErrorType::HTTPStatus(400..=499), _) => {
+            (_, Origin::Client) | (ErrorType::HTTPStatus(400..=499), _) => {
                 ApiError::bad_request("The request could not be read.")
             }
-            (ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout, _) => {
+            // Only the upstream's own failures count against it.
+            (ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout, Origin::Upstream) => {
                 self.app.upstream.breaker().record(false);
                 ApiError::gateway_timeout("The upstream did not answer in time.")
             }
-            _ => {
+            (_, Origin::Upstream) => {
                 self.app.upstream.breaker().record(false);
                 ApiError::bad_gateway("The upstream is unreachable or failed to answer.")
+            }
+            (_, Origin::Proxy) => {
+                tracing::warn!(error_type = %e.etype().as_str(), "the proxy could not forward a request");
+                ApiError::new(500, "server_error", "error", "The proxy could not forward the request.")
             }
         };
         let detail = if api.status >= 500 { "upstream-error" } else { "rejected" };
@@ -440,7 +451,8 @@ pub(crate) async fn answer_with(session: &mut ServerSession, ctx: &mut RequestCt
 /// Fails a pass-through whose upstream answer is taking longer than its total deadline.
 fn within_deadline(ctx: &RequestCtx) -> Result<()> {
     if ctx.upstream_deadline.is_some_and(|d| Instant::now() > d) {
-        return Error::e_explain(ErrorType::ReadTimedout, "the upstream's answer took longer than its deadline");
+        let e = Error::explain(ErrorType::ReadTimedout, "the upstream's answer took longer than its deadline");
+        return Err(e.into_up());
     }
     Ok(())
 }
