@@ -9,7 +9,7 @@
 use crate::error::ApiError;
 use crate::upstream::UpstreamError;
 
-/// PostHog's message when a team runs too many queries (docs/refresh-semantics.md).
+/// PostHog's message when a team runs too many queries.
 pub const CONCURRENCY_LIMIT_EXCEEDED: &str = "concurrency_limit_exceeded";
 
 /// Where a failure came from.
