@@ -283,6 +283,7 @@ fn retrieve(c: &mut Criterion, f: &Fixture) {
                             .unwrap()
                             .unwrap(),
                         mode: RefreshMode::ForceCache,
+                        truthy: true,
                     };
                     let reply = insights::retrieve(&app, call).await;
                     debug_assert!(reply.cache_status.contains("; hit"));

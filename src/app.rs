@@ -471,7 +471,12 @@ impl App {
                     // nobody, so a revalidation always asks.
                     if let Some(body) = app.cache.upstream_empty(&spec.key).filter(|_| !revalidating) {
                         let content_type = Some("application/json".to_string());
-                        return Outcome::Relay(Arc::new(UpstreamResponse { status: 200, content_type, body }));
+                        return Outcome::Relay(Arc::new(UpstreamResponse {
+                            status: 200,
+                            content_type,
+                            body,
+                            ..Default::default()
+                        }));
                     }
                     // A read never waits for budget: a miss answers at once, as upstream would.
                     if app.budget.rate_token(&spec.principal, Duration::ZERO, false).await.is_err() {

@@ -25,11 +25,13 @@ pub struct Reply {
     pub content_type: Option<String>,
     /// The `Cache-Status` header value.
     pub cache_status: String,
+    /// The upstream's headers relayed with its answer (`Retry-After`, `WWW-Authenticate`).
+    pub relayed: Vec<(http::HeaderName, http::HeaderValue)>,
 }
 
 impl Reply {
     pub fn json(status: u16, body: Bytes, cache_status: String) -> Self {
-        Self { status, body, content_type: None, cache_status }
+        Self { status, body, content_type: None, cache_status, relayed: Vec::new() }
     }
 
     pub fn error(e: &ApiError, cache_status: String) -> Self {
@@ -37,8 +39,22 @@ impl Reply {
     }
 
     fn relay(resp: &crate::upstream::UpstreamResponse, cache_status: String) -> Self {
-        Self { status: resp.status, body: resp.body.clone(), content_type: resp.content_type.clone(), cache_status }
+        Self {
+            status: resp.status,
+            body: resp.body.clone(),
+            content_type: resp.content_type.clone(),
+            cache_status,
+            relayed: resp.relayed.clone(),
+        }
     }
+}
+
+/// What the client asked of one insight: the execution mode, and whether its `refresh` counts as
+/// one at all (it decides the answer's `timezone`).
+#[derive(Debug, Clone, Copy)]
+struct Ask {
+    mode: RefreshMode,
+    truthy: bool,
 }
 
 /// One insight request, already routed and parsed.
@@ -50,9 +66,15 @@ pub struct InsightCall {
     pub query: QueryParams,
     pub principal: Principal,
     pub mode: RefreshMode,
+    /// Whether the client's `refresh` counts as one ([`crate::refresh::RefreshParam::truthy`]).
+    pub truthy: bool,
 }
 
 pub async fn retrieve(app: &Arc<App>, call: InsightCall) -> Reply {
+    let unknown = crate::cache::key::unknown_params(&call.query);
+    if unknown > 0 {
+        app.metrics.unknown_params.inc_by(unknown as u64);
+    }
     let key = CacheKey::new(call.principal.partition(), call.project, call.insight, &call.query);
     let spec = Arc::new(CalcSpec {
         key,
@@ -62,7 +84,7 @@ pub async fn retrieve(app: &Arc<App>, call: InsightCall) -> Reply {
         query: call.query,
         principal: call.principal,
     });
-    answer(app, &spec, call.mode, None).await
+    answer(app, &spec, Ask { mode: call.mode, truthy: call.truthy }, None).await
 }
 
 fn hit_status(app: &App, entry: &Entry, now: time::OffsetDateTime, detail: Option<&str>) -> String {
@@ -83,7 +105,8 @@ fn hit_status(app: &App, entry: &Entry, now: time::OffsetDateTime, detail: Optio
 
 /// Answers one insight under `mode`. `peeked` is the upstream's own answer when the caller already
 /// has it (a list page), so a miss does not ask again.
-async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, mode: RefreshMode, peeked: Option<Outcome>) -> Reply {
+async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, ask: Ask, peeked: Option<Outcome>) -> Reply {
+    let Ask { mode, truthy } = ask;
     let mut peeked = peeked;
     let (partition, project, insight) = (spec.key.partition, spec.project, Some(spec.insight));
     let mut confirmed = app.is_confirmed(partition, project, insight);
@@ -165,7 +188,7 @@ async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, mode: RefreshMode, peeked:
                 return match outcome {
                     Outcome::Stored(e) => Reply::json(
                         200,
-                        e.render(false, None),
+                        e.render(e.upstream_cached(), None),
                         format!("{CACHE_NAME}; fwd={fwd}; fwd-status=200; stored{collapsed}"),
                     ),
                     Outcome::Relay(r) => {
@@ -193,6 +216,8 @@ async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, mode: RefreshMode, peeked:
                 };
             }
             Decision::Peek | Decision::MissRunning | Decision::MissEnqueue => {
+                // Answered from the proxy's short memory that the upstream has nothing cached.
+                let remembered = peeked.is_none() && app.cache.upstream_empty(&spec.key).is_some();
                 let outcome = match peeked.take() {
                     Some(o) => o,
                     None => {
@@ -215,9 +240,15 @@ async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, mode: RefreshMode, peeked:
                             _ if r.status == 200 => running_status(app, spec),
                             _ => None,
                         };
-                        let cs = format!("{CACHE_NAME}; fwd=miss; fwd-status={}", r.status);
+                        let cs = if remembered {
+                            format!("{CACHE_NAME}; hit; detail=upstream-empty")
+                        } else {
+                            format!("{CACHE_NAME}; fwd=miss; fwd-status={}", r.status)
+                        };
                         return match (r.status, qs) {
-                            (200, Some(qs)) => Reply::json(200, overlay_miss(&r.body, Some(&qs), false), cs),
+                            (200, Some(qs)) => Reply::json(200, overlay_miss(&r.body, Some(&qs), false, truthy), cs),
+                            // The upstream was asked with a truthy `refresh=force_cache`.
+                            (200, None) if !truthy => Reply::json(200, stored_timezone(&r.body), cs),
                             _ => Reply::relay(&r, cs),
                         };
                     }
@@ -245,7 +276,7 @@ async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, mode: RefreshMode, peeked:
                             "id": spec.insight, "result": null, "last_refresh": null, "is_cached": false,
                             "timezone": null, "next_allowed_client_refresh": null, "cache_target_age": null,
                         });
-                        let body = overlay_miss(body.to_string().as_bytes(), qs.as_deref(), false);
+                        let body = overlay_miss(body.to_string().as_bytes(), qs.as_deref(), false, truthy);
                         return Reply::json(200, body, format!("{CACHE_NAME}; fwd=miss; detail=budget"));
                     }
                     Outcome::Failed(f) => {
@@ -281,7 +312,7 @@ async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, mode: RefreshMode, peeked:
                     },
                 };
                 let qs = enqueue(app, spec, flight_key, true, UpstreamRefresh::ForceBlocking);
-                return Reply::json(200, overlay_miss(&base, Some(&qs), true), cs);
+                return Reply::json(200, overlay_miss(&base, Some(&qs), true, truthy), cs);
             }
         }
     }
@@ -341,7 +372,7 @@ fn worth_freshening(app: &App, entry: &Entry, now: time::OffsetDateTime) -> bool
 fn refresh_ahead(app: &App, spec: &Arc<CalcSpec>, entry: &Arc<Entry>, now: time::OffsetDateTime) {
     let settings = app.config.refresh_ahead;
     let reads = entry.note_read();
-    if !settings.enabled || reads < settings.min_reads {
+    if !settings.enabled || reads < settings.min_reads || !entry.stale.can_go_stale(&app.config.thresholds) {
         return;
     }
     let Some(threshold) = app.config.thresholds.default_for(entry.stale.interval) else { return };
@@ -419,15 +450,23 @@ fn enqueue(
 }
 
 /// A cache-miss answer built from the upstream's insight body (PostHog's `NothingInCacheResult`):
-/// the insight's metadata with no result, carrying our `query_status`. For `force_async` the cache
-/// key is null too (refresh-semantics.md §1.3).
-fn overlay_miss(body: &[u8], query_status: Option<&[u8]>, force_async: bool) -> Bytes {
+/// the insight's metadata with nothing of a calculation, carrying our `query_status`. For
+/// `force_async` the cache key is null too. `timezone` is the team's (as the body has it) for a
+/// truthy `refresh`, else the stored one: none. Keys keep the upstream's order.
+fn overlay_miss(body: &[u8], query_status: Option<&[u8]>, force_async: bool, truthy: bool) -> Bytes {
     let Ok(Value::Object(mut m)) = serde_json::from_slice::<Value>(body) else {
         return Bytes::copy_from_slice(body);
     };
     let qs = query_status.and_then(|q| serde_json::from_slice(q).ok()).unwrap_or(Value::Null);
-    for k in ["result", "last_refresh", "timezone", "next_allowed_client_refresh", "cache_target_age", "columns"] {
+    let nulled = ["result", "last_refresh", "next_allowed_client_refresh", "cache_target_age", "columns", "hogql"];
+    for k in nulled.into_iter().chain(["resolved_date_range", "hasMore"]) {
+        if k == "hasMore" && !m.contains_key(k) {
+            continue;
+        }
         m.insert(k.into(), Value::Null);
+    }
+    if !truthy {
+        m.insert("timezone".into(), Value::Null);
     }
     if force_async {
         m.insert("filters_hash".into(), Value::Null);
@@ -435,6 +474,18 @@ fn overlay_miss(body: &[u8], query_status: Option<&[u8]>, force_async: bool) -> 
     m.insert("is_cached".into(), Value::Bool(false));
     m.insert("query_status".into(), qs);
     Bytes::from(Value::Object(m).to_string())
+}
+
+/// The upstream's miss answer to the proxy's truthy `refresh=force_cache`, as a client whose
+/// `refresh` is absent or false-ish gets it: the stored timezone, which for nothing stored is none.
+fn stored_timezone(body: &[u8]) -> Bytes {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(mut m)) if m.get("result").is_none_or(Value::is_null) => {
+            m.insert("timezone".into(), Value::Null);
+            Bytes::from(Value::Object(m).to_string())
+        }
+        _ => Bytes::copy_from_slice(body),
+    }
 }
 
 /// A client's wait on a calculation it started or joined: like a blocking request's own budget
@@ -458,6 +509,7 @@ pub struct ListCall {
     pub query: QueryParams,
     pub principal: Principal,
     pub mode: RefreshMode,
+    pub truthy: bool,
     /// Where the client reaches the proxy (`http://host:port`), for `next`/`previous`.
     pub public_base: String,
 }
@@ -517,9 +569,9 @@ pub async fn list(app: &Arc<App>, call: ListCall) -> Reply {
         _ => return Reply::error(&Failure::Garbage.to_api_error(), format!("{bypass}; detail=garbage")),
     };
     let item_path = format!("{}/", call.path.trim_end_matches('/'));
-    // The upstream's list ignores `from_dashboard`: its items are the standalone results, so they
-    // are stored and answered as such, never under a dashboard's key.
-    let item_query = call.query.without(&["from_dashboard"]);
+    // The upstream's list ignores `from_dashboard` (and its paging parameters are the list's): its
+    // items are stored and answered as the insight's own results, never under a dashboard's key.
+    let item_query = call.query.only(&["filters_override", "variables_override", "tile_filters_override"]);
     let mut tasks = tokio::task::JoinSet::new();
     let mut answered: Vec<Value> = Vec::with_capacity(items.len());
     for (i, item) in items.into_iter().enumerate() {
@@ -546,13 +598,13 @@ pub async fn list(app: &Arc<App>, call: ListCall) -> Reply {
             }
             Err(_) => Outcome::Relay(Arc::new(crate::upstream::UpstreamResponse {
                 status: 200,
-                content_type: None,
                 body: Bytes::from(item.to_string()),
+                ..Default::default()
             })),
         };
         answered.push(item);
-        let (app, mode) = (app.clone(), call.mode);
-        tasks.spawn(async move { (i, answer(&app, &spec, mode, Some(peeked)).await) });
+        let (app, ask) = (app.clone(), Ask { mode: call.mode, truthy: call.truthy });
+        tasks.spawn(async move { (i, answer(&app, &spec, ask, Some(peeked)).await) });
     }
     while let Some(done) = tasks.join_next().await {
         let Ok((i, reply)) = done else { continue };
@@ -565,11 +617,42 @@ pub async fn list(app: &Arc<App>, call: ListCall) -> Reply {
     page.insert("results".into(), Value::Array(answered));
     for link in ["next", "previous"] {
         if let Some(Value::String(url)) = page.get(link) {
-            let rewritten = rewrite_origin(url, &call.public_base);
+            let rewritten = client_page_link(url, &call.public_base, &call.query);
             page.insert(link.into(), Value::String(rewritten));
         }
     }
     Reply::json(200, Bytes::from(Value::Object(page).to_string()), page_status)
+}
+
+/// A page link as the upstream builds it for the client's own request, so a client paging through
+/// the proxy keeps its `refresh`, `client_query_id` and every other parameter: DRF's
+/// `replace_query_param` on the client's query (blank values dropped, keys sorted, `quote_plus`)
+/// with the page position (`limit`, `offset`) the upstream chose for the proxy's read, on the
+/// proxy's origin.
+pub fn client_page_link(upstream_link: &str, public_base: &str, client_query: &QueryParams) -> String {
+    let relinked = rewrite_origin(upstream_link, public_base);
+    let (path, upstream_query) = relinked.split_once('?').unwrap_or((&relinked, ""));
+    let Ok(position) = QueryParams::parse(Some(upstream_query)) else { return relinked };
+    let mut params: std::collections::BTreeMap<&str, Vec<&str>> = std::collections::BTreeMap::new();
+    for (k, v) in client_query.iter().filter(|(_, v)| !v.is_empty()) {
+        params.entry(k).or_default().push(v);
+    }
+    for name in ["limit", "offset"] {
+        match position.get(name) {
+            Some(v) => params.insert(name, vec![v]),
+            None => params.remove(name),
+        };
+    }
+    let quote_plus = |s: &str| crate::query::encode(s).replace("%20", "+");
+    let query: Vec<String> = params
+        .iter()
+        .flat_map(|(k, vs)| vs.iter().map(move |v| format!("{}={}", quote_plus(k), quote_plus(v))))
+        .collect();
+    if query.is_empty() {
+        path.to_string()
+    } else {
+        format!("{path}?{}", query.join("&"))
+    }
 }
 
 /// Points an absolute URL the upstream built from its own host back at the proxy.
@@ -582,8 +665,6 @@ pub fn rewrite_origin(url: &str, public_base: &str) -> String {
     format!("{public_base}{path}")
 }
 
-/// `GET .../query/:id/` for ids the proxy issued: 202 running, 200 complete, 400 failed, 404
-/// unknown, expired, or another partition's. `None`: not ours, pass it through.
 /// Cached data reaches a principal only while the upstream recently confirmed its access: this
 /// asks again with a read that never calculates. `Ok` when cached data may reach it (with the
 /// entry the read stored, if any): the upstream accepted it, or the upstream is down, the one
@@ -613,9 +694,9 @@ pub async fn query_status(app: &Arc<App>, project: u64, query_id: &str, principa
         return None;
     }
     let cs = format!("{CACHE_NAME}; hit");
-    let Some(principal) = principal else {
-        return Some(Reply::error(&ApiError::not_authenticated(), cs));
-    };
+    // Without a credential, or for an id this principal was not given, the upstream answers as
+    // PostHog does (401, 403 for a project it cannot see, 404).
+    let principal = principal?;
     let owner = principal.partition();
     let mut status = app.statuses.get(owner, query_id);
     if status.is_none() {
@@ -624,9 +705,7 @@ pub async fn query_status(app: &Arc<App>, project: u64, query_id: &str, principa
             status = l2.get_status(query_id, owner).await.and_then(|b| serde_json::from_slice(&b).ok());
         }
     }
-    let Some(status) = status.filter(|s| s.team_id == project) else {
-        return Some(Reply::error(&ApiError::not_found(), cs));
-    };
+    let status = status.filter(|s| s.team_id == project)?;
     if !app.is_confirmed(owner, project, status.insight_id) {
         if let Some(r) = app.trust.refusal(owner, project, status.insight_id) {
             app.metrics.trust_refusals.with_label_values(&["refused"]).inc();
@@ -676,6 +755,20 @@ mod tests {
         }
         assert!(lo >= 0.90 && hi < 0.95, "{lo}..{hi}");
         assert!(hi - lo > 0.04, "spread over the window: {lo}..{hi}");
+    }
+
+    #[test]
+    fn page_links_keep_the_clients_own_parameters() {
+        let client =
+            QueryParams::parse(Some("refresh=blocking&client_query_id=q+1&limit=2&personal_api_key=k&x=")).unwrap();
+        let upstream = "http://up:9/api/projects/1/insights/?limit=2&offset=4&refresh=force_cache";
+        assert_eq!(
+            client_page_link(upstream, "http://proxy:8080", &client),
+            "http://proxy:8080/api/projects/1/insights/?client_query_id=q+1&limit=2&offset=4&personal_api_key=k&refresh=blocking"
+        );
+        let first = "http://up:9/api/projects/1/insights/?limit=2&refresh=force_cache";
+        let on_page_two = QueryParams::parse(Some("offset=2&limit=2")).unwrap();
+        assert_eq!(client_page_link(first, "http://p", &on_page_two), "http://p/api/projects/1/insights/?limit=2");
     }
 
     #[test]

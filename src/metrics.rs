@@ -30,6 +30,8 @@ pub struct Metrics {
     /// Insight requests the proxy refused without an upstream call, by reason: `unconfirmed` (the
     /// allowance for unknown credentials was spent), `refused` (the upstream's remembered 401/403).
     pub trust_refusals: IntCounterVec,
+    /// Query parameters on insight reads that the proxy does not know (each is part of the key).
+    pub unknown_params: IntCounter,
     pub revalidations: IntCounter,
     /// Async requests answered with concurrency_limit_exceeded (queue or status registry full).
     pub async_refused: IntCounter,
@@ -103,6 +105,11 @@ impl Metrics {
                 "Results taken from another variant of the same upstream cache key (same credential).",
             ),
             upstream_errors: counter_vec(&r, "upstream_errors_total", "Failed upstream calls, by kind.", &["kind"]),
+            unknown_params: gauge_free_counter(
+                &r,
+                "unknown_query_params_total",
+                "Query parameters on insight reads that the proxy does not know; each is part of the cache key.",
+            ),
             trust_refusals: counter_vec(
                 &r,
                 "trust_refusals_total",
@@ -224,6 +231,7 @@ pub fn cache_label(cache_status: &str) -> &'static str {
             return match detail {
                 Some(d) if d.starts_with("stale-if-error") => "stale_if_error",
                 Some(d) if d.starts_with("stale") || d.starts_with("budget") => "stale",
+                Some(d) if d.starts_with("upstream-empty") => "miss",
                 _ => "hit",
             };
         }

@@ -206,23 +206,29 @@ impl InsightsProxy {
                     }
                     Err(e) => return Ok(Some(refused_principal(&e))),
                 };
+                // A number in the body counts as its text, as Python's `str()` gives it.
+                let number = match &fields.refresh {
+                    Some(Value::Number(n)) => n.to_string(),
+                    _ => String::new(),
+                };
                 let param = match (query.get("refresh"), &fields.refresh) {
                     (Some(q), _) => RefreshParam::Text(q),
                     (None, Some(Value::Bool(b))) => RefreshParam::Bool(*b),
                     (None, Some(Value::String(s))) => RefreshParam::Text(s.as_str()),
+                    (None, Some(Value::Number(_))) => RefreshParam::Text(&number),
                     _ => RefreshParam::Absent,
                 };
-                let mode = param.mode();
+                let (mode, truthy) = (param.mode(), param.truthy());
                 ctx.mode = Some(mode.as_str());
                 let path = req.uri.path().to_string();
                 let reply = match route {
                     Route::InsightRetrieve { project, insight } => {
-                        let call = InsightCall { project, insight, path, query, principal, mode };
+                        let call = InsightCall { project, insight, path, query, principal, mode, truthy };
                         insights::retrieve(&self.app, call).await
                     }
                     Route::InsightList { project } => {
                         let public_base = public_base(&self.app, req);
-                        let call = ListCall { project, path, query, principal, mode, public_base };
+                        let call = ListCall { project, path, query, principal, mode, truthy, public_base };
                         insights::list(&self.app, call).await
                     }
                     _ => unreachable!("matched above"),
@@ -386,6 +392,9 @@ pub async fn write_reply(session: &mut ServerSession, reply: &Reply) -> Result<(
     let cache_status = http::HeaderValue::from_str(&reply.cache_status).map_err(|_| invalid("invalid cache-status"))?;
     h.insert(CACHE_STATUS.clone(), cache_status);
     h.insert(header::VARY, http::HeaderValue::from_static("Authorization, Cookie"));
+    for (name, value) in &reply.relayed {
+        h.append(name.clone(), value.clone());
+    }
     let resp = ResponseHeader::from(parts);
     // A failed write is the client's doing (it went away): say so, or fail_to_proxy counts it
     // against the upstream's circuit breaker.
@@ -404,6 +413,10 @@ pub(crate) fn reply_head(reply: &Reply, keep_alive: bool) -> Option<Vec<u8>> {
     // `http::HeaderValue::from_str`'s rule.
     let valid = |v: &str| v.bytes().all(|b| b == b'\t' || (b >= 32 && b != 127));
     let status = http::StatusCode::from_u16(reply.status).ok()?;
+    // Relayed upstream headers are rare (error answers): pingora's own writer takes those.
+    if !reply.relayed.is_empty() {
+        return None;
+    }
     let content_type = reply.content_type.as_deref().unwrap_or("application/json");
     if !valid(content_type) || !valid(&reply.cache_status) {
         return None;
@@ -592,10 +605,9 @@ impl ProxyHttp for InsightsProxy {
                 self.app.cache.purge_insight(project, insight);
             }
         }
-        if ctx.route != "passthrough" {
-            let cs = ctx.cache_status.get_or_insert_with(|| format!("{CACHE_NAME}; fwd=bypass"));
-            upstream_response.insert_header("cache-status", cs.as_str())?;
-        }
+        // Every answer says how it was produced, a passed-through one too.
+        let cs = ctx.cache_status.get_or_insert_with(|| format!("{CACHE_NAME}; fwd=bypass"));
+        upstream_response.insert_header("cache-status", cs.as_str())?;
         Ok(())
     }
 

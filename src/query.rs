@@ -43,9 +43,9 @@ impl QueryParams {
         self.pairs.iter().map(|(k, v)| (k.as_str(), v.as_str()))
     }
 
-    /// The parameters without `drop`.
-    pub fn without(&self, drop: &[&str]) -> QueryParams {
-        QueryParams { pairs: self.pairs.iter().filter(|(k, _)| !drop.contains(&k.as_str())).cloned().collect() }
+    /// Only the parameters named in `keep`.
+    pub fn only(&self, keep: &[&str]) -> QueryParams {
+        QueryParams { pairs: self.pairs.iter().filter(|(k, _)| keep.contains(&k.as_str())).cloned().collect() }
     }
 
     /// Re-encodes the parameters, leaving out `drop` and appending `extra`.

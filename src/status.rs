@@ -15,13 +15,16 @@ use time::OffsetDateTime;
 use crate::cache::Partition;
 use crate::clock::format_datetime;
 
+/// PostHog's `QueryStatus`, every field, in the upstream's order.
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct QueryStatus {
+    /// The `CachedQueryResponse` of a completed calculation ([`query_response`]).
+    #[serde(default)]
+    pub results: Option<Value>,
     pub id: String,
     pub team_id: u64,
     pub insight_id: Option<u64>,
     pub dashboard_id: Option<u64>,
-    pub query_async: bool,
     pub complete: bool,
     pub error: bool,
     pub error_message: Option<String>,
@@ -34,7 +37,40 @@ pub struct QueryStatus {
     #[serde(serialize_with = "ser_time", deserialize_with = "de_time")]
     pub expiration_time: OffsetDateTime,
     pub task_id: Option<String>,
-    pub results: Option<Value>,
+    pub query_async: bool,
+    /// PostHog reports ClickHouse progress here; the proxy has none to report.
+    #[serde(default)]
+    pub query_progress: Option<Value>,
+    #[serde(default)]
+    pub labels: Option<Value>,
+}
+
+/// What a completed status carries in `results`: the insight's result as PostHog's
+/// `CachedQueryResponse` (its fields, in the upstream's order).
+pub fn query_response(entry: &crate::cache::Entry) -> Value {
+    let Value::Object(insight) = entry.to_value(false) else {
+        return Value::Null;
+    };
+    let field = |name: &str, default: Value| insight.get(name).cloned().unwrap_or(default);
+    let mut out = serde_json::Map::new();
+    out.insert("results".into(), field("result", Value::Null));
+    out.insert("cache_key".into(), field("filters_hash", Value::Null));
+    for name in ["cache_target_age", "calculation_trigger", "columns", "error", "hasMore", "hogql"] {
+        out.insert(name.into(), field(name, Value::Null));
+    }
+    out.insert("is_cached".into(), Value::Bool(false));
+    out.insert("last_refresh".into(), field("last_refresh", Value::Null));
+    out.insert("modifiers".into(), field("modifiers", Value::Object(serde_json::Map::new())));
+    for name in ["next_allowed_client_refresh", "query_metadata"] {
+        out.insert(name.into(), field(name, Value::Null));
+    }
+    out.insert("query_status".into(), Value::Null);
+    for name in ["resolved_date_range", "timezone"] {
+        out.insert(name.into(), field(name, Value::Null));
+    }
+    out.insert("timings".into(), field("timings", Value::Array(Vec::new())));
+    out.insert("types".into(), field("types", Value::Null));
+    Value::Object(out)
 }
 
 fn ser_time<S: serde::Serializer>(t: &OffsetDateTime, s: S) -> Result<S::Ok, S::Error> {
@@ -133,8 +169,10 @@ impl StatusRegistry {
             pickup_time: None,
             end_time: None,
             expiration_time: self.expiration(now),
-            task_id: None,
+            task_id: Some(task_id()),
             results: None,
+            query_progress: None,
+            labels: None,
         }
     }
 
@@ -232,6 +270,13 @@ impl StatusRegistry {
         self.done.run_pending_tasks();
         self.done.weighted_size()
     }
+}
+
+/// A task id in the shape of PostHog's (a Celery task UUID).
+fn task_id() -> String {
+    let b: [u8; 16] = rand::random();
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!("{}-{}-{}-{}-{}", &hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..])
 }
 
 fn complete(s: &mut QueryStatus, now: OffsetDateTime, outcome: Result<Value, String>) {

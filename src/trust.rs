@@ -145,7 +145,7 @@ mod tests {
     use bytes::Bytes;
 
     fn answer(status: u16) -> Arc<UpstreamResponse> {
-        Arc::new(UpstreamResponse { status, content_type: None, body: Bytes::from_static(b"{}") })
+        Arc::new(UpstreamResponse { status, body: Bytes::from_static(b"{}"), ..Default::default() })
     }
 
     fn trust(scope: RevalidateScope) -> Trust {

@@ -46,12 +46,17 @@ pub struct UpstreamRequest {
     pub body: Option<Bytes>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct UpstreamResponse {
     pub status: u16,
     pub content_type: Option<String>,
     pub body: Bytes,
+    /// The upstream's headers a relayed answer must keep (`Retry-After`, `WWW-Authenticate`).
+    pub relayed: Vec<(HeaderName, HeaderValue)>,
 }
+
+/// Headers of an upstream answer that a client acts on, relayed with it.
+const RELAYED_HEADERS: [HeaderName; 2] = [http::header::RETRY_AFTER, http::header::WWW_AUTHENTICATE];
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UpstreamError {
@@ -261,10 +266,14 @@ impl UpstreamClient {
         }
         session.finish_request_body().await.map_err(fail)?;
         session.read_response_header().await.map_err(fail)?;
-        let (status, content_type) = match session.response_header() {
+        let (status, content_type, relayed) = match session.response_header() {
             Some(h) => (
                 h.status.as_u16(),
                 h.headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_string),
+                RELAYED_HEADERS
+                    .iter()
+                    .flat_map(|name| h.headers.get_all(name).iter().map(|v| (name.clone(), v.clone())))
+                    .collect(),
             ),
             None => return Err((UpstreamError::Broken, reused)),
         };
@@ -277,6 +286,6 @@ impl UpstreamClient {
             body.extend_from_slice(&chunk);
         }
         self.connector.release_http_session(session, peer, Some(Duration::from_secs(60))).await;
-        Ok(UpstreamResponse { status, content_type, body: body.freeze() })
+        Ok(UpstreamResponse { status, content_type, body: body.freeze(), relayed })
     }
 }

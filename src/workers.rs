@@ -183,33 +183,6 @@ impl JobQueue {
     }
 }
 
-/// What a completed status carries in `results`: the query response fields of the insight.
-pub fn status_results(entry: &Entry) -> Value {
-    let Value::Object(insight) = entry.to_value(false) else {
-        return Value::Null;
-    };
-    let mut out = serde_json::Map::new();
-    for (from, to) in [
-        ("result", "results"),
-        ("last_refresh", "last_refresh"),
-        ("cache_target_age", "cache_target_age"),
-        ("next_allowed_client_refresh", "next_allowed_client_refresh"),
-        ("timezone", "timezone"),
-        ("columns", "columns"),
-        ("hasMore", "hasMore"),
-        ("types", "types"),
-        ("hogql", "hogql"),
-        ("resolved_date_range", "resolved_date_range"),
-        ("filters_hash", "cache_key"),
-    ] {
-        if let Some(v) = insight.get(from) {
-            out.insert(to.into(), v.clone());
-        }
-    }
-    out.insert("is_cached".into(), Value::Bool(false));
-    Value::Object(out)
-}
-
 /// Refresh-ahead: nobody polls it; the result simply lands in the cache. One partition at a time
 /// refreshes an upstream cache key: the others wait for it, then read the upstream's fresh cache
 /// with their own credential (no calculation). If it could not run (budget), the next read may
@@ -262,7 +235,7 @@ pub async fn run_job(app: &Arc<App>, job: Job) {
     let wait = |flight: Arc<crate::flights::Flight<Outcome>>| async move { flight.wait().await };
     let (outcome, _) = app.calculate_for(&job.spec, own.as_ref(), job.flight, job.refresh, "background", wait).await;
     let result = match outcome {
-        Some(Outcome::Stored(entry)) => Ok(status_results(&entry)),
+        Some(Outcome::Stored(entry)) => Ok(crate::status::query_response(&entry)),
         Some(Outcome::Relay(resp)) => Err(relay_message(&resp.body)),
         Some(Outcome::Failed(f)) => Err(f.to_api_error().detail),
         None => Err("The calculation was interrupted.".into()),

@@ -132,10 +132,10 @@ fn one_connection_through_both_paths() {
     assert_eq!(hit.json()["id"].as_u64(), Some(id));
     assert_eq!(hits(&h), before + 1.0, "one hit counted once");
 
-    // Pass-through on the same connection: the upstream's own answer, no Cache-Status.
+    // Pass-through on the same connection: the upstream's own answer, saying it was passed on.
     let projects = c.exchange("GET", "/api/projects/", &[AUTH], None);
     assert_eq!(projects.status, 200);
-    assert_eq!(projects.header("cache-status"), None);
+    assert_eq!(projects.header("cache-status"), Some("insights-proxy; fwd=bypass"));
 
     // A write with a body after a hit: forwarded with its body, then the entry is purged.
     let patched = c.exchange("PATCH", &url, &[AUTH], Some(r#"{"description":"fast path"}"#));

@@ -256,7 +256,9 @@ fn upstream_faults_are_never_cached() {
     assert!(r.json()["result"].is_null());
     h.sim.set_fault(Fault::None);
     let r = get(&h, &url, Some("blocking"));
-    assert_eq!(r.json()["is_cached"], false, "nothing bad was cached: {}", r.cache_status());
+    // Nothing bad was cached by the proxy: this is fetched and stored now (the upstream kept its
+    // own result from the null-result answer, so it says `is_cached: true`, as PostHog would).
+    assert!(r.cache_status().contains("; stored"), "{}", r.cache_status());
     assert!(!r.json()["result"].is_null());
     let _ = id;
 }

@@ -40,6 +40,9 @@ pub struct Entry {
     /// its cache key is `group`. A result adopted from another variant of the group keeps the
     /// variant's own confirmation time, so an alias is trusted only for a bounded time.
     pub confirmed_ms: i64,
+    /// The upstream answered from its own cache (`is_cached: true`) when it gave this result: the
+    /// request that fetched it is told so, as PostHog tells it.
+    upstream_cached: bool,
 }
 
 /// The fields of an insight body that come from the calculation (refresh-semantics.md §1.3: the
@@ -110,12 +113,15 @@ impl Entry {
             .ok_or(EntryError::NoLastRefresh)?;
         let (interval, date_to) = interval_and_date_to(&map);
         let group = group_of(map.get("filters_hash"));
+        let upstream_cached = map.get("is_cached").and_then(Value::as_bool).unwrap_or(false);
         map.remove("is_cached");
         map.remove("query_status");
         // with_group copies it into an allocation of the exact size (the serialiser's spare
         // capacity would otherwise be cached with every body: up to 2x the bytes).
         let body = Bytes::from(serde_json::to_vec(&map).expect("a JSON map serialises"));
-        Ok(Entry::with_group(body, StaleInfo { last_refresh, interval, date_to }, epoch, 0, group))
+        let mut entry = Entry::with_group(body, StaleInfo { last_refresh, interval, date_to }, epoch, 0, group);
+        entry.upstream_cached = upstream_cached;
+        Ok(entry)
     }
 
     /// An entry from its stored parts (the shared tier's format).
@@ -148,7 +154,13 @@ impl Entry {
             ahead: AtomicBool::new(false),
             group,
             confirmed_ms: started_ms,
+            upstream_cached: false,
         }
+    }
+
+    /// Whether the upstream answered this result from its own cache.
+    pub fn upstream_cached(&self) -> bool {
+        self.upstream_cached
     }
 
     /// Sets when the calculation (or the read of the upstream's cache) started, wall clock in ms;

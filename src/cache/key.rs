@@ -60,6 +60,17 @@ impl PartitionKeyer {
 pub const VARIANT_PARAMS: [&str; 4] =
     ["from_dashboard", "filters_override", "variables_override", "tile_filters_override"];
 
+/// Parameters known not to change an insight's result: the refresh mode, ids of the client's
+/// query and session, and the credential. Every other parameter, known or not, is part of the key: a parameter PostHog adds tomorrow that
+/// changes the result must never be answered with another variant's result.
+pub const IGNORED_PARAMS: [&str; 4] = ["refresh", "client_query_id", "session_id", "personal_api_key"];
+
+/// How many of the query's parameters are neither a known variant parameter nor known to be
+/// ignorable (each is keyed; a metric counts them so an operator sees clients change).
+pub fn unknown_params(query: &QueryParams) -> usize {
+    query.iter().filter(|(k, _)| !VARIANT_PARAMS.contains(k) && !IGNORED_PARAMS.contains(k)).count()
+}
+
 const GROUP_TAG: u128 = 0x6772_6f75_7000_0000_0000_0000_0000_0001;
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
@@ -94,14 +105,56 @@ impl CacheKey {
     }
 }
 
+/// `v` with every object's keys sorted (serde_json keeps them in the order given), so that
+/// equivalent JSON has one text.
+fn canonical_json(v: &serde_json::Value) -> String {
+    fn write(v: &serde_json::Value, out: &mut String) {
+        match v {
+            serde_json::Value::Object(m) => {
+                let mut entries: Vec<_> = m.iter().collect();
+                entries.sort_by(|a, b| a.0.cmp(b.0));
+                out.push('{');
+                for (i, (k, v)) in entries.into_iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    out.push_str(&serde_json::Value::from(k.as_str()).to_string());
+                    out.push(':');
+                    write(v, out);
+                }
+                out.push('}');
+            }
+            serde_json::Value::Array(items) => {
+                out.push('[');
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    write(item, out);
+                }
+                out.push(']');
+            }
+            scalar => out.push_str(&scalar.to_string()),
+        }
+    }
+    let mut out = String::new();
+    write(v, &mut out);
+    out
+}
+
 /// JSON parameters are normalised (key order, whitespace) so equivalent overrides share an entry;
 /// anything that is not JSON is hashed as given.
 fn variant_of(query: &QueryParams) -> u128 {
     let mut hasher = blake3::Hasher::new();
     let mut any = false;
-    for name in VARIANT_PARAMS {
+    // The known parameters in a fixed order, then any other (but the ignorable) by name.
+    let mut others: Vec<&str> =
+        query.iter().map(|(k, _)| k).filter(|k| !VARIANT_PARAMS.contains(k) && !IGNORED_PARAMS.contains(k)).collect();
+    others.sort_unstable();
+    others.dedup();
+    for name in VARIANT_PARAMS.into_iter().chain(others) {
         let Some(raw) = query.get(name) else { continue };
-        let normalised = serde_json::from_str::<serde_json::Value>(raw).map(|v| v.to_string());
+        let normalised = serde_json::from_str::<serde_json::Value>(raw).map(|v| canonical_json(&v));
         let value = normalised.as_deref().unwrap_or(raw);
         if value.is_empty() || value == "null" {
             continue;
@@ -151,6 +204,11 @@ mod tests {
         assert_eq!(a, b);
         assert_ne!(a, base);
         assert_ne!(CacheKey::new(p, 1, 2, &q("from_dashboard=3")), CacheKey::new(p, 1, 2, &q("from_dashboard=4")));
+        // Any other parameter is keyed too, but those known not to change the result.
+        assert_ne!(CacheKey::new(p, 1, 2, &q("some_future_param=x")), base);
+        assert_ne!(CacheKey::new(p, 1, 2, &q("a=1")), CacheKey::new(p, 1, 2, &q("b=1")));
+        assert_eq!(CacheKey::new(p, 1, 2, &q("session_id=s&personal_api_key=k")), base);
+        assert_eq!(unknown_params(&q("refresh=async&from_dashboard=1&x=1&y=2")), 2);
         // A value moved between parameters is a different variant.
         assert_ne!(
             CacheKey::new(p, 1, 2, &q("filters_override=1")),

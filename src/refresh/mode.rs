@@ -60,8 +60,18 @@ pub enum RefreshParam<'a> {
 }
 
 impl RefreshParam<'_> {
-    /// The execution mode, and whether the client asked for a refresh at all (a truthy value;
-    /// upstream then reports the team's timezone).
+    /// Whether PostHog counts the value as a refresh at all: a known mode or a true-ish word.
+    /// Absent, false-ish and unknown values are not, and then an answer's `timezone` is the one
+    /// stored with the result (null on a miss) rather than the team's.
+    pub fn truthy(&self) -> bool {
+        match *self {
+            RefreshParam::Absent => false,
+            RefreshParam::Bool(b) => b,
+            RefreshParam::Text(s) => s == "force_cache" || self.mode() != RefreshMode::ForceCache,
+        }
+    }
+
+    /// The execution mode.
     pub fn mode(&self) -> RefreshMode {
         match *self {
             RefreshParam::Absent | RefreshParam::Bool(false) => RefreshMode::ForceCache,
@@ -112,6 +122,10 @@ mod tests {
         ];
         for (param, want) in cases {
             assert_eq!(param.mode(), *want, "{param:?}");
+            // Only absent, false-ish and unknown values are not a refresh.
+            let falsy = matches!(param, RefreshParam::Absent | RefreshParam::Bool(false))
+                || matches!(param, RefreshParam::Text(s) if ["false", "0", "no", "Blocking", "bogus", "\u{0}\u{ffff}"].contains(s));
+            assert_eq!(param.truthy(), !falsy, "{param:?}");
         }
     }
 }

@@ -138,6 +138,12 @@ impl StaleInfo {
         (at <= MAX_NANOS).then_some(at)
     }
 
+    /// Whether the result can ever go stale: not for an interval without a threshold, nor for a
+    /// fixed date range that ended before the calculation.
+    pub fn can_go_stale(&self, t: &Thresholds) -> bool {
+        self.stale_after_nanos(t.default_for(self.interval)).is_some()
+    }
+
     pub fn is_stale(&self, now: OffsetDateTime, t: &Thresholds) -> bool {
         self.stale_after_nanos(t.default_for(self.interval)).is_some_and(|at| now.unix_timestamp_nanos() > at)
     }
