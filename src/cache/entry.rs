@@ -1,8 +1,10 @@
 //! A cached insight: its body pre-rendered once, plus the facts staleness needs.
 //!
-//! The per-response fields (`is_cached`, `query_status`) are cut out of the stored body and spliced
-//! in front of it, so an answer never parses or re-serialises JSON. The common answer (a hit with no
-//! `query_status`) is kept rendered: serving it is a reference-count increment, not a copy.
+//! The body keeps the upstream's key order. The per-response fields (`is_cached`, `query_status`)
+//! stay where the upstream put them (or lead, if it had none), and the byte ranges of their values
+//! are kept, so an answer never parses or re-serialises JSON: it splices two values in. The common
+//! answer (a hit with no `query_status`) is kept rendered: serving it is a reference-count
+//! increment, not a copy.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
@@ -13,16 +15,13 @@ use time::OffsetDateTime;
 use crate::clock::parse_datetime;
 use crate::refresh::{Interval, StaleInfo};
 
-/// The start of the kept rendering: a hit with no status.
-const HIT_PREFIX: &[u8] = b"{\"is_cached\":true,\"query_status\":null";
-
 #[derive(Debug)]
 pub struct Entry {
-    /// `{"is_cached":true,"query_status":null,` + the insight's other fields + `}`: the answer to a
-    /// hit, as it is sent.
+    /// The insight with `"is_cached":true` and `"query_status":null`: the answer to a hit, as it
+    /// is sent, and the stored body.
     hit: Bytes,
-    /// Where the insight's own fields start in `hit` (they run to its end, closing brace included).
-    fields_at: usize,
+    /// Where the values of `is_cached` and `query_status` are in `hit`, in that order of fields.
+    slots: [std::ops::Range<usize>; 2],
     pub stale: StaleInfo,
     /// The cache epoch at which the calculation that produced this entry started (see `Epochs`).
     pub epoch: u64,
@@ -90,7 +89,7 @@ impl Entry {
     }
 
     pub fn from_value(value: Value, insight: u64, epoch: u64) -> Result<Entry, EntryError> {
-        let Value::Object(mut map) = value else {
+        let Value::Object(map) = value else {
             return Err(EntryError::NotAnObject);
         };
         if map.get("result").is_none_or(Value::is_null) {
@@ -114,39 +113,61 @@ impl Entry {
         let (interval, date_to) = interval_and_date_to(&map);
         let group = group_of(map.get("filters_hash"));
         let upstream_cached = map.get("is_cached").and_then(Value::as_bool).unwrap_or(false);
-        map.remove("is_cached");
-        map.remove("query_status");
-        // with_group copies it into an allocation of the exact size (the serialiser's spare
-        // capacity would otherwise be cached with every body: up to 2x the bytes).
-        let body = Bytes::from(serde_json::to_vec(&map).expect("a JSON map serialises"));
-        let mut entry = Entry::with_group(body, StaleInfo { last_refresh, interval, date_to }, epoch, 0, group);
+        let mut entry = Entry::with_group(&map, StaleInfo { last_refresh, interval, date_to }, epoch, 0, group);
         entry.upstream_cached = upstream_cached;
         Ok(entry)
     }
 
-    /// An entry from its stored parts (the shared tier's format).
+    /// An entry from its stored parts (the shared tier's format: [`Entry::body`]).
     pub fn from_parts(body: Bytes, stale: StaleInfo, epoch: u64, started_ms: i64) -> Entry {
-        #[derive(serde::Deserialize)]
-        struct Hash {
-            filters_hash: Option<Value>,
-        }
-        let group = serde_json::from_slice::<Hash>(&body).ok().map_or(0, |h| group_of(h.filters_hash.as_ref()));
-        Entry::with_group(body, stale, epoch, started_ms, group)
+        let map = match serde_json::from_slice::<Value>(&body) {
+            Ok(Value::Object(map)) => map,
+            _ => Map::new(),
+        };
+        let group = group_of(map.get("filters_hash"));
+        Entry::with_group(&map, stale, epoch, started_ms, group)
     }
 
-    /// `body` is the insight object without `is_cached` and `query_status`, starting with `{`.
-    fn with_group(body: Bytes, stale: StaleInfo, epoch: u64, started_ms: i64, group: u128) -> Entry {
-        let tail = body.get(1..).unwrap_or_default();
-        let mut hit = Vec::with_capacity(HIT_PREFIX.len() + 1 + tail.len());
-        hit.extend_from_slice(HIT_PREFIX);
-        if tail.len() > 1 {
-            hit.push(b',');
+    /// Renders `map` in its order, `is_cached` and `query_status` as the hit has them, noting
+    /// where their values are (both lead when the map has neither).
+    fn with_group(map: &Map<String, Value>, stale: StaleInfo, epoch: u64, started_ms: i64, group: u128) -> Entry {
+        let mut hit = Vec::with_capacity(256);
+        let mut slots = [0..0, 0..0];
+        let mut field = |hit: &mut Vec<u8>, key: &str, value: Option<&Value>| {
+            if hit.len() > 1 {
+                hit.push(b',');
+            }
+            serde_json::to_writer(&mut *hit, key).expect("a key serialises");
+            hit.push(b':');
+            let start = hit.len();
+            match (key, value) {
+                ("is_cached", _) => hit.extend_from_slice(b"true"),
+                ("query_status", _) => hit.extend_from_slice(b"null"),
+                (_, Some(v)) => serde_json::to_writer(&mut *hit, v).expect("a value serialises"),
+                (_, None) => hit.extend_from_slice(b"null"),
+            }
+            match key {
+                "is_cached" => slots[0] = start..hit.len(),
+                "query_status" => slots[1] = start..hit.len(),
+                _ => {}
+            }
+        };
+        hit.push(b'{');
+        for key in ["is_cached", "query_status"] {
+            if !map.contains_key(key) {
+                field(&mut hit, key, None);
+            }
         }
-        let fields_at = hit.len();
-        hit.extend_from_slice(tail);
+        for (k, v) in map {
+            field(&mut hit, k, Some(v));
+        }
+        hit.push(b'}');
+        // An allocation of the exact size: the writer's spare capacity would otherwise be cached
+        // with every body (up to 2x the bytes).
+        let hit = Bytes::copy_from_slice(&hit);
         Entry {
-            hit: Bytes::from(hit),
-            fields_at,
+            hit,
+            slots,
             stale,
             epoch,
             started_ms,
@@ -183,44 +204,32 @@ impl Entry {
                 None => own.remove(field),
             };
         }
-        let body = serde_json::to_vec(&own).ok()?;
-        let mut e = Entry::with_group(Bytes::from(body), fresh.stale, fresh.epoch, fresh.started_ms, fresh.group);
+        let mut e = Entry::with_group(&own, fresh.stale, fresh.epoch, fresh.started_ms, fresh.group);
         e.confirmed_ms = self.confirmed_ms;
         Some(e)
     }
 
-    /// The insight's fields after `{`, closing brace included.
-    fn fields(&self) -> &[u8] {
-        &self.hit[self.fields_at..]
-    }
-
-    /// The stored body without the per-response fields (`{` + the insight's fields), assembled.
+    /// The stored body (the shared tier keeps it): the hit's rendering.
     pub fn body(&self) -> Bytes {
-        let fields = self.fields();
-        let mut out = BytesMut::with_capacity(1 + fields.len());
-        out.put_u8(b'{');
-        out.put_slice(fields);
-        out.freeze()
+        self.hit.clone()
     }
 
-    /// The answer body: `{"is_cached":..,"query_status":..,` + the stored fields.
+    /// The answer body: the stored fields with `is_cached` and `query_status` spliced in.
     pub fn render(&self, is_cached: bool, query_status: Option<&[u8]>) -> Bytes {
         if is_cached && query_status.is_none() {
             return self.hit.clone();
         }
-        let qs = query_status.unwrap_or(b"null");
-        let fields = self.fields();
-        let mut out = BytesMut::with_capacity(fields.len() + qs.len() + 40);
-        out.put_slice(if is_cached {
-            b"{\"is_cached\":true,\"query_status\":"
-        } else {
-            b"{\"is_cached\":false,\"query_status\":"
-        });
-        out.put_slice(qs);
-        if fields.len() > 1 {
-            out.put_u8(b',');
+        let cached: &[u8] = if is_cached { b"true" } else { b"false" };
+        let mut values = [(&self.slots[0], cached), (&self.slots[1], query_status.unwrap_or(b"null"))];
+        values.sort_by_key(|(at, _)| at.start);
+        let mut out = BytesMut::with_capacity(self.hit.len() + values[1].1.len() + 1);
+        let mut from = 0;
+        for (at, value) in values {
+            out.put_slice(&self.hit[from..at.start]);
+            out.put_slice(value);
+            from = at.end;
         }
-        out.put_slice(fields);
+        out.put_slice(&self.hit[from..]);
         out.freeze()
     }
 
@@ -328,8 +337,8 @@ mod tests {
         assert_eq!(out["query_status"], Value::Null);
         assert_eq!(out["result"], json!([1]));
         let stored: Value = serde_json::from_slice(&e.body()).unwrap();
-        assert!(stored.get("is_cached").is_none() && stored.get("query_status").is_none());
         assert_eq!(stored["result"], json!([1]));
+        assert_eq!(stored["query_status"], Value::Null, "a status is never stored");
     }
 
     #[test]
@@ -346,7 +355,25 @@ mod tests {
         let e = Entry::from_parts(Bytes::from_static(b"{}"), stale, 1, 0);
         assert_eq!(&e.render(true, None)[..], b"{\"is_cached\":true,\"query_status\":null}");
         assert_eq!(&e.render(false, Some(b"{}"))[..], b"{\"is_cached\":false,\"query_status\":{}}");
-        assert_eq!(&e.body()[..], b"{}");
+        assert_eq!(Entry::from_parts(e.body(), stale, 1, 0).render(false, None), e.render(false, None));
+    }
+
+    #[test]
+    fn the_upstreams_key_order_is_kept_with_the_per_response_fields_in_place() {
+        let b = br#"{"result":[1],"id":7,"is_cached":false,"last_refresh":"2026-01-01T00:00:00Z","query_status":null,"b":1,"a":2}"#;
+        let e = Entry::from_upstream(b, 7, 1).unwrap();
+        let hit = String::from_utf8(e.render(true, None).to_vec()).unwrap();
+        assert_eq!(
+            hit,
+            r#"{"result":[1],"id":7,"is_cached":true,"last_refresh":"2026-01-01T00:00:00Z","query_status":null,"b":1,"a":2}"#
+        );
+        let miss = String::from_utf8(e.render(false, Some(br#"{"id":"q"}"#)).to_vec()).unwrap();
+        assert_eq!(
+            miss,
+            r#"{"result":[1],"id":7,"is_cached":false,"last_refresh":"2026-01-01T00:00:00Z","query_status":{"id":"q"},"b":1,"a":2}"#
+        );
+        let again = Entry::from_parts(e.body(), e.stale, 1, 0);
+        assert_eq!(again.render(false, None), e.render(false, None), "the shared tier keeps the layout");
     }
 
     #[test]
