@@ -736,7 +736,7 @@ pub async fn query_status(app: &Arc<App>, project: u64, query_id: &str, principa
         (true, false) => 200,
         (true, true) => 400,
     };
-    let body = serde_json::json!({ "query_status": status });
+    let body = serde_json::json!({ "query_status": status.for_polling() });
     Some(Reply::json(code, Bytes::from(body.to_string()), cs))
 }
 

@@ -96,6 +96,19 @@ fn de_opt_time<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<OffsetDa
 }
 
 impl QueryStatus {
+    /// The status as the polling endpoint shows it: Django's JSON encoder gives times to the
+    /// millisecond (inside an insight body they come to the microsecond).
+    pub fn for_polling(&self) -> QueryStatus {
+        let ms = |t: OffsetDateTime| t.replace_nanosecond(u32::from(t.millisecond()) * 1_000_000).unwrap_or(t);
+        QueryStatus {
+            start_time: ms(self.start_time),
+            pickup_time: self.pickup_time.map(ms),
+            end_time: self.end_time.map(ms),
+            expiration_time: ms(self.expiration_time),
+            ..self.clone()
+        }
+    }
+
     pub fn to_json(&self) -> Bytes {
         Bytes::from(serde_json::to_vec(self).expect("a status serialises"))
     }
