@@ -377,7 +377,7 @@ fn check(p: &Proxy, vector: &Vector, how: Write) -> Result<(), String> {
             ensure(json.is_none_or(|j| j["type"] == "validation_error"), "PostHog's shape")?;
             ensure(seen.connection.as_deref().is_none_or(|c| c == "close") && seen.closed, "closed")?;
             ensure(requests.is_empty(), "no whole request upstream")?;
-            let unframed_closed = || p.upstream.unframed().iter().all(|(_, closed)| *closed);
+            let unframed_closed = || p.upstream.unframed().iter().all(|(_, _, closed)| *closed);
             ensure(within(Duration::from_secs(5), unframed_closed), "the upstream connection closed")?;
         }
         Expect::FirstOnly(first) => {
@@ -445,4 +445,32 @@ fn a_hostile_host_never_reaches_a_link() {
     let requests = p.upstream.requests();
     assert_eq!(requests.len(), 3);
     assert!(requests.iter().all(|r| r.header_values("x-forwarded-host") == ["example.com:8080"]));
+}
+
+/// pingora sends a request's head upstream before its body arrives. When the body then never ends,
+/// that upstream connection (which holds part of a request) is closed, and the next request goes
+/// on a fresh one.
+#[test]
+fn an_upstream_connection_with_an_unfinished_request_is_never_reused() {
+    let p = start();
+    // A pooled connection first, so that reusing it would be the easy thing to do.
+    let mut c = Conn::open(p.port);
+    c.send_raw(&post("Content-Length: 5\r\n", b"hello"));
+    assert_eq!(c.response().expect("an answer").status, 200);
+
+    let mut c = Conn::open(p.port);
+    c.send_raw(&post("Content-Length: 10\r\n", b"hello"));
+    c.s.shutdown(std::net::Shutdown::Write).unwrap();
+    assert!(c.response().is_none(), "no answer to a request whose body stops short");
+    eventually("the unfinished request upstream", || !p.upstream.unframed().is_empty());
+    let (unfinished, bytes, _) = p.upstream.unframed().remove(0);
+    assert!(bytes.contains("Content-Length: 10"), "{bytes:?}");
+    eventually("that connection closed", || p.upstream.unframed().iter().all(|(_, _, closed)| *closed));
+
+    let mut c = Conn::open(p.port);
+    c.send_raw(&post("Content-Length: 5\r\n", b"hello"));
+    assert_eq!(c.response().expect("an answer").status, 200);
+    let last = p.upstream.requests().last().unwrap().conn;
+    assert_ne!(last, unfinished, "the next request went on a fresh connection");
+    assert!(!p.app.upstream.breaker().is_open());
 }

@@ -486,9 +486,9 @@ impl Capture {
         self.state.lock().unwrap().raw.concat()
     }
 
-    /// Connections that received bytes the upstream could not frame as whole requests: their bytes
-    /// and whether the proxy closed them.
-    pub fn unframed(&self) -> Vec<(String, bool)> {
+    /// Connections that received bytes the upstream could not frame as whole requests: which, their
+    /// bytes and whether the proxy closed them.
+    pub fn unframed(&self) -> Vec<(usize, String, bool)> {
         let s = self.state.lock().unwrap();
         (0..s.raw.len())
             .filter_map(|id| {
@@ -496,7 +496,7 @@ impl Capture {
                 while let Some((used, _, _)) = frame_request(rest) {
                     rest = &rest[used..];
                 }
-                (!rest.is_empty()).then(|| (String::from_utf8_lossy(rest).into_owned(), s.closed[id]))
+                (!rest.is_empty()).then(|| (id, String::from_utf8_lossy(rest).into_owned(), s.closed[id]))
             })
             .collect()
     }
