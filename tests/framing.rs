@@ -90,8 +90,9 @@ enum Expect {
     /// closes, and the upstream (which may have seen the head and part of the body) never gets a
     /// whole request and its connection is closed, never reused.
     BodyUnreadable,
-    /// Pipelined requests: only the first is answered (with this status), then the connection
-    /// closes; only the first reaches the upstream.
+    /// Pipelined requests: only the first is answered (with this status; pingora's head still says
+    /// `keep-alive`), then the connection closes; only the first reaches the upstream (an insight
+    /// the proxy already holds, none).
     FirstOnly(u16),
 }
 
@@ -383,6 +384,7 @@ fn check(p: &Proxy, vector: &Vector, how: Write) -> Result<(), String> {
         Expect::FirstOnly(first) => {
             ensure(status == Some(first), "the first request answered")?;
             ensure(seen.closed, "closed after the first answer")?;
+            ensure(requests.len() <= 1, "at most the first upstream")?;
         }
     }
     Ok(())
