@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //! - [`config`]: file + flags + environment → one validated [`config::Config`].
+//! - [`framing`]: the front door: unambiguous body framing and a well-formed authority, first.
 //! - [`routes`]: the only place that knows URL shapes; a pure `route()`. [`query`] parses query strings strictly.
 //! - [`auth`]: the caller's credential; [`cache::key`] hashes it into the partition every key carries.
 //! - [`refresh`]: parsing `refresh`, staleness, and the pure mode decision.
@@ -27,6 +28,7 @@ pub mod error;
 pub mod failure;
 pub mod fast;
 pub mod flights;
+pub mod framing;
 pub mod insights;
 pub mod metrics;
 pub mod proxy;

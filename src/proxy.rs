@@ -119,6 +119,10 @@ impl InsightsProxy {
         ctx: &mut RequestCtx,
         fast: bool,
     ) -> Result<Option<Reply>> {
+        // Ambiguous framing or a malformed authority: refused before anything else (and closed).
+        if let Err(e) = crate::framing::admit(session) {
+            return Ok(Some(rejected(&e)));
+        }
         // pingora makes an HTTP/1.1 connection's idle wait infinite once a request was read; this
         // bounds the wait before the next request (carried to the reused connection).
         session.set_keepalive(Some(self.app.config.idle_timeout.as_secs().max(1)));
@@ -282,6 +286,8 @@ impl InsightsProxy {
         let reply = Reply::error(&api, ctx.cache_status.clone().unwrap_or_default());
         // The response may already have started; then there is nothing more to say.
         if session.response_written().is_none() {
+            // The connection is not reused (below): the answer says so.
+            session.set_keepalive(None);
             let _ = write_reply(session, &reply).await;
         }
         FailToProxy { error_code: api.status, can_reuse_downstream: false }
@@ -365,6 +371,7 @@ fn public_base(app: &App, req: &RequestHeader) -> String {
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
         .or_else(|| req.uri.authority().map(|a| a.as_str()))
+        .filter(|h| crate::framing::is_valid_authority(h.as_bytes()))
         .unwrap_or("localhost");
     let proto = match req.headers.get("x-forwarded-proto").and_then(|h| h.to_str().ok()) {
         Some("https") => "https",

@@ -4,100 +4,10 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::Write;
 use std::time::Duration;
 
 use common::*;
-
-/// One keep-alive connection that reads responses by their framing.
-struct Conn {
-    s: TcpStream,
-    buf: Vec<u8>,
-}
-
-impl Conn {
-    fn open(port: u16) -> Conn {
-        let s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-        // A hang guard, not a timing assertion.
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        Conn { s, buf: Vec::new() }
-    }
-
-    fn send_raw(&mut self, raw: &[u8]) {
-        self.s.write_all(raw).expect("write");
-    }
-
-    fn send(&mut self, method: &str, path: &str, headers: &[(&str, &str)], body: Option<&str>) {
-        self.send_raw(&request(method, path, headers, body));
-    }
-
-    /// Reads more; false when the server closed the connection (or reset it).
-    fn fill(&mut self) -> bool {
-        let mut chunk = [0u8; 16 * 1024];
-        match self.s.read(&mut chunk) {
-            Ok(0) => false,
-            Ok(n) => {
-                self.buf.extend_from_slice(&chunk[..n]);
-                true
-            }
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
-                panic!("no answer and no close within the hang guard")
-            }
-            Err(_) => false,
-        }
-    }
-
-    /// The next response, or `None` when the server closed the connection first.
-    fn response(&mut self) -> Option<Resp> {
-        self.response_raw().map(|raw| parse_response(&raw))
-    }
-
-    /// The next response's bytes as sent.
-    fn response_raw(&mut self) -> Option<Vec<u8>> {
-        let head_end = loop {
-            if let Some(p) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break p + 4;
-            }
-            if !self.fill() {
-                assert!(
-                    self.buf.is_empty(),
-                    "connection closed mid-response: {:?}",
-                    String::from_utf8_lossy(&self.buf)
-                );
-                return None;
-            }
-        };
-        let head = parse_response(&self.buf[..head_end]);
-        let total = if let Some(len) = head.header("content-length") {
-            head_end + len.parse::<usize>().unwrap()
-        } else if head.header("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
-            loop {
-                if let Some(p) = self.buf[head_end..].windows(5).position(|w| w == b"0\r\n\r\n") {
-                    break head_end + p + 5;
-                }
-                assert!(self.fill(), "connection closed mid-body");
-            }
-        } else {
-            while self.fill() {}
-            self.buf.len()
-        };
-        while self.buf.len() < total {
-            assert!(self.fill(), "connection closed mid-body");
-        }
-        Some(self.buf.drain(..total).collect())
-    }
-
-    fn exchange(&mut self, method: &str, path: &str, headers: &[(&str, &str)], body: Option<&str>) -> Resp {
-        self.send(method, path, headers, body);
-        self.response().unwrap_or_else(|| panic!("{method} {path}: connection closed without an answer"))
-    }
-
-    /// Whether the server has closed the connection (nothing more to read).
-    fn closed(&mut self) -> bool {
-        !self.fill()
-    }
-}
 
 fn request(method: &str, path: &str, headers: &[(&str, &str)], body: Option<&str>) -> Vec<u8> {
     request_bytes(method, path, "127.0.0.1", headers, body)

@@ -75,12 +75,20 @@ pub fn wait_for_port(port: u16) {
 
 /// Polls `cond` until it holds (bounded: a hang check, generous for a loaded 2-core machine): for
 /// effects that land after a response.
-pub fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
+pub fn eventually(what: &str, cond: impl FnMut() -> bool) {
+    assert!(within(Duration::from_secs(30), cond), "timed out waiting for: {what}");
+}
+
+/// Whether `cond` holds within `limit` (polled).
+pub fn within(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
     while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        if Instant::now() > deadline {
+            return false;
+        }
         std::thread::sleep(Duration::from_millis(10));
     }
+    true
 }
 
 impl Harness {
@@ -275,6 +283,95 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
     out
 }
 
+/// One keep-alive connection that reads responses by their framing.
+pub struct Conn {
+    pub s: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Conn {
+    pub fn open(port: u16) -> Conn {
+        let s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        // A hang guard, not a timing assertion.
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        Conn { s, buf: Vec::new() }
+    }
+
+    pub fn send_raw(&mut self, raw: &[u8]) {
+        self.s.write_all(raw).expect("write");
+    }
+
+    pub fn send(&mut self, method: &str, path: &str, headers: &[(&str, &str)], body: Option<&str>) {
+        self.send_raw(&request_bytes(method, path, "127.0.0.1", headers, body));
+    }
+
+    /// Reads more; false when the server closed the connection (or reset it).
+    pub fn fill(&mut self) -> bool {
+        let mut chunk = [0u8; 16 * 1024];
+        match self.s.read(&mut chunk) {
+            Ok(0) => false,
+            Ok(n) => {
+                self.buf.extend_from_slice(&chunk[..n]);
+                true
+            }
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                panic!("no answer and no close within the hang guard")
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// The next response, or `None` when the server closed the connection first.
+    pub fn response(&mut self) -> Option<Resp> {
+        self.response_raw().map(|raw| parse_response(&raw))
+    }
+
+    /// The next response's bytes as sent.
+    pub fn response_raw(&mut self) -> Option<Vec<u8>> {
+        let head_end = loop {
+            if let Some(p) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break p + 4;
+            }
+            if !self.fill() {
+                assert!(
+                    self.buf.is_empty(),
+                    "connection closed mid-response: {:?}",
+                    String::from_utf8_lossy(&self.buf)
+                );
+                return None;
+            }
+        };
+        let head = parse_response(&self.buf[..head_end]);
+        let total = if let Some(len) = head.header("content-length") {
+            head_end + len.parse::<usize>().unwrap()
+        } else if head.header("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+            loop {
+                if let Some(p) = self.buf[head_end..].windows(5).position(|w| w == b"0\r\n\r\n") {
+                    break head_end + p + 5;
+                }
+                assert!(self.fill(), "connection closed mid-body");
+            }
+        } else {
+            while self.fill() {}
+            self.buf.len()
+        };
+        while self.buf.len() < total {
+            assert!(self.fill(), "connection closed mid-body");
+        }
+        Some(self.buf.drain(..total).collect())
+    }
+
+    pub fn exchange(&mut self, method: &str, path: &str, headers: &[(&str, &str)], body: Option<&str>) -> Resp {
+        self.send(method, path, headers, body);
+        self.response().unwrap_or_else(|| panic!("{method} {path}: connection closed without an answer"))
+    }
+
+    /// Whether the server has closed the connection (nothing more to read).
+    pub fn closed(&mut self) -> bool {
+        !self.fill()
+    }
+}
+
 /// A child process killed when dropped, so a failing test never leaves one holding its pipes.
 pub struct ChildGuard(pub std::process::Child);
 
@@ -282,5 +379,182 @@ impl Drop for ChildGuard {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+/// One request a [`Capture`] upstream framed, with its body decoded.
+#[derive(Debug, Clone)]
+pub struct Captured {
+    /// Which upstream connection it came on (in accept order).
+    pub conn: usize,
+    pub head: String,
+    pub body: Vec<u8>,
+}
+
+impl Captured {
+    /// The values of one header, by name (case-insensitive), in order.
+    pub fn header_values(&self, name: &str) -> Vec<String> {
+        self.head
+            .split("\r\n")
+            .skip(1)
+            .filter_map(|l| l.split_once(':'))
+            .filter(|(k, _)| k.trim().eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.trim().to_string())
+            .collect()
+    }
+}
+
+#[derive(Default)]
+struct CaptureState {
+    /// Every byte each connection sent, in accept order.
+    raw: Vec<Vec<u8>>,
+    /// Whether the proxy closed that connection.
+    closed: Vec<bool>,
+    requests: Vec<Captured>,
+}
+
+/// A raw TCP upstream on a loopback port that keeps every byte it receives and answers each request
+/// it can frame (by `Transfer-Encoding: chunked`, else `Content-Length`) with a small JSON answer
+/// that names its own origin, on a keep-alive connection.
+pub struct Capture {
+    pub port: u16,
+    state: Arc<std::sync::Mutex<CaptureState>>,
+}
+
+impl Capture {
+    pub fn start() -> Capture {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a capture upstream");
+        let port = listener.local_addr().unwrap().port();
+        let state = Arc::new(std::sync::Mutex::new(CaptureState::default()));
+        let shared = state.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { continue };
+                let id = {
+                    let mut s = shared.lock().unwrap();
+                    s.raw.push(Vec::new());
+                    s.closed.push(false);
+                    s.raw.len() - 1
+                };
+                let shared = shared.clone();
+                std::thread::spawn(move || Capture::serve(stream, id, port, &shared));
+            }
+        });
+        Capture { port, state }
+    }
+
+    /// The JSON every request is answered with: the upstream's own absolute link, which the proxy
+    /// points back at itself.
+    pub fn answer_body(port: u16) -> String {
+        format!(r#"{{"ok":true,"next":"http://127.0.0.1:{port}/api/environments/1/insights/?offset=1"}}"#)
+    }
+
+    fn serve(mut stream: TcpStream, id: usize, port: u16, state: &std::sync::Mutex<CaptureState>) {
+        let body = Capture::answer_body(port);
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let mut pending = Vec::new();
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            let n = match stream.read(&mut chunk) {
+                Ok(0) | Err(_) => {
+                    state.lock().unwrap().closed[id] = true;
+                    return;
+                }
+                Ok(n) => n,
+            };
+            pending.extend_from_slice(&chunk[..n]);
+            state.lock().unwrap().raw[id].extend_from_slice(&chunk[..n]);
+            while let Some((used, head, body)) = frame_request(&pending) {
+                pending.drain(..used);
+                state.lock().unwrap().requests.push(Captured { conn: id, head, body });
+                if stream.write_all(answer.as_bytes()).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The requests framed so far.
+    pub fn requests(&self) -> Vec<Captured> {
+        self.state.lock().unwrap().requests.clone()
+    }
+
+    /// Every byte received so far, all connections in accept order.
+    pub fn bytes(&self) -> Vec<u8> {
+        self.state.lock().unwrap().raw.concat()
+    }
+
+    /// Connections that received bytes the upstream could not frame as whole requests: which, their
+    /// bytes and whether the proxy closed them.
+    pub fn unframed(&self) -> Vec<(usize, String, bool)> {
+        let s = self.state.lock().unwrap();
+        (0..s.raw.len())
+            .filter_map(|id| {
+                let mut rest: &[u8] = &s.raw[id];
+                while let Some((used, _, _)) = frame_request(rest) {
+                    rest = &rest[used..];
+                }
+                (!rest.is_empty()).then(|| (id, String::from_utf8_lossy(rest).into_owned(), s.closed[id]))
+            })
+            .collect()
+    }
+
+    /// Forgets everything received so far (connections stay open).
+    pub fn clear(&self) {
+        let mut s = self.state.lock().unwrap();
+        s.requests.clear();
+        for raw in &mut s.raw {
+            raw.clear();
+        }
+    }
+}
+
+/// One whole request at the start of `buf`: its length, head and decoded body.
+fn frame_request(buf: &[u8]) -> Option<(usize, String, Vec<u8>)> {
+    let head_end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let value = |name: &str| {
+        head.split("\r\n")
+            .filter_map(|l| l.split_once(':'))
+            .find(|(k, _)| k.trim().eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.trim().to_ascii_lowercase())
+    };
+    if value("transfer-encoding").is_some_and(|v| v.ends_with("chunked")) {
+        let (used, body) = dechunk_complete(&buf[head_end..])?;
+        return Some((head_end + used, head, body));
+    }
+    let len = value("content-length").and_then(|v| v.split(',').next()?.trim().parse::<usize>().ok()).unwrap_or(0);
+    let body = buf.get(head_end..head_end + len)?.to_vec();
+    Some((head_end + len, head, body))
+}
+
+/// A whole chunked body at the start of `b` (up to its last chunk and trailer): bytes used, data.
+fn dechunk_complete(b: &[u8]) -> Option<(usize, Vec<u8>)> {
+    let mut at = 0;
+    let mut out = Vec::new();
+    loop {
+        let eol = at + b[at..].windows(2).position(|w| w == b"\r\n")?;
+        let line = std::str::from_utf8(&b[at..eol]).ok()?;
+        let size = usize::from_str_radix(line.split(';').next()?.trim(), 16).ok()?;
+        at = eol + 2;
+        if size == 0 {
+            // Trailer fields, then the empty line.
+            loop {
+                let eol = at + b[at..].windows(2).position(|w| w == b"\r\n")?;
+                let empty = eol == at;
+                at = eol + 2;
+                if empty {
+                    return Some((at, out));
+                }
+            }
+        }
+        out.extend_from_slice(b.get(at..at + size)?);
+        at += size + 2;
+        if at > b.len() {
+            return None;
+        }
     }
 }
