@@ -69,6 +69,27 @@ fn completed(h: &Harness, project: u64, id: &str, token: &str, since: Instant) -
     done.expect("completed")
 }
 
+/// The proxy with `workers` workers in front of a simulator whose calculations take `calc`,
+/// without refresh-ahead or the simulator's own concurrency limit; `tweak` sets the rest.
+fn harness(workers: u32, calc: Duration, tweak: impl FnOnce(&mut insights_proxy::config::Config)) -> Harness {
+    Harness::with(|c, sim| {
+        c.workers = workers as usize;
+        c.refresh_ahead.enabled = false;
+        sim.calc_delay = calc;
+        sim.concurrency_limit = None;
+        tweak(c);
+    })
+}
+
+/// Async requests from the other tenants: project 2's key, and another key in project 1. How
+/// long each took from being sent to completing.
+fn the_others_complete(h: &Harness) -> (Duration, Duration) {
+    let started = Instant::now();
+    let other_project = accepted(h, &variant_url(2, 21, 0), P2);
+    let other_key = accepted(h, &variant_url(1, 1, 1_000_000), ALL);
+    (completed(h, 2, &other_project, P2, started), completed(h, 1, &other_key, ALL, started))
+}
+
 /// Client threads sending async requests for distinct variants of project 1's insights (1–20)
 /// with one key, until `requests` were sent or they are told to stop.
 struct Flood {
@@ -134,23 +155,13 @@ impl Flood {
 fn a_key_flooding_async_work_does_not_hold_back_other_projects_or_keys() {
     const WORKERS: u32 = 2;
     const CALC: Duration = Duration::from_millis(500);
-    let h = Harness::with(|c, sim| {
-        c.workers = WORKERS as usize;
-        c.queue_capacity = 256;
-        c.refresh_ahead.enabled = false;
-        sim.calc_delay = CALC;
-        sim.concurrency_limit = None;
-    });
+    let h = harness(WORKERS, CALC, |c| c.queue_capacity = 256);
     let flood = Flood::start(&h, P1, 3000, 4);
     eventually("the flooding key is refused more work", || flood.refused.load(Ordering::SeqCst) > 0);
     assert!(h.app.jobs.len() <= 256, "the queue holds {}", h.app.jobs.len());
 
-    // Another project's key, and another key in the flooded project, while the flood goes on.
-    let started = Instant::now();
-    let other_project = accepted(&h, &variant_url(2, 21, 0), P2);
-    let other_key = accepted(&h, &variant_url(1, 1, 1_000_000), ALL);
-    let p2_took = completed(&h, 2, &other_project, P2, started);
-    let all_took = completed(&h, 1, &other_key, ALL, started);
+    // The others, while the flood goes on.
+    let (p2_took, all_took) = the_others_complete(&h);
     let still_flooding = h.app.jobs.len();
     let (flood_accepted, flood_refused) = flood.finish(false);
 
@@ -171,24 +182,16 @@ fn a_key_flooding_async_work_does_not_hold_back_other_projects_or_keys() {
 fn a_key_out_of_rate_tokens_does_not_hold_the_workers() {
     const WORKERS: u32 = 2;
     const CALC: Duration = Duration::from_millis(300);
-    let h = Harness::with(|c, sim| {
-        c.workers = WORKERS as usize;
-        c.refresh_ahead.enabled = false;
+    let h = harness(WORKERS, CALC, |c| {
         // A burst of 2, then one token per 10 s: the flooder's reads spend its burst.
         c.budget.per_minute = Some(8);
         c.budget.wait = Duration::from_millis(100);
-        sim.calc_delay = CALC;
-        sim.concurrency_limit = None;
     });
     let (flood_accepted, _) = Flood::start(&h, P1, 40, 4).finish(false);
     assert!(flood_accepted > 2, "the flooder queued work beyond its tokens: {flood_accepted}");
     assert!(!h.app.jobs.is_empty(), "the flooder's work waits for its tokens");
 
-    let started = Instant::now();
-    let other_project = accepted(&h, &variant_url(2, 21, 0), P2);
-    let other_key = accepted(&h, &variant_url(1, 1, 1_000_000), ALL);
-    let p2_took = completed(&h, 2, &other_project, P2, started);
-    let all_took = completed(&h, 1, &other_key, ALL, started);
+    let (p2_took, all_took) = the_others_complete(&h);
     // The flooder's lane is parked: two ready lanes (k ≤ 1), and the workers are free.
     let limit = bound(1, WORKERS, CALC);
     eprintln!(
