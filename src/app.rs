@@ -40,8 +40,10 @@ pub type FlightKey = (CacheKey, FlightKind);
 /// known, else the proxy's variant (which is the same for every partition).
 pub type AheadKey = (u64, u64, u128, bool);
 
-/// How long background work waits for budget before giving up.
-const BACKGROUND_BUDGET_WAIT: Duration = Duration::from_secs(60);
+/// How long background work waits for budget once a worker took it. Workers take a job only with
+/// its key's token and a slot of its project promised ([`JobQueue`]), so this covers a slot a
+/// blocking client took meanwhile; the job then goes back to its lane instead of holding the worker.
+const BACKGROUND_BUDGET_WAIT: Duration = Duration::from_secs(1);
 
 /// What one upstream call for an insight came to. Cheap to clone: every waiter gets a copy.
 #[derive(Debug, Clone)]
@@ -162,6 +164,7 @@ impl App {
                 None
             }
         });
+        let budget = Budget::new(config.budget);
         Arc::new(App {
             cache: InsightCache::new(config.cache_max_bytes, config.cache_ttl, Some(hook))
                 .with_page_ttl(config.list_page_ttl)
@@ -170,9 +173,9 @@ impl App {
             flights: Flights::default(),
             ahead_flights: Flights::default(),
             statuses: StatusRegistry::new(config.status_ttl, config.status_max_records, config.status_max_bytes),
-            jobs: JobQueue::new(config.queue_capacity),
+            jobs: JobQueue::new(config.queue_capacity, config.max_queued_per_principal, budget.clone()),
             calc_permits: Semaphore::new(config.max_concurrent_calculations),
-            budget: Budget::new(config.budget),
+            budget,
             trust: Trust::new(
                 config.revalidate_after,
                 config.revalidate_scope,
@@ -352,9 +355,11 @@ impl App {
             Priority::Ahead => Duration::from_secs(1),
         };
         let deadline = tokio::time::Instant::now() + wait;
+        // Background work a worker took was granted its token (and promised a slot) then.
+        let granted = priority != Priority::Blocking && self.budget.claim_grant(&spec.key);
         // The rate token first: a slot is never held while waiting for rate.
         let forced = reason == "forced";
-        if self.budget.rate_token(&spec.principal, wait, forced).await.is_err() {
+        if !granted && self.budget.rate_token(&spec.principal, wait, forced).await.is_err() {
             return Outcome::Failed(Failure::Budget);
         }
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());

@@ -4,6 +4,9 @@
 //!
 //! Calculation slots are handed out by priority: a client waiting on a blocking answer, then async
 //! work a client asked for, then refresh-ahead. A released slot goes straight to the next waiter.
+//! Background workers do not wait in line: they take a job only with a grant ([`Budget::try_grant`]:
+//! the key's token taken, a slot of the project promised) and serve other work while there is none.
+//! Promises count only against other background work: a blocking client still goes first.
 //!
 //! A forced recalculation (`force_blocking`) never takes the last `forced_reserve` share of a key's
 //! rate. The client already has an answer it could be given, whereas misses, stale entries and
@@ -15,10 +18,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
 
 use crate::auth::Principal;
-use crate::cache::Partition;
+use crate::cache::{CacheKey, Partition};
 use crate::config::BudgetSettings;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -38,7 +41,16 @@ pub struct Exhausted;
 #[derive(Default)]
 struct Slots {
     running: usize,
+    /// Slots promised to background jobs a worker took ([`Budget::try_grant`]) and not yet taken.
+    promised: usize,
     waiting: [VecDeque<oneshot::Sender<()>>; 3],
+}
+
+/// What a background job was granted when a worker took it: a slot of its project promised, and
+/// its key's token already taken (returned if the job never calculates).
+struct Grant {
+    project: u64,
+    rate: Option<Arc<Mutex<Rate>>>,
 }
 
 /// Keys whose rate state is kept at most; a forgotten one starts with a full bucket.
@@ -48,6 +60,10 @@ pub struct Budget {
     settings: BudgetSettings,
     projects: Mutex<HashMap<u64, Slots>>,
     rates: moka::sync::Cache<Partition, Arc<Mutex<Rate>>>,
+    /// Woken when a project's slot becomes free (not when it is handed to a waiter).
+    freed: Notify,
+    /// Grants not yet claimed, by the cache key of the job they were made for.
+    grants: Mutex<HashMap<CacheKey, Vec<Grant>>>,
 }
 
 /// A held calculation slot; dropping it hands the slot on.
@@ -66,7 +82,13 @@ impl Budget {
     pub fn new(settings: BudgetSettings) -> Arc<Self> {
         let rates =
             moka::sync::Cache::builder().max_capacity(MAX_RATE_STATES).time_to_idle(Duration::from_secs(3600)).build();
-        Arc::new(Self { settings, projects: Mutex::new(HashMap::new()), rates })
+        Arc::new(Self {
+            settings,
+            projects: Mutex::new(HashMap::new()),
+            rates,
+            freed: Notify::new(),
+            grants: Mutex::new(HashMap::new()),
+        })
     }
 
     pub fn settings(&self) -> &BudgetSettings {
@@ -97,19 +119,22 @@ impl Budget {
     }
 
     fn release(&self, project: u64) {
-        let mut projects = self.projects.lock();
-        let Some(slots) = projects.get_mut(&project) else { return };
-        for queue in slots.waiting.iter_mut() {
-            while let Some(tx) = queue.pop_front() {
-                if tx.send(()).is_ok() {
-                    return; // handed over: still running
+        {
+            let mut projects = self.projects.lock();
+            let Some(slots) = projects.get_mut(&project) else { return };
+            for queue in slots.waiting.iter_mut() {
+                while let Some(tx) = queue.pop_front() {
+                    if tx.send(()).is_ok() {
+                        return; // handed over: still running
+                    }
                 }
             }
+            slots.running = slots.running.saturating_sub(1);
+            if slots.running == 0 && slots.promised == 0 {
+                projects.remove(&project);
+            }
         }
-        slots.running = slots.running.saturating_sub(1);
-        if slots.running == 0 {
-            projects.remove(&project);
-        }
+        self.freed.notify_waiters();
     }
 
     /// Calculations running for `project` (for tests and metrics).
@@ -117,22 +142,98 @@ impl Budget {
         self.projects.lock().get(&project).map_or(0, |s| s.running)
     }
 
-    /// One upstream call's worth of rate for the principal's personal API key (the identity the
-    /// upstream throttles, whatever other carriers the request had), waiting at most `wait`.
-    /// Sessions are exempt, as upstream exempts them. A `forced` call leaves the reserve alone.
-    pub async fn rate_token(&self, principal: &Principal, wait: Duration, forced: bool) -> Result<(), Exhausted> {
-        let Some(key) = principal.rate_key() else { return Ok(()) };
-        let windows: Vec<(u32, Duration)> = [
+    /// Notified whenever a project's slot becomes free for background work.
+    pub fn slot_freed(&self) -> &Notify {
+        &self.freed
+    }
+
+    /// For a background job a worker is about to take: takes a token of the principal's key and
+    /// promises a slot of `project` to the job's calculation (its cache key `key`), if both are
+    /// there now. A slot counts as free when it is neither running nor promised; blocking clients
+    /// ignore promises, so they keep their priority. `Err(Some(d))`: the key has no token for
+    /// `d`; `Err(None)`: the project has no free slot.
+    pub fn try_grant(&self, key: CacheKey, project: u64, principal: &Principal) -> Result<(), Option<Duration>> {
+        let mut projects = self.projects.lock();
+        if projects.get(&project).is_some_and(|s| s.running + s.promised >= self.settings.project_concurrency) {
+            return Err(None);
+        }
+        let rate = self.rate_of(principal);
+        if let Some(rate) = &rate {
+            if let Some(wait) = rate.lock().take(Instant::now(), 0.0) {
+                return Err(Some(wait));
+            }
+        }
+        projects.entry(project).or_default().promised += 1;
+        self.grants.lock().entry(key).or_default().push(Grant { project, rate });
+        Ok(())
+    }
+
+    /// Claims the grant made for a calculation of `key`: its slot is no longer promised (the
+    /// caller takes one with [`Budget::slot`], ahead of nobody), and its token is spent. Whether
+    /// there was one.
+    pub fn claim_grant(&self, key: &CacheKey) -> bool {
+        let Some(grant) = self.take_grant(key) else { return false };
+        self.unpromise(grant.project);
+        true
+    }
+
+    /// Returns an unclaimed grant for `key` (its job did not calculate: it joined another
+    /// calculation, or found the work done): the token goes back to the key, the slot to others.
+    pub fn release_grant(&self, key: &CacheKey) {
+        let Some(grant) = self.take_grant(key) else { return };
+        if let Some(rate) = &grant.rate {
+            rate.lock().refund();
+        }
+        self.unpromise(grant.project);
+        self.freed.notify_waiters();
+    }
+
+    fn take_grant(&self, key: &CacheKey) -> Option<Grant> {
+        let mut grants = self.grants.lock();
+        let list = grants.get_mut(key)?;
+        let grant = list.pop();
+        if list.is_empty() {
+            grants.remove(key);
+        }
+        grant
+    }
+
+    fn unpromise(&self, project: u64) {
+        let mut projects = self.projects.lock();
+        if let Some(slots) = projects.get_mut(&project) {
+            slots.promised = slots.promised.saturating_sub(1);
+            if slots.running == 0 && slots.promised == 0 {
+                projects.remove(&project);
+            }
+        }
+    }
+
+    /// The rate state of the principal's key, `None` when it is not limited (a session, or no
+    /// limits configured).
+    fn rate_of(&self, principal: &Principal) -> Option<Arc<Mutex<Rate>>> {
+        let key = principal.rate_key()?;
+        let windows = self.windows();
+        if windows.is_empty() {
+            return None;
+        }
+        Some(self.rates.get_with(key, || Arc::new(Mutex::new(Rate::new(&windows)))))
+    }
+
+    fn windows(&self) -> Vec<(u32, Duration)> {
+        [
             self.settings.per_minute.map(|n| (n, Duration::from_secs(60))),
             self.settings.per_hour.map(|n| (n, Duration::from_secs(3600))),
         ]
         .into_iter()
         .flatten()
-        .collect();
-        if windows.is_empty() {
-            return Ok(());
-        }
-        let rate = self.rates.get_with(key, || Arc::new(Mutex::new(Rate::new(&windows))));
+        .collect()
+    }
+
+    /// One upstream call's worth of rate for the principal's personal API key (the identity the
+    /// upstream throttles, whatever other carriers the request had), waiting at most `wait`.
+    /// Sessions are exempt, as upstream exempts them. A `forced` call leaves the reserve alone.
+    pub async fn rate_token(&self, principal: &Principal, wait: Duration, forced: bool) -> Result<(), Exhausted> {
+        let Some(rate) = self.rate_of(principal) else { return Ok(()) };
         let reserve = if forced { f64::from(self.settings.forced_reserve_percent) / 100.0 } else { 0.0 };
         let deadline = Instant::now() + wait;
         loop {
@@ -201,6 +302,13 @@ impl Rate {
         }
         None
     }
+
+    /// Gives back a token taken for a call that was not made.
+    fn refund(&mut self) {
+        for b in &mut self.buckets {
+            b.tokens = (b.tokens + 1.0).min(b.capacity);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -240,6 +348,31 @@ mod tests {
             t.await.unwrap();
         }
         assert_eq!(*order.lock(), vec![Priority::Blocking, Priority::Async, Priority::Ahead]);
+        assert_eq!(b.running(1), 0);
+    }
+
+    #[tokio::test]
+    async fn grants_take_a_token_and_promise_a_slot_to_background_work_only() {
+        let b = Budget::new(settings(1));
+        let keyer = PartitionKeyer::new(None);
+        let (a, c) = (Principal::api_key(&keyer, "a"), Principal::api_key(&keyer, "c"));
+        let key = |p: &Principal, insight| CacheKey::new(p.partition(), 1, insight, &Default::default());
+        b.try_grant(key(&a, 1), 1, &a).unwrap();
+        assert_eq!(b.try_grant(key(&c, 2), 1, &c), Err(None), "the only slot is promised");
+        // A blocking client goes first all the same.
+        let blocking = b.slot(1, Priority::Blocking, Duration::ZERO).await.unwrap();
+        drop(blocking);
+        // Unclaimed, the grant gives back its token and its slot.
+        b.release_grant(&key(&a, 1));
+        b.try_grant(key(&c, 2), 1, &c).unwrap();
+        assert!(b.claim_grant(&key(&c, 2)), "claimed by its calculation");
+        assert!(!b.claim_grant(&key(&c, 2)), "once");
+        // The key `a` spent one of its 2 tokens and got it back: two more grants, then none.
+        for insight in [3, 4] {
+            b.try_grant(key(&a, insight), 2, &a).unwrap();
+            b.claim_grant(&key(&a, insight));
+        }
+        assert!(matches!(b.try_grant(key(&a, 5), 3, &a), Err(Some(d)) if d > Duration::ZERO));
         assert_eq!(b.running(1), 0);
     }
 

@@ -29,6 +29,8 @@ pub const DEFAULT_CACHE_MAX_BYTES: u64 = 256 * 1024 * 1024;
 pub const DEFAULT_CACHE_TTL_SECONDS: u64 = 7 * 24 * 3600;
 pub const DEFAULT_WORKERS: usize = 8;
 pub const DEFAULT_QUEUE_CAPACITY: usize = 1024;
+/// A dashboard's worth of async tiles per credential; 16 credentials fill the default queue.
+pub const DEFAULT_MAX_QUEUED_PER_PRINCIPAL: usize = 64;
 /// PostHog's STATUS_TTL_SECONDS.
 pub const DEFAULT_STATUS_TTL_SECONDS: u64 = 20 * 60;
 pub const DEFAULT_STATUS_MAX_RECORDS: u64 = 100_000;
@@ -144,6 +146,7 @@ pub struct StalenessSection {
 pub struct RefreshSection {
     pub workers: usize,
     pub queue_capacity: usize,
+    pub max_queued_per_principal: usize,
     pub status_ttl_seconds: u64,
     pub status_max_records: u64,
     pub status_max_bytes: u64,
@@ -155,6 +158,7 @@ impl Default for RefreshSection {
         Self {
             workers: DEFAULT_WORKERS,
             queue_capacity: DEFAULT_QUEUE_CAPACITY,
+            max_queued_per_principal: DEFAULT_MAX_QUEUED_PER_PRINCIPAL,
             status_ttl_seconds: DEFAULT_STATUS_TTL_SECONDS,
             status_max_records: DEFAULT_STATUS_MAX_RECORDS,
             status_max_bytes: DEFAULT_STATUS_MAX_BYTES,
@@ -367,6 +371,8 @@ pub struct Config {
     pub thresholds: Thresholds,
     pub workers: usize,
     pub queue_capacity: usize,
+    /// Async jobs one credential may have queued (across projects); at most `queue_capacity`.
+    pub max_queued_per_principal: usize,
     pub status_ttl: Duration,
     pub status_max_records: u64,
     pub status_max_bytes: u64,
@@ -593,6 +599,9 @@ impl Config {
         if file.refresh.queue_capacity == 0 {
             bad("refresh.queue_capacity", "must be at least 1".into());
         }
+        if file.refresh.max_queued_per_principal == 0 {
+            bad("refresh.max_queued_per_principal", "must be at least 1".into());
+        }
         if file.refresh.status_ttl_seconds == 0 {
             bad("refresh.status_ttl_seconds", "must be at least 1".into());
         }
@@ -707,6 +716,7 @@ impl Config {
             thresholds,
             workers: file.refresh.workers,
             queue_capacity: file.refresh.queue_capacity,
+            max_queued_per_principal: file.refresh.max_queued_per_principal.min(file.refresh.queue_capacity),
             status_ttl: Duration::from_secs(file.refresh.status_ttl_seconds),
             status_max_records: file.refresh.status_max_records,
             status_max_bytes: file.refresh.status_max_bytes,
@@ -834,6 +844,18 @@ mod tests {
             assert_eq!(Config::from_file_config(file, &Overrides::default()).unwrap().access_log, want);
         }
         assert!(FileConfig::parse("[log]\naccess = \"hits\"\n").is_err());
+    }
+
+    #[test]
+    fn a_credentials_share_of_the_queue_is_at_least_one_and_at_most_the_queue() {
+        assert_eq!(Config::defaults().max_queued_per_principal, DEFAULT_MAX_QUEUED_PER_PRINCIPAL);
+        let file = FileConfig::parse("[refresh]\nqueue_capacity = 16\n").unwrap();
+        assert_eq!(Config::from_file_config(file, &Overrides::default()).unwrap().max_queued_per_principal, 16);
+        let file = FileConfig::parse("[refresh]\nmax_queued_per_principal = 0\n").unwrap();
+        let Err(ConfigError::Invalid(problems)) = Config::from_file_config(file, &Overrides::default()) else {
+            panic!("expected invalid");
+        };
+        assert_eq!(problems[0].key, "refresh.max_queued_per_principal");
     }
 
     #[test]
