@@ -399,6 +399,7 @@ fn refresh_ahead(app: &App, spec: &Arc<CalcSpec>, entry: &Arc<Entry>, now: time:
         refresh: UpstreamRefresh::ForceBlocking,
         status_id: None,
         ahead: Some(ahead),
+        joined: Vec::new(),
     };
     if app.jobs.push(job).is_err() {
         claimed.unclaim_refresh_ahead();
@@ -441,7 +442,7 @@ fn enqueue(
         Ok(status) => status,
         Err(_) => return refuse(blank),
     };
-    let job = Job { spec: spec.clone(), flight, refresh, status_id: Some(id.clone()), ahead: None };
+    let job = Job { spec: spec.clone(), flight, refresh, status_id: Some(id.clone()), ahead: None, joined: Vec::new() };
     if app.jobs.push(job).is_err() {
         return refuse(blank);
     }

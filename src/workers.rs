@@ -48,6 +48,16 @@ pub struct Job {
     pub status_id: Option<String>,
     /// Set for refresh-ahead.
     pub ahead: Option<Ahead>,
+    /// Statuses of later requests for the same flight that this job's work answers: they were
+    /// handed out, so they complete with it.
+    pub joined: Vec<String>,
+}
+
+impl Job {
+    /// Every status this job completes.
+    fn statuses(&self) -> impl Iterator<Item = &String> {
+        self.status_id.iter().chain(&self.joined)
+    }
 }
 
 /// What a refresh-ahead job knows about the entry it refreshes.
@@ -150,6 +160,24 @@ struct Lanes {
 }
 
 impl Lanes {
+    /// The queued client job for `flight`, if one is (its lane is the flight's principal's).
+    fn client_job_mut(&mut self, project: u64, flight: &CacheKey) -> Option<&mut Job> {
+        let lane = self.projects.get_mut(&project)?.lanes.get_mut(&flight.partition)?;
+        lane.iter_mut().map(|q| &mut q.job).find(|j| j.flight == *flight)
+    }
+
+    /// Takes the refresh-ahead job for `flight` out of its lane, if one is queued.
+    fn take_ahead(&mut self, flight: &CacheKey) -> Option<Job> {
+        let mut jobs = std::mem::take(&mut self.ahead.heap).into_vec();
+        let at = jobs.iter().position(|c| c.queued.job.flight == *flight);
+        let taken = at.map(|at| jobs.swap_remove(at).queued.job);
+        self.ahead.heap = jobs.into();
+        if taken.is_some() {
+            self.queued.remove(flight);
+        }
+        taken
+    }
+
     /// Queues client work at the back of its lane (or the front, for a job going back).
     fn insert(&mut self, q: Queued, front: bool) {
         let (project, principal) = (q.job.spec.project, q.principal());
@@ -249,10 +277,26 @@ impl JobQueue {
     /// their principal's lane, refused when the queue or the principal's share of it is full;
     /// refresh-ahead goes in the ahead lane, where a full lane drops its coldest job for a hotter
     /// one (the dropped entry may be scheduled again by its next read).
-    pub fn push(&self, job: Job) -> Result<(), QueueFull> {
+    pub fn push(&self, mut job: Job) -> Result<(), QueueFull> {
         let mut lanes = self.lanes.lock();
         if lanes.queued.contains(&job.flight) {
-            return Ok(());
+            if job.status_id.is_none() {
+                return Ok(()); // refresh-ahead for work already queued
+            }
+            // A client joins queued work: its status completes with that job's. Refresh-ahead
+            // work a client joins becomes client work (its lane, its priority).
+            let project = job.spec.project;
+            if let Some(queued) = lanes.client_job_mut(project, &job.flight) {
+                queued.joined.extend(job.statuses().cloned());
+                return Ok(());
+            }
+            self.admit(&lanes, &job)?;
+            if let Some(ahead) = lanes.take_ahead(&job.flight) {
+                if let Some(a) = &ahead.ahead {
+                    a.claimed.unclaim_refresh_ahead();
+                }
+                job.joined.extend(ahead.statuses().cloned());
+            }
         }
         let Some(ahead) = &job.ahead else {
             self.admit(&lanes, &job)?;
@@ -309,7 +353,13 @@ impl JobQueue {
         }
         let mut lanes = self.lanes.lock();
         if lanes.queued.contains(&job.flight) {
-            return None; // queued again meanwhile: that job runs it
+            // Queued again meanwhile: that job runs it, and completes this one's statuses too.
+            let project = job.spec.project;
+            if let Some(queued) = lanes.client_job_mut(project, &job.flight) {
+                queued.joined.extend(job.statuses().cloned());
+                return None;
+            }
+            return Some(job);
         }
         if self.admit(&lanes, &job).is_err() {
             return Some(job);
@@ -462,9 +512,11 @@ pub async fn run_job(app: &Arc<App>, job: Job) -> Option<Job> {
         run_ahead(app, &job, ahead).await;
         return None;
     }
-    let status_id = job.status_id.clone()?;
-    app.statuses.picked_up(&status_id, app.clock.now());
-    app.share_status(&status_id, job.spec.key.partition);
+    job.status_id.as_ref()?;
+    for id in job.statuses() {
+        app.statuses.picked_up(id, app.clock.now());
+        app.share_status(id, job.spec.key.partition);
+    }
     let own = app.cache.get_local(&job.spec.key).await;
     let wait = |flight: Arc<crate::flights::Flight<Outcome>>| async move { flight.wait().await };
     let (outcome, _) = app.calculate_for(&job.spec, own.as_ref(), job.flight, job.refresh, "background", wait).await;
@@ -475,8 +527,10 @@ pub async fn run_job(app: &Arc<App>, job: Job) -> Option<Job> {
         Some(Outcome::Failed(f)) => Err(f.to_api_error().detail),
         None => Err("The calculation was interrupted.".into()),
     };
-    app.statuses.finish(&status_id, app.clock.now(), result);
-    app.share_status(&status_id, job.spec.key.partition);
+    for id in job.statuses() {
+        app.statuses.finish(id, app.clock.now(), result.clone());
+        app.share_status(id, job.spec.key.partition);
+    }
     None
 }
 
@@ -486,7 +540,7 @@ fn give_up(app: &App, job: Job) {
     if let Some(ahead) = &job.ahead {
         ahead.claimed.unclaim_refresh_ahead();
     }
-    if let Some(id) = &job.status_id {
+    for id in job.statuses() {
         app.statuses.finish(id, app.clock.now(), Err(Failure::Budget.to_api_error().detail));
         app.share_status(id, job.spec.key.partition);
     }
@@ -588,7 +642,8 @@ mod tests {
     fn client_job(project: u64, key: &str, insight: u64) -> Job {
         let spec = spec(project, principal(key), insight);
         let flight = spec.key;
-        Job { spec, flight, refresh: UpstreamRefresh::Blocking, status_id: Some(format!("s{insight}")), ahead: None }
+        let status_id = Some(format!("s{insight}"));
+        Job { spec, flight, refresh: UpstreamRefresh::Blocking, status_id, ahead: None, joined: Vec::new() }
     }
 
     fn ahead_job(insight: u64, heat: u64) -> (Job, Arc<Entry>) {
@@ -598,8 +653,14 @@ mod tests {
         let entry = Arc::new(Entry::from_upstream(&body, insight, 1).unwrap());
         assert!(entry.claim_refresh_ahead());
         let ahead = Ahead { claimed: entry.clone(), base: entry.last_refresh(), group: 0, heat };
-        let job =
-            Job { spec, flight: key, refresh: UpstreamRefresh::ForceBlocking, status_id: None, ahead: Some(ahead) };
+        let job = Job {
+            spec,
+            flight: key,
+            refresh: UpstreamRefresh::ForceBlocking,
+            status_id: None,
+            ahead: Some(ahead),
+            joined: Vec::new(),
+        };
         (job, entry)
     }
 
@@ -642,6 +703,39 @@ mod tests {
             order.push(next_run(&q).await);
         }
         assert_eq!(order, vec![2, 5, 1]);
+        assert!(q.is_empty());
+    }
+
+    #[tokio::test]
+    async fn every_status_handed_out_rides_with_the_job_that_does_the_work() {
+        let q = queue(10, 10);
+        // A second client for queued work: one job, both statuses.
+        q.push(client_job(1, "k", 7)).unwrap();
+        let mut second = client_job(1, "k", 7);
+        second.status_id = Some("s7-again".into());
+        q.push(second).unwrap();
+        assert_eq!(q.len(), 1);
+        // A client for queued refresh-ahead work: it becomes client work with the client's status.
+        let (ahead, entry) = ahead_job(8, 5);
+        q.push(ahead).unwrap();
+        let mut client = client_job(1, "k", 8);
+        client.status_id = Some("s8".into());
+        q.push(client).unwrap();
+        assert_eq!(q.len(), 2);
+        assert!(entry.claim_refresh_ahead(), "the refresh-ahead claim was released");
+        let mut statuses = Vec::new();
+        for _ in 0..2 {
+            match tokio::time::timeout(Duration::from_secs(1), q.pop()).await.expect("a job is ready") {
+                Next::Run(t) => {
+                    q.budget.release_grant(&t.job.spec.key);
+                    assert!(t.job.ahead.is_none());
+                    statuses.extend(t.job.statuses().cloned());
+                }
+                Next::Expired(job) => panic!("job {} expired", job.spec.insight),
+            }
+        }
+        statuses.sort();
+        assert_eq!(statuses, ["s7", "s7-again", "s8"]);
         assert!(q.is_empty());
     }
 
