@@ -4,7 +4,8 @@
 //! - [`config`]: file + flags + environment → one validated [`config::Config`].
 //! - [`framing`]: the front door: unambiguous body framing and a well-formed authority, first.
 //! - [`routes`]: the only place that knows URL shapes; a pure `route()`. [`query`] parses query strings strictly.
-//! - [`auth`]: the caller's credential; [`cache::key`] hashes it into the partition every key carries.
+//! - [`auth`]: the request's one [`auth::Principal`], built at the front door; its partition is in
+//!   every key. [`trust`]: confirmations and refusals of principals. [`failure`]: failures by origin.
 //! - [`refresh`]: parsing `refresh`, staleness, and the pure mode decision.
 //! - [`cache`]: entries and [`cache::InsightCache`], the one type the rest talks to.
 //! - [`budget`]: the calculation budget (per-project slots by priority, per-key rates).
