@@ -60,6 +60,28 @@ fn a_request_the_proxy_cannot_forward_never_unlocks_a_revoked_keys_cache() {
 }
 
 #[test]
+fn the_proxys_own_budget_never_stands_in_for_a_revalidation() {
+    let h = Harness::with(|c, _| {
+        c.revalidate_after = Duration::from_secs(60);
+        c.budget.per_minute = Some(40); // a burst of 10, then one every 2 s
+        c.budget.wait = Duration::ZERO;
+    });
+    let key = minted_key(&h, "spent");
+    let (id, url) = h.day_insight();
+    assert_eq!(h.get(&format!("{url}?refresh=blocking"), &key).status, 200);
+    // Spend the key's rate on reads of other insights while it is still valid.
+    let spent =
+        (1..=20u64).filter(|i| *i != id).any(|i| h.get(&insight_url(i), &key).cache_status().contains("detail=budget"));
+    assert!(spent, "the key's rate was spent");
+    h.sim.revoke_token(&key);
+    h.clock.advance(Duration::from_secs(61));
+    // The revalidation cannot be made for want of the proxy's own budget: that is no outage.
+    let r = h.get(&url, &key);
+    assert!(r.json()["result"].is_null(), "cached data without the upstream's word: {}", r.text());
+    assert!(r.cache_status().contains("detail=budget"), "{}", r.cache_status());
+}
+
+#[test]
 fn hostile_requests_neither_open_the_breaker_nor_stop_legitimate_misses() {
     let h = Harness::start();
     let url = insight_url(1);
