@@ -58,9 +58,8 @@ impl Trust {
     /// for a project-wide read such as a list page).
     pub fn confirm(&self, partition: Partition, project: u64, insight: Option<u64>, now: OffsetDateTime) {
         self.confirmations.insert(self.scoped(partition, project, insight), now);
-        if self.known.get(&partition).is_none() {
-            self.known.insert(partition, ());
-        }
+        // Renewed on every acceptance, so an active principal never lapses into unknown.
+        self.known.insert(partition, ());
         // Accepted again (a key re-granted): an earlier refusal no longer stands.
         for scope in [(partition, 0, 0), (partition, project, 0), (partition, project, insight.unwrap_or(0))] {
             self.refusals.invalidate(&scope);
