@@ -427,6 +427,8 @@ struct Finding {
     /// where it differs from PostHog's (so the two sides asked for different pages, and their
     /// caches parted ways from then on).
     diverged: bool,
+    /// Other `refresh` values it was also seen with, and the first step of each (a few).
+    also: BTreeMap<String, String>,
 }
 
 /// What one area found and how much it compared.
@@ -454,8 +456,24 @@ impl Finding {
             direct: String::new(),
             proxy: String::new(),
             diverged: true,
+            also: BTreeMap::new(),
         }
     }
+}
+
+/// The `refresh=…` part of a step label (`refresh absent` included), if it names one.
+fn refresh_of(step: &str) -> Option<&str> {
+    let start = step.find("refresh=").or_else(|| step.find("refresh absent"))?;
+    let rest = &step[start..];
+    Some(
+        &rest[..rest.find([' ', ',', ']', '`']).map_or(rest.len(), |i| {
+            if rest.starts_with("refresh absent") {
+                14
+            } else {
+                i
+            }
+        })],
+    )
 }
 
 impl Area {
@@ -494,7 +512,14 @@ impl Area {
     fn note(f: &mut Finding, diverged: bool, step: &str, path: &str, direct: String, proxy: String) {
         f.count += 1;
         if f.count == 1 || (f.diverged && !diverged) {
-            *f = Finding { count: f.count, step: step.to_owned(), path: path.to_owned(), direct, proxy, diverged };
+            let also = std::mem::take(&mut f.also);
+            *f =
+                Finding { count: f.count, step: step.to_owned(), path: path.to_owned(), direct, proxy, diverged, also };
+        }
+        if let Some(mode) = refresh_of(step) {
+            if refresh_of(&f.step) != Some(mode) && f.also.len() < 6 && !diverged {
+                f.also.entry(mode.to_owned()).or_insert_with(|| step.to_owned());
+            }
         }
     }
 
@@ -522,6 +547,9 @@ impl Area {
             }
             let _ = writeln!(r, "    direct: {}", f.direct);
             let _ = writeln!(r, "    proxy:  {}", f.proxy);
+            for (mode, step) in &f.also {
+                let _ = writeln!(r, "    also with {mode}: first at {step}");
+            }
         }
         if !self.order.is_empty() {
             let _ = writeln!(r, "--- key order (common keys in a different order) ---");
