@@ -558,7 +558,7 @@ impl App {
                 Err(EntryError::NotAnObject | EntryError::WrongInsight(_)) => Outcome::Failed(Failure::Garbage),
                 Err(_) => Outcome::Relay(Arc::new(resp)),
             },
-            s if s >= 500 => Outcome::Failed(Failure::Status(s)),
+            s if s >= 500 => Outcome::Failed(Failure::Status(Arc::new(resp))),
             401 | 403 => {
                 // The upstream no longer accepts this principal for this project (or insight).
                 let resp = Arc::new(resp);

@@ -7,7 +7,9 @@
 //! A failure the proxy made itself, or one the client's input caused, never unlocks cached data.
 
 use crate::error::ApiError;
-use crate::upstream::UpstreamError;
+use std::sync::Arc;
+
+use crate::upstream::{UpstreamError, UpstreamResponse};
 
 /// PostHog's message when a team runs too many queries.
 pub const CONCURRENCY_LIMIT_EXCEEDED: &str = "concurrency_limit_exceeded";
@@ -27,8 +29,8 @@ pub enum Origin {
 pub enum Failure {
     /// The call did not complete (see [`UpstreamError::origin`]: most are the upstream's).
     Upstream(UpstreamError),
-    /// The upstream answered 5xx.
-    Status(u16),
+    /// The upstream answered 5xx: its answer, relayed when nothing cached may stand in.
+    Status(Arc<UpstreamResponse>),
     /// The upstream answered 200 with something that is not an insight.
     Garbage,
     /// The proxy's own budget for the upstream is spent (it never causes an upstream limit error).
@@ -54,7 +56,7 @@ impl Failure {
     pub fn is_upstream_outage(&self) -> bool {
         match self {
             Failure::Upstream(e) => e.is_outage(),
-            Failure::Status(s) => *s >= 500,
+            Failure::Status(r) => r.status >= 500,
             _ => false,
         }
     }
@@ -86,7 +88,7 @@ impl Failure {
             Failure::Upstream(UpstreamError::Unsendable) => {
                 ApiError::bad_request("The request cannot be forwarded to the upstream.")
             }
-            Failure::Status(s) => ApiError::bad_gateway(format!("The upstream answered with status {s}.")),
+            Failure::Status(r) => ApiError::bad_gateway(format!("The upstream answered with status {}.", r.status)),
             Failure::Garbage => ApiError::bad_gateway("The upstream's answer is not a valid insight."),
             Failure::Budget => ApiError::throttled(CONCURRENCY_LIMIT_EXCEEDED),
             Failure::Unconfirmed => {
@@ -108,8 +110,8 @@ mod tests {
             Failure::Upstream(UpstreamError::Timeout),
             Failure::Upstream(UpstreamError::Broken),
             Failure::Upstream(UpstreamError::CircuitOpen),
-            Failure::Status(500),
-            Failure::Status(503),
+            Failure::Status(Arc::new(UpstreamResponse { status: 500, ..Default::default() })),
+            Failure::Status(Arc::new(UpstreamResponse { status: 503, ..Default::default() })),
         ];
         let closed = [
             Failure::Upstream(UpstreamError::Unsendable),

@@ -322,8 +322,11 @@ async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, ask: Ask, peeked: Option<O
 /// PostHog answers when a team runs too many queries: HTTP 200, no result, an error status
 /// (refresh-semantics.md §1.3).
 fn failure_reply(app: &App, spec: &CalcSpec, f: &Failure, cache_status: String) -> Reply {
-    if *f != Failure::Budget {
-        return Reply::error(&f.to_api_error(), cache_status);
+    match f {
+        Failure::Budget => {}
+        // The upstream's own error answer, as PostHog gave it (status, body, `Retry-After`).
+        Failure::Status(answer) => return Reply::relay(answer, cache_status),
+        _ => return Reply::error(&f.to_api_error(), cache_status),
     }
     let now = crate::clock::format_datetime(app.clock.now());
     let body = serde_json::json!({
@@ -409,7 +412,7 @@ fn refresh_ahead(app: &App, spec: &Arc<CalcSpec>, entry: &Arc<Entry>, now: time:
 
 /// The status of a background calculation for the key that is still running, if any.
 fn running_status(app: &App, spec: &CalcSpec) -> Option<Bytes> {
-    app.statuses.running(spec.key.partition, &app.keyer.status_id(&spec.key)).map(|s| s.to_json())
+    app.statuses.running(spec.key.partition, &app.keyer.status_id(&spec.key), app.clock.now()).map(|s| s.to_json())
 }
 
 /// PostHog's `enqueue_async_calculation`: with `rr=false` an existing status is returned as it is.
@@ -427,7 +430,7 @@ fn enqueue(
     if !refresh_requested {
         // An existing status is returned as it is (upstream's dedup), unless it is a failure:
         // then the work is tried again rather than reporting the old error for 20 minutes.
-        if let Some(s) = app.statuses.get(owner, &id).filter(|s| !(s.complete && s.error)) {
+        if let Some(s) = app.statuses.live(owner, &id, app.clock.now()).filter(|s| !(s.complete && s.error)) {
             return s.to_json();
         }
     }
@@ -699,14 +702,15 @@ pub async fn query_status(app: &Arc<App>, project: u64, query_id: &str, principa
     // PostHog does (401, 403 for a project it cannot see, 404).
     let principal = principal?;
     let owner = principal.partition();
-    let mut status = app.statuses.get(owner, query_id);
+    let now = app.clock.now();
+    let mut status = app.statuses.live(owner, query_id, now);
     if status.is_none() {
         // Another replica may have issued it.
         if let Some(l2) = app.cache.l2() {
             status = l2.get_status(query_id, owner).await.and_then(|b| serde_json::from_slice(&b).ok());
         }
     }
-    let status = status.filter(|s| s.team_id == project)?;
+    let status = status.filter(|s| s.team_id == project && now <= s.expiration_time)?;
     if !app.is_confirmed(owner, project, status.insight_id) {
         if let Some(r) = app.trust.refusal(owner, project, status.insight_id) {
             app.metrics.trust_refusals.with_label_values(&["refused"]).inc();

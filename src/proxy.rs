@@ -53,6 +53,8 @@ pub struct RequestCtx {
     body_bytes: usize,
     /// For a passed-through JSON answer: the upstream's origin and the proxy's, and the body so far.
     relink: Option<Relink>,
+    /// For `POST insights/cancel`: whose status its body's `client_query_id` may drop.
+    cancel: Option<Cancel>,
     /// When a passed-through request's answer must be complete: the proxy's own upstream calls
     /// get `connect_timeout + read_timeout` in total, and so does a pass-through.
     upstream_deadline: Option<Instant>,
@@ -68,6 +70,7 @@ impl RequestCtx {
             purge_on_success: None,
             body_bytes: 0,
             relink: None,
+            cancel: None,
             upstream_deadline: None,
         }
     }
@@ -81,6 +84,13 @@ struct Relink {
     to: Vec<u8>,
     body: Vec<u8>,
     overflowed: bool,
+}
+
+/// A cancel request's body as it passes, to find the `client_query_id` it names.
+#[derive(Debug)]
+struct Cancel {
+    owner: crate::cache::Partition,
+    body: Vec<u8>,
 }
 
 /// Passed-through JSON bodies larger than this are streamed without rewriting.
@@ -150,6 +160,7 @@ impl InsightsProxy {
             Route::InsightList { .. } => "insight_list",
             Route::InsightWrite { .. } => "insight_write",
             Route::QueryStatus { .. } => "query_status",
+            Route::QueryCancel { .. } => "query_cancel",
             Route::Passthrough => "passthrough",
             Route::Reject(_) => "rejected",
         };
@@ -158,6 +169,19 @@ impl InsightsProxy {
             Route::Passthrough => Ok(None),
             Route::InsightWrite { project, insight } => {
                 ctx.purge_on_success = Some((project, insight));
+                Ok(None)
+            }
+            Route::QueryCancel { query_id, .. } => {
+                // The upstream answers as it does; a status the proxy issued goes with it.
+                let headers = &session.req_header().headers;
+                if let Ok(Some(principal)) =
+                    Principal::from_request(&self.app.keyer, headers, query.get("personal_api_key"), None)
+                {
+                    match query_id {
+                        Some(id) => self.app.statuses.remove(principal.partition(), &id),
+                        None => ctx.cancel = Some(Cancel { owner: principal.partition(), body: Vec::new() }),
+                    }
+                }
                 Ok(None)
             }
             Route::QueryStatus { project, query_id } => {
@@ -510,13 +534,24 @@ impl ProxyHttp for InsightsProxy {
         &self,
         _session: &mut Session,
         body: &mut Option<Bytes>,
-        _end_of_stream: bool,
+        end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         // Chunked bodies declare no length: count what passes through.
         ctx.body_bytes += body.as_ref().map_or(0, Bytes::len);
         if ctx.body_bytes > self.max_body() {
             return Err(Error::explain(ErrorType::HTTPStatus(413), "request body too large"));
+        }
+        if let Some(cancel) = ctx.cancel.as_mut() {
+            cancel.body.extend_from_slice(body.as_deref().unwrap_or_default());
+            if end_of_stream {
+                let id = serde_json::from_slice::<Value>(&cancel.body)
+                    .ok()
+                    .and_then(|v| v.get("client_query_id").and_then(Value::as_str).map(str::to_owned));
+                if let Some(id) = id {
+                    self.app.statuses.remove(cancel.owner, &id);
+                }
+            }
         }
         Ok(())
     }

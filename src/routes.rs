@@ -15,6 +15,9 @@ pub enum Route {
     InsightWrite { project: u64, insight: u64 },
     /// `GET /api/{environments|projects}/:project/query/:id/`: answered if the proxy issued the id.
     QueryStatus { project: u64, query_id: String },
+    /// `DELETE .../query/:id/` (`Some(id)`) or `POST .../insights/cancel/` (the id in the body's
+    /// `client_query_id`): passed through, and a status the proxy issued is dropped too.
+    QueryCancel { project: u64, query_id: Option<String> },
     /// Anything else: forwarded untouched.
     Passthrough,
     /// Refused without asking the upstream.
@@ -48,6 +51,7 @@ pub fn route(method: &Method, path: &str, query: &QueryParams) -> Route {
         ((Some("insights"), None, _), &Method::GET) if !csv && query.get("basic") != Some("true") => {
             Route::InsightList { project }
         }
+        ((Some("insights"), Some("cancel"), None), &Method::POST) => Route::QueryCancel { project, query_id: None },
         ((Some("insights"), Some(id), None), m) => match parse_id(id) {
             Id::Valid(insight) if m == Method::GET && !csv => Route::InsightRetrieve { project, insight },
             Id::Valid(insight) if m == Method::PATCH || m == Method::PUT || m == Method::POST => {
@@ -58,6 +62,9 @@ pub fn route(method: &Method, path: &str, query: &QueryParams) -> Route {
         },
         ((Some("query"), Some(id), None), &Method::GET) if !id.is_empty() => {
             Route::QueryStatus { project, query_id: id.to_string() }
+        }
+        ((Some("query"), Some(id), None), &Method::DELETE) if !id.is_empty() => {
+            Route::QueryCancel { project, query_id: Some(id.to_string()) }
         }
         _ => Route::Passthrough,
     }
@@ -125,6 +132,14 @@ mod tests {
             Route::QueryStatus { project: 1, query_id: "abc".into() }
         );
         assert_eq!(r(Method::GET, "/api/projects/1/query/abc/def/", ""), Route::Passthrough);
+        assert_eq!(
+            r(Method::DELETE, "/api/projects/1/query/abc/", ""),
+            Route::QueryCancel { project: 1, query_id: Some("abc".into()) }
+        );
+        assert_eq!(
+            r(Method::POST, "/api/projects/1/insights/cancel/", ""),
+            Route::QueryCancel { project: 1, query_id: None }
+        );
         assert_eq!(r(Method::GET, "/api/projects/1/", ""), Route::Passthrough);
     }
 

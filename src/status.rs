@@ -234,9 +234,15 @@ impl StatusRegistry {
         (r.owner == owner).then(|| r.status.clone())
     }
 
+    /// The record while its `expiration_time` has not passed on the proxy's clock (as PostHog
+    /// expires it); the registry's own bound only drops records later.
+    pub fn live(&self, owner: Partition, id: &str, now: OffsetDateTime) -> Option<QueryStatus> {
+        self.get(owner, id).filter(|s| now <= s.expiration_time)
+    }
+
     /// The record only while it is still running (PostHog's `get_async_query_status`).
-    pub fn running(&self, owner: Partition, id: &str) -> Option<QueryStatus> {
-        self.get(owner, id).filter(|s| !s.complete)
+    pub fn running(&self, owner: Partition, id: &str, now: OffsetDateTime) -> Option<QueryStatus> {
+        self.live(owner, id, now).filter(|s| !s.complete)
     }
 
     pub fn picked_up(&self, id: &str, now: OffsetDateTime) {
@@ -256,6 +262,18 @@ impl StatusRegistry {
         status.expiration_time = self.expiration(now);
         self.settle(&mut running, owner, status.clone());
         Some(status)
+    }
+
+    /// Drops one record of `owner` (a cancelled query): polls then answer 404, as PostHog's do.
+    pub fn remove(&self, owner: Partition, id: &str) {
+        let mut running = self.running.lock();
+        if running.get(id).is_some_and(|r| r.owner == owner) {
+            running.remove(id);
+        }
+        drop(running);
+        if self.done.get(id).is_some_and(|r| r.owner == owner) {
+            self.done.invalidate(id);
+        }
     }
 
     /// Drops every record of a principal the upstream refused: a poll then answers 404, as after
@@ -323,14 +341,16 @@ mod tests {
         let now = OffsetDateTime::now_utc();
         let (a, b) = (p(1), p(2));
         reg.start(a, reg.blank("q1".into(), 1, 5, None, now)).unwrap();
-        assert!(reg.running(a, "q1").is_some());
+        assert!(reg.running(a, "q1", now).is_some());
         assert!(reg.get(b, "q1").is_none(), "another partition cannot see it");
+        let later = now + time::Duration::seconds(61);
+        assert!(reg.live(a, "q1", later).is_none(), "past its expiration_time on the proxy's clock");
         reg.picked_up("q1", now);
         let done = reg.finish("q1", now, Ok(serde_json::json!({"results": [1]}))).unwrap();
         let s = reg.get(a, "q1").unwrap();
         assert!(s.complete && !s.error && s.pickup_time.is_some() && s.end_time.is_some());
         assert_eq!(s.to_json(), done.to_json());
-        assert!(reg.running(a, "q1").is_none());
+        assert!(reg.running(a, "q1", now).is_none());
         assert!(reg.get(b, "q1").is_none(), "nor once it is complete");
         assert_eq!(reg.len(), 1);
         let v: Value = serde_json::from_slice(&s.to_json()).unwrap();
@@ -349,7 +369,7 @@ mod tests {
         // Restarting one that exists is not a new record.
         assert!(reg.start(p(1), reg.blank("q0".into(), 1, 0, None, now)).is_ok());
         for i in 0..3 {
-            assert!(reg.running(p(1), &format!("q{i}")).is_some(), "q{i} still running");
+            assert!(reg.running(p(1), &format!("q{i}"), now).is_some(), "q{i} still running");
         }
         // A completion frees a place.
         reg.finish("q1", now, Err("boom".into()));

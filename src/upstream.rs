@@ -46,7 +46,7 @@ pub struct UpstreamRequest {
     pub body: Option<Bytes>,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct UpstreamResponse {
     pub status: u16,
     pub content_type: Option<String>,
