@@ -473,8 +473,10 @@ impl App {
                     let revalidating = kind == FlightKind::Revalidate;
                     // "The upstream has nothing" is remembered briefly, so repeated misses of a
                     // never-calculated insight do not each cost an upstream call. It vouches for
-                    // nobody, so a revalidation always asks.
-                    if let Some(body) = app.cache.upstream_empty(&spec.key).filter(|_| !revalidating) {
+                    // nobody: it answers only a principal confirmed within the window, and never
+                    // a revalidation.
+                    let confirmed = || app.is_confirmed(spec.key.partition, spec.project, Some(spec.insight));
+                    if let Some(body) = app.cache.upstream_empty(&spec.key).filter(|_| !revalidating && confirmed()) {
                         let content_type = Some("application/json".to_string());
                         return Outcome::Relay(Arc::new(UpstreamResponse {
                             status: 200,

@@ -693,8 +693,13 @@ async fn revalidate(app: &Arc<App>, spec: &Arc<CalcSpec>) -> Result<Option<Arc<E
 /// `GET .../query/:id/` for ids the proxy issued: 202 running, 200 complete, 400 failed, 404
 /// unknown, expired, or another principal's. `None`: not ours, pass it through. A status carries
 /// results, so a poll is a cached read: it needs the same confirmation as any cached answer.
+/// Whether a query id is one the proxy issues ([`crate::cache::PartitionKeyer::status_id`]).
+pub fn is_own_query_id(id: &str) -> bool {
+    id.starts_with("ipx_")
+}
+
 pub async fn query_status(app: &Arc<App>, project: u64, query_id: &str, principal: Option<Principal>) -> Option<Reply> {
-    if !query_id.starts_with("ipx_") {
+    if !is_own_query_id(query_id) {
         return None;
     }
     let cs = format!("{CACHE_NAME}; hit");

@@ -185,39 +185,35 @@ impl InsightsProxy {
                 Ok(None)
             }
             Route::QueryStatus { project, query_id } => {
-                let headers = &session.req_header().headers;
-                match Principal::from_request(&self.app.keyer, headers, query.get("personal_api_key"), None) {
-                    Ok(principal) => Ok(insights::query_status(&self.app, project, &query_id, principal).await),
-                    Err(e) => Ok(Some(refused_principal(&e))),
+                if !insights::is_own_query_id(&query_id) {
+                    return Ok(None);
                 }
+                let body_read = !session.is_body_empty();
+                let fields = match self.body_fields(session, fast).await? {
+                    Fields::Read(f) => f,
+                    Fields::Refused(reply) => return Ok(Some(reply)),
+                    Fields::Later => return Ok(None),
+                };
+                let (headers, query_key) = (&session.req_header().headers, query.get("personal_api_key"));
+                let principal =
+                    match Principal::from_request(&self.app.keyer, headers, query_key, fields.api_key.as_deref()) {
+                        Ok(p) => p,
+                        Err(e) => return Ok(Some(refused_principal(&e))),
+                    };
+                let anonymous = principal.is_none();
+                Ok(match insights::query_status(&self.app, project, &query_id, principal).await {
+                    Some(reply) => Some(reply),
+                    // A read body cannot be passed on: PostHog's answers for an id it does not know.
+                    None if body_read && anonymous => Some(rejected(&ApiError::not_authenticated())),
+                    None if body_read => Some(rejected(&ApiError::not_found())),
+                    None => None,
+                })
             }
             Route::InsightRetrieve { .. } | Route::InsightList { .. } => {
-                // A GET may carry a JSON body with `refresh` or `personal_api_key` (PostHog reads
-                // `request.data`); it is read here because the proxy answers the request itself.
-                let fields = if session.is_body_empty() {
-                    BodyFields::default()
-                } else if fast {
-                    return Ok(None);
-                } else {
-                    let body = match read_body(session, self.max_body()).await {
-                        Ok(b) => b,
-                        Err(BodyError::TooLarge) => {
-                            return Ok(Some(rejected(&ApiError::payload_too_large(self.max_body()))))
-                        }
-                        Err(_) => return Err(Error::new(ErrorType::ReadError)),
-                    };
-                    match body_fields(&body) {
-                        Ok(f) => f,
-                        Err(_) => {
-                            let e = ApiError::new(
-                                400,
-                                "validation_error",
-                                "parse_error",
-                                "JSON parse error - the request body is not valid JSON.",
-                            );
-                            return Ok(Some(rejected(&e)));
-                        }
-                    }
+                let fields = match self.body_fields(session, fast).await? {
+                    Fields::Read(f) => f,
+                    Fields::Refused(reply) => return Ok(Some(reply)),
+                    Fields::Later => return Ok(None),
                 };
                 let req = session.req_header();
                 let principal = match Principal::from_request(
@@ -264,6 +260,37 @@ impl InsightsProxy {
                 Ok(Some(reply))
             }
         }
+    }
+
+    /// A GET may carry a JSON body with `refresh` or `personal_api_key` (PostHog reads
+    /// `request.data`): read here when the proxy answers the request itself. The fast path hands
+    /// such a request to pingora's proxy first ([`Fields::Later`]), which decides again.
+    async fn body_fields(&self, session: &mut ServerSession, fast: bool) -> Result<Fields> {
+        if session.is_body_empty() {
+            return Ok(Fields::Read(BodyFields::default()));
+        }
+        if fast {
+            return Ok(Fields::Later);
+        }
+        let body = match read_body(session, self.max_body()).await {
+            Ok(b) => b,
+            Err(BodyError::TooLarge) => {
+                return Ok(Fields::Refused(rejected(&ApiError::payload_too_large(self.max_body()))))
+            }
+            Err(_) => return Err(Error::new(ErrorType::ReadError)),
+        };
+        Ok(match body_fields(&body) {
+            Ok(f) => Fields::Read(f),
+            Err(_) => {
+                let e = ApiError::new(
+                    400,
+                    "validation_error",
+                    "parse_error",
+                    "JSON parse error - the request body is not valid JSON.",
+                );
+                Fields::Refused(rejected(&e))
+            }
+        })
     }
 
     /// What a failed request answers (if its response has not started) and whether its connection
@@ -347,6 +374,13 @@ impl InsightsProxy {
 struct BodyFields {
     refresh: Option<Value>,
     api_key: Option<String>,
+}
+
+/// A request body's fields, a refusal, or (fast path) not read yet.
+enum Fields {
+    Read(BodyFields),
+    Refused(Reply),
+    Later,
 }
 
 enum BodyError {
