@@ -134,7 +134,7 @@ async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, ask: Ask, peeked: Option<O
             }
         }
         let state = CacheState::of(entry.as_ref().map(|e| &e.stale), now, &app.config.thresholds);
-        let flight_key = app.flight_key(spec, entry.as_deref(), now);
+        let flight_key = app.flight_key(spec, entry.as_deref());
         let in_flight = app.flights.is_running(&(flight_key, crate::app::FlightKind::Calculate));
         let decision = decide(mode, state, in_flight);
         match decision {
@@ -391,7 +391,9 @@ fn refresh_ahead(app: &App, spec: &Arc<CalcSpec>, entry: &Arc<Entry>, now: time:
     }
     let heat = (f64::from(reads) * 60.0 / age.max(1.0)) as u64;
     let ahead = Ahead { claimed: claimed.clone(), base: entry.last_refresh(), group: entry.group, heat };
-    let flight = app.flight_key(spec, Some(entry), now);
+    // A variant whose alias is not confirmed lately refreshes under its own key, so its own call
+    // confirms it (refresh-ahead runs one upstream key at a time anyway, see `run_ahead`).
+    let flight = if usable { app.flight_key(spec, Some(entry)) } else { spec.key };
     // The upstream's own cache is still fresh, so only force_blocking recalculates.
     let job = Job {
         spec: spec.clone(),

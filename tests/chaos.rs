@@ -211,3 +211,92 @@ fn every_status_handed_out_completes_or_is_gone_after_chaos() {
         stuck.join("\n")
     );
 }
+
+/// No background work queued or running, and no calculation in flight.
+fn idle(h: &Harness) -> bool {
+    h.app.jobs.is_empty() && h.app.metrics.busy_workers.get() == 0 && h.app.flights.is_empty()
+}
+
+#[test]
+fn each_upstream_key_is_calculated_once_per_stale_window_whatever_the_mix_of_modes() {
+    const READERS: u64 = 16;
+    const HERD: u64 = 200;
+    const MODES: [&str; 5] = ["async", "lazy_async", "async_except_on_cache_miss", "blocking", "force_cache"];
+    let h = harness(|_| {});
+    let insights = relative_insights(&h);
+    let (keys, hot, cold) = (insights[..3].to_vec(), insights[3], insights[4]);
+    // t=0: every key primed with `refresh=async` (its variant then reads the upstream's cache).
+    for &id in keys.iter().chain([&hot]) {
+        for v in 0..2 {
+            let r = h.get(&variant(id, v, "async"), ALL);
+            assert_eq!(r.status, 200, "{}", r.text());
+            eventually("the primed result lands", || {
+                !h.get(&variant(id, v, "force_cache"), ALL).json()["result"].is_null() && idle(&h)
+            });
+        }
+        assert_eq!(h.calcs(1, id), 1, "one upstream key for both variants of {id}");
+    }
+    let port = h.proxy_port;
+    let mut report = Vec::new();
+    for (window, mode) in MODES.iter().enumerate() {
+        let before: Vec<u64> = keys.iter().map(|&id| h.calcs(1, id)).collect();
+        // Meanwhile the project is busy: a loop of hits on one insight, a herd of cold blocking
+        // requests (each a calculation upstream) on another.
+        let busy = Arc::new(AtomicBool::new(true));
+        let hammer: Vec<_> = (0..4u64)
+            .map(|t| {
+                let busy = busy.clone();
+                std::thread::spawn(move || {
+                    let auth = [("Authorization", "Bearer phx_demo_all")];
+                    let mut i = 0u64;
+                    while busy.load(Ordering::SeqCst) && i < 2000 {
+                        let path = if t == 0 {
+                            variant(hot, i % 2, "blocking")
+                        } else if i < HERD / 3 {
+                            let n = (window as u64 * HERD + t * HERD / 3 + i) % 1_000_000;
+                            format!("{}?refresh=blocking&variables_override=%7B%22x%22%3A{n}%7D", insight_url(cold))
+                        } else {
+                            break;
+                        };
+                        http(port, "GET", &path, &auth, None);
+                        i += 1;
+                    }
+                })
+            })
+            .collect();
+        // Right after the stale threshold: 16 clients read every key for ~1.5 s, half of them
+        // in this window's mode, the others in every mode in turn.
+        h.clock.advance(FRESH + Duration::from_secs(1));
+        let readers: Vec<_> = (0..READERS)
+            .map(|r| {
+                let keys = keys.clone();
+                let mode = *mode;
+                std::thread::spawn(move || {
+                    let auth = [("Authorization", "Bearer phx_demo_all")];
+                    let until = Instant::now() + Duration::from_millis(1500);
+                    let mut i = 0u64;
+                    while Instant::now() < until && i < 500 {
+                        let m = if r % 2 == 0 { mode } else { MODES[((r / 2 + i) % MODES.len() as u64) as usize] };
+                        let id = keys[((r + i) % keys.len() as u64) as usize];
+                        let resp = http(port, "GET", &variant(id, (r + i / 3) % 2, m), &auth, None);
+                        assert_eq!(resp.status, 200, "{m}: {}", resp.text());
+                        i += 1;
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    i
+                })
+            })
+            .collect();
+        let reads: u64 = readers.into_iter().map(|r| r.join().expect("a reader panicked")).sum();
+        busy.store(false, Ordering::SeqCst);
+        for t in hammer {
+            t.join().expect("a hammer thread panicked");
+        }
+        eventually("nothing is pending", || idle(&h));
+        let per_key: Vec<u64> = keys.iter().zip(&before).map(|(&id, b)| h.calcs(1, id) - b).collect();
+        eprintln!("window {window} ({mode} mix): {reads} reads, calculations per key {per_key:?}");
+        report.push((*mode, per_key));
+    }
+    let wrong: Vec<_> = report.iter().filter(|(_, per_key)| per_key.iter().any(|&n| n != 1)).collect();
+    assert!(wrong.is_empty(), "each upstream key once per stale window, but: {wrong:?}");
+}

@@ -329,3 +329,26 @@ fn refresh_ahead_runs_once_per_upstream_key_across_credentials() {
     assert_eq!(h.metric("insights_proxy_upstream_calculations_total{reason=\"ahead\"}"), 1.0);
     assert_eq!(h.metric("insights_proxy_upstream_reads_total{reason=\"ahead\"}"), 1.0);
 }
+
+#[test]
+fn a_variant_whose_alias_was_not_confirmed_lately_never_calculates_beside_its_group() {
+    let h = Harness::start();
+    let (id, url, dash) = insight_on_unfiltered_dashboard(&h);
+    h.get(&format!("{url}?refresh=blocking"), ALL);
+    h.get(&format!("{dash}&refresh=blocking"), ALL);
+    assert_eq!(h.calcs(1, id), 1);
+    // Stale, and past the alias's lazy threshold (12 h): neither variant's alias is confirmed.
+    h.clock.advance(Duration::from_secs(13 * 3600));
+    h.sim.set_calc_delay(Duration::from_millis(800));
+    let (port, standalone) = (h.proxy_port, format!("{url}?refresh=blocking"));
+    let first =
+        std::thread::spawn(move || http(port, "GET", &standalone, &[("Authorization", "Bearer phx_demo_all")], None));
+    eventually("the standalone variant's calculation is running", || h.calcs(1, id) == 2);
+    let r = h.get(&format!("{dash}&refresh=blocking"), ALL);
+    let first = first.join().unwrap().json();
+    assert_eq!(h.calcs(1, id), 2, "the dashboard variant waited for the group's calculation");
+    // Then it asked the upstream itself, which answered from the cache that calculation filled.
+    assert!(r.cache_status().contains("fwd=stale; fwd-status=200"), "{}", r.cache_status());
+    assert_eq!(r.json()["last_refresh"], first["last_refresh"]);
+    assert!(h.metric("insights_proxy_upstream_calculations_total{reason=\"stale\"}") >= 2.0);
+}
