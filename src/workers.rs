@@ -772,6 +772,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_job_that_lost_its_budget_hands_its_statuses_to_the_duplicate_queued_meanwhile() {
+        let q = queue(10, 10);
+        q.push(client_job(1, "k", 7)).unwrap();
+        let Next::Run(taken) = q.pop().await else { panic!("expired") };
+        q.budget.release_grant(&taken.job.spec.key);
+        // While it ran, another request for the same flight was queued.
+        let mut again = client_job(1, "k", 7);
+        again.status_id = Some("s7-again".into());
+        q.push(again).unwrap();
+        assert!(q.put_back(taken).is_none(), "the duplicate does the work");
+        assert_eq!(q.len(), 1);
+        let Next::Run(t) = q.pop().await else { panic!("expired") };
+        let mut statuses: Vec<String> = t.job.statuses().cloned().collect();
+        statuses.sort();
+        assert_eq!(statuses, ["s7", "s7-again"], "both statuses complete with the one job");
+    }
+
+    #[tokio::test]
     async fn client_work_is_served_round_robin_by_project_then_by_principal() {
         let q = queue(100, 100);
         // Project 1: key a queues 11, 12, 13, then key b queues 14. Project 2: key c queues 21, 22.
