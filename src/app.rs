@@ -204,12 +204,14 @@ impl App {
         u128::try_from(age_ms).is_ok_and(|a| a <= threshold.as_millis())
     }
 
-    /// The flight a calculation for `spec` runs under: its group's when the entry's alias is
-    /// usable (variants the upstream computes identically share one calculation), else its own.
-    /// Always within the caller's partition.
-    pub fn flight_key(&self, spec: &CalcSpec, entry: Option<&Entry>, now: OffsetDateTime) -> CacheKey {
+    /// The flight a calculation for `spec` runs under: its group's when the entry has one
+    /// (variants the upstream computes identically share one calculation), else its own. Always
+    /// within the caller's partition. A variant whose alias the upstream has not confirmed lately
+    /// still runs under its group, so it never calculates beside the group; having joined another
+    /// variant's calculation it then asks the upstream itself ([`App::calculate_for`]).
+    pub fn flight_key(&self, spec: &CalcSpec, entry: Option<&Entry>) -> CacheKey {
         match entry {
-            Some(e) if self.alias_usable(e, now) => spec.key.group_key(e.group),
+            Some(e) if e.group != 0 => spec.key.group_key(e.group),
             _ => spec.key,
         }
     }
@@ -282,11 +284,23 @@ impl App {
         W: Fn(Arc<Flight<Outcome>>) -> F,
         F: std::future::Future<Output = Option<Outcome>>,
     {
+        // The alias is not confirmed lately: another variant's result does not answer for this one
+        // until the upstream says again that it computes them identically.
+        let mut unconfirmed = own.is_some_and(|e| e.group != 0 && !self.alias_usable(e, self.clock.now()));
+        let mut refresh = refresh;
+        let mut adopted: Option<Outcome> = None;
         loop {
             let (running, started) = self.calculation(spec, flight, refresh, reason, None);
-            let Some(outcome) = wait(running).await else { return (None, started) };
+            let Some(outcome) = wait(running).await else { return (adopted, started) };
             let ours = started || flight == spec.key;
             match self.adopt(spec, own, outcome, ours).await {
+                // Joined after the group's calculation: the upstream answers this variant from the
+                // cache that calculation just filled (no calculation) unless its key changed.
+                Some(outcome) if unconfirmed && !ours => {
+                    (unconfirmed, flight, refresh) = (false, spec.key, UpstreamRefresh::Blocking);
+                    adopted = Some(outcome);
+                }
+                Some(Outcome::Failed(_)) if adopted.is_some() => return (adopted, started),
                 Some(outcome) => return (Some(outcome), started),
                 None => flight = spec.key,
             }

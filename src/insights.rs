@@ -134,7 +134,7 @@ async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, ask: Ask, peeked: Option<O
             }
         }
         let state = CacheState::of(entry.as_ref().map(|e| &e.stale), now, &app.config.thresholds);
-        let flight_key = app.flight_key(spec, entry.as_deref(), now);
+        let flight_key = app.flight_key(spec, entry.as_deref());
         let in_flight = app.flights.is_running(&(flight_key, crate::app::FlightKind::Calculate));
         let decision = decide(mode, state, in_flight);
         match decision {
@@ -148,11 +148,14 @@ async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, ask: Ask, peeked: Option<O
             }
             Decision::Serve { background } => {
                 let entry = entry.expect("Serve implies an entry");
+                let seen = Some(entry.last_refresh());
                 let qs = match background {
                     Background::None if in_flight => running_status(app, spec),
                     Background::None => None,
-                    Background::IfAbsent => Some(enqueue(app, spec, flight_key, false, UpstreamRefresh::Blocking)),
-                    Background::Always => Some(enqueue(app, spec, flight_key, true, UpstreamRefresh::Blocking)),
+                    Background::IfAbsent => {
+                        Some(enqueue(app, spec, flight_key, false, UpstreamRefresh::Blocking, seen))
+                    }
+                    Background::Always => Some(enqueue(app, spec, flight_key, true, UpstreamRefresh::Blocking, seen)),
                 };
                 let detail = match (state, background) {
                     (CacheState::Fresh, _) => None,
@@ -235,7 +238,7 @@ async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, ask: Ask, peeked: Option<O
                         // Work is queued only for a caller the upstream just showed the insight to.
                         let qs = match decision {
                             Decision::MissEnqueue if r.status == 200 => {
-                                Some(enqueue(app, spec, flight_key, false, UpstreamRefresh::Blocking))
+                                Some(enqueue(app, spec, flight_key, false, UpstreamRefresh::Blocking, None))
                             }
                             _ if r.status == 200 => running_status(app, spec),
                             _ => None,
@@ -260,7 +263,7 @@ async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, ask: Ask, peeked: Option<O
                         let confirmed = app.is_confirmed(partition, project, insight);
                         let qs = match decision {
                             Decision::MissEnqueue if confirmed => {
-                                Some(enqueue(app, spec, flight_key, false, UpstreamRefresh::Blocking))
+                                Some(enqueue(app, spec, flight_key, false, UpstreamRefresh::Blocking, None))
                             }
                             Decision::MissEnqueue => {
                                 return failure_reply(
@@ -311,7 +314,8 @@ async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, ask: Ask, peeked: Option<O
                         },
                     },
                 };
-                let qs = enqueue(app, spec, flight_key, true, UpstreamRefresh::ForceBlocking);
+                let seen = entry.as_ref().map(|e| e.last_refresh());
+                let qs = enqueue(app, spec, flight_key, true, UpstreamRefresh::ForceBlocking, seen);
                 return Reply::json(200, overlay_miss(&base, Some(&qs), true, truthy), cs);
             }
         }
@@ -394,7 +398,9 @@ fn refresh_ahead(app: &App, spec: &Arc<CalcSpec>, entry: &Arc<Entry>, now: time:
     }
     let heat = (f64::from(reads) * 60.0 / age.max(1.0)) as u64;
     let ahead = Ahead { claimed: claimed.clone(), base: entry.last_refresh(), group: entry.group, heat };
-    let flight = app.flight_key(spec, Some(entry), now);
+    // A variant whose alias is not confirmed lately refreshes under its own key, so its own call
+    // confirms it (refresh-ahead runs one upstream key at a time anyway, see `run_ahead`).
+    let flight = if usable { app.flight_key(spec, Some(entry)) } else { spec.key };
     // The upstream's own cache is still fresh, so only force_blocking recalculates.
     let job = Job {
         spec: spec.clone(),
@@ -403,6 +409,7 @@ fn refresh_ahead(app: &App, spec: &Arc<CalcSpec>, entry: &Arc<Entry>, now: time:
         status_id: None,
         ahead: Some(ahead),
         joined: Vec::new(),
+        seen: Some(entry.last_refresh()),
     };
     if app.jobs.push(job).is_err() {
         claimed.unclaim_refresh_ahead();
@@ -424,6 +431,7 @@ fn enqueue(
     flight: CacheKey,
     refresh_requested: bool,
     refresh: UpstreamRefresh,
+    seen: Option<time::OffsetDateTime>,
 ) -> Bytes {
     let id = app.keyer.status_id(&spec.key);
     let owner = spec.key.partition;
@@ -445,7 +453,8 @@ fn enqueue(
         Ok(status) => status,
         Err(_) => return refuse(blank),
     };
-    let job = Job { spec: spec.clone(), flight, refresh, status_id: Some(id.clone()), ahead: None, joined: Vec::new() };
+    let status_id = Some(id.clone());
+    let job = Job { spec: spec.clone(), flight, refresh, status_id, ahead: None, joined: Vec::new(), seen };
     if app.jobs.push(job).is_err() {
         return refuse(blank);
     }

@@ -51,6 +51,9 @@ pub struct Job {
     /// Statuses of later requests for the same flight that this job's work answers: they were
     /// handed out, so they complete with it.
     pub joined: Vec<String>,
+    /// The `last_refresh` of the entry the request saw (`None`: nothing was cached). A result
+    /// newer than it that lands while the job waits answers the job ([`answered_meanwhile`]).
+    pub seen: Option<time::OffsetDateTime>,
 }
 
 impl Job {
@@ -288,6 +291,7 @@ impl JobQueue {
             let project = job.spec.project;
             if let Some(queued) = lanes.client_job_mut(project, &job.flight) {
                 queued.joined.extend(job.statuses().cloned());
+                queued.seen = queued.seen.max(job.seen);
                 return Ok(());
             }
             self.admit(&lanes, &job)?;
@@ -357,6 +361,7 @@ impl JobQueue {
             let project = job.spec.project;
             if let Some(queued) = lanes.client_job_mut(project, &job.flight) {
                 queued.joined.extend(job.statuses().cloned());
+                queued.seen = queued.seen.max(job.seen);
                 return None;
             }
             return Some(job);
@@ -517,6 +522,14 @@ pub async fn run_job(app: &Arc<App>, job: Job) -> Option<Job> {
         app.statuses.picked_up(id, app.clock.now());
         app.share_status(id, job.spec.key.partition);
     }
+    if let Some(entry) = answered_meanwhile(app, &job).await {
+        let result = Ok(crate::status::query_response(&entry));
+        for id in job.statuses() {
+            app.statuses.finish(id, app.clock.now(), result.clone());
+            app.share_status(id, job.spec.key.partition);
+        }
+        return None;
+    }
     let own = app.cache.get_local(&job.spec.key).await;
     let wait = |flight: Arc<crate::flights::Flight<Outcome>>| async move { flight.wait().await };
     let (outcome, _) = app.calculate_for(&job.spec, own.as_ref(), job.flight, job.refresh, "background", wait).await;
@@ -532,6 +545,24 @@ pub async fn run_job(app: &Arc<App>, job: Job) -> Option<Job> {
         app.share_status(id, job.spec.key.partition);
     }
     None
+}
+
+/// The entry that already answers a client job, checked right before it calculates: a result
+/// newer than the one its request saw landed while it waited (a client's calculation, another
+/// variant's), and is fresh. Forced work takes any newer result, one calculated since the
+/// request saw the entry (two forces of one key share a calculation); forced work on a miss
+/// always runs.
+async fn answered_meanwhile(app: &Arc<App>, job: &Job) -> Option<Arc<Entry>> {
+    let forced = job.refresh == UpstreamRefresh::ForceBlocking;
+    if forced && job.seen.is_none() {
+        return None;
+    }
+    let own = app.cache.get_local(&job.spec.key).await?;
+    let own = app.freshen(&job.spec, &own).await.unwrap_or(own);
+    if job.seen.is_some_and(|seen| own.last_refresh() <= seen) {
+        return None;
+    }
+    (forced || !own.stale.is_stale(app.clock.now(), &app.config.thresholds)).then_some(own)
 }
 
 /// Completes a job that will not run: its status says `concurrency_limit_exceeded`, as PostHog's
@@ -643,7 +674,7 @@ mod tests {
         let spec = spec(project, principal(key), insight);
         let flight = spec.key;
         let status_id = Some(format!("s{insight}"));
-        Job { spec, flight, refresh: UpstreamRefresh::Blocking, status_id, ahead: None, joined: Vec::new() }
+        Job { spec, flight, refresh: UpstreamRefresh::Blocking, status_id, ahead: None, joined: Vec::new(), seen: None }
     }
 
     fn ahead_job(insight: u64, heat: u64) -> (Job, Arc<Entry>) {
@@ -660,6 +691,7 @@ mod tests {
             status_id: None,
             ahead: Some(ahead),
             joined: Vec::new(),
+            seen: Some(entry.last_refresh()),
         };
         (job, entry)
     }
@@ -737,6 +769,24 @@ mod tests {
         statuses.sort();
         assert_eq!(statuses, ["s7", "s7-again", "s8"]);
         assert!(q.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_job_that_lost_its_budget_hands_its_statuses_to_the_duplicate_queued_meanwhile() {
+        let q = queue(10, 10);
+        q.push(client_job(1, "k", 7)).unwrap();
+        let Next::Run(taken) = q.pop().await else { panic!("expired") };
+        q.budget.release_grant(&taken.job.spec.key);
+        // While it ran, another request for the same flight was queued.
+        let mut again = client_job(1, "k", 7);
+        again.status_id = Some("s7-again".into());
+        q.push(again).unwrap();
+        assert!(q.put_back(taken).is_none(), "the duplicate does the work");
+        assert_eq!(q.len(), 1);
+        let Next::Run(t) = q.pop().await else { panic!("expired") };
+        let mut statuses: Vec<String> = t.job.statuses().cloned().collect();
+        statuses.sort();
+        assert_eq!(statuses, ["s7", "s7-again"], "both statuses complete with the one job");
     }
 
     #[tokio::test]

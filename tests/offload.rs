@@ -329,3 +329,90 @@ fn refresh_ahead_runs_once_per_upstream_key_across_credentials() {
     assert_eq!(h.metric("insights_proxy_upstream_calculations_total{reason=\"ahead\"}"), 1.0);
     assert_eq!(h.metric("insights_proxy_upstream_reads_total{reason=\"ahead\"}"), 1.0);
 }
+
+#[test]
+fn a_variant_whose_alias_was_not_confirmed_lately_never_calculates_beside_its_group() {
+    let h = Harness::start();
+    let (id, url, dash) = insight_on_unfiltered_dashboard(&h);
+    h.get(&format!("{url}?refresh=blocking"), ALL);
+    h.get(&format!("{dash}&refresh=blocking"), ALL);
+    assert_eq!(h.calcs(1, id), 1);
+    // Stale, and past the alias's lazy threshold (12 h): neither variant's alias is confirmed.
+    h.clock.advance(Duration::from_secs(13 * 3600));
+    h.sim.set_calc_delay(Duration::from_millis(800));
+    let (port, standalone) = (h.proxy_port, format!("{url}?refresh=blocking"));
+    let first =
+        std::thread::spawn(move || http(port, "GET", &standalone, &[("Authorization", "Bearer phx_demo_all")], None));
+    eventually("the standalone variant's calculation is running", || h.calcs(1, id) == 2);
+    let r = h.get(&format!("{dash}&refresh=blocking"), ALL);
+    let first = first.join().unwrap().json();
+    assert_eq!(h.calcs(1, id), 2, "the dashboard variant waited for the group's calculation");
+    // Then it asked the upstream itself, which answered from the cache that calculation filled.
+    assert!(r.cache_status().contains("fwd=stale; fwd-status=200"), "{}", r.cache_status());
+    assert_eq!(r.json()["last_refresh"], first["last_refresh"]);
+    assert!(h.metric("insights_proxy_upstream_calculations_total{reason=\"stale\"}") >= 2.0);
+}
+
+#[test]
+fn queued_work_a_client_recalculation_answered_meanwhile_does_not_ask_the_upstream_again() {
+    let h = Harness::with(|c, sim| {
+        c.budget.project_concurrency = 1;
+        sim.calc_delay = Duration::from_millis(50);
+    });
+    let (id, url) = h.day_insight();
+    let other = project1_ids(&h).into_iter().find(|&i| i != id).unwrap();
+    h.get(&format!("{url}?refresh=blocking"), ALL);
+    h.clock.advance(Duration::from_secs(7 * 3600)); // stale (6 h), not lazily stale (12 h)
+    h.sim.set_calc_delay(Duration::from_millis(800));
+    let port = h.proxy_port;
+    let get = move |path: String| {
+        std::thread::spawn(move || http(port, "GET", &path, &[("Authorization", "Bearer phx_demo_all")], None))
+    };
+    // Another insight's calculation holds the project's only slot.
+    let holder = get(format!("/api/environments/1/insights/{other}/?refresh=blocking"));
+    eventually("the other calculation holds the slot", || h.calcs(1, other) == 1);
+    // A stale async read queues background work; a blocking read then recalculates first (it has
+    // the higher priority), while the background work waits for the slot.
+    let queued = h.get(&format!("{url}?refresh=async"), ALL).json();
+    let status = queued["query_status"]["id"].as_str().expect("a status").to_string();
+    let blocking = get(format!("{url}?refresh=blocking"));
+    eventually("the blocking read waits for the slot", || h.app.flights.len() == 2);
+    let fresh = blocking.join().unwrap().json();
+    assert_eq!(holder.join().unwrap().status, 200);
+    assert_eq!(h.calcs(1, id), 2);
+    let mut polled = serde_json::Value::Null;
+    eventually("the queued work completes", || {
+        polled = h.get(&format!("/api/environments/1/query/{status}/"), ALL).json();
+        polled["query_status"]["complete"] == true
+    });
+    assert_eq!(polled["query_status"]["results"]["last_refresh"], fresh["last_refresh"], "{polled}");
+    eventually("nothing is pending", || idle(&h));
+    let asked = h.metric("insights_proxy_upstream_calculations_total{reason=\"background\"}");
+    assert_eq!(asked, 0.0, "the background work asked the upstream although the answer had landed");
+    assert_eq!(h.calcs(1, id), 2);
+}
+
+#[test]
+fn a_force_queued_behind_a_running_force_of_the_same_key_shares_its_calculation() {
+    let h = Harness::with(|c, _| c.budget.project_concurrency = 1);
+    let (id, url) = h.day_insight();
+    h.get(&format!("{url}?refresh=blocking"), ALL);
+    h.sim.set_calc_delay(Duration::from_millis(800));
+    let first = h.get(&format!("{url}?refresh=force_async"), ALL).json();
+    eventually("the forced calculation runs", || h.calcs(1, id) == 2);
+    // The second force waits for the project's only slot, which the first holds.
+    let second = h.get(&format!("{url}?refresh=force_async"), ALL).json();
+    let status = second["query_status"]["id"].as_str().expect("a status").to_string();
+    assert_eq!(first["query_status"]["id"], second["query_status"]["id"]);
+    let mut polled = serde_json::Value::Null;
+    eventually("the forced work completes", || {
+        polled = h.get(&format!("/api/environments/1/query/{status}/"), ALL).json();
+        polled["query_status"]["complete"] == true && idle(&h)
+    });
+    assert_eq!(h.calcs(1, id), 2, "one calculation for both forces");
+    let stored = h.get(&url, ALL).json();
+    assert_eq!(polled["query_status"]["results"]["last_refresh"], stored["last_refresh"], "{polled}");
+    // A force asked once that result was there calculates again.
+    h.get(&format!("{url}?refresh=force_async"), ALL);
+    eventually("a later force recalculates", || h.calcs(1, id) == 3 && idle(&h));
+}
