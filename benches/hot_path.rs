@@ -21,10 +21,11 @@ use http::{HeaderMap, HeaderValue, Method};
 use insights_proxy::app::App;
 use insights_proxy::auth::Principal;
 use insights_proxy::cache::{CacheKey, Entry, InsightCache, PartitionKeyer};
+use insights_proxy::cache_status::CacheStatus;
 use insights_proxy::clock::Clock;
 use insights_proxy::config::{parse_upstream_url, Config, UpstreamTarget};
 use insights_proxy::insights::{self, InsightCall};
-use insights_proxy::metrics::{cache_label, Metrics};
+use insights_proxy::metrics::Metrics;
 use insights_proxy::query::QueryParams;
 use insights_proxy::refresh::{decide, CacheState, RefreshMode, RefreshParam, Thresholds};
 use insights_proxy::routes::{route, Route};
@@ -175,11 +176,7 @@ fn steps(c: &mut Criterion, f: &Fixture) {
     g.bench_function("cache_status_format", |b| {
         b.iter(|| {
             let ttl = black_box(f.entry.stale.ttl_seconds(now, &f.thresholds));
-            let mut s = format!("{}; hit", insights::CACHE_NAME);
-            if let Some(ttl) = ttl {
-                s.push_str(&format!("; ttl={ttl}"));
-            }
-            s
+            CacheStatus::hit().ttl(ttl).to_string()
         })
     });
     g.finish();
@@ -192,8 +189,8 @@ fn metrics(c: &mut Criterion) {
     g.bench_function("metrics_per_request", |b| {
         let started = Instant::now();
         b.iter(|| {
-            let cs = black_box("insights-proxy; hit; ttl=21599");
-            m.requests.with_label_values(&["insight", "force_cache", cache_label(cs)]).inc();
+            let cs = black_box(CacheStatus::hit().ttl(Some(21_599)));
+            m.requests.with_label_values(&["insight", "force_cache", cs.label()]).inc();
             m.request_seconds.with_label_values(&["insight"]).observe(started.elapsed().as_secs_f64());
         })
     });
@@ -286,7 +283,7 @@ fn retrieve(c: &mut Criterion, f: &Fixture) {
                         truthy: true,
                     };
                     let reply = insights::retrieve(&app, call).await;
-                    debug_assert!(reply.cache_status.contains("; hit"));
+                    debug_assert!(reply.cache_status.is_hit());
                     black_box(reply);
                 }
                 start.elapsed()

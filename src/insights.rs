@@ -9,36 +9,34 @@ use serde_json::Value;
 use crate::app::{App, CalcSpec, Failure, FlightKind, Outcome};
 use crate::auth::Principal;
 use crate::cache::{CacheKey, Entry, PageKey};
+use crate::cache_status::{CacheStatus, Detail, Fwd};
 use crate::error::ApiError;
 use crate::query::QueryParams;
 use crate::refresh::{decide, Background, CacheState, Decision, RefreshMode, UpstreamRefresh};
 use crate::upstream::UpstreamError;
 use crate::workers::{Ahead, Job};
 
-/// The `Cache-Status` cache name (RFC 9211).
-pub const CACHE_NAME: &str = "insights-proxy";
-
 #[derive(Debug, Clone)]
 pub struct Reply {
     pub status: u16,
     pub body: Bytes,
     pub content_type: Option<String>,
-    /// The `Cache-Status` header value.
-    pub cache_status: String,
+    /// How it was produced: its `Cache-Status` header and metric label.
+    pub cache_status: CacheStatus,
     /// The upstream's headers relayed with its answer (`Retry-After`, `WWW-Authenticate`).
     pub relayed: Vec<(http::HeaderName, http::HeaderValue)>,
 }
 
 impl Reply {
-    pub fn json(status: u16, body: Bytes, cache_status: String) -> Self {
+    pub fn json(status: u16, body: Bytes, cache_status: CacheStatus) -> Self {
         Self { status, body, content_type: None, cache_status, relayed: Vec::new() }
     }
 
-    pub fn error(e: &ApiError, cache_status: String) -> Self {
+    pub fn error(e: &ApiError, cache_status: CacheStatus) -> Self {
         Self::json(e.status, e.body(), cache_status)
     }
 
-    fn relay(resp: &crate::upstream::UpstreamResponse, cache_status: String) -> Self {
+    fn relay(resp: &crate::upstream::UpstreamResponse, cache_status: CacheStatus) -> Self {
         Self {
             status: resp.status,
             body: resp.body.clone(),
@@ -87,20 +85,8 @@ pub async fn retrieve(app: &Arc<App>, call: InsightCall) -> Reply {
     answer(app, &spec, Ask { mode: call.mode, truthy: call.truthy }, None).await
 }
 
-fn hit_status(app: &App, entry: &Entry, now: time::OffsetDateTime, detail: Option<&str>) -> String {
-    let ttl = entry.stale.ttl_seconds(now, &app.config.thresholds);
-    use std::fmt::Write as _;
-    let mut s = String::with_capacity(64);
-    s.push_str(CACHE_NAME);
-    s.push_str("; hit");
-    if let Some(ttl) = ttl {
-        let _ = write!(s, "; ttl={ttl}");
-    }
-    if let Some(d) = detail {
-        s.push_str("; detail=");
-        s.push_str(d);
-    }
-    s
+fn hit_status(app: &App, entry: &Entry, now: time::OffsetDateTime, detail: Option<Detail>) -> CacheStatus {
+    CacheStatus::hit().ttl(entry.stale.ttl_seconds(now, &app.config.thresholds)).detail_opt(detail)
 }
 
 /// Answers one insight under `mode`. `peeked` is the upstream's own answer when the caller already
@@ -114,7 +100,7 @@ async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, ask: Ask, peeked: Option<O
         // The upstream refused this principal a moment ago: its answer stands, at no cost.
         if let Some(r) = app.trust.refusal(partition, project, insight) {
             app.metrics.trust_refusals.with_label_values(&["refused"]).inc();
-            return Reply::relay(&r, format!("{CACHE_NAME}; fwd=bypass; fwd-status={}; detail=refused", r.status));
+            return Reply::relay(&r, CacheStatus::fwd(Fwd::Bypass).fwd_status(r.status).detail(Detail::Refused));
         }
     }
     let mut entry = app.cache.get(&spec.key).await;
@@ -159,11 +145,11 @@ async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, ask: Ask, peeked: Option<O
                 };
                 let detail = match (state, background) {
                     (CacheState::Fresh, _) => None,
-                    (_, Background::None) => Some("stale"),
-                    _ => Some("stale-while-revalidate"),
+                    (_, Background::None) => Some(Detail::Stale),
+                    _ => Some(Detail::StaleWhileRevalidate),
                 };
                 let cs = if via_peek {
-                    format!("{CACHE_NAME}; fwd=miss; fwd-status=200; stored")
+                    CacheStatus::fwd(Fwd::Miss).fwd_status(200).stored()
                 } else {
                     hit_status(app, &entry, now, detail)
                 };
@@ -173,30 +159,22 @@ async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, ask: Ask, peeked: Option<O
                 return Reply::json(200, entry.render(true, qs.as_deref()), cs);
             }
             Decision::Calculate { refresh, .. } => {
-                let fwd = match (refresh, state) {
-                    (UpstreamRefresh::ForceBlocking, _) => "request",
-                    (_, CacheState::Miss) => "miss",
-                    _ => "stale",
-                };
-                let reason = match fwd {
-                    "request" => "forced",
-                    other => other,
+                let (fwd, reason) = match (refresh, state) {
+                    (UpstreamRefresh::ForceBlocking, _) => (Fwd::Request, "forced"),
+                    (_, CacheState::Miss) => (Fwd::Miss, "miss"),
+                    _ => (Fwd::Stale, "stale"),
                 };
                 let wait =
                     |flight: Arc<crate::flights::Flight<Outcome>>| async move { wait_as_client(app, &flight).await };
                 let (outcome, started) =
                     app.calculate_for(spec, entry.as_ref(), flight_key, refresh, reason, wait).await;
                 let outcome = outcome.unwrap_or(Outcome::Failed(Failure::Interrupted));
-                let collapsed = if started { "" } else { "; collapsed" };
+                let forwarded = CacheStatus::fwd(fwd).collapsed(!started);
                 return match outcome {
-                    Outcome::Stored(e) => Reply::json(
-                        200,
-                        e.render(e.upstream_cached(), None),
-                        format!("{CACHE_NAME}; fwd={fwd}; fwd-status=200; stored{collapsed}"),
-                    ),
-                    Outcome::Relay(r) => {
-                        Reply::relay(&r, format!("{CACHE_NAME}; fwd={fwd}; fwd-status={}{collapsed}", r.status))
+                    Outcome::Stored(e) => {
+                        Reply::json(200, e.render(e.upstream_cached(), None), forwarded.fwd_status(200).stored())
                     }
+                    Outcome::Relay(r) => Reply::relay(&r, forwarded.fwd_status(r.status)),
                     // stale-if-error: a result we have beats an upstream outage. Over the proxy's
                     // own budget it stands in too, but only for a principal the upstream
                     // confirmed: the proxy's failure never unlocks cached data by itself.
@@ -204,7 +182,7 @@ async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, ask: Ask, peeked: Option<O
                         Some(e) if f.is_upstream_outage() => Reply::json(
                             200,
                             e.render(true, None),
-                            hit_status(app, &e, app.clock.now(), Some("stale-if-error")),
+                            hit_status(app, &e, app.clock.now(), Some(Detail::StaleIfError)),
                         ),
                         Some(e) if f == Failure::Budget => {
                             if !app.is_confirmed(partition, project, insight) {
@@ -212,9 +190,13 @@ async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, ask: Ask, peeked: Option<O
                                     return reply;
                                 }
                             }
-                            Reply::json(200, e.render(true, None), hit_status(app, &e, app.clock.now(), Some("budget")))
+                            Reply::json(
+                                200,
+                                e.render(true, None),
+                                hit_status(app, &e, app.clock.now(), Some(Detail::Budget)),
+                            )
                         }
-                        _ => failure_reply(app, spec, &f, format!("{CACHE_NAME}; fwd={fwd}; detail={}", f.as_str())),
+                        _ => failure_reply(app, spec, &f, CacheStatus::fwd(fwd).detail(Detail::Failure(f.as_str()))),
                     },
                 };
             }
@@ -244,9 +226,9 @@ async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, ask: Ask, peeked: Option<O
                             _ => None,
                         };
                         let cs = if remembered {
-                            format!("{CACHE_NAME}; hit; detail=upstream-empty")
+                            CacheStatus::hit().detail(Detail::UpstreamEmpty)
                         } else {
-                            format!("{CACHE_NAME}; fwd=miss; fwd-status={}", r.status)
+                            CacheStatus::fwd(Fwd::Miss).fwd_status(r.status)
                         };
                         return match (r.status, qs) {
                             (200, Some(qs)) => Reply::json(200, overlay_miss(&r.body, Some(&qs), false, truthy), cs),
@@ -270,7 +252,7 @@ async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, ask: Ask, peeked: Option<O
                                     app,
                                     spec,
                                     &Failure::Budget,
-                                    format!("{CACHE_NAME}; fwd=miss; detail=budget"),
+                                    CacheStatus::fwd(Fwd::Miss).detail(Detail::Budget),
                                 )
                             }
                             _ => running_status(app, spec),
@@ -280,15 +262,20 @@ async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, ask: Ask, peeked: Option<O
                             "timezone": null, "next_allowed_client_refresh": null, "cache_target_age": null,
                         });
                         let body = overlay_miss(body.to_string().as_bytes(), qs.as_deref(), false, truthy);
-                        return Reply::json(200, body, format!("{CACHE_NAME}; fwd=miss; detail=budget"));
+                        return Reply::json(200, body, CacheStatus::fwd(Fwd::Miss).detail(Detail::Budget));
                     }
                     Outcome::Failed(f) => {
-                        return failure_reply(app, spec, &f, format!("{CACHE_NAME}; fwd=miss; detail={}", f.as_str()))
+                        return failure_reply(
+                            app,
+                            spec,
+                            &f,
+                            CacheStatus::fwd(Fwd::Miss).detail(Detail::Failure(f.as_str())),
+                        )
                     }
                 }
             }
             Decision::ForceEnqueue => {
-                let cs = format!("{CACHE_NAME}; fwd=request; detail=enqueued");
+                let cs = CacheStatus::fwd(Fwd::Request).detail(Detail::Enqueued);
                 // The insight's metadata for the answer, and the upstream's word that this caller
                 // may see it, before any work is queued in the caller's name.
                 let vouched = via_peek || app.is_confirmed(partition, project, insight);
@@ -325,7 +312,7 @@ async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, ask: Ask, peeked: Option<O
 /// The answer when nothing cached can stand in for a failed upstream call. Over budget it is what
 /// PostHog answers when a team runs too many queries: HTTP 200, no result, an error status
 /// (refresh-semantics.md §1.3).
-fn failure_reply(app: &App, spec: &CalcSpec, f: &Failure, cache_status: String) -> Reply {
+fn failure_reply(app: &App, spec: &CalcSpec, f: &Failure, cache_status: CacheStatus) -> Reply {
     match f {
         Failure::Budget => {}
         // The upstream's own error answer, as PostHog gave it (status, body, `Retry-After`).
@@ -534,12 +521,12 @@ pub async fn list(app: &Arc<App>, call: ListCall) -> Reply {
     let epoch = app.cache.begin();
     let started_ms = app.cache.now_ms();
     let req = crate::app::own_request(&call.path, &call.query, &call.principal, "force_cache");
-    let bypass = format!("{CACHE_NAME}; fwd=uri-miss");
+    let listed = || CacheStatus::fwd(Fwd::UriMiss);
     let confirmed = app.is_confirmed(partition, call.project, None);
     if !confirmed {
         if let Some(r) = app.trust.refusal(partition, call.project, None) {
             app.metrics.trust_refusals.with_label_values(&["refused"]).inc();
-            return Reply::relay(&r, format!("{CACHE_NAME}; fwd=bypass; fwd-status={}; detail=refused", r.status));
+            return Reply::relay(&r, CacheStatus::fwd(Fwd::Bypass).fwd_status(r.status).detail(Detail::Refused));
         }
     }
     // A page's membership is kept briefly per principal, so a dashboard's viewers do not each
@@ -547,9 +534,9 @@ pub async fn list(app: &Arc<App>, call: ListCall) -> Reply {
     let page_key = PageKey { partition, project: call.project, path_and_query: req.path_and_query.clone() };
     let cached_page = if confirmed { app.cache.page(&page_key).await } else { None };
     let (body, page_status) = match cached_page {
-        Some(body) => (body, format!("{CACHE_NAME}; hit; detail=list-page")),
+        Some(body) => (body, CacheStatus::hit().detail(Detail::ListPage)),
         None => {
-            let failed = |f: Failure| Reply::error(&f.to_api_error(), format!("{bypass}; detail={}", f.as_str()));
+            let failed = |f: Failure| Reply::error(&f.to_api_error(), listed().detail(Detail::Failure(f.as_str())));
             if !app.trust.admit(partition) {
                 app.metrics.trust_refusals.with_label_values(&["unconfirmed"]).inc();
                 return failed(Failure::Unconfirmed);
@@ -567,19 +554,27 @@ pub async fn list(app: &Arc<App>, call: ListCall) -> Reply {
                 if resp.status == 401 || resp.status == 403 {
                     app.reject(partition, call.project, None, resp.clone());
                 }
-                return Reply::relay(&resp, format!("{bypass}; fwd-status={}", resp.status));
+                return Reply::relay(&resp, listed().fwd_status(resp.status));
             }
             app.confirm(partition, call.project, None);
             app.cache.put_page(page_key, resp.body.clone()).await;
-            (resp.body, format!("{bypass}; fwd-status=200"))
+            (resp.body, listed().fwd_status(200))
         }
     };
     let Ok(Value::Object(mut page)) = serde_json::from_slice::<Value>(&body) else {
-        return Reply::error(&Failure::Garbage.to_api_error(), format!("{bypass}; detail=garbage"));
+        return Reply::error(
+            &Failure::Garbage.to_api_error(),
+            listed().detail(Detail::Failure(Failure::Garbage.as_str())),
+        );
     };
     let items = match page.get_mut("results") {
         Some(Value::Array(items)) => std::mem::take(items),
-        _ => return Reply::error(&Failure::Garbage.to_api_error(), format!("{bypass}; detail=garbage")),
+        _ => {
+            return Reply::error(
+                &Failure::Garbage.to_api_error(),
+                listed().detail(Detail::Failure(Failure::Garbage.as_str())),
+            )
+        }
     };
     let item_path = format!("{}/", call.path.trim_end_matches('/'));
     // The upstream's list ignores `from_dashboard` (and its paging parameters are the list's): its
@@ -690,11 +685,11 @@ async fn revalidate(app: &Arc<App>, spec: &Arc<CalcSpec>) -> Result<Option<Arc<E
         Outcome::Stored(e) => Ok(Some(e)),
         Outcome::Relay(r) if r.status == 200 => Ok(None),
         Outcome::Relay(r) => {
-            Err(Reply::relay(&r, format!("{CACHE_NAME}; fwd=request; fwd-status={}; detail=revalidated", r.status)))
+            Err(Reply::relay(&r, CacheStatus::fwd(Fwd::Request).fwd_status(r.status).detail(Detail::Revalidated)))
         }
         Outcome::Failed(f) if f.is_upstream_outage() => Ok(None),
         Outcome::Failed(f) => {
-            Err(failure_reply(app, spec, &f, format!("{CACHE_NAME}; fwd=request; detail={}", f.as_str())))
+            Err(failure_reply(app, spec, &f, CacheStatus::fwd(Fwd::Request).detail(Detail::Failure(f.as_str()))))
         }
     }
 }
@@ -711,7 +706,7 @@ pub async fn query_status(app: &Arc<App>, project: u64, query_id: &str, principa
     if !is_own_query_id(query_id) {
         return None;
     }
-    let cs = format!("{CACHE_NAME}; hit");
+    let cs = CacheStatus::hit();
     // Without a credential, or for an id this principal was not given, the upstream answers as
     // PostHog does (401, 403 for a project it cannot see, 404).
     let principal = principal?;
@@ -728,10 +723,7 @@ pub async fn query_status(app: &Arc<App>, project: u64, query_id: &str, principa
     if !app.is_confirmed(owner, project, status.insight_id) {
         if let Some(r) = app.trust.refusal(owner, project, status.insight_id) {
             app.metrics.trust_refusals.with_label_values(&["refused"]).inc();
-            return Some(Reply::relay(
-                &r,
-                format!("{CACHE_NAME}; fwd=bypass; fwd-status={}; detail=refused", r.status),
-            ));
+            return Some(Reply::relay(&r, CacheStatus::fwd(Fwd::Bypass).fwd_status(r.status).detail(Detail::Refused)));
         }
         let insight = status.insight_id.unwrap_or(0);
         let query = match status.dashboard_id {

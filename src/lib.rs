@@ -23,6 +23,7 @@ pub mod app;
 pub mod auth;
 pub mod budget;
 pub mod cache;
+pub mod cache_status;
 pub mod clock;
 pub mod config;
 pub mod error;

@@ -190,7 +190,7 @@ const MODE_LABELS: [&str; 8] = [
     "force_async",
     "async_except_on_cache_miss",
 ];
-/// Every value [`cache_label`] returns.
+/// Every value [`crate::cache_status::CacheStatus::label`] returns (and `none`).
 const CACHE_LABELS: [&str; 8] = ["hit", "stale", "stale_if_error", "miss", "refresh", "forced", "none", "bypass"];
 
 fn pos(list: &[&str], v: &str) -> Option<usize> {
@@ -221,35 +221,6 @@ impl Default for Metrics {
     }
 }
 
-/// A short, bounded label for a `Cache-Status` value.
-pub fn cache_label(cache_status: &str) -> &'static str {
-    // The proxy's own values start with the cache name: read them without substring searches
-    // (this runs on every request).
-    if let Some(rest) = cache_status.strip_prefix("insights-proxy; ") {
-        if let Some(hit) = rest.strip_prefix("hit") {
-            let detail = hit.split(';').find_map(|p| p.trim_start().strip_prefix("detail="));
-            return match detail {
-                Some(d) if d.starts_with("stale-if-error") => "stale_if_error",
-                Some(d) if d.starts_with("stale") || d.starts_with("budget") => "stale",
-                Some(d) if d.starts_with("upstream-empty") => "miss",
-                _ => "hit",
-            };
-        }
-        let fwd = rest.split(';').next().unwrap_or("");
-        return match fwd {
-            "fwd=miss" | "fwd=uri-miss" => "miss",
-            "fwd=stale" => "refresh",
-            "fwd=request" => "forced",
-            _ => "bypass",
-        };
-    }
-    if cache_status.is_empty() {
-        "none"
-    } else {
-        "bypass"
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -263,23 +234,6 @@ mod tests {
             text.contains("insights_proxy_requests_total{cache=\"hit\",mode=\"blocking\",route=\"insight\"} 1"),
             "{text}"
         );
-    }
-
-    #[test]
-    fn labels() {
-        assert_eq!(cache_label("insights-proxy; hit; ttl=3"), "hit");
-        assert_eq!(cache_label("insights-proxy; hit; ttl=-3; detail=stale"), "stale");
-        assert_eq!(cache_label("insights-proxy; hit; ttl=-3; detail=stale-while-revalidate"), "stale");
-        assert_eq!(cache_label("insights-proxy; hit; detail=stale-if-error"), "stale_if_error");
-        assert_eq!(cache_label("insights-proxy; fwd=miss; stored"), "miss");
-        assert_eq!(cache_label("insights-proxy; fwd=stale; stored"), "refresh");
-        assert_eq!(cache_label("insights-proxy; fwd=request"), "forced");
-        assert_eq!(cache_label("insights-proxy; fwd=bypass"), "bypass");
-        assert_eq!(cache_label("insights-proxy; hit; ttl=-3; detail=budget"), "stale");
-        assert_eq!(cache_label(""), "none");
-        for l in ["insights-proxy; hit; ttl=3", "insights-proxy; fwd=request", "", "x"] {
-            assert!(CACHE_LABELS.contains(&cache_label(l)));
-        }
     }
 
     #[test]

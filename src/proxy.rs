@@ -1,5 +1,6 @@
 //! The pingora `ProxyHttp` implementation. Hooks stay thin: parse, route, call `insights`, write.
 
+use std::io::Write as _;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -16,12 +17,13 @@ use serde_json::Value;
 
 use crate::app::App;
 use crate::auth::{Principal, PrincipalError};
+use crate::cache_status::{CacheStatus, Detail, Fwd};
 use crate::config::AccessLog;
 use crate::error::ApiError;
 use crate::failure::Origin;
-use crate::insights::{self, InsightCall, ListCall, Reply, CACHE_NAME};
+use crate::insights::{self, InsightCall, ListCall, Reply};
 use crate::query::QueryParams;
-use crate::refresh::RefreshParam;
+use crate::refresh::{RefreshMode, RefreshParam};
 use crate::routes::{route, Route};
 
 /// More request headers than this, or more header bytes, is refused (431) before any work.
@@ -45,9 +47,10 @@ pub struct InsightsProxy {
 #[derive(Debug)]
 pub struct RequestCtx {
     started: Instant,
-    route: &'static str,
-    mode: Option<&'static str>,
-    pub(crate) cache_status: Option<String>,
+    /// Where the request went (`None` until routed: refused at the front door).
+    route: Option<Route>,
+    mode: Option<RefreshMode>,
+    pub(crate) cache_status: Option<CacheStatus>,
     /// A write to this insight is being passed through: purge it once the upstream accepts it.
     purge_on_success: Option<(u64, u64)>,
     body_bytes: usize,
@@ -64,7 +67,7 @@ impl RequestCtx {
     pub(crate) fn new() -> RequestCtx {
         RequestCtx {
             started: Instant::now(),
-            route: "passthrough",
+            route: None,
             mode: None,
             cache_status: None,
             purge_on_success: None,
@@ -155,15 +158,7 @@ impl InsightsProxy {
             Err(e) => return Ok(Some(rejected(&ApiError::bad_request(e.to_string())))),
         };
         let route = route(&req.method, req.uri.path(), &query);
-        ctx.route = match &route {
-            Route::InsightRetrieve { .. } => "insight",
-            Route::InsightList { .. } => "insight_list",
-            Route::InsightWrite { .. } => "insight_write",
-            Route::QueryStatus { .. } => "query_status",
-            Route::QueryCancel { .. } => "query_cancel",
-            Route::Passthrough => "passthrough",
-            Route::Reject(_) => "rejected",
-        };
+        ctx.route = Some(route.clone());
         match route {
             Route::Reject(e) => Ok(Some(rejected(&e))),
             Route::Passthrough => Ok(None),
@@ -225,7 +220,7 @@ impl InsightsProxy {
                     Ok(Some(p)) => p,
                     Ok(None) => {
                         // Never answered from the cache: the upstream says what it says (401).
-                        ctx.cache_status = Some(format!("{CACHE_NAME}; fwd=bypass; detail=no-credential"));
+                        ctx.cache_status = Some(CacheStatus::fwd(Fwd::Bypass).detail(Detail::NoCredential));
                         return Ok(None);
                     }
                     Err(e) => return Ok(Some(refused_principal(&e))),
@@ -243,7 +238,7 @@ impl InsightsProxy {
                     _ => RefreshParam::Absent,
                 };
                 let (mode, truthy) = (param.mode(), param.truthy());
-                ctx.mode = Some(mode.as_str());
+                ctx.mode = Some(mode);
                 let path = req.uri.path().to_string();
                 let reply = match route {
                     Route::InsightRetrieve { project, insight } => {
@@ -332,9 +327,10 @@ impl InsightsProxy {
                 ApiError::new(500, "server_error", "error", "The proxy could not forward the request.")
             }
         };
-        let detail = if api.status >= 500 { "upstream-error" } else { "rejected" };
-        ctx.cache_status = Some(format!("{CACHE_NAME}; fwd=bypass; detail={detail}"));
-        let reply = Reply::error(&api, ctx.cache_status.clone().unwrap_or_default());
+        let detail = if api.status >= 500 { Detail::UpstreamError } else { Detail::Rejected };
+        let cs = CacheStatus::fwd(Fwd::Bypass).detail(detail);
+        ctx.cache_status = Some(cs.clone());
+        let reply = Reply::error(&api, cs);
         // The response may already have started; then there is nothing more to say.
         if session.response_written().is_none() {
             // The connection is not reused (below): the answer says so.
@@ -347,8 +343,10 @@ impl InsightsProxy {
     /// Metrics and the access log line of a finished request.
     pub(crate) fn log_request(&self, method: &http::Method, path: &str, status: u16, ctx: &RequestCtx) {
         let elapsed = ctx.started.elapsed().as_secs_f64();
-        let label = crate::metrics::cache_label(ctx.cache_status.as_deref().unwrap_or(""));
-        self.app.metrics.observe_request(ctx.route, ctx.mode.unwrap_or("-"), label, elapsed);
+        let label = ctx.cache_status.as_ref().map_or("none", CacheStatus::label);
+        let route = ctx.route.as_ref().map_or("passthrough", Route::label);
+        let mode = ctx.mode.map_or("-", RefreshMode::as_str);
+        self.app.metrics.observe_request(route, mode, label, elapsed);
         let from_cache = matches!(label, "hit" | "stale");
         match self.app.config.access_log {
             AccessLog::All => {}
@@ -359,10 +357,10 @@ impl InsightsProxy {
         tracing::info!(
             method = %method,
             path,
-            route = ctx.route,
-            mode = ctx.mode.unwrap_or("-"),
+            route,
+            mode,
             status,
-            cache = ctx.cache_status.as_deref().unwrap_or("-"),
+            cache = %ctx.cache_status.as_ref().map_or_else(|| "-".to_string(), ToString::to_string),
             ms = elapsed * 1000.0,
             "request"
         );
@@ -454,7 +452,8 @@ pub async fn write_reply(session: &mut ServerSession, reply: &Reply) -> Result<(
     };
     h.insert(header::CONTENT_TYPE, content_type);
     h.insert(header::CONTENT_LENGTH, http::HeaderValue::from(reply.body.len()));
-    let cache_status = http::HeaderValue::from_str(&reply.cache_status).map_err(|_| invalid("invalid cache-status"))?;
+    let cache_status =
+        http::HeaderValue::try_from(reply.cache_status.to_string()).map_err(|_| invalid("invalid cache-status"))?;
     h.insert(CACHE_STATUS.clone(), cache_status);
     h.insert(header::VARY, http::HeaderValue::from_static("Authorization, Cookie"));
     for (name, value) in &reply.relayed {
@@ -483,11 +482,11 @@ pub(crate) fn reply_head(reply: &Reply, keep_alive: bool) -> Option<Vec<u8>> {
         return None;
     }
     let content_type = reply.content_type.as_deref().unwrap_or("application/json");
-    if !valid(content_type) || !valid(&reply.cache_status) {
+    if !valid(content_type) {
         return None;
     }
     let date = pingora::protocols::http::date::get_cached_date();
-    let mut head = Vec::with_capacity(200 + content_type.len() + reply.cache_status.len());
+    let mut head = Vec::with_capacity(256 + content_type.len());
     head.extend_from_slice(b"HTTP/1.1 ");
     head.extend_from_slice(status.as_str().as_bytes());
     head.push(b' ');
@@ -497,7 +496,7 @@ pub(crate) fn reply_head(reply: &Reply, keep_alive: bool) -> Option<Vec<u8>> {
     head.extend_from_slice(b"\r\nContent-Length: ");
     head.extend_from_slice(itoa(reply.body.len(), &mut [0u8; 20]));
     head.extend_from_slice(b"\r\ncache-status: ");
-    head.extend_from_slice(reply.cache_status.as_bytes());
+    let _ = write!(head, "{}", reply.cache_status);
     head.extend_from_slice(b"\r\nvary: Authorization, Cookie\r\nDate: ");
     head.extend_from_slice(date.as_bytes());
     let connection: &[u8] = if keep_alive { b"keep-alive" } else { b"close" };
@@ -542,7 +541,7 @@ fn refused_principal(e: &PrincipalError) -> Reply {
 
 /// A request the proxy refuses itself.
 fn rejected(e: &ApiError) -> Reply {
-    Reply::error(e, format!("{CACHE_NAME}; fwd=bypass; detail=rejected"))
+    Reply::error(e, CacheStatus::fwd(Fwd::Bypass).detail(Detail::Rejected))
 }
 
 #[async_trait]
@@ -682,8 +681,8 @@ impl ProxyHttp for InsightsProxy {
             }
         }
         // Every answer says how it was produced, a passed-through one too.
-        let cs = ctx.cache_status.get_or_insert_with(|| format!("{CACHE_NAME}; fwd=bypass"));
-        upstream_response.insert_header("cache-status", cs.as_str())?;
+        let cs = ctx.cache_status.get_or_insert_with(|| CacheStatus::fwd(Fwd::Bypass));
+        upstream_response.insert_header("cache-status", cs.to_string())?;
         Ok(())
     }
 

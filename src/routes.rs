@@ -25,6 +25,21 @@ pub enum Route {
 }
 
 /// Routes a request. `query` is the already-parsed query string (callers reject bad encodings).
+impl Route {
+    /// A short, bounded label for metrics and logs.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Route::InsightRetrieve { .. } => "insight",
+            Route::InsightList { .. } => "insight_list",
+            Route::InsightWrite { .. } => "insight_write",
+            Route::QueryStatus { .. } => "query_status",
+            Route::QueryCancel { .. } => "query_cancel",
+            Route::Passthrough => "passthrough",
+            Route::Reject(_) => "rejected",
+        }
+    }
+}
+
 pub fn route(method: &Method, path: &str, query: &QueryParams) -> Route {
     if has_dot_segment(path) {
         return Route::Reject(ApiError::bad_request("Paths with dot-segments are not allowed."));

@@ -1,0 +1,209 @@
+//! How an answer was produced, as a type: rendered once as the `Cache-Status` header (RFC 9211),
+//! and read as a bounded metric label, never parsed back from its text. The README's
+//! `Cache-Status` table lists its values.
+
+use std::fmt;
+
+/// The cache name every value starts with.
+pub const CACHE_NAME: &str = "insights-proxy";
+
+/// Why the answer went to the upstream (RFC 9211 `fwd`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fwd {
+    /// Nothing cached.
+    Miss,
+    /// The cached entry was stale.
+    Stale,
+    /// The client forced it (`force_blocking`, `force_async`) or it re-checked the caller.
+    Request,
+    /// A list page: its membership is the upstream's.
+    UriMiss,
+    /// Passed through, refused, or answered without the cache.
+    Bypass,
+}
+
+/// The proxy's own word on the answer (`detail=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Detail {
+    Stale,
+    StaleWhileRevalidate,
+    StaleIfError,
+    Budget,
+    ListPage,
+    UpstreamEmpty,
+    Revalidated,
+    Refused,
+    Enqueued,
+    Rejected,
+    UpstreamError,
+    NoCredential,
+    /// A failure's own name ([`crate::failure::Failure::as_str`]).
+    Failure(&'static str),
+}
+
+impl Detail {
+    fn as_str(self) -> &'static str {
+        match self {
+            Detail::Stale => "stale",
+            Detail::StaleWhileRevalidate => "stale-while-revalidate",
+            Detail::StaleIfError => "stale-if-error",
+            Detail::Budget => "budget",
+            Detail::ListPage => "list-page",
+            Detail::UpstreamEmpty => "upstream-empty",
+            Detail::Revalidated => "revalidated",
+            Detail::Refused => "refused",
+            Detail::Enqueued => "enqueued",
+            Detail::Rejected => "rejected",
+            Detail::UpstreamError => "upstream-error",
+            Detail::NoCredential => "no-credential",
+            Detail::Failure(name) => name,
+        }
+    }
+}
+
+/// One answer's `Cache-Status`: a hit (with its ttl) or a forward (with why, and what the
+/// upstream said), then whether it was stored and shared, then the proxy's detail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheStatus {
+    /// `None`: a hit.
+    fwd: Option<Fwd>,
+    ttl: Option<i64>,
+    fwd_status: Option<u16>,
+    stored: bool,
+    collapsed: bool,
+    detail: Option<Detail>,
+}
+
+impl CacheStatus {
+    pub fn hit() -> Self {
+        Self { fwd: None, ttl: None, fwd_status: None, stored: false, collapsed: false, detail: None }
+    }
+
+    pub fn fwd(fwd: Fwd) -> Self {
+        Self { fwd: Some(fwd), ..Self::hit() }
+    }
+
+    pub fn ttl(mut self, ttl: Option<i64>) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    pub fn fwd_status(mut self, status: u16) -> Self {
+        self.fwd_status = Some(status);
+        self
+    }
+
+    pub fn stored(mut self) -> Self {
+        self.stored = true;
+        self
+    }
+
+    pub fn collapsed(mut self, collapsed: bool) -> Self {
+        self.collapsed = collapsed;
+        self
+    }
+
+    pub fn detail(mut self, detail: Detail) -> Self {
+        self.detail = Some(detail);
+        self
+    }
+
+    pub fn detail_opt(mut self, detail: Option<Detail>) -> Self {
+        self.detail = detail;
+        self
+    }
+
+    pub fn is_hit(&self) -> bool {
+        self.fwd.is_none()
+    }
+
+    /// A short, bounded label for metrics.
+    pub fn label(&self) -> &'static str {
+        match (self.fwd, self.detail) {
+            (None, Some(Detail::StaleIfError)) => "stale_if_error",
+            (None, Some(Detail::Stale | Detail::StaleWhileRevalidate | Detail::Budget)) => "stale",
+            (None, Some(Detail::UpstreamEmpty)) => "miss",
+            (None, _) => "hit",
+            (Some(Fwd::Miss | Fwd::UriMiss), _) => "miss",
+            (Some(Fwd::Stale), _) => "refresh",
+            (Some(Fwd::Request), _) => "forced",
+            (Some(Fwd::Bypass), _) => "bypass",
+        }
+    }
+}
+
+impl fmt::Display for CacheStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(CACHE_NAME)?;
+        match self.fwd {
+            None => f.write_str("; hit")?,
+            Some(fwd) => f.write_str(match fwd {
+                Fwd::Miss => "; fwd=miss",
+                Fwd::Stale => "; fwd=stale",
+                Fwd::Request => "; fwd=request",
+                Fwd::UriMiss => "; fwd=uri-miss",
+                Fwd::Bypass => "; fwd=bypass",
+            })?,
+        }
+        if let Some(ttl) = self.ttl {
+            write!(f, "; ttl={ttl}")?;
+        }
+        if let Some(s) = self.fwd_status {
+            write!(f, "; fwd-status={s}")?;
+        }
+        if self.stored {
+            f.write_str("; stored")?;
+        }
+        if self.collapsed {
+            f.write_str("; collapsed")?;
+        }
+        if let Some(d) = self.detail {
+            write!(f, "; detail={}", d.as_str())?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_rfc_9211_values_and_labels_them() {
+        let cases = [
+            (CacheStatus::hit().ttl(Some(12)), "insights-proxy; hit; ttl=12", "hit"),
+            (
+                CacheStatus::hit().ttl(Some(-3)).detail(Detail::Stale),
+                "insights-proxy; hit; ttl=-3; detail=stale",
+                "stale",
+            ),
+            (
+                CacheStatus::hit().detail(Detail::StaleIfError),
+                "insights-proxy; hit; detail=stale-if-error",
+                "stale_if_error",
+            ),
+            (CacheStatus::hit().detail(Detail::Budget), "insights-proxy; hit; detail=budget", "stale"),
+            (CacheStatus::hit().detail(Detail::UpstreamEmpty), "insights-proxy; hit; detail=upstream-empty", "miss"),
+            (
+                CacheStatus::fwd(Fwd::Stale).fwd_status(200).stored().collapsed(true),
+                "insights-proxy; fwd=stale; fwd-status=200; stored; collapsed",
+                "refresh",
+            ),
+            (
+                CacheStatus::fwd(Fwd::Request).fwd_status(401).detail(Detail::Revalidated),
+                "insights-proxy; fwd=request; fwd-status=401; detail=revalidated",
+                "forced",
+            ),
+            (
+                CacheStatus::fwd(Fwd::UriMiss).detail(Detail::Failure("timeout")),
+                "insights-proxy; fwd=uri-miss; detail=timeout",
+                "miss",
+            ),
+            (CacheStatus::fwd(Fwd::Bypass), "insights-proxy; fwd=bypass", "bypass"),
+        ];
+        for (cs, text, label) in cases {
+            assert_eq!(cs.to_string(), text);
+            assert_eq!(cs.label(), label, "{text}");
+        }
+    }
+}
