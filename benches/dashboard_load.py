@@ -298,7 +298,7 @@ def first_calc_number(result: Any) -> int | None:
 
 
 def never_stale(obj: dict) -> bool:
-    """A fixed date range that ended in the past never goes stale (refresh-semantics.md §2.1)."""
+    """A fixed date range that ended in the past never goes stale (docs/refresh-semantics.md §3.1)."""
     q = obj.get("query")
     if not isinstance(q, dict):
         return False

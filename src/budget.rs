@@ -1,5 +1,5 @@
 //! The calculation budget: what the proxy itself may ask of the upstream, so it never trips
-//! PostHog's limits (refresh-semantics.md §7): at most N concurrent calculations per project, and
+//! PostHog's limits (docs/refresh-semantics.md §6, §7): at most N concurrent calculations per project, and
 //! per personal API key a rate that stays inside 240/min and 1200/hour.
 //!
 //! Calculation slots are handed out by priority: a client waiting on a blocking answer, then async

@@ -37,7 +37,7 @@ impl Clock {
 }
 
 /// RFC 3339 in UTC with `Z`, with sub-seconds only when non-zero, as PostHog's renderer
-/// (orjson `OPT_UTC_Z`) writes datetimes (refresh-semantics.md §3).
+/// (orjson `OPT_UTC_Z`) writes datetimes (docs/refresh-semantics.md §4.4).
 pub fn format_datetime(t: OffsetDateTime) -> String {
     let t = t.to_offset(time::UtcOffset::UTC);
     let t = if t.microsecond() == 0 {

@@ -409,7 +409,8 @@ pub struct BreakerSettings {
     pub max_cooldown: Duration,
 }
 
-/// Upstream offload: what the proxy may ask of the upstream (PostHog's limits, §7).
+/// Upstream offload: what the proxy may ask of the upstream (PostHog's limits,
+/// docs/refresh-semantics.md §6, §7).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BudgetSettings {
     /// Calculations running at once per project.

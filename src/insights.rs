@@ -311,7 +311,7 @@ async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, ask: Ask, peeked: Option<O
 
 /// The answer when nothing cached can stand in for a failed upstream call. Over budget it is what
 /// PostHog answers when a team runs too many queries: HTTP 200, no result, an error status
-/// (refresh-semantics.md §1.3).
+/// (docs/refresh-semantics.md §6).
 fn failure_reply(app: &App, spec: &CalcSpec, f: &Failure, cache_status: CacheStatus) -> Reply {
     match f {
         Failure::Budget => {}

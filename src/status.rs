@@ -1,5 +1,5 @@
 //! Query statuses for async work the proxy started, in PostHog's QueryStatus shape
-//! (refresh-semantics.md §4). Records expire (PostHog's 20 min) and are bounded in number; an id is
+//! (docs/refresh-semantics.md §5). Records expire (PostHog's 20 min) and are bounded in number; an id is
 //! only ever answered to the partition that created it.
 
 use std::collections::HashMap;

@@ -1,5 +1,5 @@
-//! Issue 7: requests the proxy answers itself take a path in front of pingora's proxy
-//! (`src/fast.rs`); everything else is handed to the proxy on the same connection. These tests
+//! Requests the proxy answers itself take a path in front of pingora's proxy (`src/fast.rs`);
+//! everything else is handed to the proxy on the same connection. These tests
 //! drive one keep-alive connection through both paths and the edges between them.
 
 mod common;

@@ -1,4 +1,4 @@
-//! Issue 2: pass-through of every endpoint of the insights API, the 502 shape when the upstream is
+//! Pass-through of every endpoint of the insights API, the 502 shape when the upstream is
 //! down, and configuration errors from the real binary.
 
 mod common;

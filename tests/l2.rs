@@ -1,4 +1,4 @@
-//! Issue 8: the shared Redis tier with two proxy replicas in one test, against a real
+//! The shared Redis tier with two proxy replicas in one test, against a real
 //! `redis-server` started on a loopback port by the test itself.
 
 mod common;

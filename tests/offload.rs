@@ -1,4 +1,4 @@
-//! Issue 6: the calculation budget (per-project concurrency by priority, per-key rates) and
+//! The calculation budget (per-project concurrency by priority, per-key rates) and
 //! refresh-ahead for hot insights.
 
 mod common;

@@ -1,4 +1,4 @@
-//! Issue 5: metrics after a scripted workload, purge then a miss, inspection, health and
+//! Metrics after a scripted workload, purge then a miss, inspection, health and
 //! readiness, and JSON request logs without credentials.
 
 mod common;

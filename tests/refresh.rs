@@ -1,4 +1,4 @@
-//! Issue 3: the refresh semantics through the real proxy, with the simulated backend's
+//! The refresh semantics through the real proxy, with the simulated backend's
 //! calculation counter as the main observable.
 
 mod common;

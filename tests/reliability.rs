@@ -1,4 +1,4 @@
-//! Issue 9: reliability under load and abuse, small bounded CI versions of `benches/flood.sh` and
+//! Reliability under load and abuse, small bounded CI versions of `benches/flood.py` and
 //! `benches/soak.py`: many idle keep-alive connections, slowloris clients, a key flood against a
 //! small cache, an async flood against a small queue, a credential flood, and a failing upstream
 //! (stopped and restarted, silent, dripping, closing mid-body).

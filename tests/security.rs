@@ -1,4 +1,4 @@
-//! Issue 4: per-credential isolation, revocation, hostile input and upstream misbehaviour.
+//! Per-credential isolation, revocation, hostile input and upstream misbehaviour.
 
 mod common;
 

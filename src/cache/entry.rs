@@ -44,8 +44,8 @@ pub struct Entry {
     upstream_cached: bool,
 }
 
-/// The fields of an insight body that come from the calculation (refresh-semantics.md §1.3: the
-/// ones copied from the runner's response), as opposed to the insight's and the tile's own fields
+/// The fields of an insight body that come from the calculation (docs/refresh-semantics.md §2.4:
+/// the ones copied from the runner's response), as opposed to the insight's and the tile's own fields
 /// (`name`, `color`, `layouts`, `dashboards`, ...); `query_status` is never stored. A variant adopting another variant's result
 /// takes exactly these.
 pub const RESULT_FIELDS: [&str; 15] = [
@@ -82,7 +82,7 @@ pub enum EntryError {
 
 impl Entry {
     /// Accepts only a well-formed insight with a non-null result and no error: anything else is
-    /// never cached (refresh-semantics.md §1.3: errors come back with HTTP 200).
+    /// never cached (docs/refresh-semantics.md §2.4: errors come back with HTTP 200).
     pub fn from_upstream(body: &[u8], insight: u64, epoch: u64) -> Result<Entry, EntryError> {
         let value: Value = serde_json::from_slice(body).map_err(|_| EntryError::NotAnObject)?;
         Self::from_value(value, insight, epoch)
@@ -281,7 +281,7 @@ fn group_of(filters_hash: Option<&Value>) -> u128 {
 
 /// The query's interval and the end of a fixed date range, from `query` (which upstream returns
 /// with dashboard filters and overrides applied). No interval but a date range: PostHog's default
-/// `day`; neither: `minute`, as for runners without a date range (§2.1).
+/// `day`; neither: `minute`, as for runners without a date range (docs/refresh-semantics.md §3.1).
 fn interval_and_date_to(map: &Map<String, Value>) -> (Interval, Option<OffsetDateTime>) {
     let query = map.get("query");
     let source = query.and_then(|q| q.get("source")).or(query);

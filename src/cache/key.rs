@@ -1,6 +1,6 @@
 //! Cache keys. Every key carries the caller's partition (a keyed hash of the credential), so an
 //! entry, an in-flight calculation or a query status can only ever be found by the credential that
-//! created it (refresh-semantics.md §5: per-user property restrictions and access control make
+//! created it (docs/refresh-semantics.md §8: per-user property restrictions and access control make
 //! results principal-specific).
 
 use std::fmt;
@@ -55,8 +55,9 @@ impl PartitionKeyer {
     }
 }
 
-/// Which variant of an insight's result: the parameters that change the query (refresh-semantics.md
-/// §5). `refresh`, `client_query_id` and the like are deliberately not part of it.
+/// Which variant of an insight's result: the parameters that change the query
+/// (docs/refresh-semantics.md §8). `refresh`, `client_query_id` and the like are deliberately not
+/// part of it.
 pub const VARIANT_PARAMS: [&str; 4] =
     ["from_dashboard", "filters_override", "variables_override", "tile_filters_override"];
 

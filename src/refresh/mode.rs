@@ -1,6 +1,6 @@
 //! Parsing `refresh` exactly as PostHog's `refresh_requested_by_client` + `execution_mode_from_refresh`
-//! do (refresh-semantics.md §1.1), except that `async_except_on_cache_miss` is accepted: the API
-//! document lists it, so the proxy makes it work.
+//! do (docs/refresh-semantics.md §1.1, §1.2), except that `async_except_on_cache_miss` is accepted:
+//! the API document lists it, so the proxy makes it work (§1.3).
 
 use std::fmt;
 

@@ -1,5 +1,5 @@
 //! The refresh decision: a pure function of (mode, cache state, in-flight state), following the
-//! table in refresh-semantics.md §1.2. The cache state itself comes from [`CacheState::of`], a pure
+//! table in docs/refresh-semantics.md §2.2. The cache state itself comes from [`CacheState::of`], a pure
 //! function of the entry's staleness facts, the clock reading and the thresholds.
 
 use time::OffsetDateTime;
@@ -112,7 +112,7 @@ mod tests {
     use RefreshMode::*;
     use UpstreamRefresh as U;
 
-    /// One row per cell: mode × cache state × in-flight (refresh-semantics.md §1.2).
+    /// One row per cell: mode × cache state × in-flight (docs/refresh-semantics.md §2.2).
     #[test]
     fn every_cell() {
         let serve = |background| Serve { background };

@@ -1,4 +1,4 @@
-//! Staleness as PostHog decides it (refresh-semantics.md §2): a threshold per query interval, strict
+//! Staleness as PostHog decides it (docs/refresh-semantics.md §3.1): a threshold per query interval, strict
 //! `>`, and a fixed date range that ended before the calculation never goes stale.
 
 use std::str::FromStr;
@@ -67,7 +67,7 @@ pub struct Thresholds {
 }
 
 impl Thresholds {
-    /// PostHog's values (IS, refresh-semantics.md §2.2).
+    /// PostHog's values (IS, docs/refresh-semantics.md §3.2).
     pub fn posthog() -> Self {
         let s = |secs: u64| Some(Duration::from_secs(secs));
         Self {

@@ -1,4 +1,4 @@
-//! JSON bodies: the insight serializers (full and basic, §3), query statuses (§4) and the
+//! JSON bodies: the insight serializers (full and basic, §4, §8), query statuses (§5) and the
 //! cached query response stored in a finished status.
 //!
 //! Results are kept serialized and spliced in, so a cache hit never re-serializes 50 KB.
@@ -141,7 +141,7 @@ pub(crate) struct Render<'a> {
     pub null_result: bool,
 }
 
-/// One insight in full: model fields, the runner outcome mapped per §1.3, `filters_hash`, and
+/// One insight in full: model fields, the runner outcome mapped per §2.4, `filters_hash`, and
 /// `color`/`layouts` when rendered through a dashboard tile.
 pub(crate) fn insight_full(
     r: &Render<'_>,

@@ -44,7 +44,7 @@ pub(crate) struct Tile {
     pub insight_id: u64,
     pub color: Option<&'static str>,
     pub layouts: Value,
-    /// Stored tile-level filters; they replace the dashboard's filters (§5).
+    /// Stored tile-level filters; they replace the dashboard's filters (§8).
     pub filters_overrides: Map<String, Value>,
     pub deleted: bool,
 }

@@ -1,5 +1,5 @@
 //! The query engine: result cache, async query statuses, concurrency slots, calculation
-//! counters, and the §1.2 mode logic tying them together.
+//! counters, and the §2.2 mode logic tying them together.
 
 use super::body;
 use super::dates::DateRange;
@@ -13,9 +13,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use time::OffsetDateTime;
 
-/// `CACHED_RESULTS_TTL` (§2.6): after this even `force_cache` misses.
+/// `CACHED_RESULTS_TTL` (§3.4): after this even `force_cache` misses.
 const CACHE_TTL: time::Duration = time::Duration::days(7);
-/// `STATUS_TTL_SECONDS` (§4), reset on every store.
+/// `STATUS_TTL_SECONDS` (§5.2), reset on every store.
 const STATUS_TTL: time::Duration = time::Duration::minutes(20);
 /// Bounds memory when clients send endless override variants; the oldest half is dropped.
 const MAX_ENTRIES: usize = 50_000;
@@ -72,7 +72,7 @@ pub(crate) struct Job {
     pub timezone: String,
 }
 
-/// What the runner produced for one insight (§1.3 decides how it is rendered).
+/// What the runner produced for one insight (§2.4 decides how it is rendered).
 #[derive(Debug)]
 pub(crate) enum Outcome {
     /// From the cache (`is_cached`) or just calculated.
@@ -214,7 +214,7 @@ enum CalcError {
     Failed(String),
 }
 
-/// Runs one insight through the refresh mode (§1.2).
+/// Runs one insight through the refresh mode (§2.2).
 pub(crate) async fn run(inner: &Arc<Inner>, job: Job, mode: RefreshMode) -> Outcome {
     let now = inner.clock.now();
     let engine = &inner.engine;

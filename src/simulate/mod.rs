@@ -1,7 +1,8 @@
 //! A simulated PostHog insights backend: deterministic, in-memory and fast, for demos, tests
 //! and benchmarks of the proxy. It reproduces PostHog's `refresh` modes, caching, staleness,
 //! async query statuses, auth and error shapes as described in
-//! `shared/reference/refresh-semantics.md`; only the numbers in results are made up.
+//! `docs/refresh-semantics.md` (the § numbers in this module's comments are its sections); only
+//! the numbers in results are made up.
 //!
 //! # Serving
 //! [`Simulator::service`] returns a pingora listening service; [`Simulator::handle`] is the
@@ -78,12 +79,12 @@ pub struct SimConfig {
     /// Seed of the demo data. Default 42.
     pub seed: u64,
     /// Concurrent calculations per team; beyond it insights answer HTTP 200 with
-    /// `query_status.error_message: "concurrency_limit_exceeded"` (§1.3, §7). Default `Some(3)`.
+    /// `query_status.error_message: "concurrency_limit_exceeded"` (§2.4, §6). Default `Some(3)`.
     pub concurrency_limit: Option<usize>,
     /// Per personal API key `(per minute, per hour)` on the insights endpoints; beyond it a 429.
     /// Default `None` (off, like `RATE_LIMIT_ENABLED` off).
     pub rate_limit: Option<(u32, u32)>,
-    /// DEFAULT and LAZY staleness per interval (§2.2), the proxy's own type and rule.
+    /// DEFAULT and LAZY staleness per interval (§3.2), the proxy's own type and rule.
     /// Default PostHog's table ([`Thresholds::posthog`]).
     pub thresholds: Thresholds,
 }

@@ -1,4 +1,4 @@
-//! Insight queries: dashboard/override filters (§5), the runnable "plan" of a query and its
+//! Insight queries: dashboard/override filters (§8), the runnable "plan" of a query and its
 //! cache key (`cache_{team_id}_{hex}`, a content hash that ignores the principal).
 
 use super::dates::{self, DateRange};
@@ -159,7 +159,7 @@ pub(crate) fn plan(query: &Value, now: OffsetDateTime) -> Plan {
         _ => Kind::Other,
     };
     let range_obj = source.get("dateRange");
-    // Runners without a date range use "minute" for staleness (§2.1).
+    // Runners without a date range use "minute" for staleness (§3.1).
     let interval = match source.get("interval").and_then(Value::as_str).and_then(|i| i.parse::<Interval>().ok()) {
         Some(i) => i,
         None if kind != Kind::Other || range_obj.is_some() => Interval::Day,

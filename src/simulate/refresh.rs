@@ -1,5 +1,5 @@
-//! `refresh` parsing on the insights endpoints (§1.1), the pure per-mode decision (§1.2) and the
-//! advisory `next_allowed_client_refresh` gap (§2.4). Staleness itself is the crate's
+//! `refresh` parsing on the insights endpoints (§1), the pure per-mode decision (§2.2) and the
+//! advisory `next_allowed_client_refresh` gap (§4.3). Staleness itself is the crate's
 //! [`crate::refresh::StaleInfo`]: upstream and the proxy share that rule.
 
 use crate::refresh::Interval;
@@ -50,7 +50,7 @@ impl RefreshMode {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RefreshParam {
     pub mode: RefreshMode,
-    /// `refresh_requested_by_client` returned `True` or a mode name. Decides the `timezone` field (§3).
+    /// `refresh_requested_by_client` returned `True` or a mode name. Decides the `timezone` field (§4.2).
     pub truthy: bool,
 }
 
@@ -95,7 +95,7 @@ pub(crate) struct Freshness {
     pub fresh_lazy: bool,
 }
 
-/// What to do for one (mode, cache state) cell of the §1.2 table.
+/// What to do for one (mode, cache state) cell of the §2.2 table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Decision {
     /// Return the cached entry; optionally enqueue with `refresh_requested = rr` first.
@@ -128,7 +128,7 @@ pub(crate) fn decide(mode: RefreshMode, hit: Option<Freshness>) -> Decision {
     }
 }
 
-/// `_refresh_frequency` of the trends/funnels runners (TRQ, §2.4): the advisory gap between
+/// `_refresh_frequency` of the trends/funnels runners (TRQ, §4.3): the advisory gap between
 /// `last_refresh` and `next_allowed_client_refresh`.
 pub fn next_allowed_refresh_delay(interval: Interval, range: time::Duration) -> Duration {
     const MIN: u64 = 60;
