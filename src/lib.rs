@@ -11,6 +11,7 @@
 //! - [`budget`]: the calculation budget (per-project slots by priority, per-key rates).
 //! - [`flights`]: single flight; [`app`]: shared state and the one way a calculation happens.
 //! - [`workers`]: the bounded background queue and its workers; [`status`]: query statuses.
+//! - [`cache_status`]: how an answer was produced (the `Cache-Status` header, as a type).
 //! - [`insights`]: answering retrieve, list and status polls; [`proxy`]: the thin pingora glue;
 //!   [`fast`]: the proxy's own answers without pingora_proxy's per-request session.
 //! - [`upstream`]: the client for the proxy's own upstream calls.
