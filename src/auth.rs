@@ -67,9 +67,15 @@ impl Principal {
         query_key: Option<&str>,
         body_key: Option<&str>,
     ) -> Result<Option<Principal>, PrincipalError> {
-        let key = bearer(headers)
-            .map(|k| (Carrier::Bearer, k))
-            .or_else(|| query_key.filter(|k| !k.is_empty()).map(|k| (Carrier::QueryKey, k)))
+        if let Some((value, key)) = bearer(headers) {
+            // The client's own header already says exactly this: sent on as it came.
+            let partition = keyer.partition(b"personal-api-key", key.as_bytes());
+            let header = (http::header::AUTHORIZATION, value.clone());
+            return Ok(Some(Principal { carrier: Carrier::Bearer, partition, header }));
+        }
+        let key = query_key
+            .filter(|k| !k.is_empty())
+            .map(|k| (Carrier::QueryKey, k))
             .or_else(|| body_key.filter(|k| !k.is_empty()).map(|k| (Carrier::BodyKey, k)));
         if let Some((carrier, key)) = key {
             let value = HeaderValue::try_from(format!("Bearer {key}")).map_err(|_| PrincipalError::InvalidKey)?;
@@ -115,12 +121,13 @@ impl Principal {
     }
 }
 
-/// `Authorization: Bearer <key>` as PostHog reads it; any other scheme is not a personal API key.
-fn bearer(headers: &HeaderMap) -> Option<&str> {
+/// `Authorization: Bearer <key>` as PostHog reads it (the header and the key); any other scheme
+/// is not a personal API key.
+fn bearer(headers: &HeaderMap) -> Option<(&HeaderValue, &str)> {
     headers.get_all(http::header::AUTHORIZATION).iter().find_map(|v| {
         let rest = v.to_str().ok()?.strip_prefix("Bearer")?;
         let token = rest.trim();
-        (rest.starts_with(|c: char| c.is_ascii_whitespace()) && !token.is_empty()).then_some(token)
+        (rest.starts_with(|c: char| c.is_ascii_whitespace()) && !token.is_empty()).then_some((v, token))
     })
 }
 
