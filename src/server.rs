@@ -28,7 +28,7 @@ pub enum StartError {
     Bind { addr: String, source: std::io::Error },
 }
 
-/// pingora's defaults would make a SIGTERM take 5 minutes (pingora-notes.md §4): set both.
+/// pingora's defaults would make a SIGTERM take 5 minutes (docs/design.md, "pingora facts" 2): set both.
 pub fn server_conf(config: &Config) -> ServerConf {
     ServerConf {
         threads: config.threads,
@@ -39,7 +39,7 @@ pub fn server_conf(config: &Config) -> ServerConf {
 }
 
 /// pingora retries a busy port for 30 s and then panics inside its runtime, leaving a process with
-/// no listener (pingora-notes.md pitfall 5): check first and fail clearly.
+/// no listener (docs/design.md, "pingora facts" 3): check first and fail clearly.
 pub fn check_bind(addr: &str) -> Result<SocketAddr, StartError> {
     let l = TcpListener::bind(addr).map_err(|source| StartError::Bind { addr: addr.to_string(), source })?;
     l.local_addr().map_err(|source| StartError::Bind { addr: addr.to_string(), source })

@@ -2,7 +2,7 @@
 //! Pass-through traffic goes through pingora's proxy path instead; both share the peer settings.
 //!
 //! Built on pingora's `Connector`, so it pools connections with the same code as the proxy path and
-//! adds no HTTP client dependency (pingora-notes.md §3).
+//! adds no HTTP client dependency (docs/design.md, "pingora facts" 1).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -1,5 +1,5 @@
 //! The pingora adapter: reads one request, calls [`Simulator::handle`], writes the response
-//! with `Content-Length` (pingora close-delimits bodies without it, see pingora-notes.md §6).
+//! with `Content-Length` (pingora close-delimits bodies without it, see docs/design.md, "pingora facts" 4).
 
 use super::{SimResponse, Simulator};
 use async_trait::async_trait;
