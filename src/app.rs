@@ -12,7 +12,7 @@ use crate::cache::l2::Lease;
 use crate::cache::{CacheKey, Entry, EntryError, InsightCache, Partition, PartitionKeyer, L2};
 use crate::clock::Clock;
 use crate::config::Config;
-pub use crate::failure::{Failure, CONCURRENCY_LIMIT_EXCEEDED};
+use crate::failure::Failure;
 use crate::flights::{Flight, Flights};
 use crate::metrics::Metrics;
 use crate::query::QueryParams;
@@ -125,18 +125,7 @@ impl App {
     /// Whether the upstream accepted this principal for this project (and insight, under
     /// `revalidate_scope = "insight"`) within the window.
     pub fn is_confirmed(&self, partition: Partition, project: u64, insight: Option<u64>) -> bool {
-        self.is_confirmed_at(partition, project, insight, self.clock.now())
-    }
-
-    /// [`Self::is_confirmed`] with the clock already read.
-    pub fn is_confirmed_at(
-        &self,
-        partition: Partition,
-        project: u64,
-        insight: Option<u64>,
-        now: OffsetDateTime,
-    ) -> bool {
-        self.trust.is_confirmed(partition, project, insight, now)
+        self.trust.is_confirmed(partition, project, insight, self.clock.now())
     }
 
     /// The upstream refused this principal (401/403): nothing cached reaches it again, here or

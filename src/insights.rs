@@ -6,11 +6,12 @@ use std::sync::Arc;
 use bytes::Bytes;
 use serde_json::Value;
 
-use crate::app::{App, CalcSpec, Failure, FlightKind, Outcome};
+use crate::app::{App, CalcSpec, FlightKind, Outcome};
 use crate::auth::Principal;
-use crate::cache::{CacheKey, Entry, PageKey};
+use crate::cache::{CacheKey, Entry, PageKey, Partition};
 use crate::cache_status::{CacheStatus, Detail, Fwd};
 use crate::error::ApiError;
+use crate::failure::{Failure, CONCURRENCY_LIMIT_EXCEEDED};
 use crate::query::QueryParams;
 use crate::refresh::{decide, Background, CacheState, Decision, RefreshMode, UpstreamRefresh};
 use crate::upstream::UpstreamError;
@@ -97,10 +98,8 @@ async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, ask: Ask, peeked: Option<O
     let (partition, project, insight) = (spec.key.partition, spec.project, Some(spec.insight));
     let mut confirmed = app.is_confirmed(partition, project, insight);
     if !confirmed {
-        // The upstream refused this principal a moment ago: its answer stands, at no cost.
-        if let Some(r) = app.trust.refusal(partition, project, insight) {
-            app.metrics.trust_refusals.with_label_values(&["refused"]).inc();
-            return Reply::relay(&r, CacheStatus::fwd(Fwd::Bypass).fwd_status(r.status).detail(Detail::Refused));
+        if let Some(reply) = remembered_refusal(app, partition, project, insight) {
+            return reply;
         }
     }
     let mut entry = app.cache.get(&spec.key).await;
@@ -333,7 +332,7 @@ fn failure_reply(app: &App, spec: &CalcSpec, f: &Failure, cache_status: CacheSta
             "query_async": true,
             "complete": true,
             "error": true,
-            "error_message": crate::app::CONCURRENCY_LIMIT_EXCEEDED,
+            "error_message": CONCURRENCY_LIMIT_EXCEEDED,
         },
     });
     Reply::json(200, Bytes::from(body.to_string()), cache_status)
@@ -431,7 +430,7 @@ fn enqueue(
     }
     let blank = app.statuses.blank(id.clone(), spec.project, spec.insight, spec.dashboard_id(), app.clock.now());
     let refuse = |blank| {
-        let s = app.statuses.refuse(owner, blank, crate::app::CONCURRENCY_LIMIT_EXCEEDED);
+        let s = app.statuses.refuse(owner, blank, CONCURRENCY_LIMIT_EXCEEDED);
         app.metrics.async_refused.inc();
         app.share_status(&id, owner);
         s.to_json()
@@ -524,9 +523,8 @@ pub async fn list(app: &Arc<App>, call: ListCall) -> Reply {
     let listed = || CacheStatus::fwd(Fwd::UriMiss);
     let confirmed = app.is_confirmed(partition, call.project, None);
     if !confirmed {
-        if let Some(r) = app.trust.refusal(partition, call.project, None) {
-            app.metrics.trust_refusals.with_label_values(&["refused"]).inc();
-            return Reply::relay(&r, CacheStatus::fwd(Fwd::Bypass).fwd_status(r.status).detail(Detail::Refused));
+        if let Some(reply) = remembered_refusal(app, partition, call.project, None) {
+            return reply;
         }
     }
     // A page's membership is kept briefly per principal, so a dashboard's viewers do not each
@@ -673,6 +671,14 @@ pub fn rewrite_origin(url: &str, public_base: &str) -> String {
     format!("{public_base}{path}")
 }
 
+/// The upstream's answer to an unconfirmed principal it refused a moment ago: it stands, at no
+/// upstream cost ([`crate::trust::Trust::refusal`]).
+fn remembered_refusal(app: &App, partition: Partition, project: u64, insight: Option<u64>) -> Option<Reply> {
+    let r = app.trust.refusal(partition, project, insight)?;
+    app.metrics.trust_refusals.with_label_values(&["refused"]).inc();
+    Some(Reply::relay(&r, CacheStatus::fwd(Fwd::Bypass).fwd_status(r.status).detail(Detail::Refused)))
+}
+
 /// Cached data reaches a principal only while the upstream recently confirmed its access: this
 /// asks again with a read that never calculates. `Ok` when cached data may reach it (with the
 /// entry the read stored, if any): the upstream accepted it, or the upstream is down, the one
@@ -721,9 +727,8 @@ pub async fn query_status(app: &Arc<App>, project: u64, query_id: &str, principa
     }
     let status = status.filter(|s| s.team_id == project && now <= s.expiration_time)?;
     if !app.is_confirmed(owner, project, status.insight_id) {
-        if let Some(r) = app.trust.refusal(owner, project, status.insight_id) {
-            app.metrics.trust_refusals.with_label_values(&["refused"]).inc();
-            return Some(Reply::relay(&r, CacheStatus::fwd(Fwd::Bypass).fwd_status(r.status).detail(Detail::Refused)));
+        if let Some(reply) = remembered_refusal(app, owner, project, status.insight_id) {
+            return Some(reply);
         }
         let insight = status.insight_id.unwrap_or(0);
         let query = match status.dashboard_id {
@@ -757,7 +762,6 @@ mod tests {
 
     #[test]
     fn refresh_ahead_starts_in_the_first_half_of_what_remains() {
-        use crate::cache::Partition;
         let (mut lo, mut hi) = (1.0f64, 0.0f64);
         for insight in 0..500 {
             let key = CacheKey::new(Partition([0; 16]), 1, insight, &QueryParams::default());

@@ -21,9 +21,10 @@ use pingora::services::background::BackgroundService;
 use serde_json::Value;
 use tokio::sync::Notify;
 
-use crate::app::{App, CalcSpec, Failure, Outcome};
+use crate::app::{App, CalcSpec, Outcome};
 use crate::budget::Budget;
 use crate::cache::{CacheKey, Entry, Partition};
+use crate::failure::Failure;
 use crate::refresh::UpstreamRefresh;
 
 /// How long client work waits for its budget once it is next in its lane: past it (or when its
