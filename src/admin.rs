@@ -49,14 +49,14 @@ impl AdminApp {
         let (app, m) = (&self.app, &self.app.metrics);
         // moka's counts are approximate until its pending housekeeping has run.
         app.cache.run_pending_tasks().await;
-        m.queue_depth.set(app.jobs.len() as i64);
+        m.queue_depth.set(app.engine.queued() as i64);
         m.cache_entries.set(app.cache.entry_count() as i64);
         m.cache_bytes.set(app.cache.weighted_size() as i64);
         m.status_records.set(app.statuses.len() as i64);
         m.status_running.set(app.statuses.running_count() as i64);
         m.purge_records.set(app.cache.purge_records() as i64);
         m.status_bytes.set(app.statuses.done_bytes() as i64);
-        m.circuit_open.set(i64::from(app.upstream.breaker().is_open()));
+        m.circuit_open.set(i64::from(app.engine.upstream().breaker().is_open()));
         if let Some(l2) = app.cache.l2() {
             m.l2_up.set(i64::from(l2.is_up()));
             m.l2_errors.set(l2.errors.load(std::sync::atomic::Ordering::Relaxed) as i64);
@@ -68,11 +68,11 @@ impl AdminApp {
     /// is open, each check past the cooldown probes the upstream itself (an answer below 500
     /// closes the circuit), so readiness cannot latch on a proxy that gets no traffic.
     pub async fn readiness(&self) -> Result<(), &'static str> {
-        let settings = self.app.upstream.settings();
-        if self.app.upstream.breaker().is_open() {
+        let settings = self.app.engine.upstream().settings();
+        if self.app.engine.upstream().breaker().is_open() {
             let probe =
                 UpstreamRequest { method: Method::GET, path_and_query: "/_health".into(), headers: vec![], body: None };
-            return match self.app.upstream.send(&probe).await {
+            return match self.app.engine.upstream().send(&probe).await {
                 Ok(r) if r.status < 500 => Ok(()),
                 _ => Err("upstream circuit open"),
             };
