@@ -6,7 +6,7 @@ use std::sync::Arc;
 use crate::cache::{InsightCache, PartitionKeyer, L2};
 use crate::clock::Clock;
 use crate::config::Config;
-use crate::engine::{Engine, Shared};
+use crate::engine::Engine;
 use crate::metrics::Metrics;
 use crate::status::StatusRegistry;
 use crate::upstream::UpstreamClient;
@@ -41,15 +41,15 @@ impl App {
         let statuses =
             Arc::new(StatusRegistry::new(config.status_ttl, config.status_max_records, config.status_max_bytes));
         let keyer = PartitionKeyer::new(config.partition_secret.as_deref());
-        let shared = Shared {
-            config: config.clone(),
-            clock: clock.clone(),
-            cache: cache.clone(),
-            statuses: statuses.clone(),
-            metrics: metrics.clone(),
-            keyer: keyer.clone(),
-        };
-        let engine = Engine::new(shared, upstream);
+        let engine = Engine::new(
+            config.clone(),
+            clock.clone(),
+            cache.clone(),
+            statuses.clone(),
+            metrics.clone(),
+            keyer.clone(),
+            upstream,
+        );
         Arc::new(App { config, clock, cache, statuses, metrics, keyer, engine })
     }
 }

@@ -21,6 +21,7 @@ pub mod workers;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use time::OffsetDateTime;
 use tokio::sync::Semaphore;
 
 use crate::budget::Budget;
@@ -61,16 +62,6 @@ pub enum Outcome {
     Failed(Failure),
 }
 
-/// The shared state the engine works on, with the rest of the proxy (the app holds the same).
-pub struct Shared {
-    pub config: Arc<Config>,
-    pub clock: Clock,
-    pub cache: Arc<InsightCache>,
-    pub statuses: Arc<StatusRegistry>,
-    pub metrics: Arc<Metrics>,
-    pub keyer: PartitionKeyer,
-}
-
 pub struct Engine {
     config: Arc<Config>,
     clock: Clock,
@@ -93,8 +84,16 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn new(shared: Shared, upstream: UpstreamClient) -> Arc<Engine> {
-        let Shared { config, clock, cache, statuses, metrics, keyer } = shared;
+    /// The engine over the proxy's shared state (the app holds the same handles).
+    pub fn new(
+        config: Arc<Config>,
+        clock: Clock,
+        cache: Arc<InsightCache>,
+        statuses: Arc<StatusRegistry>,
+        metrics: Arc<Metrics>,
+        keyer: PartitionKeyer,
+        upstream: UpstreamClient,
+    ) -> Arc<Engine> {
         let budget = Budget::new(config.budget);
         Arc::new(Engine {
             jobs: queue::JobQueue::new(config.queue_capacity, config.max_queued_per_principal, budget.clone()),
@@ -116,6 +115,28 @@ impl Engine {
             metrics,
             keyer,
         })
+    }
+
+    /// The entry cached for `spec`, brought up to date from its group: another variant of the
+    /// same upstream cache key may hold a newer result, which this one adopts rather than
+    /// calculate (looked up only once the entry is old enough to matter).
+    pub async fn entry(&self, spec: &CalcSpec) -> Option<Arc<Entry>> {
+        let entry = self.cache.get(&spec.key).await?;
+        if !self.worth_freshening(&entry, self.clock.now()) {
+            return Some(entry);
+        }
+        Some(self.freshen(spec, &entry).await.unwrap_or(entry))
+    }
+
+    /// Whether an entry is old enough that a newer result of its group could matter: in the
+    /// refresh-ahead window or stale. Younger entries skip the group lookup (the hit path).
+    fn worth_freshening(&self, entry: &Entry, now: OffsetDateTime) -> bool {
+        if entry.group == 0 {
+            return false;
+        }
+        let Some(threshold) = self.config.thresholds.default_for(entry.stale.interval) else { return false };
+        let age = (now - entry.stale.last_refresh).as_seconds_f64();
+        age >= threshold.as_secs_f64() * f64::from(self.config.refresh_ahead.start_percent) / 100.0
     }
 
     /// What the proxy knows about a request for `spec` holding `entry`. `vouched`: the upstream

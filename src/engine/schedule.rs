@@ -4,7 +4,6 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use time::OffsetDateTime;
 
 use super::queue::{Ahead, Job};
 use super::spec::CalcSpec;
@@ -14,28 +13,6 @@ use crate::failure::CONCURRENCY_LIMIT_EXCEEDED;
 use crate::refresh::UpstreamRefresh;
 
 impl Engine {
-    /// The entry cached for `spec`, brought up to date from its group: another variant of the
-    /// same upstream cache key may hold a newer result, which this one adopts rather than
-    /// calculate (looked up only once the entry is old enough to matter).
-    pub async fn entry(&self, spec: &CalcSpec) -> Option<Arc<Entry>> {
-        let entry = self.cache.get(&spec.key).await?;
-        if !self.worth_freshening(&entry, self.clock.now()) {
-            return Some(entry);
-        }
-        Some(self.freshen(spec, &entry).await.unwrap_or(entry))
-    }
-
-    /// Whether an entry is old enough that a newer result of its group could matter: in the
-    /// refresh-ahead window or stale. Younger entries skip the group lookup (the hit path).
-    fn worth_freshening(&self, entry: &Entry, now: OffsetDateTime) -> bool {
-        if entry.group == 0 {
-            return false;
-        }
-        let Some(threshold) = self.config.thresholds.default_for(entry.stale.interval) else { return false };
-        let age = (now - entry.stale.last_refresh).as_seconds_f64();
-        age >= threshold.as_secs_f64() * f64::from(self.config.refresh_ahead.start_percent) / 100.0
-    }
-
     /// Background work for `spec` with a status the client can poll; returns the status to answer
     /// with. `seen`: the `last_refresh` of the entry the request saw. With `refresh_requested`
     /// false an existing status is returned as it is (PostHog's dedup). Work that cannot be taken

@@ -6,15 +6,33 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::body::{nothing_cached, overlay_miss, stored_timezone};
-use super::{failure_reply, remembered_refusal, revalidate, Ask, Reply};
+use super::body::{failure_reply, nothing_cached, overlay_miss, stored_timezone};
+use super::vouch::{remembered_refusal, revalidate};
+use super::{Ask, InsightCall, Reply};
 use crate::app::App;
-use crate::cache::Entry;
+use crate::cache::{CacheKey, Entry};
 use crate::cache_status::{CacheStatus, Detail, Fwd};
 use crate::engine::{CalcSpec, Outcome};
 use crate::failure::Failure;
 use crate::refresh::{fallback, plan, Background, CalcReason, Fallback, Plan, Served, UpstreamRefresh, View};
 use crate::upstream::UpstreamResponse;
+
+pub async fn retrieve(app: &Arc<App>, call: InsightCall) -> Reply {
+    let unknown = crate::cache::key::unknown_params(&call.query);
+    if unknown > 0 {
+        app.metrics.unknown_params.inc_by(unknown as u64);
+    }
+    let key = CacheKey::new(call.principal.partition(), call.project, call.insight, &call.query);
+    let spec = Arc::new(CalcSpec {
+        key,
+        project: call.project,
+        insight: call.insight,
+        path: call.path,
+        query: call.query,
+        principal: call.principal,
+    });
+    answer(app, &spec, Ask { mode: call.mode, truthy: call.truthy }, None).await
+}
 
 /// Answers one insight under `ask.mode`. `peeked` is the upstream's own answer when the caller
 /// already has it (a list page), so a miss does not ask again.

@@ -1,8 +1,14 @@
-//! Answer bodies the proxy builds from the upstream's: a cache miss with a query status, and the
-//! stored timezone of an answer to the proxy's own read.
+//! Answer bodies the proxy builds itself: a cache miss with a query status, the stored timezone
+//! of an answer to the proxy's own read, and the answer to a failure nothing cached stands in for.
 
 use bytes::Bytes;
 use serde_json::Value;
+
+use super::Reply;
+use crate::app::App;
+use crate::cache_status::CacheStatus;
+use crate::engine::CalcSpec;
+use crate::failure::{Failure, CONCURRENCY_LIMIT_EXCEEDED};
 
 /// A cache-miss answer built from the upstream's insight body (PostHog's `NothingInCacheResult`):
 /// the insight's metadata with nothing of a calculation, carrying our `query_status`. For
@@ -51,4 +57,34 @@ pub(super) fn nothing_cached(insight: u64) -> Bytes {
         "timezone": null, "next_allowed_client_refresh": null, "cache_target_age": null,
     });
     Bytes::from(body.to_string())
+}
+
+/// The answer when nothing cached can stand in for a failed upstream call. Over budget it is what
+/// PostHog answers when a team runs too many queries: HTTP 200, no result, an error status
+/// (docs/refresh-semantics.md §6).
+pub(super) fn failure_reply(app: &App, spec: &CalcSpec, f: &Failure, cache_status: CacheStatus) -> Reply {
+    match f {
+        Failure::Budget => {}
+        // The upstream's own error answer, as PostHog gave it (status, body, `Retry-After`).
+        Failure::Status(answer) => return Reply::relay(answer, cache_status),
+        _ => return Reply::error(&f.to_api_error(), cache_status),
+    }
+    let now = crate::clock::format_datetime(app.clock.now());
+    let body = serde_json::json!({
+        "id": spec.insight,
+        "result": null,
+        "last_refresh": now,
+        "is_cached": false,
+        "query_status": {
+            "id": null,
+            "team_id": spec.project,
+            "insight_id": spec.insight,
+            "dashboard_id": spec.dashboard_id(),
+            "query_async": true,
+            "complete": true,
+            "error": true,
+            "error_message": CONCURRENCY_LIMIT_EXCEEDED,
+        },
+    });
+    Reply::json(200, Bytes::from(body.to_string()), cache_status)
 }

@@ -7,7 +7,8 @@ use bytes::Bytes;
 use serde_json::Value;
 
 use super::answer::answer;
-use super::{remembered_refusal, Ask, Reply};
+use super::vouch::remembered_refusal;
+use super::{Ask, Reply};
 use crate::app::App;
 use crate::auth::Principal;
 use crate::cache::{CacheKey, Entry, PageKey};

@@ -4,7 +4,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::{remembered_refusal, revalidate, Reply};
+use super::vouch::{remembered_refusal, revalidate};
+use super::Reply;
 use crate::app::App;
 use crate::auth::Principal;
 use crate::cache::CacheKey;
@@ -12,14 +13,14 @@ use crate::cache_status::CacheStatus;
 use crate::engine::CalcSpec;
 use crate::query::QueryParams;
 
-/// `GET .../query/:id/` for ids the proxy issued: 202 running, 200 complete, 400 failed, 404
-/// unknown, expired, or another principal's. `None`: not ours, pass it through. A status carries
-/// results, so a poll is a cached read: it needs the same confirmation as any cached answer.
 /// Whether a query id is one the proxy issues ([`crate::cache::PartitionKeyer::status_id`]).
 pub fn is_own_query_id(id: &str) -> bool {
     id.starts_with("ipx_")
 }
 
+/// `GET .../query/:id/` for ids the proxy issued: 202 running, 200 complete, 400 failed, 404
+/// unknown, expired, or another principal's. `None`: not ours, pass it through. A status carries
+/// results, so a poll is a cached read: it needs the same confirmation as any cached answer.
 pub async fn query_status(app: &Arc<App>, project: u64, query_id: &str, principal: Option<Principal>) -> Option<Reply> {
     if !is_own_query_id(query_id) {
         return None;

@@ -261,21 +261,13 @@ mod tests {
     use RefreshMode::*;
     use UpstreamRefresh as U;
 
-    /// A row matches a set of views: `None` matches either value of a flag.
-    struct Row {
-        modes: &'static [RefreshMode],
-        states: &'static [CacheState],
-        in_flight: Option<bool>,
-        confirmed: Option<bool>,
-        upstream_empty: Option<bool>,
-        from_upstream: Option<bool>,
-        plan: Plan,
-    }
+    /// A row matches a set of views: modes, states, then in-flight, confirmed, upstream-empty and
+    /// from-upstream, where `None` matches either value.
+    type Row = (&'static [RefreshMode], &'static [CacheState], [Option<bool>; 4], Plan);
 
     const CACHED: &[CacheState] = &[Fresh, Stale, LazyStale];
     const STALE: &[CacheState] = &[Stale, LazyStale];
 
-    #[allow(clippy::too_many_arguments)]
     const fn row(
         modes: &'static [RefreshMode],
         states: &'static [CacheState],
@@ -285,7 +277,7 @@ mod tests {
         from_upstream: Option<bool>,
         plan: Plan,
     ) -> Row {
-        Row { modes, states, in_flight, confirmed, upstream_empty, from_upstream, plan }
+        (modes, states, [in_flight, confirmed, upstream_empty, from_upstream], plan)
     }
 
     fn matches(f: Option<bool>, v: bool) -> bool {
@@ -379,17 +371,15 @@ mod tests {
         let mut cells = 0;
         for mode in RefreshMode::ALL {
             for v in &views {
-                let covers = |r: &&Row| {
-                    r.modes.contains(&mode)
-                        && r.states.contains(&v.state)
-                        && matches(r.in_flight, v.in_flight)
-                        && matches(r.confirmed, v.confirmed)
-                        && matches(r.upstream_empty, v.upstream_empty)
-                        && matches(r.from_upstream, v.from_upstream)
+                let flags = [v.in_flight, v.confirmed, v.upstream_empty, v.from_upstream];
+                let covers = |(modes, states, pattern, _): &&Row| {
+                    modes.contains(&mode)
+                        && states.contains(&v.state)
+                        && pattern.iter().zip(flags).all(|(p, f)| matches(*p, f))
                 };
                 let rows: Vec<&Row> = table.iter().filter(covers).collect();
                 assert_eq!(rows.len(), 1, "{mode:?} {v:?} is covered by {} rows", rows.len());
-                assert_eq!(plan(mode, v), rows[0].plan, "{mode:?} {v:?}");
+                assert_eq!(plan(mode, v), rows[0].3, "{mode:?} {v:?}");
                 cells += 1;
             }
         }
