@@ -33,6 +33,8 @@ pub enum Detail {
     UpstreamEmpty,
     Revalidated,
     Refused,
+    /// A forced read of an entry calculated within `[refresh] forced_min_interval`.
+    TooSoonToForce,
     Enqueued,
     Rejected,
     UpstreamError,
@@ -52,6 +54,7 @@ impl Detail {
             Detail::UpstreamEmpty => "upstream-empty",
             Detail::Revalidated => "revalidated",
             Detail::Refused => "refused",
+            Detail::TooSoonToForce => "too-soon-to-force",
             Detail::Enqueued => "enqueued",
             Detail::Rejected => "rejected",
             Detail::UpstreamError => "upstream-error",

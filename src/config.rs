@@ -144,6 +144,8 @@ pub struct StalenessSection {
 #[derive(Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RefreshSection {
+    /// `"off"`, `"next_allowed_client_refresh"` or a number of seconds.
+    pub forced_min_interval: ForcedMinIntervalFile,
     pub workers: usize,
     pub queue_capacity: usize,
     pub max_queued_per_principal: usize,
@@ -156,6 +158,7 @@ pub struct RefreshSection {
 impl Default for RefreshSection {
     fn default() -> Self {
         Self {
+            forced_min_interval: ForcedMinIntervalFile::Word("off".into()),
             workers: DEFAULT_WORKERS,
             queue_capacity: DEFAULT_QUEUE_CAPACITY,
             max_queued_per_principal: DEFAULT_MAX_QUEUED_PER_PRINCIPAL,
@@ -165,6 +168,27 @@ impl Default for RefreshSection {
             max_concurrent_calculations: DEFAULT_MAX_CONCURRENT_CALCULATIONS,
         }
     }
+}
+
+/// `[refresh] forced_min_interval` as written: a word or a number of seconds.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum ForcedMinIntervalFile {
+    Seconds(u64),
+    Word(String),
+}
+
+/// How soon after a calculation a forced read (`force_blocking`, `force_async`) may recalculate
+/// the entry again; sooner, it is answered from the entry. PostHog's legacy server-side rule: its
+/// current API leaves it to clients (docs/refresh-semantics.md §4.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForcedMinInterval {
+    /// Every forced read recalculates, as PostHog's API does.
+    Off,
+    /// Not before the entry's own `next_allowed_client_refresh`.
+    NextAllowedClientRefresh,
+    /// Not within this long of the entry's `last_refresh`.
+    After(Duration),
 }
 
 /// What one upstream confirmation of a credential covers.
@@ -373,6 +397,7 @@ pub struct Config {
     pub queue_capacity: usize,
     /// Async jobs one credential may have queued (across projects); at most `queue_capacity`.
     pub max_queued_per_principal: usize,
+    pub forced_min_interval: ForcedMinInterval,
     pub status_ttl: Duration,
     pub status_max_records: u64,
     pub status_max_bytes: u64,
@@ -600,6 +625,21 @@ impl Config {
         if file.refresh.queue_capacity == 0 {
             bad("refresh.queue_capacity", "must be at least 1".into());
         }
+        let forced_min_interval = match &file.refresh.forced_min_interval {
+            ForcedMinIntervalFile::Seconds(0) => ForcedMinInterval::Off,
+            ForcedMinIntervalFile::Seconds(n) => ForcedMinInterval::After(Duration::from_secs(*n)),
+            ForcedMinIntervalFile::Word(w) if w == "off" => ForcedMinInterval::Off,
+            ForcedMinIntervalFile::Word(w) if w == "next_allowed_client_refresh" => {
+                ForcedMinInterval::NextAllowedClientRefresh
+            }
+            ForcedMinIntervalFile::Word(w) => {
+                bad(
+                    "refresh.forced_min_interval",
+                    format!("{w:?} must be \"off\", \"next_allowed_client_refresh\" or a number of seconds"),
+                );
+                ForcedMinInterval::Off
+            }
+        };
         if file.refresh.max_queued_per_principal == 0 {
             bad("refresh.max_queued_per_principal", "must be at least 1".into());
         }
@@ -718,6 +758,7 @@ impl Config {
             workers: file.refresh.workers,
             queue_capacity: file.refresh.queue_capacity,
             max_queued_per_principal: file.refresh.max_queued_per_principal.min(file.refresh.queue_capacity),
+            forced_min_interval,
             status_ttl: Duration::from_secs(file.refresh.status_ttl_seconds),
             status_max_records: file.refresh.status_max_records,
             status_max_bytes: file.refresh.status_max_bytes,

@@ -6,6 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use insights_proxy::config::ForcedMinInterval;
 
 fn project1_ids(h: &Harness) -> Vec<u64> {
     h.project1_insights().iter().filter_map(|i| i["id"].as_u64()).collect()
@@ -415,4 +416,60 @@ fn a_force_queued_behind_a_running_force_of_the_same_key_shares_its_calculation(
     // A force asked once that result was there calculates again.
     h.get(&format!("{url}?refresh=force_async"), ALL);
     eventually("a later force recalculates", || h.calcs(1, id) == 3 && idle(&h));
+}
+
+#[test]
+fn a_forced_read_the_budget_cannot_serve_within_a_second_gets_the_cached_entry_at_once() {
+    let h = Harness::with(|c, _| {
+        // A burst of 1, then a token every 20 s: well within `wait`, far beyond a second.
+        c.budget.per_minute = Some(4);
+        c.budget.wait = Duration::from_secs(60);
+    });
+    let (id, url) = h.day_insight();
+    assert_eq!(h.get(&format!("{url}?refresh=blocking"), ALL).status, 200);
+    assert_eq!(h.calcs(1, id), 1);
+    let r = h.get(&format!("{url}?refresh=force_blocking"), ALL);
+    assert_eq!(r.status, 200);
+    assert!(r.cache_status().contains("detail=budget"), "{}", r.cache_status());
+    assert_eq!(r.json()["is_cached"], true);
+    assert!(!r.json()["result"].is_null());
+    assert_eq!(h.calcs(1, id), 1, "no calculation after waiting for the next token");
+}
+
+#[test]
+fn forced_reads_within_the_minimum_interval_are_answered_from_the_entry() {
+    let h = Harness::with(|c, _| c.forced_min_interval = ForcedMinInterval::NextAllowedClientRefresh);
+    let (id, url) = h.day_insight();
+    let first = h.get(&format!("{url}?refresh=blocking"), ALL).json();
+    let next_allowed = first["next_allowed_client_refresh"].as_str().expect("a next allowed refresh").to_string();
+    for mode in ["force_blocking", "force_async"] {
+        let r = h.get(&format!("{url}?refresh={mode}"), ALL);
+        assert_eq!(r.status, 200);
+        assert!(r.cache_status().contains("detail=too-soon-to-force"), "{mode}: {}", r.cache_status());
+        let v = r.json();
+        assert_eq!(v["is_cached"], true, "{mode}");
+        assert_eq!(v["next_allowed_client_refresh"], next_allowed.as_str(), "{mode}");
+        assert!(v["query_status"].is_null(), "{mode}: no work queued");
+    }
+    assert_eq!(h.calcs(1, id), 1);
+    // Past the entry's own next_allowed_client_refresh (at most 15 minutes), forcing recalculates.
+    h.clock.advance(Duration::from_secs(15 * 60 + 1));
+    let r = h.get(&format!("{url}?refresh=force_blocking"), ALL);
+    assert!(r.cache_status().contains("fwd=request"), "{}", r.cache_status());
+    assert_eq!(h.calcs(1, id), 2);
+}
+
+#[test]
+fn a_minimum_interval_in_seconds_counts_from_the_last_calculation() {
+    let h = Harness::with(|c, _| c.forced_min_interval = ForcedMinInterval::After(Duration::from_secs(60)));
+    let (id, url) = h.day_insight();
+    h.get(&format!("{url}?refresh=blocking"), ALL);
+    h.clock.advance(Duration::from_secs(59));
+    let r = h.get(&format!("{url}?refresh=force_blocking"), ALL);
+    assert!(r.cache_status().contains("detail=too-soon-to-force"), "{}", r.cache_status());
+    assert_eq!(h.calcs(1, id), 1);
+    h.clock.advance(Duration::from_secs(2));
+    let r = h.get(&format!("{url}?refresh=force_blocking"), ALL);
+    assert!(r.cache_status().contains("fwd=request"), "{}", r.cache_status());
+    assert_eq!(h.calcs(1, id), 2);
 }

@@ -266,6 +266,18 @@ impl Entry {
     pub fn last_refresh(&self) -> OffsetDateTime {
         self.stale.last_refresh
     }
+
+    /// The result's `next_allowed_client_refresh`, read from the body when asked (only forced
+    /// reads ask, under `[refresh] forced_min_interval`).
+    pub fn next_allowed_refresh(&self) -> Option<OffsetDateTime> {
+        #[derive(serde::Deserialize)]
+        struct Field<'a> {
+            #[serde(borrow)]
+            next_allowed_client_refresh: Option<&'a str>,
+        }
+        let field: Field = serde_json::from_slice(&self.hit).ok()?;
+        parse_datetime(field.next_allowed_client_refresh?)
+    }
 }
 
 /// The hash of the upstream's cache key (`filters_hash`); 0 when there is none.

@@ -22,6 +22,10 @@ use crate::upstream::{UpstreamError, UpstreamResponse};
 /// a blocking client took meanwhile; the job then goes back to its lane instead of holding the
 /// worker.
 const BACKGROUND_BUDGET_WAIT: Duration = Duration::from_secs(1);
+/// How long refresh-ahead waits for budget once a worker took it.
+const AHEAD_BUDGET_WAIT: Duration = Duration::from_secs(1);
+/// How long a forced read of a cached entry waits for budget before it is answered from the entry.
+const FORCED_PATIENCE: Duration = Duration::from_secs(1);
 
 impl Engine {
     /// Whether `entry`'s upstream cache key (its group) may stand for this variant: the upstream
@@ -110,16 +114,22 @@ impl Engine {
         reason: CalcReason,
         refresh: UpstreamRefresh,
     ) -> (Outcome, bool) {
-        let ask = Ask { flight: self.flight_key(spec, own.map(|e| &**e)), refresh, reason };
-        let (outcome, started) = self.calculate_under(spec, own, ask, |f| self.wait_as_client(f)).await;
+        // A forced read of a cached entry already has an answer it could be given: it waits about
+        // a second for budget, not the full `wait_ms`, and is then answered from the entry.
+        let patience = match (reason, own) {
+            (CalcReason::Forced, Some(_)) => FORCED_PATIENCE.min(self.budget.settings().wait),
+            _ => self.budget.settings().wait,
+        };
+        let ask = Ask { flight: self.flight_key(spec, own.map(|e| &**e)), refresh, reason, patience };
+        let (outcome, started) = self.calculate_under(spec, own, ask, |f| self.wait_as_client(f, patience)).await;
         (outcome.unwrap_or(Outcome::Failed(Failure::Interrupted)), started)
     }
 
-    /// A client's wait on a calculation it started or joined: like a blocking request's own budget
-    /// wait, at most `budget.wait_ms` for the work to get underway (joined background work may still
-    /// be queued behind other work), then the upstream's time.
-    async fn wait_as_client(&self, flight: Arc<Flight<Outcome>>) -> Option<Outcome> {
-        if tokio::time::timeout(self.budget.settings().wait, flight.underway()).await.is_err() {
+    /// A client's wait on a calculation it started or joined: like its own budget wait, at most
+    /// `patience` for the work to get underway (joined background work may still be queued behind
+    /// other work), then the upstream's time.
+    async fn wait_as_client(&self, flight: Arc<Flight<Outcome>>, patience: Duration) -> Option<Outcome> {
+        if tokio::time::timeout(patience, flight.underway()).await.is_err() {
             return Some(Outcome::Failed(Failure::Budget));
         }
         match tokio::time::timeout(self.config.connect_timeout + self.config.read_timeout, flight.wait()).await {
@@ -207,12 +217,7 @@ impl Engine {
             return done;
         }
         let priority = ask.reason.priority();
-        let wait = match priority {
-            Priority::Blocking => self.budget.settings().wait,
-            Priority::Async => BACKGROUND_BUDGET_WAIT,
-            // Refresh-ahead only uses budget nobody is waiting for; the next read retries.
-            Priority::Ahead => Duration::from_secs(1),
-        };
+        let wait = ask.patience;
         let deadline = tokio::time::Instant::now() + wait;
         // Background work a worker took was granted its token (and promised a slot) then.
         let granted = priority != Priority::Blocking && self.budget.claim_grant(&spec.key);
@@ -427,10 +432,24 @@ impl Engine {
     }
 }
 
-/// One calculation asked for: under which flight, with which `refresh`, and why.
+/// One calculation asked for: under which flight, with which `refresh`, why, and how long it
+/// waits for budget.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Ask {
     pub flight: CacheKey,
     pub refresh: UpstreamRefresh,
     pub reason: CalcReason,
+    pub patience: Duration,
+}
+
+impl Ask {
+    /// Background work a client asked for, taken by a worker.
+    pub fn background(flight: CacheKey, refresh: UpstreamRefresh) -> Ask {
+        Ask { flight, refresh, reason: CalcReason::Background, patience: BACKGROUND_BUDGET_WAIT }
+    }
+
+    /// Refresh-ahead: it only uses budget nobody is waiting for; the next read retries.
+    pub fn ahead(flight: CacheKey, refresh: UpstreamRefresh) -> Ask {
+        Ask { flight, refresh, reason: CalcReason::Ahead, patience: AHEAD_BUDGET_WAIT }
+    }
 }

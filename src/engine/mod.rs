@@ -27,11 +27,11 @@ use tokio::sync::Semaphore;
 use crate::budget::Budget;
 use crate::cache::{CacheKey, Entry, InsightCache, Partition, PartitionKeyer};
 use crate::clock::Clock;
-use crate::config::Config;
+use crate::config::{Config, ForcedMinInterval};
 use crate::failure::Failure;
 use crate::flights::Flights;
 use crate::metrics::Metrics;
-use crate::refresh::{CacheState, View};
+use crate::refresh::{CacheState, RefreshMode, View};
 use crate::status::StatusRegistry;
 use crate::trust::Trust;
 use crate::upstream::{UpstreamClient, UpstreamRequest, UpstreamResponse};
@@ -139,11 +139,19 @@ impl Engine {
         age >= threshold.as_secs_f64() * f64::from(self.config.refresh_ahead.start_percent) / 100.0
     }
 
-    /// What the proxy knows about a request for `spec` holding `entry`. `vouched`: the upstream
-    /// accepted the caller during this request; `from_upstream`: the entry was read from the
-    /// upstream's cache during this request.
-    pub fn view(&self, spec: &CalcSpec, entry: Option<&Entry>, vouched: bool, from_upstream: bool) -> View {
-        let state = CacheState::of(entry.map(|e| &e.stale), self.clock.now(), &self.config.thresholds);
+    /// What the proxy knows about a request for `spec` in `mode` holding `entry`. `vouched`: the
+    /// upstream accepted the caller during this request; `from_upstream`: the entry was read from
+    /// the upstream's cache during this request.
+    pub fn view(
+        &self,
+        spec: &CalcSpec,
+        mode: RefreshMode,
+        entry: Option<&Entry>,
+        vouched: bool,
+        from_upstream: bool,
+    ) -> View {
+        let now = self.clock.now();
+        let state = CacheState::of(entry.map(|e| &e.stale), now, &self.config.thresholds);
         let flight = self.flight_key(spec, entry);
         View {
             state,
@@ -153,6 +161,16 @@ impl Engine {
                 || self.is_confirmed(spec.key.partition, spec.project, Some(spec.insight)),
             upstream_empty: state == CacheState::Miss && self.cache.upstream_empty(&spec.key).is_some(),
             from_upstream,
+            too_soon_to_force: mode.is_forced() && entry.is_some_and(|e| self.too_soon_to_force(e, now)),
+        }
+    }
+
+    /// Whether `[refresh] forced_min_interval` holds a forced recalculation of `entry` off.
+    fn too_soon_to_force(&self, entry: &Entry, now: OffsetDateTime) -> bool {
+        match self.config.forced_min_interval {
+            ForcedMinInterval::Off => false,
+            ForcedMinInterval::NextAllowedClientRefresh => entry.next_allowed_refresh().is_some_and(|t| now < t),
+            ForcedMinInterval::After(d) => now - entry.last_refresh() < d,
         }
     }
 

@@ -15,7 +15,7 @@ use super::{Engine, Outcome};
 use crate::cache::Entry;
 use crate::failure::Failure;
 use crate::flights::Flight;
-use crate::refresh::{CalcReason, UpstreamRefresh};
+use crate::refresh::UpstreamRefresh;
 
 /// Refresh-ahead: nobody polls it; the result simply lands in the cache. One partition at a time
 /// refreshes an upstream cache key: the others wait for it, then read the upstream's fresh cache
@@ -30,7 +30,7 @@ async fn run_ahead(engine: &Arc<Engine>, job: &Job, ahead: &Ahead) {
     };
     let run = {
         let (engine, spec) = (engine.clone(), spec.clone());
-        let ask = Ask { flight: job.flight, refresh: job.refresh, reason: CalcReason::Ahead };
+        let ask = Ask::ahead(job.flight, job.refresh);
         move || {
             let (engine, spec) = (engine.clone(), spec.clone());
             async move { engine.calculation(&spec, ask, ahead_of).0.wait().await }
@@ -80,7 +80,7 @@ async fn run_job(engine: &Arc<Engine>, job: Job) -> Option<Job> {
         return None;
     }
     let own = engine.cache.get_local(&job.spec.key).await;
-    let ask = Ask { flight: job.flight, refresh: job.refresh, reason: CalcReason::Background };
+    let ask = Ask::background(job.flight, job.refresh);
     let wait = |flight: Arc<Flight<Outcome>>| async move { flight.wait().await };
     let (outcome, _) = engine.calculate_under(&job.spec, own.as_ref(), ask, wait).await;
     let result = match outcome {

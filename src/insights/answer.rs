@@ -51,7 +51,7 @@ pub(super) async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, ask: Ask, peeke
     // The entry was read from the upstream's cache during this request.
     let mut from_upstream = false;
     loop {
-        let view = engine.view(spec, entry.as_deref(), vouched, from_upstream);
+        let view = engine.view(spec, ask.mode, entry.as_deref(), vouched, from_upstream);
         match plan(ask.mode, &view) {
             Plan::Revalidate => {
                 vouched = true;
@@ -107,6 +107,7 @@ fn serve(
         Served::Fresh => hit_status(app, entry, None),
         Served::Stale => hit_status(app, entry, Some(Detail::Stale)),
         Served::StaleWhileRevalidate => hit_status(app, entry, Some(Detail::StaleWhileRevalidate)),
+        Served::TooSoonToForce => hit_status(app, entry, Some(Detail::TooSoonToForce)),
     };
     if view.state == crate::refresh::CacheState::Fresh {
         engine.schedule_ahead(spec, entry);

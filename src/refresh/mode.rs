@@ -26,6 +26,11 @@ impl RefreshMode {
         RefreshMode::AsyncExceptOnCacheMiss,
     ];
 
+    /// `force_blocking` and `force_async`: the client asks for a recalculation whatever is cached.
+    pub fn is_forced(self) -> bool {
+        matches!(self, RefreshMode::ForceBlocking | RefreshMode::ForceAsync)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             RefreshMode::ForceCache => "force_cache",

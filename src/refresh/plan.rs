@@ -70,6 +70,9 @@ pub struct View {
     /// The entry was read from the upstream's cache during this request: answering it is a
     /// forward, not a hit.
     pub from_upstream: bool,
+    /// The entry was calculated more recently than `[refresh] forced_min_interval` allows a
+    /// forced recalculation of it (PostHog's legacy server-side rule; off by default).
+    pub too_soon_to_force: bool,
 }
 
 /// Work started alongside an answer from the cache (PostHog's `enqueue_async_calculation`), or
@@ -95,6 +98,8 @@ pub enum Served {
     StaleWhileRevalidate,
     /// Read from the upstream's cache during this request.
     FromUpstream,
+    /// A forced read of an entry calculated too recently to force again.
+    TooSoonToForce,
 }
 
 /// Why a calculation runs; it decides whose budget turn it takes and labels the metrics.
@@ -189,6 +194,7 @@ pub fn plan(mode: RefreshMode, v: &View) -> Plan {
         };
         let served = match (v.from_upstream, v.state, background) {
             (true, _, _) => Served::FromUpstream,
+            _ if mode.is_forced() => Served::TooSoonToForce,
             (_, Fresh, _) => Served::Fresh,
             (_, _, Background::None | Background::Running) => Served::Stale,
             _ => Served::StaleWhileRevalidate,
@@ -201,6 +207,7 @@ pub fn plan(mode: RefreshMode, v: &View) -> Plan {
         _ => CalcReason::Stale,
     };
     match (mode, v.state) {
+        (ForceBlocking | ForceAsync, Fresh | Stale | LazyStale) if v.too_soon_to_force => serve(Background::None),
         (ForceBlocking, _) => calculate(CalcReason::Forced, UpstreamRefresh::ForceBlocking),
         (ForceAsync, state) => {
             Plan::EnqueueOnly { read_first: state == Miss || !v.confirmed, from_note: v.upstream_empty && v.confirmed }
@@ -261,9 +268,9 @@ mod tests {
     use RefreshMode::*;
     use UpstreamRefresh as U;
 
-    /// A row matches a set of views: modes, states, then in-flight, confirmed, upstream-empty and
-    /// from-upstream, where `None` matches either value.
-    type Row = (&'static [RefreshMode], &'static [CacheState], [Option<bool>; 4], Plan);
+    /// A row matches a set of views: modes, states, then in-flight, confirmed, upstream-empty,
+    /// from-upstream and too-soon-to-force, where `None` matches either value.
+    type Row = (&'static [RefreshMode], &'static [CacheState], [Option<bool>; 5], Plan);
 
     const CACHED: &[CacheState] = &[Fresh, Stale, LazyStale];
     const STALE: &[CacheState] = &[Stale, LazyStale];
@@ -271,13 +278,10 @@ mod tests {
     const fn row(
         modes: &'static [RefreshMode],
         states: &'static [CacheState],
-        in_flight: Option<bool>,
-        confirmed: Option<bool>,
-        upstream_empty: Option<bool>,
-        from_upstream: Option<bool>,
+        flags: [Option<bool>; 5],
         plan: Plan,
     ) -> Row {
-        (modes, states, [in_flight, confirmed, upstream_empty, from_upstream], plan)
+        (modes, states, flags, plan)
     }
 
     fn matches(f: Option<bool>, v: bool) -> bool {
@@ -285,7 +289,7 @@ mod tests {
     }
 
     /// Every view there can be: an entry read from the upstream this request is cached, and
-    /// reading it is the upstream's word on the caller; the note is only looked up for a miss.
+    /// reading it is the upstream's word on the caller.
     fn every_view() -> Vec<View> {
         let bools = [false, true];
         let mut views = Vec::new();
@@ -294,11 +298,26 @@ mod tests {
                 for confirmed in bools {
                     for upstream_empty in bools {
                         for from_upstream in bools {
-                            // The proxy's note matters (and is looked up) only for a miss.
-                            if from_upstream && (state == Miss || !confirmed) || upstream_empty && state != Miss {
-                                continue;
+                            for too_soon_to_force in bools {
+                                // The note and the forcing interval are looked up only where they
+                                // matter: for a miss, for an entry.
+                                let cached = state != Miss;
+                                if from_upstream && (!cached || !confirmed)
+                                    || upstream_empty && cached
+                                    || too_soon_to_force && !cached
+                                {
+                                    continue;
+                                }
+                                let v = View {
+                                    state,
+                                    in_flight,
+                                    confirmed,
+                                    upstream_empty,
+                                    from_upstream,
+                                    too_soon_to_force,
+                                };
+                                views.push(v);
                             }
-                            views.push(View { state, in_flight, confirmed, upstream_empty, from_upstream });
                         }
                     }
                 }
@@ -323,55 +342,62 @@ mod tests {
         #[rustfmt::skip]
         let table = [
             // force_blocking always calculates; force_async always enqueues.
-            row(&[ForceBlocking], &CacheState::ALL, ANY, ANY, ANY, ANY, calc(R::Forced, U::ForceBlocking)),
-            row(&[ForceAsync], &[Miss], ANY, F, ANY, ANY, enqueue_only(true, false)),
-            row(&[ForceAsync], &[Miss], ANY, T, F, ANY, enqueue_only(true, false)),
-            row(&[ForceAsync], &[Miss], ANY, T, T, ANY, enqueue_only(true, true)),
-            row(&[ForceAsync], CACHED, ANY, F, ANY, ANY, enqueue_only(true, false)),
-            row(&[ForceAsync], CACHED, ANY, T, F, ANY, enqueue_only(false, false)),
+            row(&[ForceBlocking], &[Miss], [ANY, ANY, ANY, ANY, ANY], calc(R::Forced, U::ForceBlocking)),
+            row(&[ForceBlocking], CACHED, [ANY, ANY, ANY, ANY, F], calc(R::Forced, U::ForceBlocking)),
+            row(&[ForceAsync], &[Miss], [ANY, F, ANY, ANY, ANY], enqueue_only(true, false)),
+            row(&[ForceAsync], &[Miss], [ANY, T, F, ANY, ANY], enqueue_only(true, false)),
+            row(&[ForceAsync], &[Miss], [ANY, T, T, ANY, ANY], enqueue_only(true, true)),
+            row(&[ForceAsync], CACHED, [ANY, F, ANY, ANY, F], enqueue_only(true, false)),
+            row(&[ForceAsync], CACHED, [ANY, T, F, ANY, F], enqueue_only(false, false)),
+            // ... unless the entry was calculated too recently to force again: then it is served.
+            row(&[ForceBlocking, ForceAsync], CACHED, [ANY, F, ANY, ANY, T], Plan::Revalidate),
+            row(&[ForceBlocking, ForceAsync], CACHED, [F, T, ANY, F, T], serve(B::None, S::TooSoonToForce)),
+            row(&[ForceBlocking, ForceAsync], CACHED, [T, T, ANY, F, T], serve(B::Running, S::TooSoonToForce)),
+            row(&[ForceBlocking, ForceAsync], CACHED, [F, T, ANY, T, T], serve(B::None, S::FromUpstream)),
+            row(&[ForceBlocking, ForceAsync], CACHED, [T, T, ANY, T, T], serve(B::Running, S::FromUpstream)),
             // Cached data never reaches a caller the upstream has not accepted lately.
-            row(&[ForceCache, Blocking, Async, LazyAsync, AsyncExceptOnCacheMiss], &[Fresh], ANY, F, ANY, ANY, Plan::Revalidate),
-            row(&[ForceCache, LazyAsync], STALE, ANY, F, ANY, ANY, Plan::Revalidate),
-            row(&[Async, AsyncExceptOnCacheMiss], STALE, ANY, F, ANY, ANY, Plan::Revalidate),
+            row(&[ForceCache, Blocking, Async, LazyAsync, AsyncExceptOnCacheMiss], &[Fresh], [ANY, F, ANY, ANY, ANY], Plan::Revalidate),
+            row(&[ForceCache, LazyAsync], STALE, [ANY, F, ANY, ANY, ANY], Plan::Revalidate),
+            row(&[Async, AsyncExceptOnCacheMiss], STALE, [ANY, F, ANY, ANY, ANY], Plan::Revalidate),
             // Fresh: served; with the running calculation's status when there is one.
-            row(&[ForceCache, Blocking, Async, LazyAsync, AsyncExceptOnCacheMiss], &[Fresh], F, T, ANY, F, serve(B::None, S::Fresh)),
-            row(&[ForceCache, Blocking, Async, LazyAsync, AsyncExceptOnCacheMiss], &[Fresh], T, T, ANY, F, serve(B::Running, S::Fresh)),
-            row(&[ForceCache, Blocking, Async, LazyAsync, AsyncExceptOnCacheMiss], &[Fresh], F, T, ANY, T, serve(B::None, S::FromUpstream)),
-            row(&[ForceCache, Blocking, Async, LazyAsync, AsyncExceptOnCacheMiss], &[Fresh], T, T, ANY, T, serve(B::Running, S::FromUpstream)),
+            row(&[ForceCache, Blocking, Async, LazyAsync, AsyncExceptOnCacheMiss], &[Fresh], [F, T, ANY, F, ANY], serve(B::None, S::Fresh)),
+            row(&[ForceCache, Blocking, Async, LazyAsync, AsyncExceptOnCacheMiss], &[Fresh], [T, T, ANY, F, ANY], serve(B::Running, S::Fresh)),
+            row(&[ForceCache, Blocking, Async, LazyAsync, AsyncExceptOnCacheMiss], &[Fresh], [F, T, ANY, T, ANY], serve(B::None, S::FromUpstream)),
+            row(&[ForceCache, Blocking, Async, LazyAsync, AsyncExceptOnCacheMiss], &[Fresh], [T, T, ANY, T, ANY], serve(B::Running, S::FromUpstream)),
             // force_cache: never calculates.
-            row(&[ForceCache], &[Miss], ANY, F, ANY, ANY, read(false, false)),
-            row(&[ForceCache], &[Miss], ANY, T, F, ANY, read(false, false)),
-            row(&[ForceCache], &[Miss], ANY, T, T, ANY, read(false, true)),
-            row(&[ForceCache], STALE, F, T, ANY, F, serve(B::None, S::Stale)),
-            row(&[ForceCache], STALE, T, T, ANY, F, serve(B::Running, S::Stale)),
-            row(&[ForceCache], STALE, F, T, ANY, T, serve(B::None, S::FromUpstream)),
-            row(&[ForceCache], STALE, T, T, ANY, T, serve(B::Running, S::FromUpstream)),
+            row(&[ForceCache], &[Miss], [ANY, F, ANY, ANY, ANY], read(false, false)),
+            row(&[ForceCache], &[Miss], [ANY, T, F, ANY, ANY], read(false, false)),
+            row(&[ForceCache], &[Miss], [ANY, T, T, ANY, ANY], read(false, true)),
+            row(&[ForceCache], STALE, [F, T, ANY, F, ANY], serve(B::None, S::Stale)),
+            row(&[ForceCache], STALE, [T, T, ANY, F, ANY], serve(B::Running, S::Stale)),
+            row(&[ForceCache], STALE, [F, T, ANY, T, ANY], serve(B::None, S::FromUpstream)),
+            row(&[ForceCache], STALE, [T, T, ANY, T, ANY], serve(B::Running, S::FromUpstream)),
             // blocking: calculates unless fresh.
-            row(&[Blocking], &[Miss], ANY, ANY, ANY, ANY, calc(R::Miss, U::Blocking)),
-            row(&[Blocking], STALE, ANY, ANY, ANY, ANY, calc(R::Stale, U::Blocking)),
+            row(&[Blocking], &[Miss], [ANY, ANY, ANY, ANY, ANY], calc(R::Miss, U::Blocking)),
+            row(&[Blocking], STALE, [ANY, ANY, ANY, ANY, ANY], calc(R::Stale, U::Blocking)),
             // async, lazy_async: a miss reads the upstream's cache and enqueues.
-            row(&[Async, LazyAsync], &[Miss], ANY, F, ANY, ANY, read(true, false)),
-            row(&[Async, LazyAsync], &[Miss], ANY, T, F, ANY, read(true, false)),
-            row(&[Async, LazyAsync], &[Miss], ANY, T, T, ANY, read(true, true)),
+            row(&[Async, LazyAsync], &[Miss], [ANY, F, ANY, ANY, ANY], read(true, false)),
+            row(&[Async, LazyAsync], &[Miss], [ANY, T, F, ANY, ANY], read(true, false)),
+            row(&[Async, LazyAsync], &[Miss], [ANY, T, T, ANY, ANY], read(true, true)),
             // async: stale is served while it recalculates.
-            row(&[Async, AsyncExceptOnCacheMiss], STALE, ANY, T, ANY, F, serve(B::Always, S::StaleWhileRevalidate)),
-            row(&[Async, AsyncExceptOnCacheMiss], STALE, ANY, T, ANY, T, serve(B::Always, S::FromUpstream)),
+            row(&[Async, AsyncExceptOnCacheMiss], STALE, [ANY, T, ANY, F, ANY], serve(B::Always, S::StaleWhileRevalidate)),
+            row(&[Async, AsyncExceptOnCacheMiss], STALE, [ANY, T, ANY, T, ANY], serve(B::Always, S::FromUpstream)),
             // lazy_async: merely stale is served as it is; lazily stale starts work, reusing a
             // status for the key.
-            row(&[LazyAsync], &[Stale], F, T, ANY, F, serve(B::None, S::Stale)),
-            row(&[LazyAsync], &[Stale], T, T, ANY, F, serve(B::Running, S::Stale)),
-            row(&[LazyAsync], &[Stale], F, T, ANY, T, serve(B::None, S::FromUpstream)),
-            row(&[LazyAsync], &[Stale], T, T, ANY, T, serve(B::Running, S::FromUpstream)),
-            row(&[LazyAsync], &[LazyStale], ANY, T, ANY, F, serve(B::IfAbsent, S::StaleWhileRevalidate)),
-            row(&[LazyAsync], &[LazyStale], ANY, T, ANY, T, serve(B::IfAbsent, S::FromUpstream)),
+            row(&[LazyAsync], &[Stale], [F, T, ANY, F, ANY], serve(B::None, S::Stale)),
+            row(&[LazyAsync], &[Stale], [T, T, ANY, F, ANY], serve(B::Running, S::Stale)),
+            row(&[LazyAsync], &[Stale], [F, T, ANY, T, ANY], serve(B::None, S::FromUpstream)),
+            row(&[LazyAsync], &[Stale], [T, T, ANY, T, ANY], serve(B::Running, S::FromUpstream)),
+            row(&[LazyAsync], &[LazyStale], [ANY, T, ANY, F, ANY], serve(B::IfAbsent, S::StaleWhileRevalidate)),
+            row(&[LazyAsync], &[LazyStale], [ANY, T, ANY, T, ANY], serve(B::IfAbsent, S::FromUpstream)),
             // async_except_on_cache_miss: a miss calculates as blocking does.
-            row(&[AsyncExceptOnCacheMiss], &[Miss], ANY, ANY, ANY, ANY, calc(R::Miss, U::Blocking)),
+            row(&[AsyncExceptOnCacheMiss], &[Miss], [ANY, ANY, ANY, ANY, ANY], calc(R::Miss, U::Blocking)),
         ];
         let views = every_view();
         let mut cells = 0;
         for mode in RefreshMode::ALL {
             for v in &views {
-                let flags = [v.in_flight, v.confirmed, v.upstream_empty, v.from_upstream];
+                let flags = [v.in_flight, v.confirmed, v.upstream_empty, v.from_upstream, v.too_soon_to_force];
                 let covers = |(modes, states, pattern, _): &&Row| {
                     modes.contains(&mode)
                         && states.contains(&v.state)
