@@ -171,6 +171,7 @@ fn steps(c: &mut Criterion, f: &Fixture) {
         confirmed: true,
         upstream_empty: false,
         from_upstream: false,
+        too_soon_to_force: false,
     };
     g.bench_function("plan", |b| b.iter(|| plan(black_box(RefreshMode::ForceCache), black_box(&view))));
     g.bench_function("refresh_param", |b| b.iter(|| RefreshParam::Text(black_box("blocking")).mode()));
