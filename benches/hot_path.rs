@@ -243,6 +243,7 @@ fn composite(c: &mut Criterion, f: &Fixture) {
                             confirmed: true,
                             upstream_empty: false,
                             from_upstream: false,
+                            too_soon_to_force: false,
                         };
                         black_box(plan(mode, &view));
                         black_box(entry.render(true, None));
