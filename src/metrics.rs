@@ -4,6 +4,8 @@
 
 use std::sync::OnceLock;
 
+use parking_lot::Mutex;
+
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
@@ -50,7 +52,23 @@ pub struct Metrics {
     pub l2_up: IntGauge,
     /// Failed shared-tier calls since start (a gauge mirrored from the tier's own counter).
     pub l2_errors: IntGauge,
+    /// How long the oldest query_status record still running has been running.
+    pub status_oldest_running_seconds: IntGauge,
+    // The configured limits, so dashboards and alerts compare against them.
+    pub cache_max_bytes: IntGauge,
+    pub queue_capacity: IntGauge,
+    pub workers: IntGauge,
+    /// Calculations and reads that waited for budget, by limit (`rate`, `slot`); mirrored from
+    /// the budget's own counts ([`Metrics::mirror`]).
+    pub budget_waits: IntCounterVec,
+    /// Calculations and reads that gave up waiting for budget, by limit.
+    pub budget_exhausted: IntCounterVec,
+    /// Held while mirrored counters are brought up to date, so two scrapes cannot both add.
+    mirroring: Mutex<()>,
 }
+
+/// The `limit` label values of the budget counters.
+pub const BUDGET_LIMITS: [&str; 2] = ["rate", "slot"];
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
@@ -87,6 +105,19 @@ impl Metrics {
         let in_flight = IntGaugeVec::new(Opts::new("in_flight", "Upstream calls in flight, by kind."), &["kind"])
             .expect("valid metric");
         r.register(Box::new(in_flight.clone())).expect("unique metric");
+        let budget_waits =
+            counter_vec(&r, "budget_waits_total", "Upstream calls that waited for budget, by limit.", &["limit"]);
+        let budget_exhausted = counter_vec(
+            &r,
+            "budget_exhausted_total",
+            "Upstream calls refused because the budget did not come in time, by limit.",
+            &["limit"],
+        );
+        // Exported at 0 from the start, so rates and alerts see a series before the first wait.
+        for limit in BUDGET_LIMITS {
+            budget_waits.with_label_values(&[limit]);
+            budget_exhausted.with_label_values(&[limit]);
+        }
         Self {
             requests: counter_vec(&r, "requests_total", "Requests answered.", &["route", "mode", "cache"]),
             request_seconds,
@@ -145,6 +176,17 @@ impl Metrics {
             circuit_open: gauge(&r, "upstream_circuit_open", "1 while the upstream circuit breaker is open."),
             l2_up: gauge(&r, "l2_up", "1 while the shared tier (Redis) answers; 0 while its breaker is open."),
             l2_errors: gauge(&r, "l2_errors", "Failed shared-tier calls since start."),
+            status_oldest_running_seconds: gauge(
+                &r,
+                "query_status_oldest_running_seconds",
+                "Age of the oldest query_status record still running (0 when none runs).",
+            ),
+            cache_max_bytes: gauge(&r, "cache_max_bytes", "Configured [cache] max_bytes."),
+            queue_capacity: gauge(&r, "queue_capacity", "Configured [refresh] queue_capacity."),
+            workers: gauge(&r, "workers", "Configured [refresh] workers."),
+            budget_waits,
+            budget_exhausted,
+            mirroring: Mutex::new(()),
             per_request: PerRequest::default(),
             registry: r,
         }
@@ -165,6 +207,16 @@ impl Metrics {
                 self.requests.with_label_values(&[route, mode, cache]).inc();
                 self.request_seconds.with_label_values(&[route]).observe(seconds);
             }
+        }
+    }
+
+    /// Brings each `(counter, label)` up to `total`, a count kept since start by the component
+    /// that owns it (so that component needs no metrics handle).
+    pub fn mirror(&self, totals: &[(&IntCounterVec, &str, u64)]) {
+        let _one_scrape_at_a_time = self.mirroring.lock();
+        for (counter, label, total) in totals {
+            let c = counter.with_label_values(&[label]);
+            c.inc_by(total.saturating_sub(c.get()));
         }
     }
 
@@ -234,6 +286,17 @@ mod tests {
             text.contains("insights_proxy_requests_total{cache=\"hit\",mode=\"blocking\",route=\"insight\"} 1"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn mirrored_counters_follow_their_totals_and_never_go_back() {
+        let m = Metrics::new();
+        let text = || String::from_utf8(m.render()).unwrap();
+        assert!(text().contains("insights_proxy_budget_exhausted_total{limit=\"slot\"} 0"), "{}", text());
+        m.mirror(&[(&m.budget_exhausted, "slot", 3), (&m.budget_waits, "rate", 5)]);
+        m.mirror(&[(&m.budget_exhausted, "slot", 2)]);
+        assert!(text().contains("insights_proxy_budget_exhausted_total{limit=\"slot\"} 3"), "{}", text());
+        assert!(text().contains("insights_proxy_budget_waits_total{limit=\"rate\"} 5"), "{}", text());
     }
 
     #[test]
