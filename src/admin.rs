@@ -63,17 +63,18 @@ impl AdminApp {
         m.cache_max_bytes.set(app.config.cache_max_bytes as i64);
         m.queue_capacity.set(app.config.queue_capacity as i64);
         m.workers.set(app.config.workers as i64);
-        let b = app.budget.counts();
-        let total = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let (b, total) = (app.budget.counts(), |c: &AtomicU64| c.load(Ordering::Relaxed));
+        let (waits, exhausted) = (&m.budget_waits, &m.budget_exhausted);
         m.mirror(&[
-            (&m.budget_waits, "rate", total(&b.rate_waits)),
-            (&m.budget_exhausted, "rate", total(&b.rate_exhausted)),
-            (&m.budget_waits, "slot", total(&b.slot_waits)),
-            (&m.budget_exhausted, "slot", total(&b.slot_exhausted)),
+            (waits.with_label_values(&["rate"]), total(&b.rate_waits)),
+            (exhausted.with_label_values(&["rate"]), total(&b.rate_exhausted)),
+            (waits.with_label_values(&["slot"]), total(&b.slot_waits)),
+            (exhausted.with_label_values(&["slot"]), total(&b.slot_exhausted)),
         ]);
         if let Some(l2) = app.cache.l2() {
-            m.l2_up.set(i64::from(l2.is_up()));
-            m.l2_errors.set(l2.errors.load(Ordering::Relaxed) as i64);
+            let g = m.l2();
+            g.up.set(i64::from(l2.is_up()));
+            m.mirror(&[(g.errors.clone(), total(&l2.errors))]);
         }
         m.render()
     }

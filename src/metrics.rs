@@ -49,9 +49,8 @@ pub struct Metrics {
     pub status_bytes: IntGauge,
     pub in_flight: IntGaugeVec,
     pub circuit_open: IntGauge,
-    pub l2_up: IntGauge,
-    /// Failed shared-tier calls since start (a gauge mirrored from the tier's own counter).
-    pub l2_errors: IntGauge,
+    /// The shared tier's metrics, registered on first use ([`Metrics::l2`]).
+    l2: OnceLock<L2Metrics>,
     /// How long the oldest query_status record still running has been running.
     pub status_oldest_running_seconds: IntGauge,
     // The configured limits, so dashboards and alerts compare against them.
@@ -65,6 +64,12 @@ pub struct Metrics {
     pub budget_exhausted: IntCounterVec,
     /// Held while mirrored counters are brought up to date, so two scrapes cannot both add.
     mirroring: Mutex<()>,
+}
+
+pub struct L2Metrics {
+    pub up: IntGauge,
+    /// Failed shared-tier calls, mirrored from the tier's own count.
+    pub errors: IntCounter,
 }
 
 /// The `limit` label values of the budget counters.
@@ -174,8 +179,7 @@ impl Metrics {
             status_bytes: gauge(&r, "query_status_bytes", "Bytes charged to completed query_status records."),
             in_flight,
             circuit_open: gauge(&r, "upstream_circuit_open", "1 while the upstream circuit breaker is open."),
-            l2_up: gauge(&r, "l2_up", "1 while the shared tier (Redis) answers; 0 while its breaker is open."),
-            l2_errors: gauge(&r, "l2_errors", "Failed shared-tier calls since start."),
+            l2: OnceLock::new(),
             status_oldest_running_seconds: gauge(
                 &r,
                 "query_status_oldest_running_seconds",
@@ -210,14 +214,22 @@ impl Metrics {
         }
     }
 
-    /// Brings each `(counter, label)` up to `total`, a count kept since start by the component
-    /// that owns it (so that component needs no metrics handle).
-    pub fn mirror(&self, totals: &[(&IntCounterVec, &str, u64)]) {
+    /// Brings each counter up to `total`, a count kept since start by the component that owns
+    /// it (so that component needs no metrics handle).
+    pub fn mirror(&self, totals: &[(IntCounter, u64)]) {
         let _one_scrape_at_a_time = self.mirroring.lock();
-        for (counter, label, total) in totals {
-            let c = counter.with_label_values(&[label]);
+        for (c, total) in totals {
             c.inc_by(total.saturating_sub(c.get()));
         }
+    }
+
+    /// The shared tier's metrics, registered the first time they are asked for: a proxy without
+    /// `[l2]` exports none, so an "L2 down" alert cannot fire on it.
+    pub fn l2(&self) -> &L2Metrics {
+        self.l2.get_or_init(|| L2Metrics {
+            up: gauge(&self.registry, "l2_up", "1 while the shared tier (Redis) answers; 0 while its breaker is open."),
+            errors: gauge_free_counter(&self.registry, "l2_errors_total", "Failed shared-tier calls."),
+        })
     }
 
     /// The Prometheus text exposition of every metric.
@@ -293,10 +305,21 @@ mod tests {
         let m = Metrics::new();
         let text = || String::from_utf8(m.render()).unwrap();
         assert!(text().contains("insights_proxy_budget_exhausted_total{limit=\"slot\"} 0"), "{}", text());
-        m.mirror(&[(&m.budget_exhausted, "slot", 3), (&m.budget_waits, "rate", 5)]);
-        m.mirror(&[(&m.budget_exhausted, "slot", 2)]);
+        let slot = m.budget_exhausted.with_label_values(&["slot"]);
+        m.mirror(&[(slot.clone(), 3), (m.budget_waits.with_label_values(&["rate"]), 5)]);
+        m.mirror(&[(slot, 2)]);
         assert!(text().contains("insights_proxy_budget_exhausted_total{limit=\"slot\"} 3"), "{}", text());
         assert!(text().contains("insights_proxy_budget_waits_total{limit=\"rate\"} 5"), "{}", text());
+    }
+
+    #[test]
+    fn the_shared_tier_is_exported_only_once_asked_for() {
+        let m = Metrics::new();
+        assert!(!String::from_utf8(m.render()).unwrap().contains("l2_"));
+        m.l2().up.set(1);
+        m.l2().up.set(1);
+        let text = String::from_utf8(m.render()).unwrap();
+        assert!(text.contains("insights_proxy_l2_up 1") && text.contains("insights_proxy_l2_errors_total 0"), "{text}");
     }
 
     #[test]
