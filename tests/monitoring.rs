@@ -148,8 +148,9 @@ calc_delay_ms = 5
             Command::new(env!("CARGO_BIN_EXE_insights-proxy")).arg("--config").arg(d.join("proxy.toml")),
             &d.join("proxy.log"),
         );
-        wait_for_port(proxy_port);
-        wait_for_port(admin_port);
+        for port in [sim_port, proxy_port, admin_port] {
+            wait_for_port(port);
+        }
         let prom_config = format!(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - \
              job_name: insights-proxy\n    static_configs:\n      - targets: ['127.0.0.1:{admin_port}']\n",
