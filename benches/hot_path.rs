@@ -27,7 +27,7 @@ use insights_proxy::config::{parse_upstream_url, Config, UpstreamTarget};
 use insights_proxy::insights::{self, InsightCall};
 use insights_proxy::metrics::Metrics;
 use insights_proxy::query::QueryParams;
-use insights_proxy::refresh::{decide, CacheState, RefreshMode, RefreshParam, Thresholds};
+use insights_proxy::refresh::{plan, CacheState, RefreshMode, RefreshParam, Thresholds, View};
 use insights_proxy::routes::{route, Route};
 use insights_proxy::simulate::{SimConfig, Simulator};
 use insights_proxy::upstream::{UpstreamClient, UpstreamSettings};
@@ -165,9 +165,14 @@ fn steps(c: &mut Criterion, f: &Fixture) {
     g.bench_function("cache_state", |b| {
         b.iter(|| CacheState::of(black_box(Some(&f.entry.stale)), black_box(now), &f.thresholds))
     });
-    g.bench_function("decide", |b| {
-        b.iter(|| decide(black_box(RefreshMode::ForceCache), black_box(CacheState::Fresh), black_box(false)))
-    });
+    let view = View {
+        state: CacheState::Fresh,
+        in_flight: false,
+        confirmed: true,
+        upstream_empty: false,
+        from_upstream: false,
+    };
+    g.bench_function("plan", |b| b.iter(|| plan(black_box(RefreshMode::ForceCache), black_box(&view))));
     g.bench_function("refresh_param", |b| b.iter(|| RefreshParam::Text(black_box("blocking")).mode()));
     g.bench_function("ttl_seconds", |b| b.iter(|| f.entry.stale.ttl_seconds(black_box(now), &f.thresholds)));
 
@@ -231,7 +236,14 @@ fn composite(c: &mut Criterion, f: &Fixture) {
                         let key = CacheKey::new(p.partition(), project, insight, &q);
                         let entry = f.cache.get(&key).await.expect("a hit");
                         let state = CacheState::of(Some(&entry.stale), clock.now(), &f.thresholds);
-                        black_box(decide(mode, state, false));
+                        let view = View {
+                            state,
+                            in_flight: false,
+                            confirmed: true,
+                            upstream_empty: false,
+                            from_upstream: false,
+                        };
+                        black_box(plan(mode, &view));
                         black_box(entry.render(true, None));
                     }
                     start.elapsed()
@@ -264,7 +276,7 @@ fn retrieve(c: &mut Criterion, f: &Fixture) {
         assert!(app.cache.insert(key, f.entry.clone()).await);
         app.cache.run_pending_tasks().await;
     });
-    app.confirm(key.partition, 1, Some(f.insight));
+    app.engine.confirm(key.partition, 1, Some(f.insight));
     let mut g = c.benchmark_group("hit");
     g.bench_function("retrieve", |b| {
         b.iter_custom(|iters| {

@@ -50,20 +50,20 @@ impl AdminApp {
         let (app, m) = (&self.app, &self.app.metrics);
         // moka's counts are approximate until its pending housekeeping has run.
         app.cache.run_pending_tasks().await;
-        m.queue_depth.set(app.jobs.len() as i64);
+        m.queue_depth.set(app.engine.queued() as i64);
         m.cache_entries.set(app.cache.entry_count() as i64);
         m.cache_bytes.set(app.cache.weighted_size() as i64);
         m.status_records.set(app.statuses.len() as i64);
         m.status_running.set(app.statuses.running_count() as i64);
         m.purge_records.set(app.cache.purge_records() as i64);
         m.status_bytes.set(app.statuses.done_bytes() as i64);
-        m.circuit_open.set(i64::from(app.upstream.breaker().is_open()));
+        m.circuit_open.set(i64::from(app.engine.upstream().breaker().is_open()));
         let age = app.statuses.oldest_running_start().map_or(0, |t| (app.clock.now() - t).whole_seconds().max(0));
         m.status_oldest_running_seconds.set(age);
         m.cache_max_bytes.set(app.config.cache_max_bytes as i64);
         m.queue_capacity.set(app.config.queue_capacity as i64);
         m.workers.set(app.config.workers as i64);
-        let (b, total) = (app.budget.counts(), |c: &AtomicU64| c.load(Ordering::Relaxed));
+        let (b, total) = (app.engine.budget_counts(), |c: &AtomicU64| c.load(Ordering::Relaxed));
         let (waits, exhausted) = (&m.budget_waits, &m.budget_exhausted);
         m.mirror(&[
             (waits.with_label_values(&["rate"]), total(&b.rate_waits)),
@@ -83,11 +83,11 @@ impl AdminApp {
     /// is open, each check past the cooldown probes the upstream itself (an answer below 500
     /// closes the circuit), so readiness cannot latch on a proxy that gets no traffic.
     pub async fn readiness(&self) -> Result<(), &'static str> {
-        let settings = self.app.upstream.settings();
-        if self.app.upstream.breaker().is_open() {
+        let settings = self.app.engine.upstream().settings();
+        if self.app.engine.upstream().breaker().is_open() {
             let probe =
                 UpstreamRequest { method: Method::GET, path_and_query: "/_health".into(), headers: vec![], body: None };
-            return match self.app.upstream.send(&probe).await {
+            return match self.app.engine.upstream().send(&probe).await {
                 Ok(r) if r.status < 500 => Ok(()),
                 _ => Err("upstream circuit open"),
             };

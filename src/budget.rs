@@ -24,16 +24,7 @@ use tokio::sync::{oneshot, Notify};
 use crate::auth::Principal;
 use crate::cache::{CacheKey, Partition};
 use crate::config::BudgetSettings;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Priority {
-    /// A client is waiting for the answer.
-    Blocking = 0,
-    /// Background work a client asked for (`async`, `force_async`, ...).
-    Async = 1,
-    /// Refresh-ahead: nobody is waiting.
-    Ahead = 2,
-}
+pub use crate::refresh::Priority;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("the upstream budget is spent")]

@@ -9,6 +9,7 @@
 use crate::error::ApiError;
 use std::sync::Arc;
 
+use crate::refresh::Shortfall;
 use crate::upstream::{UpstreamError, UpstreamResponse};
 
 /// PostHog's message when a team runs too many queries.
@@ -27,7 +28,7 @@ pub enum Origin {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Failure {
-    /// The call did not complete (see [`UpstreamError::origin`]: most are the upstream's).
+    /// The call did not complete: the upstream's fault, but for a request the proxy could not send.
     Upstream(UpstreamError),
     /// The upstream answered 5xx: its answer, relayed when nothing cached may stand in.
     Status(Arc<UpstreamResponse>),
@@ -45,7 +46,8 @@ pub enum Failure {
 impl Failure {
     pub fn origin(&self) -> Origin {
         match self {
-            Failure::Upstream(e) => e.origin(),
+            Failure::Upstream(UpstreamError::Unsendable) => Origin::Proxy,
+            Failure::Upstream(_) => Origin::Upstream,
             Failure::Status(_) | Failure::Garbage => Origin::Upstream,
             Failure::Budget | Failure::Unconfirmed | Failure::Interrupted => Origin::Proxy,
         }
@@ -58,6 +60,15 @@ impl Failure {
             Failure::Upstream(e) => e.is_outage(),
             Failure::Status(r) => r.status >= 500,
             _ => false,
+        }
+    }
+
+    /// What a failed calculation leaves for the fallback ([`crate::refresh::fallback`]).
+    pub fn shortfall(&self) -> Shortfall {
+        match self {
+            f if f.is_upstream_outage() => Shortfall::Outage,
+            Failure::Budget => Shortfall::Budget,
+            _ => Shortfall::Other,
         }
     }
 

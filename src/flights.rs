@@ -17,23 +17,26 @@ pub struct Flight<V> {
     value: OnceLock<V>,
     /// Set when the work ended without a value (its task panicked or was cancelled).
     abandoned: AtomicBool,
-    /// Set by the work (see [`mark_underway`]) once it stopped queueing, e.g. for budget.
+    /// Set by the work (see [`Underway`]) once it stopped queueing, e.g. for budget.
     underway: Arc<AtomicBool>,
     notify: Arc<Notify>,
 }
 
-tokio::task_local! {
-    static UNDERWAY: (Arc<AtomicBool>, Arc<Notify>);
+/// The work's handle on its flight: it marks when the work stops waiting its turn (e.g. for
+/// budget) and starts the real work, so joiners can tell "queued" from "running"
+/// ([`Flight::underway`]).
+#[derive(Clone)]
+pub struct Underway {
+    flag: Arc<AtomicBool>,
+    notify: Arc<Notify>,
 }
 
-/// Called from inside a flight's work when it stops waiting its turn and starts the real work, so
-/// joiners can tell "queued" from "running" ([`Flight::underway`]). Outside a flight: no-op.
-pub fn mark_underway() {
-    let _ = UNDERWAY.try_with(|(flag, notify)| {
-        if !flag.swap(true, Ordering::AcqRel) {
-            notify.notify_waiters();
+impl Underway {
+    pub fn mark(&self) {
+        if !self.flag.swap(true, Ordering::AcqRel) {
+            self.notify.notify_waiters();
         }
-    });
+    }
 }
 
 impl<V: Clone> Flight<V> {
@@ -120,10 +123,11 @@ where
     }
 
     /// Joins the flight for `key`, or starts one running `work` (built lazily, only if this call
-    /// starts it). Returns the flight and whether this call started it.
+    /// starts it, and handed the flight's [`Underway`]). Returns the flight and whether this call
+    /// started it.
     pub fn join_or_start<F, Fut>(&self, key: K, work: F) -> (Arc<Flight<V>>, bool)
     where
-        F: FnOnce() -> Fut,
+        F: FnOnce(Underway) -> Fut,
         Fut: Future<Output = V> + Send + 'static,
     {
         let flight = {
@@ -140,11 +144,10 @@ where
             map.insert(key.clone(), f.clone());
             f
         };
-        let fut = work();
+        let fut = work(Underway { flag: flight.underway.clone(), notify: flight.notify.clone() });
         let landing = Landing { running: self.running.clone(), key, flight: flight.clone() };
-        let marker = (flight.underway.clone(), flight.notify.clone());
         tokio::spawn(async move {
-            let v = UNDERWAY.scope(marker, fut).await;
+            let v = fut.await;
             let _ = landing.flight.value.set(v);
             drop(landing);
         });
@@ -168,7 +171,7 @@ mod tests {
             let (flights, runs, barrier) = (flights.clone(), runs.clone(), barrier.clone());
             tasks.push(tokio::spawn(async move {
                 barrier.wait().await;
-                let (f, _) = flights.join_or_start(7, || {
+                let (f, _) = flights.join_or_start(7, |_| {
                     let runs = runs.clone();
                     async move {
                         runs.fetch_add(1, Ordering::SeqCst);
@@ -190,9 +193,9 @@ mod tests {
     async fn joiners_see_when_queued_work_gets_underway() {
         let flights: Flights<u32, u64> = Flights::default();
         let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
-        let (f, _) = flights.join_or_start(1, || async move {
+        let (f, _) = flights.join_or_start(1, |underway| async move {
             go_rx.await.unwrap(); // "waiting for budget"
-            mark_underway();
+            underway.mark();
             tokio::time::sleep(Duration::from_millis(20)).await;
             5
         });
@@ -200,13 +203,12 @@ mod tests {
         go_tx.send(()).unwrap();
         tokio::time::timeout(Duration::from_secs(5), f.underway()).await.expect("underway");
         assert_eq!(f.wait().await, Some(5));
-        mark_underway(); // outside a flight: nothing happens
     }
 
     #[tokio::test]
     async fn abandoned_work_wakes_waiters() {
         let flights: Flights<u32, u64> = Flights::default();
-        let (f, started) = flights.join_or_start(1, || async { panic!("work fails") });
+        let (f, started) = flights.join_or_start(1, |_| async { panic!("work fails") });
         assert!(started);
         assert_eq!(f.wait().await, None);
         assert!(!flights.is_running(&1));

@@ -6,13 +6,16 @@
 //! - [`routes`]: the only place that knows URL shapes; a pure `route()`. [`query`] parses query strings strictly.
 //! - [`auth`]: the request's one [`auth::Principal`], built at the front door; its partition is in
 //!   every key. [`trust`]: confirmations and refusals of principals. [`failure`]: failures by origin.
-//! - [`refresh`]: parsing `refresh`, staleness, and the pure mode decision.
+//! - [`refresh`]: parsing `refresh`, staleness, and [`refresh::plan`], the one decision of what a
+//!   request does.
 //! - [`cache`]: entries and [`cache::InsightCache`], the one type the rest talks to.
 //! - [`budget`]: the calculation budget (per-project slots by priority, per-key rates).
-//! - [`flights`]: single flight; [`app`]: shared state and the one way a calculation happens.
-//! - [`workers`]: the bounded background queue and its workers; [`status`]: query statuses.
+//! - [`engine`]: every upstream call about an insight (calculations, reads, the background queue
+//!   and its workers), behind a narrow API; [`flights`]: single flight; [`status`]: query statuses.
+//! - [`app`]: the shared state (configuration, clock, cache, statuses, metrics, the engine).
 //! - [`cache_status`]: how an answer was produced (the `Cache-Status` header, as a type).
-//! - [`insights`]: answering retrieve, list and status polls; [`proxy`]: the thin pingora glue;
+//! - [`insights`]: answering retrieve, list and status polls by carrying out the plan; [`proxy`]:
+//!   the thin pingora glue;
 //!   [`fast`]: the proxy's own answers without pingora_proxy's per-request session.
 //! - [`upstream`]: the client for the proxy's own upstream calls.
 //! - [`simulate`]: a built-in simulated PostHog insights backend for demos, tests and benchmarks.
@@ -27,6 +30,7 @@ pub mod cache;
 pub mod cache_status;
 pub mod clock;
 pub mod config;
+pub mod engine;
 pub mod error;
 pub mod failure;
 pub mod fast;
@@ -43,4 +47,3 @@ pub mod simulate;
 pub mod status;
 pub mod trust;
 pub mod upstream;
-pub mod workers;

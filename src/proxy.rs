@@ -315,11 +315,11 @@ impl InsightsProxy {
             }
             // Only the upstream's own failures count against it.
             (ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout, Origin::Upstream) => {
-                self.app.upstream.breaker().record(false);
+                self.app.engine.upstream().breaker().record(false);
                 ApiError::gateway_timeout("The upstream did not answer in time.")
             }
             (_, Origin::Upstream) => {
-                self.app.upstream.breaker().record(false);
+                self.app.engine.upstream().breaker().record(false);
                 ApiError::bad_gateway("The upstream is unreachable or failed to answer.")
             }
             (_, Origin::Proxy) => {
@@ -591,7 +591,7 @@ impl ProxyHttp for InsightsProxy {
 
     async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
         // A failing upstream is not hammered by pass-through traffic either.
-        if !self.app.upstream.breaker().allow() {
+        if !self.app.engine.upstream().breaker().allow() {
             return Err(Error::explain(ErrorType::HTTPStatus(503), "upstream circuit open"));
         }
         Ok(Box::new(self.peer.clone()))
@@ -622,7 +622,7 @@ impl ProxyHttp for InsightsProxy {
         for h in named {
             upstream_request.remove_header(&h);
         }
-        upstream_request.insert_header(header::HOST, self.app.upstream.settings().url.host_header())?;
+        upstream_request.insert_header(header::HOST, self.app.engine.upstream().settings().url.host_header())?;
         if let Some(h) = client_host {
             upstream_request.insert_header("x-forwarded-host", h)?;
         }
@@ -650,7 +650,7 @@ impl ProxyHttp for InsightsProxy {
             .is_some_and(|v| v.starts_with("application/json"));
         let encoded = upstream_response.headers.contains_key(header::CONTENT_ENCODING);
         if is_json && !encoded && session.req_header().uri.path().starts_with("/api/") {
-            let origin = self.app.upstream.settings().url.origin();
+            let origin = self.app.engine.upstream().settings().url.origin();
             let base = public_base(&self.app, session.req_header());
             if origin != base {
                 ctx.relink = Some(Relink {
@@ -668,13 +668,13 @@ impl ProxyHttp for InsightsProxy {
             }
         }
         if let Some(loc) = upstream_response.headers.get(header::LOCATION).and_then(|v| v.to_str().ok()) {
-            let origin = self.app.upstream.settings().url.origin();
+            let origin = self.app.engine.upstream().settings().url.origin();
             if let Some(rest) = loc.strip_prefix(&origin) {
                 let rewritten = format!("{}{rest}", public_base(&self.app, session.req_header()));
                 upstream_response.insert_header(header::LOCATION, rewritten)?;
             }
         }
-        self.app.upstream.breaker().record(upstream_response.status.as_u16() < 500);
+        self.app.engine.upstream().breaker().record(upstream_response.status.as_u16() < 500);
         if let Some((project, insight)) = ctx.purge_on_success {
             if upstream_response.status.is_success() {
                 self.app.cache.purge_insight(project, insight);

@@ -16,11 +16,11 @@ use crate::admin::AdminApp;
 use crate::app::App;
 use crate::clock::Clock;
 use crate::config::{Config, UpstreamTarget, UpstreamUrl};
+use crate::engine::workers::Workers;
 use crate::fast::FastPath;
 use crate::proxy::InsightsProxy;
 use crate::simulate::{SimConfig, Simulator};
 use crate::upstream::{UpstreamClient, UpstreamSettings};
-use crate::workers::Workers;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -143,7 +143,7 @@ pub fn build_with(config: Config, clock: Clock, upgrade: bool) -> Result<Built, 
             .l4_buffer(pingora::listeners::L4BufferSettings::default().write(16 * 1024)),
     );
     server.add_service(proxy);
-    server.add_service(background_service("refresh workers", Workers { app: app.clone() }));
+    server.add_service(background_service("refresh workers", Workers { engine: app.engine.clone() }));
     if app.cache.l2().is_some() {
         server.add_service(background_service("l2 events", L2Events { app: app.clone() }));
     }

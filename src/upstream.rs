@@ -15,7 +15,6 @@ use pingora::prelude::HttpPeer;
 use pingora::ErrorType;
 
 use crate::config::{BreakerSettings, UpstreamUrl};
-use crate::failure::Origin;
 
 /// Where the upstream is and how to talk to it.
 #[derive(Debug, Clone)]
@@ -84,14 +83,6 @@ impl UpstreamError {
             UpstreamError::Broken => "broken",
             UpstreamError::CircuitOpen => "circuit_open",
             UpstreamError::Unsendable => "unsendable",
-        }
-    }
-
-    /// Whose fault it is: everything but a request the proxy could not send is the upstream's.
-    pub fn origin(&self) -> Origin {
-        match self {
-            UpstreamError::Unsendable => Origin::Proxy,
-            _ => Origin::Upstream,
         }
     }
 

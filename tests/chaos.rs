@@ -206,7 +206,7 @@ fn every_status_handed_out_completes_or_is_gone_after_chaos() {
         stuck.len(),
         ids.len(),
         load_stopped.elapsed(),
-        h.app.jobs.len(),
+        h.app.engine.queued(),
         h.app.metrics.busy_workers.get(),
         stuck.join("\n")
     );
@@ -214,7 +214,7 @@ fn every_status_handed_out_completes_or_is_gone_after_chaos() {
 
 /// No background work queued or running, and no calculation in flight.
 fn idle(h: &Harness) -> bool {
-    h.app.jobs.is_empty() && h.app.metrics.busy_workers.get() == 0 && h.app.flights.is_empty()
+    h.app.engine.is_idle() && h.app.metrics.busy_workers.get() == 0
 }
 
 #[test]

@@ -1179,8 +1179,8 @@ impl<'a> Lockstep<'a> {
         let app = &self.duo.app;
         let look = || {
             (
-                app.jobs.len(),
-                (1..=3).map(|p| app.budget.running(p)).sum::<usize>(),
+                app.engine.queued(),
+                (1..=3).map(|p| app.engine.slots_taken(p)).sum::<usize>(),
                 self.duo.direct.total_calculations(),
                 self.duo.upstream.total_calculations(),
             )

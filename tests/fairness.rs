@@ -158,11 +158,11 @@ fn a_key_flooding_async_work_does_not_hold_back_other_projects_or_keys() {
     let h = harness(WORKERS, CALC, |c| c.queue_capacity = 256);
     let flood = Flood::start(&h, P1, 3000, 4);
     eventually("the flooding key is refused more work", || flood.refused.load(Ordering::SeqCst) > 0);
-    assert!(h.app.jobs.len() <= 256, "the queue holds {}", h.app.jobs.len());
+    assert!(h.app.engine.queued() <= 256, "the queue holds {}", h.app.engine.queued());
 
     // The others, while the flood goes on.
     let (p2_took, all_took) = the_others_complete(&h);
-    let still_flooding = h.app.jobs.len();
+    let still_flooding = h.app.engine.queued();
     let (flood_accepted, flood_refused) = flood.finish(false);
 
     // Project 2 is one of P = 2 projects with one principal: k ≤ 1. The other key shares project 1
@@ -189,7 +189,7 @@ fn a_key_out_of_rate_tokens_does_not_hold_the_workers() {
     });
     let (flood_accepted, _) = Flood::start(&h, P1, 40, 4).finish(false);
     assert!(flood_accepted > 2, "the flooder queued work beyond its tokens: {flood_accepted}");
-    assert!(!h.app.jobs.is_empty(), "the flooder's work waits for its tokens");
+    assert!(h.app.engine.queued() > 0, "the flooder's work waits for its tokens");
 
     let (p2_took, all_took) = the_others_complete(&h);
     // The flooder's lane is parked: two ready lanes (k ≤ 1), and the workers are free.
@@ -200,5 +200,5 @@ fn a_key_out_of_rate_tokens_does_not_hold_the_workers() {
     );
     assert!(p2_took <= limit + SLACK, "project 2 waited {p2_took:?}");
     assert!(all_took <= limit + SLACK, "the other key waited {all_took:?}");
-    assert!(!h.app.jobs.is_empty(), "the flooder's work still waits for its tokens");
+    assert!(h.app.engine.queued() > 0, "the flooder's work still waits for its tokens");
 }

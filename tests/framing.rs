@@ -416,7 +416,7 @@ fn framing_vectors() {
         }
     }
     assert!(failures.is_empty(), "{} failing:\n{}", failures.len(), failures.join("\n"));
-    assert!(!p.app.upstream.breaker().is_open(), "nothing counted against the upstream");
+    assert!(!p.app.engine.upstream().breaker().is_open(), "nothing counted against the upstream");
 }
 
 /// The Host the proxy writes into links (here the absolute links of a passed-through JSON answer)
@@ -474,5 +474,5 @@ fn an_upstream_connection_with_an_unfinished_request_is_never_reused() {
     assert_eq!(c.response().expect("an answer").status, 200);
     let last = p.upstream.requests().last().unwrap().conn;
     assert_ne!(last, unfinished, "the next request went on a fresh connection");
-    assert!(!p.app.upstream.breaker().is_open());
+    assert!(!p.app.engine.upstream().breaker().is_open());
 }

@@ -620,12 +620,7 @@ impl World {
     /// can still reach the upstream or confirm a principal).
     fn settle(&self) {
         let app = &self.app;
-        let idle = || {
-            app.jobs.is_empty()
-                && app.flights.is_empty()
-                && app.ahead_flights.is_empty()
-                && app.metrics.busy_workers.get() == 0
-        };
+        let idle = || app.engine.is_idle() && app.metrics.busy_workers.get() == 0;
         eventually("background work settles", || {
             (0..3).all(|_| {
                 let quiet = idle();

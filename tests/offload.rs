@@ -65,7 +65,7 @@ fn a_spent_budget_serves_stale_or_posthogs_concurrency_error() {
     // The simulator counts a calculation when it starts: then the slot is surely held.
     let before = h.sim.total_calculations() + 1;
     eventually("the slow calculation holds the project's only slot", || {
-        h.app.budget.running(1) == 1 && h.sim.total_calculations() == before
+        h.app.engine.slots_taken(1) == 1 && h.sim.total_calculations() == before
     });
     let r = h.get(&format!("{}?refresh=blocking", url(cold)), ALL);
     assert_eq!(r.status, 200);
@@ -247,7 +247,7 @@ fn insight_on_unfiltered_dashboard(h: &Harness) -> (u64, String, String) {
 
 /// No background work queued or running.
 fn idle(h: &Harness) -> bool {
-    h.app.jobs.is_empty() && h.app.metrics.busy_workers.get() == 0 && h.app.flights.is_empty()
+    h.app.engine.is_idle() && h.app.metrics.busy_workers.get() == 0
 }
 
 #[test]
@@ -294,7 +294,7 @@ fn stale_variants_the_upstream_keys_identically_share_one_calculation() {
     let (port, standalone) = (h.proxy_port, format!("{url}?refresh=blocking"));
     let first =
         std::thread::spawn(move || http(port, "GET", &standalone, &[("Authorization", "Bearer phx_demo_all")], None));
-    eventually("the standalone variant's calculation is running", || h.app.flights.len() == 1);
+    eventually("the standalone variant's calculation is running", || h.app.engine.flights_running() == 1);
     let r = h.get(&format!("{dash}&refresh=blocking"), ALL);
     assert!(r.cache_status().contains("collapsed"), "{}", r.cache_status());
     let first = first.join().unwrap().json();
@@ -376,7 +376,7 @@ fn queued_work_a_client_recalculation_answered_meanwhile_does_not_ask_the_upstre
     let queued = h.get(&format!("{url}?refresh=async"), ALL).json();
     let status = queued["query_status"]["id"].as_str().expect("a status").to_string();
     let blocking = get(format!("{url}?refresh=blocking"));
-    eventually("the blocking read waits for the slot", || h.app.flights.len() == 2);
+    eventually("the blocking read waits for the slot", || h.app.engine.flights_running() == 2);
     let fresh = blocking.join().unwrap().json();
     assert_eq!(holder.join().unwrap().status, 200);
     assert_eq!(h.calcs(1, id), 2);

@@ -795,7 +795,7 @@ fn a_credential_flood_gets_no_data_and_leaves_no_state() {
     // Unknown credentials share a bounded allowance of upstream calls.
     let upstream = h.sim.requests() - requests_before;
     assert!(upstream <= bound, "{FLOOD} made-up keys caused {upstream} upstream requests (bound {bound})");
-    eventually("no calculation left in flight", || h.app.flights.is_empty() && h.app.jobs.is_empty());
+    eventually("no calculation left in flight", || h.app.engine.flights_running() == 0 && h.app.engine.queued() == 0);
     h.app.cache.run_pending_tasks().await_blocking();
     assert_eq!(h.app.cache.entry_count(), entries, "nothing cached for rejected credentials");
     assert_eq!(h.app.statuses.len(), statuses, "no status records for rejected credentials");
@@ -827,9 +827,9 @@ fn a_credential_flood_with_async_requests_leaves_no_state() {
     const FLOOD: u64 = 600;
     let bound = credential_flood(&h, FLOOD, &["async", "lazy_async"]);
     let upstream = h.sim.requests() - requests_before;
-    let queued = h.app.jobs.len();
+    let queued = h.app.engine.queued();
     let legit = h.get(&calculated_variant_url(1, 1, "async"), ALL).json();
-    eventually("no calculation left in flight", || h.app.flights.is_empty() && h.app.jobs.is_empty());
+    eventually("no calculation left in flight", || h.app.engine.flights_running() == 0 && h.app.engine.queued() == 0);
     assert_eq!(queued, 0, "rejected credentials' work was queued");
     assert!(legit["query_status"]["error_message"].is_null(), "a legitimate request overflowed: {legit}");
     assert!(upstream <= bound, "{FLOOD} made-up keys caused {upstream} upstream requests (bound {bound})");
@@ -1006,7 +1006,7 @@ fn broken_upstream_is_contained(how: Misbehaviour, expect: &[u16]) {
     eventually("the force_async status is not left running", || {
         app.statuses.get(owner, &id).is_none_or(|s| s.complete && s.error)
     });
-    eventually("no background work left", || app.jobs.is_empty() && app.flights.is_empty());
+    eventually("no background work left", || app.engine.is_idle());
     // Pass-through: pingora's proxy path, with the peer's per-read timeout. (An upstream that
     // breaks off mid-body after the head was relayed: see the ignored test below.)
     if !matches!(how, Misbehaviour::CloseMidBody) {

@@ -59,7 +59,7 @@ fn a_result_that_can_never_go_stale_is_not_recalculated_ahead() {
         let r = h.get(&url, ALL);
         assert!(r.cache_status().contains("; hit"), "{}", r.cache_status());
     }
-    eventually("no background work left", || h.app.jobs.is_empty() && h.app.flights.is_empty());
+    eventually("no background work left", || h.app.engine.is_idle());
     let ahead = h.metric("insights_proxy_upstream_calculations_total{reason=\"ahead\"}");
     assert_eq!(ahead, 0.0, "recalculated ahead a result that can never change");
 }

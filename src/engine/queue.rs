@@ -1,5 +1,5 @@
-//! Background calculations: a bounded queue, deduplicated per key, drained by a fixed pool of
-//! workers that run as a pingora background service and stop on shutdown.
+//! The queue of background calculations: bounded, deduplicated per flight, drained by the
+//! engine's workers ([`super::workers`]).
 //!
 //! No tenant can starve another. Work a client asked for waits in one lane per principal within
 //! one lane per project; workers serve the projects round-robin, and within a project its
@@ -14,17 +14,12 @@ use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use parking_lot::Mutex;
-use pingora::server::ShutdownWatch;
-use pingora::services::background::BackgroundService;
-use serde_json::Value;
 use tokio::sync::Notify;
 
-use crate::app::{App, CalcSpec, Outcome};
+use super::spec::CalcSpec;
 use crate::budget::Budget;
 use crate::cache::{CacheKey, Entry, Partition};
-use crate::failure::Failure;
 use crate::refresh::UpstreamRefresh;
 
 /// How long client work waits for its budget once it is next in its lane: past it (or when its
@@ -42,7 +37,7 @@ const IDLE_WAKE: Duration = Duration::from_secs(60);
 #[derive(Debug)]
 pub struct Job {
     pub spec: Arc<CalcSpec>,
-    /// The flight it runs under ([`App::flight_key`]): jobs are deduplicated by it.
+    /// The flight it runs under ([`super::Engine::flight_key`]): jobs are deduplicated by it.
     pub flight: CacheKey,
     pub refresh: UpstreamRefresh,
     /// The status a client polls; refresh-ahead has none.
@@ -53,13 +48,13 @@ pub struct Job {
     /// handed out, so they complete with it.
     pub joined: Vec<String>,
     /// The `last_refresh` of the entry the request saw (`None`: nothing was cached). A result
-    /// newer than it that lands while the job waits answers the job ([`answered_meanwhile`]).
+    /// newer than it that lands while the job waits answers the job (`workers::answered_meanwhile`).
     pub seen: Option<time::OffsetDateTime>,
 }
 
 impl Job {
     /// Every status this job completes.
-    fn statuses(&self) -> impl Iterator<Item = &String> {
+    pub fn statuses(&self) -> impl Iterator<Item = &String> {
         self.status_id.iter().chain(&self.joined)
     }
 }
@@ -110,7 +105,7 @@ pub enum Next {
 #[derive(Debug)]
 pub struct Taken {
     pub job: Job,
-    lost: u32,
+    pub(super) lost: u32,
 }
 
 /// A refresh-ahead job in the heap, hottest first, then oldest first.
@@ -467,162 +462,6 @@ impl JobQueue {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-}
-
-/// Refresh-ahead: nobody polls it; the result simply lands in the cache. One partition at a time
-/// refreshes an upstream cache key: the others wait for it, then read the upstream's fresh cache
-/// with their own credential (no calculation). If it could not run (budget), the next read may
-/// schedule it again.
-async fn run_ahead(app: &Arc<App>, job: &Job, ahead: &Ahead) {
-    let spec = &job.spec;
-    let ahead_of = Some((ahead.base, ahead.group));
-    let key = match ahead.group {
-        0 => (spec.project, spec.insight, spec.key.variant, false),
-        g => (spec.project, spec.insight, g, true),
-    };
-    let run = {
-        let (app, spec, flight, refresh) = (app.clone(), spec.clone(), job.flight, job.refresh);
-        move || {
-            let (app, spec) = (app.clone(), spec.clone());
-            async move { app.calculation(&spec, flight, refresh, "ahead", ahead_of).0.wait().await }
-        }
-    };
-    let (first, started) = app.ahead_flights.join_or_start(key, || {
-        let run = run.clone();
-        async move { run().await.unwrap_or(Outcome::Failed(Failure::Interrupted)) }
-    });
-    let mut outcome = first.wait().await;
-    if !started {
-        // Another partition's refresh of the same upstream key: its result is not ours to use;
-        // ours now reads the upstream's cache (or calculates if that did not happen).
-        outcome = run().await;
-    }
-    let ours = job.flight == spec.key;
-    let taken = match outcome {
-        // Another variant's result whose upstream key changed meanwhile is not taken (`None`):
-        // this variant's next read schedules it again.
-        Some(o @ Outcome::Stored(_)) => app.adopt(spec, Some(&ahead.claimed), o, ours).await.is_some(),
-        _ => false,
-    };
-    if !taken {
-        ahead.claimed.unclaim_refresh_ahead();
-    }
-}
-
-/// Runs one job to completion and records the outcome in its status. A job that lost its budget
-/// after it was taken (someone else took the token or the slot first) is handed back with its
-/// status untouched, for its lane ([`JobQueue::put_back`]).
-pub async fn run_job(app: &Arc<App>, job: Job) -> Option<Job> {
-    if let Some(ahead) = &job.ahead {
-        run_ahead(app, &job, ahead).await;
-        return None;
-    }
-    job.status_id.as_ref()?;
-    for id in job.statuses() {
-        app.statuses.picked_up(id, app.clock.now());
-        app.share_status(id, job.spec.key.partition);
-    }
-    if let Some(entry) = answered_meanwhile(app, &job).await {
-        let result = Ok(crate::status::query_response(&entry));
-        for id in job.statuses() {
-            app.statuses.finish(id, app.clock.now(), result.clone());
-            app.share_status(id, job.spec.key.partition);
-        }
-        return None;
-    }
-    let own = app.cache.get_local(&job.spec.key).await;
-    let wait = |flight: Arc<crate::flights::Flight<Outcome>>| async move { flight.wait().await };
-    let (outcome, _) = app.calculate_for(&job.spec, own.as_ref(), job.flight, job.refresh, "background", wait).await;
-    let result = match outcome {
-        Some(Outcome::Failed(Failure::Budget)) => return Some(job),
-        Some(Outcome::Stored(entry)) => Ok(crate::status::query_response(&entry)),
-        Some(Outcome::Relay(resp)) => Err(relay_message(&resp.body)),
-        Some(Outcome::Failed(f)) => Err(f.to_api_error().detail),
-        None => Err("The calculation was interrupted.".into()),
-    };
-    for id in job.statuses() {
-        app.statuses.finish(id, app.clock.now(), result.clone());
-        app.share_status(id, job.spec.key.partition);
-    }
-    None
-}
-
-/// The entry that already answers a client job, checked right before it calculates: a result
-/// newer than the one its request saw landed while it waited (a client's calculation, another
-/// variant's), and is fresh. Forced work takes any newer result, one calculated since the
-/// request saw the entry (two forces of one key share a calculation); forced work on a miss
-/// always runs.
-async fn answered_meanwhile(app: &Arc<App>, job: &Job) -> Option<Arc<Entry>> {
-    let forced = job.refresh == UpstreamRefresh::ForceBlocking;
-    if forced && job.seen.is_none() {
-        return None;
-    }
-    let own = app.cache.get_local(&job.spec.key).await?;
-    let own = app.freshen(&job.spec, &own).await.unwrap_or(own);
-    if job.seen.is_some_and(|seen| own.last_refresh() <= seen) {
-        return None;
-    }
-    (forced || !own.stale.is_stale(app.clock.now(), &app.config.thresholds)).then_some(own)
-}
-
-/// Completes a job that will not run: its status says `concurrency_limit_exceeded`, as PostHog's
-/// does when a team runs too many queries; refresh-ahead releases its claim for the next read.
-fn give_up(app: &App, job: Job) {
-    if let Some(ahead) = &job.ahead {
-        ahead.claimed.unclaim_refresh_ahead();
-    }
-    for id in job.statuses() {
-        app.statuses.finish(id, app.clock.now(), Err(Failure::Budget.to_api_error().detail));
-        app.share_status(id, job.spec.key.partition);
-    }
-}
-
-/// The upstream's own error message for a relayed answer, e.g. `concurrency_limit_exceeded`.
-fn relay_message(body: &[u8]) -> String {
-    let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
-    v.pointer("/query_status/error_message")
-        .or_else(|| v.get("detail"))
-        .and_then(Value::as_str)
-        .unwrap_or("The upstream did not return a result.")
-        .to_string()
-}
-
-pub struct Workers {
-    pub app: Arc<App>,
-}
-
-#[async_trait]
-impl BackgroundService for Workers {
-    async fn start(&self, shutdown: ShutdownWatch) {
-        let mut tasks = tokio::task::JoinSet::new();
-        for _ in 0..self.app.config.workers {
-            let (app, mut shutdown) = (self.app.clone(), shutdown.clone());
-            tasks.spawn(async move {
-                loop {
-                    tokio::select! {
-                        _ = shutdown.changed() => return,
-                        next = app.jobs.pop() => match next {
-                            Next::Run(Taken { job, lost }) => {
-                                app.metrics.busy_workers.inc();
-                                let key = job.spec.key;
-                                let back = run_job(&app, job).await;
-                                // A job that did not calculate gives its token and slot back.
-                                app.budget.release_grant(&key);
-                                if let Some(job) = back {
-                                    if let Some(job) = app.jobs.put_back(Taken { job, lost }) {
-                                        give_up(&app, job);
-                                    }
-                                }
-                                app.metrics.busy_workers.dec();
-                            }
-                            Next::Expired(job) => give_up(&app, job),
-                        },
-                    }
-                }
-            });
-        }
-        while tasks.join_next().await.is_some() {}
     }
 }
 

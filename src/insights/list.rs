@@ -1,0 +1,206 @@
+//! One page of `GET /insights/`: its membership is the upstream's (kept briefly per principal),
+//! and each insight on it is answered under the request's mode from its own entry.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde_json::Value;
+
+use super::answer::answer;
+use super::vouch::remembered_refusal;
+use super::{Ask, Reply};
+use crate::app::App;
+use crate::auth::Principal;
+use crate::cache::{CacheKey, Entry, PageKey};
+use crate::cache_status::{CacheStatus, Detail, Fwd};
+use crate::engine::{own_request, CalcSpec, ListRead, Outcome};
+use crate::failure::Failure;
+use crate::query::QueryParams;
+use crate::refresh::RefreshMode;
+
+/// One page of `GET /insights/`.
+#[derive(Debug, Clone)]
+pub struct ListCall {
+    pub project: u64,
+    pub path: String,
+    pub query: QueryParams,
+    pub principal: Principal,
+    pub mode: RefreshMode,
+    pub truthy: bool,
+    /// Where the client reaches the proxy (`http://host:port`), for `next`/`previous`.
+    pub public_base: String,
+}
+
+/// Each insight on the page is answered under the request's mode from the same per-insight
+/// entries as retrieve; the calculations a page needs run concurrently.
+pub async fn list(app: &Arc<App>, call: ListCall) -> Reply {
+    let partition = call.principal.partition();
+    let epoch = app.cache.begin();
+    let started_ms = app.cache.now_ms();
+    let req = own_request(&call.path, &call.query, &call.principal, "force_cache");
+    let listed = || CacheStatus::fwd(Fwd::UriMiss);
+    let confirmed = app.engine.is_confirmed(partition, call.project, None);
+    if !confirmed {
+        if let Some(reply) = remembered_refusal(app, partition, call.project, None) {
+            return reply;
+        }
+    }
+    // A page's membership is kept briefly per principal, so a dashboard's viewers do not each
+    // cost an upstream call; the insights on it are answered from their own entries below.
+    let page_key = PageKey { partition, project: call.project, path_and_query: req.path_and_query.clone() };
+    let cached_page = if confirmed { app.cache.page(&page_key).await } else { None };
+    let (body, page_status) = match cached_page {
+        Some(body) => (body, CacheStatus::hit().detail(Detail::ListPage)),
+        None => {
+            let failed = |f: Failure| Reply::error(&f.to_api_error(), listed().detail(Detail::Failure(f.as_str())));
+            let resp = match app.engine.read_list(&req, &call.principal, call.project).await {
+                Ok(resp) => resp,
+                Err(ListRead::Failed(f)) => return failed(f),
+                Err(ListRead::Relay(resp)) => return Reply::relay(&resp, listed().fwd_status(resp.status)),
+            };
+            app.cache.put_page(page_key, resp.body.clone()).await;
+            (resp.body, listed().fwd_status(200))
+        }
+    };
+    let Ok(Value::Object(mut page)) = serde_json::from_slice::<Value>(&body) else {
+        return Reply::error(
+            &Failure::Garbage.to_api_error(),
+            listed().detail(Detail::Failure(Failure::Garbage.as_str())),
+        );
+    };
+    let items = match page.get_mut("results") {
+        Some(Value::Array(items)) => std::mem::take(items),
+        _ => {
+            return Reply::error(
+                &Failure::Garbage.to_api_error(),
+                listed().detail(Detail::Failure(Failure::Garbage.as_str())),
+            )
+        }
+    };
+    let item_path = format!("{}/", call.path.trim_end_matches('/'));
+    // The upstream's list ignores `from_dashboard` (and its paging parameters are the list's): its
+    // items are stored and answered as the insight's own results, never under a dashboard's key.
+    let item_query = call.query.only(&["filters_override", "variables_override", "tile_filters_override"]);
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut answered: Vec<Value> = Vec::with_capacity(items.len());
+    for (i, item) in items.into_iter().enumerate() {
+        let Some(insight) = item.get("id").and_then(Value::as_u64) else {
+            answered.push(item);
+            continue;
+        };
+        // The upstream listed it to this principal: under the insight scope that confirms it.
+        app.engine.confirm(partition, call.project, Some(insight));
+        let spec = Arc::new(CalcSpec {
+            key: CacheKey::new(partition, call.project, insight, &item_query),
+            project: call.project,
+            insight,
+            path: format!("{item_path}{insight}/"),
+            query: item_query.clone(),
+            principal: call.principal.clone(),
+        });
+        // The page came from the upstream's cache: a result on it is a peek worth keeping.
+        let peeked = match Entry::from_value(item.clone(), insight, epoch).map(|e| e.stamped(started_ms)) {
+            Ok(e) => {
+                let e = Arc::new(e);
+                app.cache.insert(spec.key, e.clone()).await;
+                Outcome::Stored(e)
+            }
+            Err(_) => Outcome::Relay(Arc::new(crate::upstream::UpstreamResponse {
+                status: 200,
+                body: Bytes::from(item.to_string()),
+                ..Default::default()
+            })),
+        };
+        answered.push(item);
+        let (app, ask) = (app.clone(), Ask { mode: call.mode, truthy: call.truthy });
+        tasks.spawn(async move { (i, answer(&app, &spec, ask, Some(peeked)).await) });
+    }
+    while let Some(done) = tasks.join_next().await {
+        let Ok((i, reply)) = done else { continue };
+        if reply.status == 200 {
+            if let Ok(v) = serde_json::from_slice::<Value>(&reply.body) {
+                answered[i] = v;
+            }
+        }
+    }
+    page.insert("results".into(), Value::Array(answered));
+    for link in ["next", "previous"] {
+        if let Some(Value::String(url)) = page.get(link) {
+            let rewritten = client_page_link(url, &call.public_base, &call.query);
+            page.insert(link.into(), Value::String(rewritten));
+        }
+    }
+    Reply::json(200, Bytes::from(Value::Object(page).to_string()), page_status)
+}
+
+/// A page link as the upstream builds it for the client's own request, so a client paging through
+/// the proxy keeps its `refresh`, `client_query_id` and every other parameter: DRF's
+/// `replace_query_param` on the client's query (blank values dropped, keys sorted, `quote_plus`)
+/// with the page position (`limit`, `offset`) the upstream chose for the proxy's read, on the
+/// proxy's origin.
+pub fn client_page_link(upstream_link: &str, public_base: &str, client_query: &QueryParams) -> String {
+    let relinked = rewrite_origin(upstream_link, public_base);
+    let (path, upstream_query) = relinked.split_once('?').unwrap_or((&relinked, ""));
+    let Ok(position) = QueryParams::parse(Some(upstream_query)) else { return relinked };
+    let mut params: std::collections::BTreeMap<&str, Vec<&str>> = std::collections::BTreeMap::new();
+    for (k, v) in client_query.iter().filter(|(_, v)| !v.is_empty()) {
+        params.entry(k).or_default().push(v);
+    }
+    for name in ["limit", "offset"] {
+        match position.get(name) {
+            Some(v) => params.insert(name, vec![v]),
+            None => params.remove(name),
+        };
+    }
+    let quote_plus = |s: &str| crate::query::encode(s).replace("%20", "+");
+    let query: Vec<String> = params
+        .iter()
+        .flat_map(|(k, vs)| vs.iter().map(move |v| format!("{}={}", quote_plus(k), quote_plus(v))))
+        .collect();
+    if query.is_empty() {
+        path.to_string()
+    } else {
+        format!("{path}?{}", query.join("&"))
+    }
+}
+
+/// Points an absolute URL the upstream built from its own host back at the proxy.
+pub fn rewrite_origin(url: &str, public_base: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_string();
+    };
+    let rest = &url[scheme_end + 3..];
+    let path = rest.find('/').map(|i| &rest[i..]).unwrap_or("/");
+    format!("{public_base}{path}")
+}
+
+/// The upstream's answer to an unconfirmed principal it refused a moment ago: it stands, at no
+/// upstream cost ([`crate::trust::Trust::refusal`]).
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_links_keep_the_clients_own_parameters() {
+        let client =
+            QueryParams::parse(Some("refresh=blocking&client_query_id=q+1&limit=2&personal_api_key=k&x=")).unwrap();
+        let upstream = "http://up:9/api/projects/1/insights/?limit=2&offset=4&refresh=force_cache";
+        assert_eq!(
+            client_page_link(upstream, "http://proxy:8080", &client),
+            "http://proxy:8080/api/projects/1/insights/?client_query_id=q+1&limit=2&offset=4&personal_api_key=k&refresh=blocking"
+        );
+        let first = "http://up:9/api/projects/1/insights/?limit=2&refresh=force_cache";
+        let on_page_two = QueryParams::parse(Some("offset=2&limit=2")).unwrap();
+        assert_eq!(client_page_link(first, "http://p", &on_page_two), "http://p/api/projects/1/insights/?limit=2");
+    }
+
+    #[test]
+    fn origins_are_rewritten() {
+        assert_eq!(
+            rewrite_origin("http://127.0.0.1:9/api/projects/1/insights/?limit=2&offset=2", "http://proxy:8080"),
+            "http://proxy:8080/api/projects/1/insights/?limit=2&offset=2"
+        );
+        assert_eq!(rewrite_origin("https://us.posthog.com", "http://p"), "http://p/");
+        assert_eq!(rewrite_origin("/relative", "http://p"), "/relative");
+    }
+}
