@@ -2,10 +2,11 @@
 # container engine.)  docker build -t insights-proxy . && docker run -p 8080:8080 -p 9090:9090 insights-proxy \
 #   --upstream https://us.posthog.com --listen 0.0.0.0:8080 --admin-listen 0.0.0.0:9090
 FROM rust:1-bookworm AS build
-RUN apt-get update && apt-get install -y --no-install-recommends cmake && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked --bin insights-proxy
+# The build recipe CI runs (scripts/setup.sh build, then cargo build --locked), in release;
+# tests/deploy_files.rs keeps this stage to it.
+RUN scripts/build.sh --release
 
 FROM debian:bookworm-slim
 RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates && rm -rf /var/lib/apt/lists/* \

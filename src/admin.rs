@@ -2,6 +2,7 @@
 //! `/healthz` (alive), `/readyz` (configured and the upstream reachable), and behind a bearer token
 //! the admin API: purge an insight or a project, inspect an insight's entries (metadata only).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -57,9 +58,23 @@ impl AdminApp {
         m.purge_records.set(app.cache.purge_records() as i64);
         m.status_bytes.set(app.statuses.done_bytes() as i64);
         m.circuit_open.set(i64::from(app.engine.upstream().breaker().is_open()));
+        let age = app.statuses.oldest_running_start().map_or(0, |t| (app.clock.now() - t).whole_seconds().max(0));
+        m.status_oldest_running_seconds.set(age);
+        m.cache_max_bytes.set(app.config.cache_max_bytes as i64);
+        m.queue_capacity.set(app.config.queue_capacity as i64);
+        m.workers.set(app.config.workers as i64);
+        let (b, total) = (app.engine.budget_counts(), |c: &AtomicU64| c.load(Ordering::Relaxed));
+        let (waits, exhausted) = (&m.budget_waits, &m.budget_exhausted);
+        m.mirror(&[
+            (waits.with_label_values(&["rate"]), total(&b.rate_waits)),
+            (exhausted.with_label_values(&["rate"]), total(&b.rate_exhausted)),
+            (waits.with_label_values(&["slot"]), total(&b.slot_waits)),
+            (exhausted.with_label_values(&["slot"]), total(&b.slot_exhausted)),
+        ]);
         if let Some(l2) = app.cache.l2() {
-            m.l2_up.set(i64::from(l2.is_up()));
-            m.l2_errors.set(l2.errors.load(std::sync::atomic::Ordering::Relaxed) as i64);
+            let g = m.l2();
+            g.up.set(i64::from(l2.is_up()));
+            m.mirror(&[(g.errors.clone(), total(&l2.errors))]);
         }
         m.render()
     }

@@ -14,6 +14,7 @@
 //! spent the whole hourly rate and refresh-ahead never ran.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -44,6 +45,20 @@ struct Grant {
     rate: Option<Arc<Mutex<Rate>>>,
 }
 
+/// How often callers met the budget since start, per limit: waited for it, or gave up waiting
+/// (read by the admin listener at scrape time).
+#[derive(Debug, Default)]
+pub struct BudgetCounts {
+    pub rate_waits: AtomicU64,
+    pub rate_exhausted: AtomicU64,
+    pub slot_waits: AtomicU64,
+    pub slot_exhausted: AtomicU64,
+}
+
+fn count(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
 /// Keys whose rate state is kept at most; a forgotten one starts with a full bucket.
 const MAX_RATE_STATES: u64 = 100_000;
 
@@ -55,6 +70,7 @@ pub struct Budget {
     freed: Notify,
     /// Grants not yet claimed, by the cache key of the job they were made for.
     grants: Mutex<HashMap<CacheKey, Vec<Grant>>>,
+    counts: BudgetCounts,
 }
 
 /// A held calculation slot; dropping it hands the slot on.
@@ -79,11 +95,16 @@ impl Budget {
             rates,
             freed: Notify::new(),
             grants: Mutex::new(HashMap::new()),
+            counts: BudgetCounts::default(),
         })
     }
 
     pub fn settings(&self) -> &BudgetSettings {
         &self.settings
+    }
+
+    pub fn counts(&self) -> &BudgetCounts {
+        &self.counts
     }
 
     /// A calculation slot for `project`, waiting at most `wait` behind higher-priority work.
@@ -99,14 +120,19 @@ impl Budget {
             slots.waiting[priority as usize].push_back(tx);
             rx
         };
-        tokio::select! {
+        count(&self.counts.slot_waits);
+        let got = tokio::select! {
             r = &mut rx => r.map(|()| Slot { budget: self.clone(), project }).map_err(|_| Exhausted),
             _ = tokio::time::sleep(wait) => {
                 // A slot may have been handed over just as the wait ended: keep it if so.
                 rx.close();
                 rx.try_recv().map(|()| Slot { budget: self.clone(), project }).map_err(|_| Exhausted)
             }
+        };
+        if got.is_err() {
+            count(&self.counts.slot_exhausted);
         }
+        got
     }
 
     fn release(&self, project: u64) {
@@ -227,12 +253,21 @@ impl Budget {
         let Some(rate) = self.rate_of(principal) else { return Ok(()) };
         let reserve = if forced { f64::from(self.settings.forced_reserve_percent) / 100.0 } else { 0.0 };
         let deadline = Instant::now() + wait;
+        let mut waited = false;
         loop {
             let retry_in = rate.lock().take(Instant::now(), reserve);
             match retry_in {
                 None => return Ok(()),
-                Some(d) if Instant::now() + d <= deadline => tokio::time::sleep(d).await,
-                Some(_) => return Err(Exhausted),
+                Some(d) if Instant::now() + d <= deadline => {
+                    if !std::mem::replace(&mut waited, true) {
+                        count(&self.counts.rate_waits);
+                    }
+                    tokio::time::sleep(d).await
+                }
+                Some(_) => {
+                    count(&self.counts.rate_exhausted);
+                    return Err(Exhausted);
+                }
             }
         }
     }
@@ -365,6 +400,23 @@ mod tests {
         }
         assert!(matches!(b.try_grant(key(&a, 5), 3, &a), Err(Some(d)) if d > Duration::ZERO));
         assert_eq!(b.running(1), 0);
+    }
+
+    #[tokio::test]
+    async fn waits_and_refusals_are_counted_per_limit() {
+        let b = Budget::new(BudgetSettings { per_minute: Some(600), ..settings(1) });
+        let a = Principal::api_key(&PartitionKeyer::new(None), "a");
+        let counts = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        // A capacity of 150 tokens refilled at 7.5/s: the next token is ~133 ms away.
+        while b.rate_token(&a, Duration::ZERO, false).await.is_ok() {}
+        assert_eq!(counts(&b.counts().rate_exhausted), 1);
+        assert_eq!(counts(&b.counts().rate_waits), 0);
+        b.rate_token(&a, Duration::from_secs(5), false).await.unwrap();
+        assert_eq!(counts(&b.counts().rate_waits), 1);
+        let _held = b.slot(1, Priority::Blocking, Duration::ZERO).await.unwrap();
+        assert!(b.slot(1, Priority::Blocking, Duration::from_millis(10)).await.is_err());
+        assert_eq!((counts(&b.counts().slot_waits), counts(&b.counts().slot_exhausted)), (1, 1));
+        assert_eq!(counts(&b.counts().rate_exhausted), 1, "a slot refusal is not a rate refusal");
     }
 
     #[test]

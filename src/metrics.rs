@@ -4,6 +4,8 @@
 
 use std::sync::OnceLock;
 
+use parking_lot::Mutex;
+
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
@@ -47,10 +49,31 @@ pub struct Metrics {
     pub status_bytes: IntGauge,
     pub in_flight: IntGaugeVec,
     pub circuit_open: IntGauge,
-    pub l2_up: IntGauge,
-    /// Failed shared-tier calls since start (a gauge mirrored from the tier's own counter).
-    pub l2_errors: IntGauge,
+    /// The shared tier's metrics, registered on first use ([`Metrics::l2`]).
+    l2: OnceLock<L2Metrics>,
+    /// How long the oldest query_status record still running has been running.
+    pub status_oldest_running_seconds: IntGauge,
+    // The configured limits, so dashboards and alerts compare against them.
+    pub cache_max_bytes: IntGauge,
+    pub queue_capacity: IntGauge,
+    pub workers: IntGauge,
+    /// Calculations and reads that waited for budget, by limit (`rate`, `slot`); mirrored from
+    /// the budget's own counts ([`Metrics::mirror`]).
+    pub budget_waits: IntCounterVec,
+    /// Calculations and reads that gave up waiting for budget, by limit.
+    pub budget_exhausted: IntCounterVec,
+    /// Held while mirrored counters are brought up to date, so two scrapes cannot both add.
+    mirroring: Mutex<()>,
 }
+
+pub struct L2Metrics {
+    pub up: IntGauge,
+    /// Failed shared-tier calls, mirrored from the tier's own count.
+    pub errors: IntCounter,
+}
+
+/// The `limit` label values of the budget counters.
+pub const BUDGET_LIMITS: [&str; 2] = ["rate", "slot"];
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
@@ -87,6 +110,19 @@ impl Metrics {
         let in_flight = IntGaugeVec::new(Opts::new("in_flight", "Upstream calls in flight, by kind."), &["kind"])
             .expect("valid metric");
         r.register(Box::new(in_flight.clone())).expect("unique metric");
+        let budget_waits =
+            counter_vec(&r, "budget_waits_total", "Upstream calls that waited for budget, by limit.", &["limit"]);
+        let budget_exhausted = counter_vec(
+            &r,
+            "budget_exhausted_total",
+            "Upstream calls refused because the budget did not come in time, by limit.",
+            &["limit"],
+        );
+        // Exported at 0 from the start, so rates and alerts see a series before the first wait.
+        for limit in BUDGET_LIMITS {
+            budget_waits.with_label_values(&[limit]);
+            budget_exhausted.with_label_values(&[limit]);
+        }
         Self {
             requests: counter_vec(&r, "requests_total", "Requests answered.", &["route", "mode", "cache"]),
             request_seconds,
@@ -143,8 +179,18 @@ impl Metrics {
             status_bytes: gauge(&r, "query_status_bytes", "Bytes charged to completed query_status records."),
             in_flight,
             circuit_open: gauge(&r, "upstream_circuit_open", "1 while the upstream circuit breaker is open."),
-            l2_up: gauge(&r, "l2_up", "1 while the shared tier (Redis) answers; 0 while its breaker is open."),
-            l2_errors: gauge(&r, "l2_errors", "Failed shared-tier calls since start."),
+            l2: OnceLock::new(),
+            status_oldest_running_seconds: gauge(
+                &r,
+                "query_status_oldest_running_seconds",
+                "Age of the oldest query_status record still running (0 when none runs).",
+            ),
+            cache_max_bytes: gauge(&r, "cache_max_bytes", "Configured [cache] max_bytes."),
+            queue_capacity: gauge(&r, "queue_capacity", "Configured [refresh] queue_capacity."),
+            workers: gauge(&r, "workers", "Configured [refresh] workers."),
+            budget_waits,
+            budget_exhausted,
+            mirroring: Mutex::new(()),
             per_request: PerRequest::default(),
             registry: r,
         }
@@ -166,6 +212,24 @@ impl Metrics {
                 self.request_seconds.with_label_values(&[route]).observe(seconds);
             }
         }
+    }
+
+    /// Brings each counter up to `total`, a count kept since start by the component that owns
+    /// it (so that component needs no metrics handle).
+    pub fn mirror(&self, totals: &[(IntCounter, u64)]) {
+        let _one_scrape_at_a_time = self.mirroring.lock();
+        for (c, total) in totals {
+            c.inc_by(total.saturating_sub(c.get()));
+        }
+    }
+
+    /// The shared tier's metrics, registered the first time they are asked for: a proxy without
+    /// `[l2]` exports none, so an "L2 down" alert cannot fire on it.
+    pub fn l2(&self) -> &L2Metrics {
+        self.l2.get_or_init(|| L2Metrics {
+            up: gauge(&self.registry, "l2_up", "1 while the shared tier (Redis) answers; 0 while its breaker is open."),
+            errors: gauge_free_counter(&self.registry, "l2_errors_total", "Failed shared-tier calls."),
+        })
     }
 
     /// The Prometheus text exposition of every metric.
@@ -234,6 +298,28 @@ mod tests {
             text.contains("insights_proxy_requests_total{cache=\"hit\",mode=\"blocking\",route=\"insight\"} 1"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn mirrored_counters_follow_their_totals_and_never_go_back() {
+        let m = Metrics::new();
+        let text = || String::from_utf8(m.render()).unwrap();
+        assert!(text().contains("insights_proxy_budget_exhausted_total{limit=\"slot\"} 0"), "{}", text());
+        let slot = m.budget_exhausted.with_label_values(&["slot"]);
+        m.mirror(&[(slot.clone(), 3), (m.budget_waits.with_label_values(&["rate"]), 5)]);
+        m.mirror(&[(slot, 2)]);
+        assert!(text().contains("insights_proxy_budget_exhausted_total{limit=\"slot\"} 3"), "{}", text());
+        assert!(text().contains("insights_proxy_budget_waits_total{limit=\"rate\"} 5"), "{}", text());
+    }
+
+    #[test]
+    fn the_shared_tier_is_exported_only_once_asked_for() {
+        let m = Metrics::new();
+        assert!(!String::from_utf8(m.render()).unwrap().contains("l2_"));
+        m.l2().up.set(1);
+        m.l2().up.set(1);
+        let text = String::from_utf8(m.render()).unwrap();
+        assert!(text.contains("insights_proxy_l2_up 1") && text.contains("insights_proxy_l2_errors_total 0"), "{text}");
     }
 
     #[test]

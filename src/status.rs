@@ -287,6 +287,13 @@ impl StatusRegistry {
         self.running.lock().len()
     }
 
+    /// When the oldest unexpired record still running started: work running this long is stuck
+    /// or starved (for the metrics).
+    pub fn oldest_running_start(&self) -> Option<OffsetDateTime> {
+        let t = Instant::now();
+        self.running.lock().values().filter(|r| r.expires > t).map(|r| r.status.start_time).min()
+    }
+
     pub fn len(&self) -> u64 {
         self.done.run_pending_tasks();
         self.running_count() as u64 + self.done.entry_count()
@@ -374,6 +381,19 @@ mod tests {
         // A completion frees a place.
         reg.finish("q1", now, Err("boom".into()));
         assert!(reg.start(p(1), reg.blank("q3".into(), 1, 3, None, now)).is_ok());
+    }
+
+    #[test]
+    fn the_oldest_running_record_is_reported_until_it_completes() {
+        let reg = StatusRegistry::new(Duration::from_secs(60), 10, 1 << 20);
+        let now = OffsetDateTime::now_utc();
+        assert_eq!(reg.oldest_running_start(), None);
+        let earlier = now - time::Duration::seconds(30);
+        reg.start(p(1), reg.blank("old".into(), 1, 1, None, earlier)).unwrap();
+        reg.start(p(2), reg.blank("new".into(), 1, 2, None, now)).unwrap();
+        assert_eq!(reg.oldest_running_start(), Some(earlier));
+        reg.finish("old", now, Ok(serde_json::json!({})));
+        assert_eq!(reg.oldest_running_start(), Some(now));
     }
 
     #[test]

@@ -24,7 +24,7 @@ use bytes::Bytes;
 use time::OffsetDateTime;
 use tokio::sync::Semaphore;
 
-use crate::budget::Budget;
+use crate::budget::{Budget, BudgetCounts};
 use crate::cache::{CacheKey, Entry, InsightCache, Partition, PartitionKeyer};
 use crate::clock::Clock;
 use crate::config::{Config, ForcedMinInterval};
@@ -273,6 +273,11 @@ impl Engine {
     /// Calculation slots of `project` taken now.
     pub fn slots_taken(&self, project: u64) -> usize {
         self.budget.running(project)
+    }
+
+    /// How often calls waited for the budget or gave up waiting, since start (for the metrics).
+    pub fn budget_counts(&self) -> &BudgetCounts {
+        self.budget.counts()
     }
 }
 
