@@ -64,6 +64,10 @@ pub struct FileConfig {
     /// The demo backend's settings (demo builds only).
     #[cfg(feature = "demo")]
     pub simulator: crate::demo::SimulatorSection,
+    /// Without the `demo` feature the section is accepted and ignored (as with an upstream
+    /// configured), so one file serves both builds.
+    #[cfg(not(feature = "demo"))]
+    pub simulator: Option<toml::Table>,
     pub log: LogSection,
 }
 

@@ -9,7 +9,6 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::clock::Clock;
-use crate::config::{Config, UpstreamUrl};
 use crate::refresh::{Interval, Thresholds};
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:0";
@@ -78,22 +77,17 @@ pub fn sim_thresholds(proxy: &Thresholds) -> posthog_sim::Thresholds {
     sim
 }
 
-/// The demo backend for `config` and the upstream address that reaches it; `addr` is
-/// `settings.listen`, checked free. The caller serves it ([`posthog_sim::Simulator::service`]) on
-/// that address.
+/// The demo backend and the address to serve it on: `addr` is `settings.listen`, checked free;
+/// port 0 there becomes a free port other than `avoid`'s (the proxy's own addresses, not yet bound).
 pub fn start(
     settings: &DemoSettings,
     mut addr: SocketAddr,
-    config: &Config,
+    avoid: &[&str],
+    thresholds: &Thresholds,
     clock: &Clock,
-) -> (UpstreamUrl, posthog_sim::Simulator) {
+) -> (SocketAddr, posthog_sim::Simulator) {
     if addr.port() == 0 || settings.listen.ends_with(":0") {
-        // Not yet bound, so a free port could be one of the proxy's own: skip those.
-        let own: Vec<u16> = [Some(config.listen.as_str()), config.admin_listen.as_deref()]
-            .into_iter()
-            .flatten()
-            .filter_map(|a| a.parse::<SocketAddr>().ok().map(|a| a.port()))
-            .collect();
+        let own: Vec<u16> = avoid.iter().filter_map(|a| a.parse::<SocketAddr>().ok().map(|a| a.port())).collect();
         let port =
             std::iter::repeat_with(posthog_sim::serve::free_port).find(|p| !own.contains(p)).expect("a free port");
         addr.set_port(port);
@@ -101,12 +95,10 @@ pub fn start(
     let cfg = posthog_sim::SimConfig {
         calc_delay: settings.calc_delay,
         seed: settings.seed,
-        thresholds: sim_thresholds(&config.thresholds),
+        thresholds: sim_thresholds(thresholds),
         ..posthog_sim::SimConfig::default()
     };
-    let sim = posthog_sim::Simulator::new(cfg, clock.clone());
-    let url = UpstreamUrl { tls: false, host: addr.ip().to_string(), port: addr.port(), addr };
-    (url, sim)
+    (addr, posthog_sim::Simulator::new(cfg, clock.clone()))
 }
 
 #[cfg(test)]

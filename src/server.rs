@@ -70,9 +70,11 @@ pub fn build_with(config: Config, clock: Clock, upgrade: bool) -> Result<Built, 
         UpstreamTarget::Remote(u) => u.clone(),
         #[cfg(feature = "demo")]
         UpstreamTarget::Simulated(demo) => {
-            let (url, sim) = crate::demo::start(demo, check_bind(&demo.listen)?, &config, &clock);
+            let own: Vec<&str> =
+                [Some(config.listen.as_str()), config.admin_listen.as_deref()].into_iter().flatten().collect();
+            let (addr, sim) = crate::demo::start(demo, check_bind(&demo.listen)?, &own, &config.thresholds, &clock);
             simulator = Some(sim);
-            url
+            UpstreamUrl { tls: false, host: addr.ip().to_string(), port: addr.port(), addr }
         }
     };
     let settings = UpstreamSettings {

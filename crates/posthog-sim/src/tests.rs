@@ -793,37 +793,11 @@ async fn hostile_inputs_never_panic() {
 /// The pingora adapter over a real socket: keep-alive with Content-Length, then shutdown.
 #[test]
 fn pingora_service_smoke() {
-    use pingora::server::configuration::ServerConf;
-    use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
     use std::io::{Read, Write};
 
-    struct Stop(tokio::sync::watch::Receiver<bool>);
-    #[async_trait::async_trait]
-    impl ShutdownSignalWatch for Stop {
-        async fn recv(&self) -> ShutdownSignal {
-            let mut rx = self.0.clone();
-            while !*rx.borrow_and_update() {
-                if rx.changed().await.is_err() {
-                    break;
-                }
-            }
-            ShutdownSignal::FastShutdown
-        }
-    }
-
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = crate::serve::free_port();
     let sim = Simulator::new(config(1), SimClock::new());
-    let conf = ServerConf {
-        threads: 1,
-        grace_period_seconds: Some(0),
-        graceful_shutdown_timeout_seconds: Some(1),
-        ..Default::default()
-    };
-    let mut server = Server::new_with_opt_and_conf(None, conf);
-    server.bootstrap();
-    server.add_service(sim.service(&format!("127.0.0.1:{port}")));
-    let (stop, rx) = tokio::sync::watch::channel(false);
-    let thread = std::thread::spawn(move || server.run(RunArgs { shutdown_signal: Box::new(Stop(rx)) }));
+    let running = crate::testing::Running::start(crate::serve::server(&sim, &format!("127.0.0.1:{port}"), 1));
 
     let mut conn = None;
     for _ in 0..200 {
@@ -868,6 +842,5 @@ fn pingora_service_smoke() {
     assert_eq!(replies[0].1["count"], 3);
     assert_eq!(replies[1].1["name"], "over the wire");
     assert_eq!(replies[2].1["requests"], 2);
-    stop.send(true).unwrap();
-    thread.join().unwrap();
+    running.stop(false);
 }
