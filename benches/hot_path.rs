@@ -29,8 +29,8 @@ use insights_proxy::metrics::Metrics;
 use insights_proxy::query::QueryParams;
 use insights_proxy::refresh::{plan, CacheState, RefreshMode, RefreshParam, Thresholds, View};
 use insights_proxy::routes::{route, Route};
-use insights_proxy::simulate::{SimConfig, Simulator};
 use insights_proxy::upstream::{UpstreamClient, UpstreamSettings};
+use posthog_sim::{SimConfig, Simulator};
 
 const TOKEN: &str = "Bearer phx_demo_all";
 /// A plain tile load: no query string.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Runs the whole test suite (unit, integration and doc tests, in debug) after installing what a
-# fresh machine lacks.
+# Runs the whole workspace's test suite (the proxy and crates/posthog-sim: unit, integration and
+# doc tests, in debug) after installing what a fresh machine lacks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-cargo test --all-targets
+cargo test --workspace --all-targets

@@ -1,8 +1,8 @@
-//! Wall clock shared by the proxy and the simulated backend.
+//! The proxy's wall clock.
 //!
 //! Staleness is decided from wall-clock timestamps (`last_refresh` in bodies), so tests need to move
-//! time forward without sleeping. Every component reads time through a [`Clock`]; tests share one
-//! clock between the proxy and the simulated backend and call [`Clock::advance`].
+//! time forward without sleeping. Every component reads time through a [`Clock`]; tests hand the
+//! same clock to the simulated backend (as its time source, see `demo`) and call [`Clock::advance`].
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;

@@ -38,7 +38,6 @@ pub const DEFAULT_STATUS_MAX_RECORDS: u64 = 100_000;
 pub const DEFAULT_IDLE_TIMEOUT_SECONDS: u64 = 60;
 pub const DEFAULT_STATUS_MAX_BYTES: u64 = 32 * 1024 * 1024;
 pub const DEFAULT_MAX_CONCURRENT_CALCULATIONS: usize = 16;
-pub const DEFAULT_SIM_CALC_DELAY_MS: u64 = 200;
 /// How long a (credential, project) confirmation by the upstream is trusted.
 pub const DEFAULT_REVALIDATE_AFTER_SECONDS: u64 = 60;
 pub const DEFAULT_UNCONFIRMED_CALLS_PER_SECOND: u32 = 20;
@@ -48,7 +47,6 @@ pub const DEFAULT_BREAKER_FAILURES: u32 = 5;
 pub const DEFAULT_BREAKER_COOLDOWN_MS: u64 = 1_000;
 /// One probe call per 4 s at most while the upstream is down: recovery is seen within seconds.
 pub const DEFAULT_BREAKER_MAX_COOLDOWN_MS: u64 = 4_000;
-pub const DEFAULT_SIM_SEED: u64 = 42;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -63,7 +61,13 @@ pub struct FileConfig {
     pub refresh_ahead: RefreshAheadSection,
     pub l2: Option<L2Section>,
     pub admin: AdminSection,
-    pub simulator: SimulatorSection,
+    /// The demo backend's settings (demo builds only).
+    #[cfg(feature = "demo")]
+    pub simulator: crate::demo::SimulatorSection,
+    /// Without the `demo` feature the section is accepted and ignored (as with an upstream
+    /// configured), so one file serves both builds.
+    #[cfg(not(feature = "demo"))]
+    pub simulator: Option<toml::Table>,
     pub log: LogSection,
 }
 
@@ -295,20 +299,6 @@ impl Default for AdminSection {
     }
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct SimulatorSection {
-    pub listen: String,
-    pub calc_delay_ms: u64,
-    pub seed: u64,
-}
-
-impl Default for SimulatorSection {
-    fn default() -> Self {
-        Self { listen: "127.0.0.1:0".into(), calc_delay_ms: DEFAULT_SIM_CALC_DELAY_MS, seed: DEFAULT_SIM_SEED }
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -344,8 +334,9 @@ pub struct LogSection {
 pub enum UpstreamTarget {
     /// A real PostHog (or anything speaking its API).
     Remote(UpstreamUrl),
-    /// No upstream configured: start the built-in simulated backend on `listen`.
-    Simulated { listen: String },
+    /// No upstream configured: start the built-in simulated backend (demo builds only).
+    #[cfg(feature = "demo")]
+    Simulated(crate::demo::DemoSettings),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -419,8 +410,6 @@ pub struct Config {
     pub admin_listen: Option<String>,
     /// Bearer token for the admin API (purge, inspect); without one the admin API is off.
     pub admin_token: Option<String>,
-    pub sim_calc_delay: Duration,
-    pub sim_seed: u64,
     pub log_format: LogFormat,
     pub access_log: AccessLog,
 }
@@ -562,11 +551,18 @@ impl Config {
             }
         }
         let upstream = match file.upstream.url.as_deref().map(str::trim) {
-            None | Some("") => {
-                if file.simulator.listen.parse::<SocketAddr>().is_err() {
-                    bad("simulator.listen", format!("{:?} is not an address", file.simulator.listen));
+            #[cfg(feature = "demo")]
+            None | Some("") => match file.simulator.validate() {
+                Ok(demo) => Some(UpstreamTarget::Simulated(demo)),
+                Err(reason) => {
+                    bad("simulator.listen", reason);
+                    None
                 }
-                Some(UpstreamTarget::Simulated { listen: file.simulator.listen.clone() })
+            },
+            #[cfg(not(feature = "demo"))]
+            None | Some("") => {
+                bad("upstream.url", "is required (this build has no demo backend: cargo feature `demo`)".into());
+                None
             }
             Some(url) => match parse_upstream_url(url) {
                 Ok(u) => Some(UpstreamTarget::Remote(u)),
@@ -787,8 +783,6 @@ impl Config {
             l2,
             admin_listen,
             admin_token: file.admin.token,
-            sim_calc_delay: Duration::from_millis(file.simulator.calc_delay_ms),
-            sim_seed: file.simulator.seed,
             log_format: file.log.format,
             access_log: file.log.access,
         })
@@ -835,6 +829,7 @@ pub fn parse_upstream_url(url: &str) -> Result<UpstreamUrl, String> {
 mod tests {
     use super::*;
 
+    #[cfg(feature = "demo")]
     #[test]
     fn defaults_are_valid_and_simulated() {
         let c = Config::defaults();
@@ -916,7 +911,11 @@ mod tests {
         };
         let c = Config::from_file_config(file, &o).unwrap();
         assert_eq!(c.listen, "127.0.0.1:2");
-        let UpstreamTarget::Remote(u) = c.upstream else { panic!() };
+        let u = match c.upstream {
+            UpstreamTarget::Remote(u) => u,
+            #[cfg(feature = "demo")]
+            other => panic!("{other:?}"),
+        };
         assert_eq!((u.tls, u.port, u.host_header()), (false, 9, "127.0.0.1:9".to_string()));
     }
 

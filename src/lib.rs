@@ -18,7 +18,8 @@
 //!   the thin pingora glue;
 //!   [`fast`]: the proxy's own answers without pingora_proxy's per-request session.
 //! - [`upstream`]: the client for the proxy's own upstream calls.
-//! - [`simulate`]: a built-in simulated PostHog insights backend for demos, tests and benchmarks.
+//! - `demo` (cargo feature `demo`): the demo mode, the proxy in front of the simulated PostHog of
+//!   the `posthog-sim` crate when no upstream is configured.
 //! - [`admin`]: the admin listener (metrics, health, purge/inspect); [`metrics`]: Prometheus metrics.
 //! - [`server`]: assembling pingora services and running them until a shutdown signal.
 
@@ -30,6 +31,8 @@ pub mod cache;
 pub mod cache_status;
 pub mod clock;
 pub mod config;
+#[cfg(feature = "demo")]
+pub mod demo;
 pub mod engine;
 pub mod error;
 pub mod failure;
@@ -43,7 +46,6 @@ pub mod query;
 pub mod refresh;
 pub mod routes;
 pub mod server;
-pub mod simulate;
 pub mod status;
 pub mod trust;
 pub mod upstream;

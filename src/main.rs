@@ -6,10 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use insights_proxy::clock::Clock;
 use insights_proxy::config::{Config, ConfigError, FileConfig, LogFormat, Overrides, UpstreamTarget};
-use insights_proxy::refresh::Thresholds;
 use insights_proxy::server;
-use insights_proxy::simulate::{SimConfig, Simulator};
-use std::time::Duration;
 use tracing_subscriber::filter::{filter_fn, FilterFn};
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::prelude::*;
@@ -31,8 +28,8 @@ struct Cli {
     /// Address to listen on, e.g. 0.0.0.0:8080 (overrides server.listen).
     #[arg(long, env = "INSIGHTS_PROXY_LISTEN")]
     listen: Option<String>,
-    /// Upstream PostHog, e.g. https://us.posthog.com (overrides upstream.url). Without one, the
-    /// built-in simulated backend is started.
+    /// Upstream PostHog, e.g. https://us.posthog.com (overrides upstream.url). Without one, demo
+    /// builds start the built-in simulated backend.
     #[arg(long, env = "INSIGHTS_PROXY_UPSTREAM")]
     upstream: Option<String>,
     /// Admin listener for /metrics, /healthz, /readyz and the admin API, or "off"
@@ -55,31 +52,9 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run only the simulated PostHog insights backend.
-    Simulate(SimulateArgs),
-}
-
-#[derive(clap::Args, Debug)]
-struct SimulateArgs {
-    #[arg(long, default_value = "127.0.0.1:8010")]
-    listen: String,
-    /// How long one calculation takes, in milliseconds.
-    #[arg(long, default_value_t = 200)]
-    calc_delay_ms: u64,
-    #[arg(long, default_value_t = 42)]
-    seed: u64,
-    /// Concurrent calculations per team before `concurrency_limit_exceeded` (0 = unlimited).
-    #[arg(long, default_value_t = 3)]
-    concurrency_limit: usize,
-    /// Per personal API key and minute on the insights endpoints, as PostHog (0 = off).
-    #[arg(long, default_value_t = 0)]
-    rate_limit_per_minute: u32,
-    /// Per personal API key and hour (0 = off).
-    #[arg(long, default_value_t = 0)]
-    rate_limit_per_hour: u32,
-    /// Staleness threshold for every interval, in seconds (lazy: twice it). Default: PostHog's table.
-    #[arg(long)]
-    staleness_seconds: Option<u64>,
+    /// Run only the simulated PostHog insights backend (demo builds; also the `posthog-sim` binary).
+    #[cfg(feature = "demo")]
+    Simulate(posthog_sim::cli::Args),
 }
 
 fn load(cli: &Cli) -> Result<Config, ConfigError> {
@@ -143,9 +118,10 @@ fn init_logging(format: LogFormat) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    #[cfg(feature = "demo")]
     if let Some(Command::Simulate(args)) = &cli.command {
         init_logging(LogFormat::Text);
-        return run_simulator(args);
+        return posthog_sim::cli::run("insights-proxy simulate", args);
     }
     let config = match load(&cli) {
         Ok(c) => c,
@@ -160,7 +136,7 @@ fn main() -> ExitCode {
     }
     init_logging(config.log_format);
     let listen = config.listen.clone();
-    let simulated = matches!(config.upstream, UpstreamTarget::Simulated { .. });
+    let simulated = !matches!(config.upstream, UpstreamTarget::Remote(_));
     let (max_bytes, ttl) = (config.cache_max_bytes, config.cache_ttl);
     let admin = config.admin_listen.clone().unwrap_or_else(|| "off".into());
     let built = match server::build_with(config, Clock::new(), cli.upgrade) {
@@ -183,35 +159,6 @@ fn main() -> ExitCode {
         println!("Try:  curl -H 'Authorization: Bearer phx_demo_all' 'http://{listen}/api/environments/1/insights/1/?refresh=blocking'");
     }
     built.server.run_forever()
-}
-
-fn run_simulator(args: &SimulateArgs) -> ExitCode {
-    let listen = args.listen.as_str();
-    if let Err(e) = server::check_bind(listen) {
-        eprintln!("insights-proxy simulate: {e}");
-        return ExitCode::from(1);
-    }
-    let rate_limit = match (args.rate_limit_per_minute, args.rate_limit_per_hour) {
-        (0, 0) => None,
-        (m, h) => Some((if m == 0 { u32::MAX } else { m }, if h == 0 { u32::MAX } else { h })),
-    };
-    let thresholds = match args.staleness_seconds {
-        Some(s) => Thresholds::uniform(Duration::from_secs(s.max(1)), Duration::from_secs(s.max(1) * 2)),
-        None => Thresholds::posthog(),
-    };
-    let cfg = SimConfig {
-        calc_delay: Duration::from_millis(args.calc_delay_ms),
-        seed: args.seed,
-        concurrency_limit: (args.concurrency_limit > 0).then_some(args.concurrency_limit),
-        rate_limit,
-        thresholds,
-    };
-    let sim = Simulator::new(cfg, Clock::new());
-    let srv = server::simulator_server(&sim, listen, 2);
-    println!(
-        "Simulated PostHog insights backend on http://{listen} (credentials: phx_demo_all, phx_demo_p1, phx_demo_p2)"
-    );
-    srv.run_forever()
 }
 
 #[cfg(test)]

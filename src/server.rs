@@ -1,16 +1,14 @@
-//! Assembling pingora services (proxy, background workers, optional simulated backend) and running
-//! them until a shutdown signal. Tests use [`Running`] to start servers in-process on ephemeral
-//! ports and stop them through a channel instead of process signals.
+//! Assembling pingora services (proxy, background workers, with the `demo` feature the simulated
+//! backend) into a pingora server.
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use async_trait::async_trait;
 use pingora::prelude::background_service;
 use pingora::proxy::http_proxy;
 use pingora::server::configuration::ServerConf;
-use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
+use pingora::server::Server;
 
 use crate::admin::AdminApp;
 use crate::app::App;
@@ -19,7 +17,6 @@ use crate::config::{Config, UpstreamTarget, UpstreamUrl};
 use crate::engine::workers::Workers;
 use crate::fast::FastPath;
 use crate::proxy::InsightsProxy;
-use crate::simulate::{SimConfig, Simulator};
 use crate::upstream::{UpstreamClient, UpstreamSettings};
 
 #[derive(Debug, thiserror::Error)]
@@ -45,38 +42,12 @@ pub fn check_bind(addr: &str) -> Result<SocketAddr, StartError> {
     l.local_addr().map_err(|source| StartError::Bind { addr: addr.to_string(), source })
 }
 
-/// A free loopback port for the demo backend and tests. Taken below Linux's ephemeral range
-/// (32768+), where the kernel never hands a released port to an outgoing connection, and never the
-/// same one twice in a process; checked free when handed out (another process may still take it).
-pub fn free_port() -> u16 {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    const LOW: u32 = 20_000;
-    const SPAN: u32 = 12_000;
-    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
-    if NEXT.load(Ordering::Relaxed) == u32::MAX {
-        // A different starting point per process, so concurrent test binaries rarely meet.
-        let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
-        let _ = NEXT.compare_exchange(
-            u32::MAX,
-            (seed ^ std::process::id().wrapping_mul(7919)) % SPAN,
-            Ordering::Relaxed,
-            Ordering::Relaxed,
-        );
-    }
-    for _ in 0..SPAN {
-        let port = (LOW + NEXT.fetch_add(1, Ordering::Relaxed) % SPAN) as u16;
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free loopback port")
-}
-
 pub struct Built {
     pub server: Server,
     pub app: Arc<App>,
     /// The built-in simulated backend, when no upstream was configured.
-    pub simulator: Option<Simulator>,
+    #[cfg(feature = "demo")]
+    pub simulator: Option<posthog_sim::Simulator>,
     pub upstream: UpstreamUrl,
 }
 
@@ -93,31 +64,17 @@ pub fn build_with(config: Config, clock: Clock, upgrade: bool) -> Result<Built, 
             check_bind(admin)?;
         }
     }
-    let (upstream, simulator) = match &config.upstream {
-        UpstreamTarget::Remote(u) => (u.clone(), None),
-        UpstreamTarget::Simulated { listen } => {
-            let mut addr = check_bind(listen)?;
-            if addr.port() == 0 || listen.ends_with(":0") {
-                // Not yet bound, so a free port could be one of the proxy's own: skip those.
-                let own: Vec<u16> = [Some(config.listen.as_str()), config.admin_listen.as_deref()]
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|a| a.parse::<SocketAddr>().ok().map(|a| a.port()))
-                    .collect();
-                let port = std::iter::repeat_with(free_port).find(|p| !own.contains(p)).expect("a free port");
-                addr.set_port(port);
-            }
-            let sim_cfg = SimConfig {
-                calc_delay: config.sim_calc_delay,
-                seed: config.sim_seed,
-                // The demo backend goes stale on the proxy's schedule, so configured staleness
-                // tables are visible end to end.
-                thresholds: config.thresholds.clone(),
-                ..SimConfig::default()
-            };
-            let sim = Simulator::new(sim_cfg, clock.clone());
-            let url = UpstreamUrl { tls: false, host: addr.ip().to_string(), port: addr.port(), addr };
-            (url, Some(sim))
+    #[cfg(feature = "demo")]
+    let mut simulator = None;
+    let upstream = match &config.upstream {
+        UpstreamTarget::Remote(u) => u.clone(),
+        #[cfg(feature = "demo")]
+        UpstreamTarget::Simulated(demo) => {
+            let own: Vec<&str> =
+                [Some(config.listen.as_str()), config.admin_listen.as_deref()].into_iter().flatten().collect();
+            let (addr, sim) = crate::demo::start(demo, check_bind(&demo.listen)?, &own, &config.thresholds, &clock);
+            simulator = Some(sim);
+            UpstreamUrl { tls: false, host: addr.ip().to_string(), port: addr.port(), addr }
         }
     };
     let settings = UpstreamSettings {
@@ -152,10 +109,17 @@ pub fn build_with(config: Config, clock: Clock, upgrade: bool) -> Result<Built, 
         svc.add_tcp(admin);
         server.add_service(svc);
     }
+    #[cfg(feature = "demo")]
     if let Some(sim) = &simulator {
         server.add_service(sim.service(&upstream.addr.to_string()));
     }
-    Ok(Built { server, app, simulator, upstream })
+    Ok(Built {
+        server,
+        app,
+        #[cfg(feature = "demo")]
+        simulator,
+        upstream,
+    })
 }
 
 /// Applies other replicas' purges and wakes waits on their calculations (the shared tier's
@@ -170,75 +134,5 @@ impl pingora::services::background::BackgroundService for L2Events {
         let Some(l2) = self.app.cache.l2().cloned() else { return };
         let app = self.app.clone();
         l2.listen(move |scope| app.cache.purge_local(scope), shutdown).await;
-    }
-}
-
-/// A server running only the simulated backend on `listen` (the `simulate` subcommand, tests,
-/// benchmarks).
-pub fn simulator_server(sim: &Simulator, listen: &str, threads: usize) -> Server {
-    let conf = ServerConf {
-        threads,
-        grace_period_seconds: Some(0),
-        graceful_shutdown_timeout_seconds: Some(1),
-        ..Default::default()
-    };
-    let mut server = Server::new_with_opt_and_conf(None, conf);
-    server.bootstrap();
-    server.add_service(sim.service(listen));
-    server
-}
-
-/// A shutdown signal sent through a channel: `Some(true)` graceful, `Some(false)` fast.
-pub struct ChannelShutdown(pub tokio::sync::watch::Receiver<Option<bool>>);
-
-#[async_trait]
-impl ShutdownSignalWatch for ChannelShutdown {
-    async fn recv(&self) -> ShutdownSignal {
-        let mut rx = self.0.clone();
-        let graceful = loop {
-            if let Some(g) = *rx.borrow_and_update() {
-                break g;
-            }
-            if rx.changed().await.is_err() {
-                break false;
-            }
-        };
-        if graceful {
-            ShutdownSignal::GracefulTerminate
-        } else {
-            ShutdownSignal::FastShutdown
-        }
-    }
-}
-
-/// A pingora server running on its own thread until [`Running::stop`] (or drop).
-pub struct Running {
-    stop: tokio::sync::watch::Sender<Option<bool>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Running {
-    pub fn start(server: Server) -> Running {
-        let (stop, rx) = tokio::sync::watch::channel(None);
-        let thread = std::thread::spawn(move || server.run(RunArgs { shutdown_signal: Box::new(ChannelShutdown(rx)) }));
-        Running { stop, thread: Some(thread) }
-    }
-
-    /// Stops the server: `graceful` drains for the grace period first.
-    pub fn stop(mut self, graceful: bool) {
-        self.shutdown(graceful);
-    }
-
-    fn shutdown(&mut self, graceful: bool) {
-        let _ = self.stop.send(Some(graceful));
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.shutdown(false);
     }
 }

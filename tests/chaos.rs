@@ -50,7 +50,7 @@ fn relative_insights(h: &Harness) -> Vec<u64> {
 fn harness(tweak: impl FnOnce(&mut insights_proxy::config::Config)) -> Harness {
     Harness::with(|c, sim| {
         c.thresholds = Thresholds::uniform(FRESH, LAZY);
-        sim.thresholds = Thresholds::uniform(FRESH, LAZY);
+        sim.thresholds = posthog_sim::Thresholds::uniform(FRESH, LAZY);
         c.read_timeout = READ_TIMEOUT;
         c.connect_timeout = CONNECT_TIMEOUT;
         c.breaker.failures = 3;

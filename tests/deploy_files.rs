@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use insights_proxy::server::free_port;
+use posthog_sim::serve::free_port;
 
 const UNIT: &str = "config/insights-proxy.service";
 const INSTALLED_BINARY: &str = "/usr/local/bin/insights-proxy";

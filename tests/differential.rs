@@ -32,10 +32,9 @@
 //! * Poll answers of a running query depend on how far its calculation got: only finished polls
 //!   are compared (the poll area fixes a long calculation delay to compare "running" answers).
 //!
-//! NOTE: the simulator decides staleness with the proxy's own code (`src/refresh/staleness.rs`,
-//! through `SimConfig::thresholds: Thresholds`). Until the simulator has its own staleness rules,
-//! it is NOT an independent oracle for staleness: a bug in that shared code shows on both sides
-//! and this test cannot see it.
+//! The simulator (`crates/posthog-sim`) decides staleness and parses `refresh` with its own code,
+//! written from PostHog's, not the proxy's: a staleness or parsing bug in the proxy shows as a
+//! difference here.
 //!
 //! Run: `cargo test --test differential` (each area also alone, e.g.
 //! `cargo test --test differential list_pages -- --nocapture`).
@@ -53,9 +52,10 @@ use std::time::{Duration, Instant};
 use common::{http, start_backend, start_proxy, test_config, Resp, ALL, P1, P2};
 use insights_proxy::app::App;
 use insights_proxy::clock::{parse_datetime, Clock};
-use insights_proxy::server::{free_port, Running};
-use insights_proxy::simulate::{Fault, SimConfig, Simulator};
 use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
+use posthog_sim::serve::free_port;
+use posthog_sim::testing::Running;
+use posthog_sim::{Fault, SimConfig, Simulator};
 use serde_json::{json, Value};
 
 // ---------------------------------------------------------------------------------------------

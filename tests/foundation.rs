@@ -147,7 +147,7 @@ fn config_errors_are_all_reported() {
 #[test]
 fn the_binary_starts_the_simulated_backend_and_prints_a_working_curl() {
     use std::io::{BufRead, BufReader};
-    let port = insights_proxy::server::free_port();
+    let port = posthog_sim::serve::free_port();
     let mut child = ChildGuard(
         bin()
             .args(["--listen", &format!("127.0.0.1:{port}"), "--admin-listen", "off"])

@@ -10,7 +10,8 @@ use std::time::Duration;
 use common::*;
 use insights_proxy::app::App;
 use insights_proxy::clock::Clock;
-use insights_proxy::server::{free_port, Running};
+use posthog_sim::serve::free_port;
+use posthog_sim::testing::Running;
 
 /// A pass-through route (list writes go straight to the upstream).
 const PASS: &str = "POST /api/environments/1/insights/ HTTP/1.1";

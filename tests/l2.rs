@@ -11,8 +11,9 @@ use common::*;
 use insights_proxy::app::App;
 use insights_proxy::clock::Clock;
 use insights_proxy::config::L2Settings;
-use insights_proxy::server::{free_port, Running};
-use insights_proxy::simulate::{SimConfig, Simulator};
+use posthog_sim::serve::free_port;
+use posthog_sim::testing::Running;
+use posthog_sim::{SimConfig, Simulator};
 
 struct Redis {
     port: u16,

@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-use insights_proxy::server::free_port;
+use posthog_sim::serve::free_port;
 
 const BEARER: &str = "phx_secret_canary_123";
 const API_KEY: &str = "phx_secret_canary_456";

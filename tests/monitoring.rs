@@ -14,8 +14,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{http, wait_for_port, within, ChildGuard, Resp, ALL};
-use insights_proxy::server::free_port;
 use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
+use posthog_sim::serve::free_port;
 use serde_json::Value;
 
 const RULES: &str = "deploy/prometheus/rules.yml";

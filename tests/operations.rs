@@ -38,7 +38,7 @@ fn metrics_move_with_the_workload() {
     assert!(h.metric("insights_proxy_query_status_records") >= 1.0);
     assert_eq!(h.metric("insights_proxy_queue_depth"), 0.0);
     // Failures are counted by kind.
-    h.sim.set_fault(insights_proxy::simulate::Fault::Status(500));
+    h.sim.set_fault(posthog_sim::Fault::Status(500));
     h.get(&format!("{url}?refresh=force_blocking"), ALL);
     assert_eq!(h.metric("insights_proxy_upstream_errors_total{kind=\"status_5xx\"}"), 1.0);
 }
@@ -108,7 +108,7 @@ fn readiness_follows_the_upstream() {
 #[test]
 fn json_logs_carry_one_line_per_request_and_no_credential() {
     use std::io::{BufRead, BufReader};
-    let port = insights_proxy::server::free_port();
+    let port = posthog_sim::serve::free_port();
     let mut child = ChildGuard(
         std::process::Command::new(env!("CARGO_BIN_EXE_insights-proxy"))
             .args(["--listen", &format!("127.0.0.1:{port}"), "--admin-listen", "off", "--log-format", "json"])
@@ -147,7 +147,7 @@ fn json_logs_carry_one_line_per_request_and_no_credential() {
 /// wrote (all of them: the process has exited).
 fn request_log_lines(log_section: &str, paths: &[&str]) -> Vec<serde_json::Value> {
     use std::io::Read;
-    let port = insights_proxy::server::free_port();
+    let port = posthog_sim::serve::free_port();
     let dir = std::env::temp_dir().join(format!("ipx-access-log-{}-{port}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("config.toml");

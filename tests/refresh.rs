@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use insights_proxy::simulate::Fault;
+use posthog_sim::Fault;
 use serde_json::Value;
 
 fn get(h: &Harness, url: &str, refresh: Option<&str>) -> Resp {

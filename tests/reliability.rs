@@ -19,7 +19,7 @@ use insights_proxy::auth::Principal;
 use insights_proxy::cache::CacheKey;
 use insights_proxy::clock::Clock;
 use insights_proxy::query::QueryParams;
-use insights_proxy::server::free_port;
+use posthog_sim::serve::free_port;
 
 // ---------------------------------------------------------------------------------------------
 // Helpers: keep-alive connections, raw responses, the fd limit, a fake upstream.
@@ -959,7 +959,7 @@ fn the_upstream_stopped_and_restarted_under_load_is_survived() {
 
 /// A proxy in front of a fake upstream: short timeouts, a breaker that never opens (every request
 /// really reaches the upstream).
-fn proxy_in_front_of(fake: &FakeUpstream) -> (insights_proxy::server::Running, Arc<insights_proxy::app::App>, u16) {
+fn proxy_in_front_of(fake: &FakeUpstream) -> (posthog_sim::testing::Running, Arc<insights_proxy::app::App>, u16) {
     let port = free_port();
     let mut config = test_config(port, fake.port);
     config.read_timeout = Duration::from_millis(400);

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use insights_proxy::simulate::Fault;
+use posthog_sim::Fault;
 
 #[test]
 fn a_token_for_another_project_never_sees_the_data_even_while_racing() {

@@ -10,8 +10,10 @@ use std::time::{Duration, Instant};
 use insights_proxy::app::App;
 use insights_proxy::clock::Clock;
 use insights_proxy::config::{parse_upstream_url, Config, UpstreamTarget};
-use insights_proxy::server::{self, free_port, Running};
-use insights_proxy::simulate::{SimConfig, Simulator};
+use insights_proxy::server;
+use posthog_sim::serve::free_port;
+use posthog_sim::testing::Running;
+use posthog_sim::{SimConfig, Simulator};
 use serde_json::Value;
 
 pub const ALL: &str = "phx_demo_all";
@@ -51,7 +53,7 @@ pub fn test_config(listen_port: u16, upstream_port: u16) -> Config {
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 
 pub fn start_backend(sim: &Simulator, port: u16) -> Running {
-    let r = Running::start(server::simulator_server(sim, &format!("127.0.0.1:{port}"), 2));
+    let r = Running::start(posthog_sim::serve::server(sim, &format!("127.0.0.1:{port}"), 2));
     wait_for_port(port);
     r
 }

@@ -2,12 +2,12 @@
 //! throttling, then the project and query-status endpoints. Insight endpoints live in
 //! `insights.rs`, the `/_sim/` control API in `control.rs`.
 
-use super::auth::Principal;
-use super::body::{self, DateStyle};
-use super::data::Project;
-use super::params::{path_segments, split_target, Params};
-use super::{control, insights, Fault, Inner, SimResponse};
+use crate::auth::Principal;
+use crate::body::{self, DateStyle};
+use crate::data::Project;
 use crate::error::ApiError;
+use crate::params::{path_segments, split_target, Params};
+use crate::{control, insights, Fault, Inner, SimResponse};
 use bytes::Bytes;
 use http::HeaderMap;
 use serde_json::{json, Value};
@@ -240,7 +240,7 @@ fn garbage() -> SimResponse {
 fn project_json(p: &Project) -> Value {
     json!({
         "id": p.id, "uuid": p.uuid, "organization": p.organization, "api_token": p.api_token,
-        "name": p.name, "timezone": p.timezone, "created_at": crate::clock::format_datetime(p.created_at),
+        "name": p.name, "timezone": p.timezone, "created_at": crate::datetime::format_datetime(p.created_at),
         "is_demo": false, "ingested_event": true, "completed_snapshot_onboarding": true,
         "access_control": false, "week_start_day": null, "primary_dashboard": (p.id - 1) * 3 + 1,
     })
@@ -266,7 +266,7 @@ fn query_status(req: &Request<'_>, project: &Project, id: &str) -> Reply {
         "GET" => {
             let status = engine.status(project.id, id, now).ok_or_else(not_found)?;
             let progress =
-                (!status.complete && super::params::str_to_bool(req.params.get("show_progress"))).then(|| {
+                (!status.complete && crate::params::str_to_bool(req.params.get("show_progress"))).then(|| {
                     let elapsed = status.pickup_time.map_or(0.0, |t| (now - t).as_seconds_f64().max(0.0));
                     json!({"bytes_read": (elapsed * 5e7) as u64, "rows_read": (elapsed * 1e6) as u64,
                     "estimated_rows_total": 10_000_000u64, "time_elapsed": elapsed, "active_cpu_time": elapsed * 0.8})

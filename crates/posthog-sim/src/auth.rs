@@ -1,7 +1,7 @@
 //! Credentials (personal API keys and session cookies), project access and DRF-style throttles.
 
-use super::params::Params;
 use crate::error::ApiError;
+use crate::params::Params;
 use http::HeaderMap;
 use parking_lot::Mutex;
 use serde_json::Value;

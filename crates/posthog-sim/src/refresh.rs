@@ -2,7 +2,7 @@
 //! advisory `next_allowed_client_refresh` gap (§4.3). Staleness itself is the crate's
 //! [`crate::refresh::StaleInfo`]: upstream and the proxy share that rule.
 
-use crate::refresh::Interval;
+use crate::staleness::Interval;
 use serde_json::Value;
 use std::time::Duration;
 
@@ -55,7 +55,9 @@ pub struct RefreshParam {
 }
 
 /// `_request_has_key_set("refresh", …)` + `execution_mode_from_refresh` (UT, QR25):
-/// the query-string value wins over the body's; absent, false-ish or unknown → `force_cache`.
+/// the query-string value wins over the body's; a JSON boolean counts as itself, anything else
+/// as Python's `str()` of it (so the number `1` is `"1"`, true; `1.0` is `"1.0"`, unknown);
+/// absent, false-ish or unknown → `force_cache`.
 pub fn parse_refresh(query: Option<&str>, body: Option<&Value>) -> RefreshParam {
     let text: Option<std::borrow::Cow<'_, str>> = match (query, body) {
         (Some(q), _) => Some(q.into()),
@@ -180,8 +182,11 @@ mod tests {
         assert_eq!(b(json!(true)).mode, ForceBlocking);
         assert_eq!(b(json!(false)), RefreshParam { mode: ForceCache, truthy: false });
         assert_eq!(b(json!("blocking")).mode, Blocking);
-        assert_eq!(b(json!(1)).mode, ForceBlocking);
+        assert_eq!(b(json!(1)), RefreshParam { mode: ForceBlocking, truthy: true });
+        assert_eq!(b(json!(0)), RefreshParam { mode: ForceCache, truthy: false });
         assert_eq!(b(json!(1.5)).mode, ForceCache);
+        assert_eq!(b(serde_json::from_str::<Value>("1.0").unwrap()), RefreshParam { mode: ForceCache, truthy: false });
+        assert_eq!(b(json!({"mode": "blocking"})), RefreshParam { mode: ForceCache, truthy: false });
         assert_eq!(b(json!(null)), RefreshParam { mode: ForceCache, truthy: false });
         assert_eq!(b(json!(["blocking"])).mode, ForceCache);
         // the query string wins even when its value is unknown

@@ -3,9 +3,9 @@
 //!
 //! Results are kept serialized and spliced in, so a cache hit never re-serializes 50 KB.
 
-use super::data::{DataSet, Insight, Project, Tile, User};
-use super::engine::{Entry, Outcome, QueryStatus};
-use crate::clock::format_datetime;
+use crate::data::{DataSet, Insight, Project, Tile, User};
+use crate::datetime::format_datetime;
+use crate::engine::{Entry, Outcome, QueryStatus};
 use serde_json::{json, Map, Value};
 use std::borrow::Cow;
 use time::OffsetDateTime;

@@ -4,9 +4,9 @@
 //! the same data; only `calculation_number` in every series/step object changes, which lets
 //! tests tell a recalculation from a cache hit.
 
-use super::dates;
-use super::query::{data_seed, Kind, Plan, Series};
-use crate::refresh::Interval;
+use crate::dates;
+use crate::query::{data_seed, Kind, Plan, Series};
+use crate::staleness::Interval;
 use serde_json::{json, Value};
 use time::OffsetDateTime;
 
@@ -63,9 +63,9 @@ fn trends(ds: u64, plan: &Plan, calculation_number: u64) -> Value {
     let series = if plan.series.is_empty() { default_series() } else { plan.series.clone() };
     let filter = json!({
         "insight": "TRENDS",
-        "interval": plan.interval.as_str(),
-        "date_from": crate::clock::format_datetime(plan.range.from),
-        "date_to": crate::clock::format_datetime(plan.range.to),
+        "interval": plan.interval.name(),
+        "date_from": crate::datetime::format_datetime(plan.range.from),
+        "date_to": crate::datetime::format_datetime(plan.range.to),
         "display": plan.source.pointer("/trendsFilter/display").cloned().unwrap_or("ActionsLineGraph".into()),
         "entity_type": "events",
         "filter_test_accounts": plan.source.get("filterTestAccounts").cloned().unwrap_or(false.into()),
@@ -187,7 +187,7 @@ fn hogql(plan: &Plan) -> String {
                 .map(|s| {
                     format!(
                         "SELECT arrayMap(number -> plus({start_fn}(assumeNotNull(toDateTime('{from}'))), {interval_fn}(number)), range(0, plus(coalesce(dateDiff('{}', {start_fn}(assumeNotNull(toDateTime('{from}'))), {start_fn}(assumeNotNull(toDateTime('{to}'))))), 1))) AS date, groupArray(count) AS total FROM (SELECT count() AS count, {start_fn}(timestamp) AS day_start FROM events AS e WHERE and({range}, equals(event, {})) GROUP BY day_start ORDER BY day_start ASC) LIMIT 50000",
-                        plan.interval.as_str(),
+                        plan.interval.name(),
                         sql_string(&s.event),
                     )
                 })
@@ -200,7 +200,7 @@ fn hogql(plan: &Plan) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::simulate::query::plan;
+    use crate::query::plan;
     use time::macros::datetime;
 
     const NOW: OffsetDateTime = datetime!(2024-03-13 15:42:10 UTC);

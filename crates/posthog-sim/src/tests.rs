@@ -13,7 +13,7 @@ fn config(calc_ms: u64) -> SimConfig {
 }
 
 fn sim() -> Simulator {
-    Simulator::new(config(5), Clock::new())
+    Simulator::new(config(5), SimClock::new())
 }
 
 fn headers(token: Option<&str>) -> HeaderMap {
@@ -87,7 +87,7 @@ async fn wait_cached(sim: &Simulator, url: &str, calculation: u64) {
 }
 
 fn ts(v: &Value) -> time::OffsetDateTime {
-    crate::clock::parse_datetime(v.as_str().unwrap_or_default()).expect("a datetime")
+    crate::datetime::parse_datetime(v.as_str().unwrap_or_default()).expect("a datetime")
 }
 
 fn calc_no(body: &Value) -> u64 {
@@ -289,7 +289,7 @@ async fn refresh_frequency_follows_interval_and_range() {
 
 #[tokio::test]
 async fn async_mode_enqueues_and_polling_finishes() {
-    let sim = Simulator::new(config(150), Clock::new());
+    let sim = Simulator::new(config(150), SimClock::new());
     let url = insight(1);
     let miss = get(&sim, &format!("{url}?refresh=async")).await;
     assert_eq!(miss["result"], Value::Null);
@@ -389,14 +389,14 @@ async fn fixed_past_range_is_never_stale() {
     assert_eq!((sim.calculations(1, 8), sim.calculations(1, 1)), (1, 2));
 }
 
-/// `SimConfig.thresholds` is the proxy's `Thresholds`: a custom table decides staleness and
+/// `SimConfig.thresholds`: a custom table decides staleness and
 /// `cache_target_age`, and a missing threshold means never stale.
 #[tokio::test]
 async fn configured_thresholds_decide_staleness() {
-    use crate::refresh::{Interval, Thresholds};
+    use crate::staleness::{Interval, Thresholds};
     let mut thresholds = Thresholds::uniform(Duration::from_secs(60), Duration::from_secs(120));
     thresholds.set_default(Interval::Hour, None);
-    let sim = Simulator::new(SimConfig { thresholds, ..config(0) }, Clock::new());
+    let sim = Simulator::new(SimConfig { thresholds, ..config(0) }, SimClock::new());
     let (day, hour) = (insight(1), insight(3)); // trends by day and by hour
     let first = get(&sim, &format!("{day}?refresh=blocking")).await;
     assert_eq!(ts(&first["cache_target_age"]) - ts(&first["last_refresh"]), time::Duration::seconds(60));
@@ -563,7 +563,7 @@ async fn list_pagination_and_basic() {
 
 #[tokio::test]
 async fn concurrency_limit_answers_200_with_an_error_status() {
-    let sim = Simulator::new(SimConfig { concurrency_limit: Some(1), ..config(150) }, Clock::new());
+    let sim = Simulator::new(SimConfig { concurrency_limit: Some(1), ..config(150) }, SimClock::new());
     let (first, second) = (
         format!("{}?refresh=force_blocking", insight(1)),
         format!("{}?refresh=force_blocking&client_query_id=q1", insight(2)),
@@ -719,7 +719,7 @@ async fn faults() {
 
 #[tokio::test]
 async fn rate_limit_throttles_api_keys_only() {
-    let sim = Simulator::new(SimConfig { rate_limit: Some((2, 100)), ..config(5) }, Clock::new());
+    let sim = Simulator::new(SimConfig { rate_limit: Some((2, 100)), ..config(5) }, SimClock::new());
     for _ in 0..2 {
         assert_eq!(call(&sim, "GET", &insight(1), Some(ALL), "").await.status, 200);
     }
@@ -735,7 +735,7 @@ async fn rate_limit_throttles_api_keys_only() {
 
 #[tokio::test]
 async fn seeded_results_are_realistic_sizes() {
-    let sim = Simulator::new(SimConfig { concurrency_limit: None, ..config(0) }, Clock::new());
+    let sim = Simulator::new(SimConfig { concurrency_limit: None, ..config(0) }, SimClock::new());
     for id in 1..=data::INSIGHT_COUNT {
         let b = get(&sim, &format!("{}?refresh=blocking", insight(id))).await;
         let size = b["result"].to_string().len();
@@ -793,37 +793,11 @@ async fn hostile_inputs_never_panic() {
 /// The pingora adapter over a real socket: keep-alive with Content-Length, then shutdown.
 #[test]
 fn pingora_service_smoke() {
-    use pingora::server::configuration::ServerConf;
-    use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
     use std::io::{Read, Write};
 
-    struct Stop(tokio::sync::watch::Receiver<bool>);
-    #[async_trait::async_trait]
-    impl ShutdownSignalWatch for Stop {
-        async fn recv(&self) -> ShutdownSignal {
-            let mut rx = self.0.clone();
-            while !*rx.borrow_and_update() {
-                if rx.changed().await.is_err() {
-                    break;
-                }
-            }
-            ShutdownSignal::FastShutdown
-        }
-    }
-
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let sim = Simulator::new(config(1), Clock::new());
-    let conf = ServerConf {
-        threads: 1,
-        grace_period_seconds: Some(0),
-        graceful_shutdown_timeout_seconds: Some(1),
-        ..Default::default()
-    };
-    let mut server = Server::new_with_opt_and_conf(None, conf);
-    server.bootstrap();
-    server.add_service(sim.service(&format!("127.0.0.1:{port}")));
-    let (stop, rx) = tokio::sync::watch::channel(false);
-    let thread = std::thread::spawn(move || server.run(RunArgs { shutdown_signal: Box::new(Stop(rx)) }));
+    let port = crate::serve::free_port();
+    let sim = Simulator::new(config(1), SimClock::new());
+    let running = crate::testing::Running::start(crate::serve::server(&sim, &format!("127.0.0.1:{port}"), 1));
 
     let mut conn = None;
     for _ in 0..200 {
@@ -868,6 +842,5 @@ fn pingora_service_smoke() {
     assert_eq!(replies[0].1["count"], 3);
     assert_eq!(replies[1].1["name"], "over the wire");
     assert_eq!(replies[2].1["requests"], 2);
-    stop.send(true).unwrap();
-    thread.join().unwrap();
+    running.stop(false);
 }

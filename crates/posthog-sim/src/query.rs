@@ -1,8 +1,8 @@
 //! Insight queries: dashboard/override filters (§8), the runnable "plan" of a query and its
 //! cache key (`cache_{team_id}_{hex}`, a content hash that ignores the principal).
 
-use super::dates::{self, DateRange};
-use crate::refresh::{Interval, StaleInfo};
+use crate::dates::{self, DateRange};
+use crate::staleness::{Interval, StaleInfo};
 use serde_json::{json, Map, Value};
 use std::fmt::Write as _;
 use time::OffsetDateTime;

@@ -1,12 +1,13 @@
 //! The query engine: result cache, async query statuses, concurrency slots, calculation
 //! counters, and the §2.2 mode logic tying them together.
 
-use super::body;
-use super::dates::DateRange;
-use super::query::Plan;
-use super::refresh::{decide, next_allowed_refresh_delay, Decision, Freshness, RefreshMode};
-use super::results;
-use super::{Fault, Inner};
+use crate::body;
+use crate::dates::DateRange;
+use crate::query::Plan;
+use crate::refresh::{decide, next_allowed_refresh_delay, Decision, Freshness, RefreshMode};
+use crate::results;
+use crate::staleness::ThresholdMode;
+use crate::{Fault, Inner};
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -225,7 +226,10 @@ pub(crate) async fn run(inner: &Arc<Inner>, job: Job, mode: RefreshMode) -> Outc
     let freshness = hit.as_ref().map(|e| {
         let info = job.plan.stale_info(e.last_refresh);
         let t = &inner.thresholds;
-        Freshness { fresh_default: !info.is_stale(now, t), fresh_lazy: !info.is_lazy_stale(now, t) }
+        Freshness {
+            fresh_default: !info.is_stale(now, t, ThresholdMode::Default),
+            fresh_lazy: !info.is_stale(now, t, ThresholdMode::Lazy),
+        }
     });
     match (decide(mode, freshness), hit) {
         (Decision::Serve { enqueue, status_from_enqueue }, Some(entry)) => {
@@ -284,7 +288,7 @@ async fn compute_and_store(inner: &Arc<Inner>, job: &Job) -> Arc<Entry> {
         cache_key: job.cache_key.clone(),
         last_refresh: now,
         next_allowed_client_refresh: frequency.ok().and_then(|d| now.checked_add(d)).unwrap_or(now),
-        cache_target_age: plan.stale_info(now).target_age(&inner.thresholds),
+        cache_target_age: plan.stale_info(now).cache_target_age(&inner.thresholds),
         timezone: job.timezone.clone(),
         hogql: computed.hogql,
         resolved: plan.range,

@@ -1,12 +1,19 @@
 //! A simulated PostHog insights backend: deterministic, in-memory and fast, for demos, tests
 //! and benchmarks of the proxy. It reproduces PostHog's `refresh` modes, caching, staleness,
 //! async query statuses, auth and error shapes as described in
-//! `docs/refresh-semantics.md` (the § numbers in this module's comments are its sections); only
-//! the numbers in results are made up.
+//! the proxy repository's `docs/refresh-semantics.md` (the § numbers in this crate's comments are
+//! its sections); only the numbers in results are made up. It shares no code with the proxy: its
+//! staleness rule, `refresh` parsing, error bodies and datetimes are its own.
 //!
 //! # Serving
-//! [`Simulator::service`] returns a pingora listening service; [`Simulator::handle`] is the
-//! same handler without sockets, for unit tests.
+//! [`Simulator::service`] returns a pingora listening service; [`serve::server`] a whole pingora
+//! server; [`Simulator::handle`] is the same handler without sockets, for unit tests. The
+//! `posthog-sim` binary ([`cli`]) runs one on its own. [`testing`] runs pingora servers in-process
+//! (tests stop them through a channel rather than a signal).
+//!
+//! # Time
+//! The simulator reads time through a [`SimClock`], fed by any [`TimeSource`]: tests hand it the
+//! clock they also give the proxy, and move both with one `advance`.
 //!
 //! # Endpoints
 //! Under `/api/projects/:id/` and its alias `/api/environments/:id/` (trailing slash optional):
@@ -46,10 +53,14 @@
 
 mod auth;
 mod body;
+pub mod cli;
+pub mod clock;
 mod control;
 mod data;
 mod dates;
+pub mod datetime;
 mod engine;
+pub mod error;
 mod handler;
 mod http;
 mod insights;
@@ -57,16 +68,18 @@ mod params;
 mod query;
 mod refresh;
 mod results;
+pub mod serve;
+pub mod staleness;
+pub mod testing;
 #[cfg(test)]
 mod tests;
 
 pub use self::http::SimApp;
-pub use refresh::{next_allowed_refresh_delay, parse_refresh, RefreshMode, RefreshParam};
-
-use crate::clock::Clock;
-use crate::refresh::Thresholds;
 use bytes::Bytes;
+pub use clock::{ManualClock, SimClock, TimeSource};
 use parking_lot::RwLock;
+pub use refresh::{next_allowed_refresh_delay, parse_refresh, RefreshMode, RefreshParam};
+pub use staleness::{Interval, ThresholdMode, Thresholds};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -84,8 +97,8 @@ pub struct SimConfig {
     /// Per personal API key `(per minute, per hour)` on the insights endpoints; beyond it a 429.
     /// Default `None` (off, like `RATE_LIMIT_ENABLED` off).
     pub rate_limit: Option<(u32, u32)>,
-    /// DEFAULT and LAZY staleness per interval (§3.2), the proxy's own type and rule.
-    /// Default PostHog's table ([`Thresholds::posthog`]).
+    /// DEFAULT and LAZY staleness per interval (§2.2). Default PostHog's tables
+    /// ([`Thresholds::posthog`]).
     pub thresholds: Thresholds,
 }
 
@@ -128,7 +141,7 @@ pub struct SimResponse {
 
 /// State shared by all handles, requests and background tasks.
 pub(crate) struct Inner {
-    pub clock: Clock,
+    pub clock: SimClock,
     pub seed: u64,
     calc_delay_us: AtomicU64,
     pub concurrency_limit: Option<usize>,
@@ -161,7 +174,9 @@ pub struct Simulator {
 }
 
 impl Simulator {
-    pub fn new(cfg: SimConfig, clock: Clock) -> Self {
+    /// A simulator reading `clock`: a [`SimClock`], or any [`TimeSource`] shared with others.
+    pub fn new(cfg: SimConfig, clock: impl Into<SimClock>) -> Self {
+        let clock = clock.into();
         let inner = Inner {
             clock,
             seed: cfg.seed,
@@ -179,7 +194,7 @@ impl Simulator {
     }
 
     /// The clock this simulator reads (shared with whoever passed it in).
-    pub fn clock(&self) -> &Clock {
+    pub fn clock(&self) -> &SimClock {
         &self.inner.clock
     }
 

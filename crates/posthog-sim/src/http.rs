@@ -1,7 +1,7 @@
 //! The pingora adapter: reads one request, calls [`Simulator::handle`], writes the response
 //! with `Content-Length` (pingora close-delimits bodies without it, see docs/design.md, "pingora facts" 4).
 
-use super::{SimResponse, Simulator};
+use crate::{SimResponse, Simulator};
 use async_trait::async_trait;
 use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH};
 use http::{Response, StatusCode};

@@ -1,16 +1,16 @@
 //! The insights viewset: list, create, retrieve, update (soft delete/restore), the 405 on
 //! DELETE, and the sharing/activity/viewed/cancel actions.
 
-use super::body;
-use super::data::{Activity, Dashboard, DataSet, Insight, Mutable, Project, Tile};
-use super::engine::{self, Job};
-use super::handler::{empty_response, json_response, not_found, Reply, Request, Sub};
-use super::params::{absolute_url, str_to_bool};
-use super::query::{self, apply_filters, default_query};
-use super::refresh::{parse_refresh, RefreshParam};
-use super::{Fault, SimResponse};
-use crate::clock::format_datetime;
+use crate::body;
+use crate::data::{Activity, Dashboard, DataSet, Insight, Mutable, Project, Tile};
+use crate::datetime::format_datetime;
+use crate::engine::{self, Job};
 use crate::error::ApiError;
+use crate::handler::{empty_response, json_response, not_found, Reply, Request, Sub};
+use crate::params::{absolute_url, str_to_bool};
+use crate::query::{self, apply_filters, default_query};
+use crate::refresh::{parse_refresh, RefreshParam};
+use crate::{Fault, SimResponse};
 use serde_json::{json, Map, Value};
 use std::sync::Arc;
 use time::OffsetDateTime;

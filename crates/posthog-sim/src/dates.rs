@@ -1,7 +1,7 @@
 //! Date ranges: PostHog's relative/absolute date strings, the resolved `[from, to]` range of a
 //! query (`QueryDateRange`) and the interval buckets a trends series is laid out on. All UTC.
 
-use crate::refresh::Interval;
+use crate::staleness::Interval;
 use time::{Date, Month, OffsetDateTime, PrimitiveDateTime, Time, UtcOffset};
 
 /// Upper bound on data points per series, so an override like `date_from=-1000y` with a minute
@@ -180,7 +180,7 @@ fn parse_relative(s: &str, now: OffsetDateTime) -> Option<OffsetDateTime> {
 }
 
 fn parse_absolute(s: &str) -> Option<OffsetDateTime> {
-    if let Some(t) = crate::clock::parse_datetime(s) {
+    if let Some(t) = crate::datetime::parse_datetime(s) {
         return Some(t.to_offset(UtcOffset::UTC));
     }
     let date_part = s.get(..10)?;

@@ -1,10 +1,10 @@
 //! `/_sim/…`: an unauthenticated control API so benchmarks can drive a simulator running as a
 //! separate process (stats, revocation, access, faults, clock, calculation delay).
 
-use super::handler::json_response;
-use super::params::Params;
-use super::{Fault, Inner, SimResponse};
 use crate::error::ApiError;
+use crate::handler::json_response;
+use crate::params::Params;
+use crate::{Fault, Inner, SimResponse};
 use serde_json::{json, Map, Value};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
