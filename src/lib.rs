@@ -2,7 +2,8 @@
 //!
 //! # Layout
 //! - [`config`]: file + flags + environment → one validated [`config::Config`].
-//! - [`framing`]: the front door: unambiguous body framing and a well-formed authority, first.
+//! - [`http`]: the front door: connections ([`http::conn`]), framing checks ([`http::framing`]),
+//!   the decision about each request, the proxy's own answers and pingora's pass-through hooks.
 //! - [`routes`]: the only place that knows URL shapes; a pure `route()`. [`query`] parses query strings strictly.
 //! - [`auth`]: the request's one [`auth::Principal`], built at the front door; its partition is in
 //!   every key. [`trust`]: confirmations and refusals of principals. [`failure`]: failures by origin.
@@ -12,8 +13,7 @@
 //! - [`flights`]: single flight; [`app`]: shared state and the one way a calculation happens.
 //! - [`workers`]: the bounded background queue and its workers; [`status`]: query statuses.
 //! - [`cache_status`]: how an answer was produced (the `Cache-Status` header, as a type).
-//! - [`insights`]: answering retrieve, list and status polls; [`proxy`]: the thin pingora glue;
-//!   [`fast`]: the proxy's own answers without pingora_proxy's per-request session.
+//! - [`insights`]: answering retrieve, list and status polls.
 //! - [`upstream`]: the client for the proxy's own upstream calls.
 //! - [`simulate`]: a built-in simulated PostHog insights backend for demos, tests and benchmarks.
 //! - [`admin`]: the admin listener (metrics, health, purge/inspect); [`metrics`]: Prometheus metrics.
@@ -29,12 +29,10 @@ pub mod clock;
 pub mod config;
 pub mod error;
 pub mod failure;
-pub mod fast;
 pub mod flights;
-pub mod framing;
+pub mod http;
 pub mod insights;
 pub mod metrics;
-pub mod proxy;
 pub mod query;
 pub mod refresh;
 pub mod routes;

@@ -6,7 +6,7 @@
 //! (and nothing more) arrived in one read, it parses the request with pingora's own HTTP/1 session
 //! and decides with [`InsightsProxy::decide`], the decision `request_filter` makes. When the proxy
 //! answers the request itself, the fast path writes the same bytes pingora's session would
-//! ([`crate::proxy::reply_head`]), with the same keep-alive, metrics and access log, without
+//! ([`Head::h1`], built by the same code as pingora's path), with the same keep-alive, metrics and access log, without
 //! pingora_proxy's `Session` (HTTP cache state, module contexts, a boxed downstream session), its
 //! phase machine (which moves that state between futures several times per request) and pingora's
 //! response-header building (`ResponseHeader` with `Date` and `Connection` inserted through a
@@ -31,7 +31,9 @@ use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
 
-use crate::proxy::{answer_with, reply_head, InsightsProxy, RequestCtx};
+use super::answer::answer_with;
+use super::head::Head;
+use super::{InsightsProxy, RequestCtx};
 
 /// pingora's first read of a request header (`INIT_HEADER_BUF_SIZE`).
 const HEADER_BUF: usize = 4096;
@@ -221,12 +223,12 @@ impl FastPath {
             Err(e) => return Next::reused(self.finish(session, ctx, Err(e)).await),
         };
         let keep_alive = session.as_http1().is_some_and(|h1| h1.will_keepalive());
-        let Some(head) = reply_head(&reply, keep_alive) else {
+        let Some(head) = Head::of(&reply).ok().and_then(|h| h.h1(keep_alive)) else {
             // pingora's writer refuses it: as on the proxy's path.
             let answered = answer_with(&mut session, &mut ctx, reply).await;
             return Next::reused(self.finish(session, ctx, answered).await);
         };
-        // What pingora's session would write (`reply_head`), written to the connection's buffered
+        // What pingora's session would write (`Head::h1`), written to the connection's buffered
         // stream directly and flushed once, as pingora does at the end of a response with a length.
         let persistent = Settings {
             keepalive: session.get_keepalive(),
