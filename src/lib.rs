@@ -17,6 +17,7 @@
 //! - [`upstream`]: the client for the proxy's own upstream calls.
 //! - [`simulate`]: a built-in simulated PostHog insights backend for demos, tests and benchmarks.
 //! - [`admin`]: the admin listener (metrics, health, purge/inspect); [`metrics`]: Prometheus metrics.
+//! - `tls` (with the `tls` feature): the listener's certificate, its handshake and reloads.
 //! - [`server`]: assembling pingora services and running them until a shutdown signal.
 
 pub mod admin;
@@ -39,6 +40,8 @@ pub mod routes;
 pub mod server;
 pub mod simulate;
 pub mod status;
+#[cfg(feature = "tls")]
+pub mod tls;
 pub mod trust;
 pub mod upstream;
 pub mod workers;

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use async_trait::async_trait;
+use pingora::apps::HttpServerOptions;
 use pingora::prelude::background_service;
+use pingora::protocols::http::v2::server::default_h2_options;
 use pingora::proxy::http_proxy;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
@@ -25,6 +27,9 @@ use crate::workers::Workers;
 pub enum StartError {
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: String, source: std::io::Error },
+    #[cfg(feature = "tls")]
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// pingora's defaults would make a SIGTERM take 5 minutes (docs/design.md, "pingora facts" 2): set both.
@@ -77,6 +82,9 @@ pub struct Built {
     /// The built-in simulated backend, when no upstream was configured.
     pub simulator: Option<Simulator>,
     pub upstream: UpstreamUrl,
+    /// The listener's certificate, when it serves TLS.
+    #[cfg(feature = "tls")]
+    pub tls: Option<Arc<crate::tls::Tls>>,
 }
 
 /// Builds the proxy. `upgrade`: take over the listening sockets of a running instance that was sent
@@ -125,6 +133,9 @@ pub fn build_with(config: Config, clock: Clock, upgrade: bool) -> Result<Built, 
         read_timeout: config.read_timeout,
         max_response_bytes: config.max_response_bytes,
     };
+    // A certificate that does not load stops the start, before anything listens.
+    #[cfg(feature = "tls")]
+    let tls = config.tls.clone().map(crate::tls::Tls::new).transpose()?;
     let opt = pingora::server::configuration::Opt { upgrade, ..Default::default() };
     let mut server = Server::new_with_opt_and_conf(Some(opt), server_conf(&config));
     server.bootstrap();
@@ -134,7 +145,19 @@ pub fn build_with(config: Config, clock: Clock, upgrade: bool) -> Result<Built, 
     let insights = || InsightsProxy { app: app.clone(), peer: settings.peer() };
     // Requests the proxy answers itself skip pingora_proxy's per-request session (`fast`); the
     // rest go through pingora's proxy as before.
-    let fast = FastPath::new(http_proxy(&server.configuration, insights()), insights());
+    let mut http = http_proxy(&server.configuration, insights());
+    let mut options = HttpServerOptions::default();
+    options.h2c = app.config.h2c;
+    http.server_options = Some(options);
+    let mut h2 = default_h2_options();
+    h2.max_concurrent_streams(app.config.h2_max_concurrent_streams);
+    http.h2_options = Some(h2);
+    let fast = FastPath::new(http, insights());
+    #[cfg(feature = "tls")]
+    let fast = match &tls {
+        Some(tls) => fast.with_tls(tls.clone()),
+        None => fast,
+    };
     let mut proxy = pingora::services::listening::Service::new("Pingora HTTP Proxy Service".into(), fast);
     // A 16 KB write buffer sends a cached answer's header and body in one write.
     proxy.add_listener(
@@ -143,6 +166,10 @@ pub fn build_with(config: Config, clock: Clock, upgrade: bool) -> Result<Built, 
     );
     server.add_service(proxy);
     server.add_service(background_service("refresh workers", Workers { app: app.clone() }));
+    #[cfg(feature = "tls")]
+    if let Some(tls) = &tls {
+        server.add_service(background_service("tls reload", crate::tls::Watch { tls: tls.clone() }));
+    }
     if app.cache.l2().is_some() {
         server.add_service(background_service("l2 events", L2Events { app: app.clone() }));
     }
@@ -154,7 +181,14 @@ pub fn build_with(config: Config, clock: Clock, upgrade: bool) -> Result<Built, 
     if let Some(sim) = &simulator {
         server.add_service(sim.service(&upstream.addr.to_string()));
     }
-    Ok(Built { server, app, simulator, upstream })
+    Ok(Built {
+        server,
+        app,
+        simulator,
+        upstream,
+        #[cfg(feature = "tls")]
+        tls,
+    })
 }
 
 /// Applies other replicas' purges and wakes waits on their calculations (the shared tier's
