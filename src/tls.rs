@@ -296,7 +296,9 @@ impl BackgroundService for Watch {
             }
         };
         self.tls.sighup.store(hangup.is_some(), Ordering::Release);
-        let mut tick = tokio::time::interval(self.tls.settings.reload_check);
+        // The files were just loaded: the first look is one period from now.
+        let period = self.tls.settings.reload_check;
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let sighup = async {

@@ -290,3 +290,21 @@ fn check_config_validates_the_certificate_files() {
     assert_eq!(code, Some(2));
     assert!(err.contains("server.tls.min_version"), "{err}");
 }
+
+#[test]
+fn h2_is_negotiated_by_alpn_and_serves_the_same_answers() {
+    let (p, _) = start(Duration::from_secs(3600), |_| {});
+    let ca = p.pki.ca_der();
+    runtime().block_on(async {
+        let s = tls_connect(p.port, &ca, &[b"h2", b"http/1.1"]).await.unwrap();
+        assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+        let c = h2_handshake(s).await;
+        let miss = h2_get(&c, &format!("{INSIGHT}?refresh=blocking"), ALL).await;
+        assert_eq!(miss.status, 200, "{:?}", miss.body);
+        let hits = futures_util::future::join_all((0..8).map(|_| h2_get(&c, INSIGHT, ALL))).await;
+        for hit in hits {
+            assert!(hit.cache_status().contains("hit"), "{}", hit.cache_status());
+            assert!(hit.header("connection").is_none());
+        }
+    });
+}
