@@ -84,6 +84,12 @@ fn a_verifying_client_gets_answers_over_tls() {
         assert_eq!(hit.status, 200);
         assert!(hit.header("cache-status").unwrap_or("").contains("hit"), "{:?}", hit.headers);
         assert_eq!(hit.header("connection"), Some("keep-alive"));
+        // Links the proxy writes point back at it over https.
+        let list = h1_get(&mut s, "/api/environments/1/insights/?limit=1", ALL).await.unwrap();
+        assert_eq!(list.status, 200, "{}", list.text());
+        let next: serde_json::Value = serde_json::from_slice(&list.body).unwrap();
+        let next = next["next"].as_str().unwrap_or_default().to_string();
+        assert!(next.starts_with("https://localhost/"), "{next}");
         // A client without ALPN speaks HTTP/1.1 too.
         let mut plain = tls_connect(p.port, &ca, &[]).await.unwrap();
         assert_eq!(h1_get(&mut plain, INSIGHT, ALL).await.unwrap().status, 200);

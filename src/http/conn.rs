@@ -6,16 +6,17 @@
 //! (and nothing more) arrived in one read, it parses the request with pingora's own HTTP/1 session
 //! and decides with [`InsightsProxy::decide`], the decision `request_filter` makes. When the proxy
 //! answers the request itself, the fast path writes the same bytes pingora's session would
-//! ([`Head::h1`], built by the same code as pingora's path), with the same keep-alive, metrics and access log, without
-//! pingora_proxy's `Session` (HTTP cache state, module contexts, a boxed downstream session), its
+//! ([`Head::h1`], from the same fields as pingora's path), with the same keep-alive, metrics and
+//! access log, without pingora_proxy's `Session` (HTTP cache state, module contexts, a boxed downstream session), its
 //! phase machine (which moves that state between futures several times per request) and pingora's
 //! response-header building (`ResponseHeader` with `Date` and `Connection` inserted through a
 //! `HeaderMap`, serialized into a fresh 4 KB buffer).
 //!
 //! Everything else goes to pingora's proxy unchanged: the bytes read so far are handed to a fresh
 //! session as its pipelined prefix, so the proxy parses the same request as if it had read it
-//! itself, and `decide(.., fast = true)` returns `None` before a request body is read. HTTP/2 and
-//! custom protocols go to pingora's own connection handling.
+//! itself, and `decide(.., fast = true)` returns `None` before a request body is read. HTTP/2 (by
+//! ALPN, or h2c told by the connection's first bytes) and custom protocols go to pingora's own
+//! connection handling. With TLS on the listener, the handshake runs first ([`crate::tls::accept`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

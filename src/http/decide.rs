@@ -3,7 +3,6 @@
 
 use bytes::Bytes;
 use http::header;
-use pingora::http::RequestHeader;
 use pingora::protocols::http::ServerSession;
 use pingora::{Error, ErrorType, Result};
 use serde_json::Value;
@@ -160,7 +159,7 @@ impl InsightsProxy {
                         insights::retrieve(&self.app, call).await
                     }
                     Route::InsightList { project } => {
-                        let public_base = public_base(&self.app, req);
+                        let public_base = public_base(&self.app, session);
                         let call = ListCall { project, path, query, principal, mode, truthy, public_base };
                         insights::list(&self.app, call).await
                     }
@@ -254,7 +253,10 @@ fn body_fields(body: &[u8]) -> std::result::Result<BodyFields, BodyError> {
     }
 }
 
-pub(super) fn public_base(app: &App, req: &RequestHeader) -> String {
+/// The origin clients reach the proxy at: `public_url`, else the request's authority, with `https`
+/// when the connection is TLS or a balancer in front says so (`X-Forwarded-Proto`).
+pub(super) fn public_base(app: &App, session: &ServerSession) -> String {
+    let req = session.req_header();
     if let Some(u) = &app.config.public_url {
         return u.clone();
     }
@@ -265,7 +267,9 @@ pub(super) fn public_base(app: &App, req: &RequestHeader) -> String {
         .or_else(|| req.uri.authority().map(|a| a.as_str()))
         .filter(|h| super::framing::is_valid_authority(h.as_bytes()))
         .unwrap_or("localhost");
+    let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
     let proto = match req.headers.get("x-forwarded-proto").and_then(|h| h.to_str().ok()) {
+        _ if tls => "https",
         Some("https") => "https",
         _ => "http",
     };

@@ -165,7 +165,7 @@ impl ProxyHttp for InsightsProxy {
         let encoded = upstream_response.headers.contains_key(header::CONTENT_ENCODING);
         if is_json && !encoded && session.req_header().uri.path().starts_with("/api/") {
             let origin = self.app.upstream.settings().url.origin();
-            let base = public_base(&self.app, session.req_header());
+            let base = public_base(&self.app, session.as_downstream());
             if origin != base {
                 ctx.relink = Some(Relink {
                     from: format!("\"{origin}/").into_bytes(),
@@ -184,7 +184,7 @@ impl ProxyHttp for InsightsProxy {
         if let Some(loc) = upstream_response.headers.get(header::LOCATION).and_then(|v| v.to_str().ok()) {
             let origin = self.app.upstream.settings().url.origin();
             if let Some(rest) = loc.strip_prefix(&origin) {
-                let rewritten = format!("{}{rest}", public_base(&self.app, session.req_header()));
+                let rewritten = format!("{}{rest}", public_base(&self.app, session.as_downstream()));
                 upstream_response.insert_header(header::LOCATION, rewritten)?;
             }
         }
