@@ -3,10 +3,10 @@
 //! Run: `CARGO_TARGET_DIR=/work/target-bench cargo bench --bench hot_path` (about a minute).
 //! Filter: `cargo bench --bench hot_path -- render` runs only the benchmarks whose name matches.
 //!
-//! What a hit costs in the library, step by step (in the order `proxy::request_filter` and
+//! What a hit costs in the library, step by step (in the order `http::decide` and
 //! `insights::retrieve` run them), then the steps together (`hit/composite`), then the library's
 //! whole answer without sockets (`hit/retrieve`: `insights::retrieve` on a filled cache), and the
-//! per-request metrics work `proxy::logging` does. The body is the simulated backend's insight whose
+//! per-request metrics work `http::ctx` `log_request` does. The body is the simulated backend's insight whose
 //! answer is closest to 4.8 KB (the size used in the nginx comparisons, see `benches/compare.sh`).
 //! Everything pingora does (HTTP parsing, response header serialisation, socket writes) is outside
 //! these numbers; `benches/compare.sh` measures the whole thing.
@@ -122,7 +122,7 @@ fn fixture() -> Fixture {
 fn steps(c: &mut Criterion, f: &Fixture) {
     let mut g = c.benchmark_group("step");
 
-    // 1. proxy::request_filter: query string, then the router.
+    // 1. http::decide: query string, then the router.
     g.bench_function("query_parse/plain", |b| b.iter(|| QueryParams::parse(black_box(PLAIN_QUERY))));
     g.bench_function("query_parse/tile", |b| b.iter(|| QueryParams::parse(black_box(Some(TILE_QUERY)))));
     let empty = QueryParams::default();
@@ -191,7 +191,7 @@ fn steps(c: &mut Criterion, f: &Fixture) {
 fn metrics(c: &mut Criterion) {
     let m = Metrics::new();
     let mut g = c.benchmark_group("step");
-    // proxy::logging, once per request.
+    // http::ctx log_request, once per request.
     g.bench_function("metrics_per_request", |b| {
         let started = Instant::now();
         b.iter(|| {

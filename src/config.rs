@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -47,6 +47,10 @@ pub const DEFAULT_BREAKER_FAILURES: u32 = 5;
 pub const DEFAULT_BREAKER_COOLDOWN_MS: u64 = 1_000;
 /// One probe call per 4 s at most while the upstream is down: recovery is seen within seconds.
 pub const DEFAULT_BREAKER_MAX_COOLDOWN_MS: u64 = 4_000;
+/// pingora's own bound (`default_h2_options`).
+pub const DEFAULT_H2_MAX_CONCURRENT_STREAMS: u32 = 100;
+/// How often the certificate files are looked at for a change.
+pub const DEFAULT_TLS_RELOAD_CHECK: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -81,6 +85,23 @@ pub struct ServerSection {
     pub max_body_bytes: usize,
     pub idle_timeout_seconds: u64,
     pub public_url: Option<String>,
+    /// HTTP/2 with prior knowledge on a cleartext listener (behind a TLS-terminating balancer).
+    pub h2c: bool,
+    /// Streams one HTTP/2 connection may have open at once.
+    pub h2_max_concurrent_streams: u32,
+    pub tls: Option<TlsSection>,
+}
+
+/// `[server.tls]`: TLS on the listener.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsSection {
+    /// PEM: the certificate, then any intermediates.
+    pub cert_path: String,
+    /// PEM: the certificate's private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_path: String,
+    /// "1.2" (default) or "1.3".
+    pub min_version: Option<String>,
 }
 
 impl Default for ServerSection {
@@ -93,6 +114,9 @@ impl Default for ServerSection {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             idle_timeout_seconds: DEFAULT_IDLE_TIMEOUT_SECONDS,
             public_url: None,
+            h2c: true,
+            h2_max_concurrent_streams: DEFAULT_H2_MAX_CONCURRENT_STREAMS,
+            tls: None,
         }
     }
 }
@@ -374,6 +398,11 @@ pub struct Config {
     /// How long a keep-alive connection may sit idle between requests.
     pub idle_timeout: Duration,
     pub public_url: Option<String>,
+    /// HTTP/2 with prior knowledge on the cleartext listener.
+    pub h2c: bool,
+    pub h2_max_concurrent_streams: u32,
+    /// TLS on the listener; `None`: cleartext.
+    pub tls: Option<TlsConfig>,
     pub upstream: UpstreamTarget,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
@@ -412,6 +441,33 @@ pub struct Config {
     pub admin_token: Option<String>,
     pub log_format: LogFormat,
     pub access_log: AccessLog,
+}
+
+/// The listener's certificate: where it is read from, and what the handshake accepts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    pub cert_path: PathBuf,
+    pub key_path: PathBuf,
+    pub min_version: TlsVersion,
+    /// How often the files are looked at for a change (a SIGHUP reloads at once).
+    pub reload_check: Duration,
+}
+
+/// The oldest TLS version the listener accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsVersion {
+    V1_2,
+    V1_3,
+}
+
+impl TlsVersion {
+    pub fn parse(s: &str) -> Option<TlsVersion> {
+        match s.trim() {
+            "1.2" => Some(TlsVersion::V1_2),
+            "1.3" => Some(TlsVersion::V1_3),
+            _ => None,
+        }
+    }
 }
 
 /// The upstream circuit breaker: after `failures` consecutive failures, calls fail fast for a
@@ -545,6 +601,40 @@ impl Config {
         if file.server.max_body_bytes == 0 {
             bad("server.max_body_bytes", "must be at least 1".into());
         }
+        if file.server.h2_max_concurrent_streams == 0 {
+            bad("server.h2_max_concurrent_streams", "must be at least 1".into());
+        }
+        let tls = file.server.tls.as_ref().and_then(|t| {
+            let mut ok = true;
+            for (key, path) in [("server.tls.cert_path", &t.cert_path), ("server.tls.key_path", &t.key_path)] {
+                if path.trim().is_empty() {
+                    bad(key, "must name a PEM file".into());
+                    ok = false;
+                }
+            }
+            let min_version = match t.min_version.as_deref().map(TlsVersion::parse) {
+                None => TlsVersion::V1_2,
+                Some(Some(v)) => v,
+                Some(None) => {
+                    bad(
+                        "server.tls.min_version",
+                        format!("{:?} must be \"1.2\" or \"1.3\"", t.min_version.as_deref().unwrap_or("")),
+                    );
+                    ok = false;
+                    TlsVersion::V1_2
+                }
+            };
+            if !cfg!(feature = "tls") {
+                bad("server.tls", "TLS on the listener needs the `tls` cargo feature".into());
+                ok = false;
+            }
+            ok.then(|| TlsConfig {
+                cert_path: PathBuf::from(&t.cert_path),
+                key_path: PathBuf::from(&t.key_path),
+                min_version,
+                reload_check: DEFAULT_TLS_RELOAD_CHECK,
+            })
+        });
         if let Some(u) = &file.server.public_url {
             if !(u.starts_with("http://") || u.starts_with("https://")) {
                 bad("server.public_url", format!("{u:?} must start with http:// or https://"));
@@ -742,6 +832,9 @@ impl Config {
             max_body_bytes: file.server.max_body_bytes,
             idle_timeout: Duration::from_secs(file.server.idle_timeout_seconds),
             public_url: file.server.public_url.map(|u| u.trim_end_matches('/').to_string()),
+            h2c: file.server.h2c,
+            h2_max_concurrent_streams: file.server.h2_max_concurrent_streams,
+            tls,
             upstream,
             connect_timeout: Duration::from_millis(file.upstream.connect_timeout_ms),
             read_timeout: Duration::from_millis(file.upstream.read_timeout_ms),

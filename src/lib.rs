@@ -2,7 +2,8 @@
 //!
 //! # Layout
 //! - [`config`]: file + flags + environment → one validated [`config::Config`].
-//! - [`framing`]: the front door: unambiguous body framing and a well-formed authority, first.
+//! - [`http`]: the front door: connections ([`http::conn`]), framing checks ([`http::framing`]),
+//!   the decision about each request, the proxy's own answers and pingora's pass-through hooks.
 //! - [`routes`]: the only place that knows URL shapes; a pure `route()`. [`query`] parses query strings strictly.
 //! - [`auth`]: the request's one [`auth::Principal`], built at the front door; its partition is in
 //!   every key. [`trust`]: confirmations and refusals of principals. [`failure`]: failures by origin.
@@ -14,13 +15,12 @@
 //!   and its workers), behind a narrow API; [`flights`]: single flight; [`status`]: query statuses.
 //! - [`app`]: the shared state (configuration, clock, cache, statuses, metrics, the engine).
 //! - [`cache_status`]: how an answer was produced (the `Cache-Status` header, as a type).
-//! - [`insights`]: answering retrieve, list and status polls by carrying out the plan; [`proxy`]:
-//!   the thin pingora glue;
-//!   [`fast`]: the proxy's own answers without pingora_proxy's per-request session.
+//! - [`insights`]: answering retrieve, list and status polls by carrying out the plan.
 //! - [`upstream`]: the client for the proxy's own upstream calls.
 //! - `demo` (cargo feature `demo`): the demo mode, the proxy in front of the simulated PostHog of
 //!   the `posthog-sim` crate when no upstream is configured.
 //! - [`admin`]: the admin listener (metrics, health, purge/inspect); [`metrics`]: Prometheus metrics.
+//! - `tls` (with the `tls` feature): the listener's certificate, its handshake and reloads.
 //! - [`server`]: assembling pingora services and running them until a shutdown signal.
 
 pub mod admin;
@@ -36,16 +36,16 @@ pub mod demo;
 pub mod engine;
 pub mod error;
 pub mod failure;
-pub mod fast;
 pub mod flights;
-pub mod framing;
+pub mod http;
 pub mod insights;
 pub mod metrics;
-pub mod proxy;
 pub mod query;
 pub mod refresh;
 pub mod routes;
 pub mod server;
 pub mod status;
+#[cfg(feature = "tls")]
+pub mod tls;
 pub mod trust;
 pub mod upstream;

@@ -131,6 +131,20 @@ fn main() -> ExitCode {
         }
     };
     if cli.check_config {
+        #[cfg(feature = "tls")]
+        if let Some(tls) = &config.tls {
+            match insights_proxy::tls::load(tls) {
+                Ok(loaded) => {
+                    if let Some(w) = loaded.expiry_warning() {
+                        eprintln!("insights-proxy: warning: server.tls: {w}");
+                    }
+                }
+                Err(e) => {
+                    eprintln!("insights-proxy: server.tls: {e}");
+                    return ExitCode::from(2);
+                }
+            }
+        }
         println!("configuration is valid");
         return ExitCode::SUCCESS;
     }

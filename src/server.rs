@@ -5,7 +5,9 @@ use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use pingora::apps::HttpServerOptions;
 use pingora::prelude::background_service;
+use pingora::protocols::http::v2::server::default_h2_options;
 use pingora::proxy::http_proxy;
 use pingora::server::configuration::ServerConf;
 use pingora::server::Server;
@@ -15,14 +17,16 @@ use crate::app::App;
 use crate::clock::Clock;
 use crate::config::{Config, UpstreamTarget, UpstreamUrl};
 use crate::engine::workers::Workers;
-use crate::fast::FastPath;
-use crate::proxy::InsightsProxy;
+use crate::http::{FastPath, InsightsProxy};
 use crate::upstream::{UpstreamClient, UpstreamSettings};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: String, source: std::io::Error },
+    #[cfg(feature = "tls")]
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// pingora's defaults would make a SIGTERM take 5 minutes (docs/design.md, "pingora facts" 2): set both.
@@ -49,6 +53,9 @@ pub struct Built {
     #[cfg(feature = "demo")]
     pub simulator: Option<posthog_sim::Simulator>,
     pub upstream: UpstreamUrl,
+    /// The listener's certificate, when it serves TLS.
+    #[cfg(feature = "tls")]
+    pub tls: Option<Arc<crate::tls::Tls>>,
 }
 
 /// Builds the proxy. `upgrade`: take over the listening sockets of a running instance that was sent
@@ -83,6 +90,9 @@ pub fn build_with(config: Config, clock: Clock, upgrade: bool) -> Result<Built, 
         read_timeout: config.read_timeout,
         max_response_bytes: config.max_response_bytes,
     };
+    // A certificate that does not load stops the start, before anything listens.
+    #[cfg(feature = "tls")]
+    let tls = config.tls.clone().map(crate::tls::Tls::new).transpose()?;
     let opt = pingora::server::configuration::Opt { upgrade, ..Default::default() };
     let mut server = Server::new_with_opt_and_conf(Some(opt), server_conf(&config));
     server.bootstrap();
@@ -92,7 +102,19 @@ pub fn build_with(config: Config, clock: Clock, upgrade: bool) -> Result<Built, 
     let insights = || InsightsProxy { app: app.clone(), peer: settings.peer() };
     // Requests the proxy answers itself skip pingora_proxy's per-request session (`fast`); the
     // rest go through pingora's proxy as before.
-    let fast = FastPath::new(http_proxy(&server.configuration, insights()), insights());
+    let mut http = http_proxy(&server.configuration, insights());
+    let mut options = HttpServerOptions::default();
+    options.h2c = app.config.h2c;
+    http.server_options = Some(options);
+    let mut h2 = default_h2_options();
+    h2.max_concurrent_streams(app.config.h2_max_concurrent_streams);
+    http.h2_options = Some(h2);
+    let fast = FastPath::new(http, insights());
+    #[cfg(feature = "tls")]
+    let fast = match &tls {
+        Some(tls) => fast.with_tls(tls.clone()),
+        None => fast,
+    };
     let mut proxy = pingora::services::listening::Service::new("Pingora HTTP Proxy Service".into(), fast);
     // A 16 KB write buffer sends a cached answer's header and body in one write.
     proxy.add_listener(
@@ -101,6 +123,10 @@ pub fn build_with(config: Config, clock: Clock, upgrade: bool) -> Result<Built, 
     );
     server.add_service(proxy);
     server.add_service(background_service("refresh workers", Workers { engine: app.engine.clone() }));
+    #[cfg(feature = "tls")]
+    if let Some(tls) = &tls {
+        server.add_service(background_service("tls reload", crate::tls::Watch { tls: tls.clone() }));
+    }
     if app.cache.l2().is_some() {
         server.add_service(background_service("l2 events", L2Events { app: app.clone() }));
     }
@@ -119,6 +145,8 @@ pub fn build_with(config: Config, clock: Clock, upgrade: bool) -> Result<Built, 
         #[cfg(feature = "demo")]
         simulator,
         upstream,
+        #[cfg(feature = "tls")]
+        tls,
     })
 }
 

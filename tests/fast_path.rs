@@ -1,4 +1,4 @@
-//! Requests the proxy answers itself take a path in front of pingora's proxy (`src/fast.rs`);
+//! Requests the proxy answers itself take a path in front of pingora's proxy (`src/http/conn.rs`);
 //! everything else is handed to the proxy on the same connection. These tests
 //! drive one keep-alive connection through both paths and the edges between them.
 

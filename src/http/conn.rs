@@ -6,16 +6,17 @@
 //! (and nothing more) arrived in one read, it parses the request with pingora's own HTTP/1 session
 //! and decides with [`InsightsProxy::decide`], the decision `request_filter` makes. When the proxy
 //! answers the request itself, the fast path writes the same bytes pingora's session would
-//! ([`crate::proxy::reply_head`]), with the same keep-alive, metrics and access log, without
-//! pingora_proxy's `Session` (HTTP cache state, module contexts, a boxed downstream session), its
+//! ([`Head::h1`], from the same fields as pingora's path), with the same keep-alive, metrics and
+//! access log, without pingora_proxy's `Session` (HTTP cache state, module contexts, a boxed downstream session), its
 //! phase machine (which moves that state between futures several times per request) and pingora's
 //! response-header building (`ResponseHeader` with `Date` and `Connection` inserted through a
 //! `HeaderMap`, serialized into a fresh 4 KB buffer).
 //!
 //! Everything else goes to pingora's proxy unchanged: the bytes read so far are handed to a fresh
 //! session as its pipelined prefix, so the proxy parses the same request as if it had read it
-//! itself, and `decide(.., fast = true)` returns `None` before a request body is read. HTTP/2 and
-//! custom protocols go to pingora's own connection handling.
+//! itself, and `decide(.., fast = true)` returns `None` before a request body is read. HTTP/2 (by
+//! ALPN, or h2c told by the connection's first bytes) and custom protocols go to pingora's own
+//! connection handling. With TLS on the listener, the handshake runs first ([`crate::tls::accept`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -25,14 +26,21 @@ use async_trait::async_trait;
 use bytes::BytesMut;
 use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream, ServerApp};
 use pingora::protocols::http::ServerSession;
+use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::{Stream, ALPN};
 use pingora::proxy::HttpProxy;
 use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
 
-use crate::proxy::{answer_with, reply_head, InsightsProxy, RequestCtx};
+use super::answer::answer_with;
+use super::head::Head;
+use super::{InsightsProxy, RequestCtx};
 
+/// What a client sends first on an HTTP/2 connection (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// The first byte of a TLS ClientHello's record.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 /// pingora's first read of a request header (`INIT_HEADER_BUF_SIZE`).
 const HEADER_BUF: usize = 4096;
 /// pingora's read timeout for a request on a connection without keep-alive.
@@ -46,6 +54,9 @@ pub struct FastPath {
     /// requests it waits for on idle keep-alive connections.
     closing: AtomicBool,
     closed: Notify,
+    /// TLS on the listener: the handshake runs here, before anything else.
+    #[cfg(feature = "tls")]
+    tls: Option<Arc<crate::tls::Tls>>,
 }
 
 enum Read {
@@ -59,7 +70,53 @@ enum Read {
 
 impl FastPath {
     pub fn new(proxy: HttpProxy<InsightsProxy>, insights: InsightsProxy) -> FastPath {
-        FastPath { proxy: Arc::new(proxy), insights, closing: AtomicBool::new(false), closed: Notify::new() }
+        FastPath {
+            proxy: Arc::new(proxy),
+            insights,
+            closing: AtomicBool::new(false),
+            closed: Notify::new(),
+            #[cfg(feature = "tls")]
+            tls: None,
+        }
+    }
+
+    /// Connections start with a TLS handshake with `tls`'s current certificate.
+    #[cfg(feature = "tls")]
+    pub fn with_tls(mut self, tls: Arc<crate::tls::Tls>) -> FastPath {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// Whether a new cleartext connection opens with HTTP/2's preface (h2c with prior knowledge).
+    /// The bytes read to tell are put back for whoever reads the connection next, and the first
+    /// read takes as much as pingora's first read of a request head, so an HTTP/1 request that
+    /// arrives whole is still read whole by the fast path.
+    async fn opens_h2c(&self, stream: Stream) -> Option<(Stream, bool)> {
+        if !stream.as_any().is::<L4Stream>() {
+            return Some((stream, false));
+        }
+        let mut l4: L4Stream = *stream.into_any().downcast::<L4Stream>().ok()?;
+        let mut buf = BytesMut::with_capacity(HEADER_BUF);
+        let h2 = loop {
+            let read = tokio::select! {
+                biased;
+                r = tokio::time::timeout(READ_TIMEOUT, l4.read_buf(&mut buf)) => r,
+                _ = self.closing() => return None,
+            };
+            match read {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return None,
+            }
+            let seen = buf.len().min(H2_PREFACE.len());
+            if buf[..seen] != H2_PREFACE[..seen] {
+                break false;
+            }
+            if seen == H2_PREFACE.len() {
+                break true;
+            }
+        };
+        l4.rewind(&buf);
+        Some((Box::new(l4), h2))
     }
 
     async fn closing(&self) {
@@ -190,6 +247,11 @@ impl FastPath {
         };
         let (stream, buf) = match read {
             Read::Closed => return None,
+            Read::Partial(_, buf) if buf.first() == Some(&TLS_HANDSHAKE_RECORD) => {
+                // pingora would answer an HTTP 400 the client cannot read: say what happened.
+                tracing::info!("a TLS handshake on the cleartext port: connection closed");
+                return None;
+            }
             Read::Partial(stream, buf) => return Next::reused(self.delegate(stream, buf, settings, shutdown).await),
             Read::Head(stream, buf) => (stream, buf),
         };
@@ -221,12 +283,12 @@ impl FastPath {
             Err(e) => return Next::reused(self.finish(session, ctx, Err(e)).await),
         };
         let keep_alive = session.as_http1().is_some_and(|h1| h1.will_keepalive());
-        let Some(head) = reply_head(&reply, keep_alive) else {
+        let Some(head) = Head::of(&reply).ok().and_then(|h| h.h1(keep_alive)) else {
             // pingora's writer refuses it: as on the proxy's path.
             let answered = answer_with(&mut session, &mut ctx, reply).await;
             return Next::reused(self.finish(session, ctx, answered).await);
         };
-        // What pingora's session would write (`reply_head`), written to the connection's buffered
+        // What pingora's session would write (`Head::h1`), written to the connection's buffered
         // stream directly and flushed once, as pingora does at the end of a response with a length.
         let persistent = Settings {
             keepalive: session.get_keepalive(),
@@ -270,11 +332,21 @@ impl FastPath {
 #[async_trait]
 impl ServerApp for FastPath {
     async fn process_new(self: &Arc<Self>, stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
+        #[cfg(feature = "tls")]
+        let stream = match &self.tls {
+            Some(tls) => crate::tls::accept(tls, stream).await?,
+            None => stream,
+        };
         // As pingora-core's `ServerApp for HttpServerApp`: HTTP/2 (h2c or ALPN) and custom protocols
-        // are pingora's; the HTTP/1 loop is this one.
+        // are pingora's; the HTTP/1 loop is this one. pingora tells h2c by waiting for 24 bytes,
+        // which stalls a shorter HTTP/1 request: here the first read decides.
         let options = self.proxy.server_options();
-        let h2c = options.is_some_and(|o| o.h2c) && stream.get_ssl_digest().is_none();
         let custom = options.is_some_and(|o| o.force_custom);
+        let (stream, h2c) = if options.is_some_and(|o| o.h2c) && !custom && stream.get_ssl_digest().is_none() {
+            self.opens_h2c(stream).await?
+        } else {
+            (stream, false)
+        };
         if h2c || custom || matches!(stream.selected_alpn_proto(), Some(ALPN::H2 | ALPN::Custom(_))) {
             return ServerApp::process_new(&self.proxy, stream, shutdown).await;
         }

@@ -1,0 +1,26 @@
+//! The front door: connections, the decision about each request, the proxy's own answers and
+//! pingora's pass-through hooks.
+//!
+//! - [`conn`]: the listening app ([`FastPath`]): pingora's HTTP/1 connection loop with the proxy's
+//!   own answers written directly; everything else (HTTP/2, bodies, pass-through) to pingora's proxy.
+//! - [`framing`]: unambiguous body framing and a well-formed authority, checked first.
+//! - `decide`: what the proxy does with a request (refuse, answer, pass through).
+//! - `head`: the one builder of an own answer's response head, for both writers.
+//! - `answer`: own answers and failures written to pingora's session.
+//! - `ctx`: a request's state, and its metrics and access log line at the end.
+//! - [`proxy`]: the pingora `ProxyHttp` hooks of the pass-through path.
+
+mod answer;
+pub mod conn;
+mod ctx;
+mod decide;
+pub mod framing;
+mod head;
+pub mod proxy;
+
+pub use answer::write_reply;
+pub use conn::FastPath;
+pub use ctx::RequestCtx;
+pub use decide::{MAX_REQUEST_HEADERS, MAX_REQUEST_HEADER_BYTES, MAX_URI_BYTES};
+pub use head::InvalidHead;
+pub use proxy::InsightsProxy;
