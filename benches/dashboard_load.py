@@ -505,6 +505,9 @@ def proxy_toml(listen: int, admin: int, sim: int, a: argparse.Namespace, refresh
         if getattr(a, opt) is not None:
             out.append(f"{key} = {getattr(a, opt)}")
     out += ["", "[refresh_ahead]", f"enabled = {'true' if refresh_ahead else 'false'}", ""]
+    if a.forced_min_interval is not None:
+        value = a.forced_min_interval if not a.forced_min_interval.isdigit() else int(a.forced_min_interval)
+        out += ["[refresh]", f"forced_min_interval = {json.dumps(value)}", ""]
     return "\n".join(out)
 
 
@@ -1188,6 +1191,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--budget-per-minute", type=int, default=None)
     g.add_argument("--budget-per-hour", type=int, default=None)
     g.add_argument("--budget-wait-ms", type=int, default=None)
+    g.add_argument("--forced-min-interval", default=None,
+                   help='[refresh] forced_min_interval: "off", "next_allowed_client_refresh" or seconds')
     g.add_argument("--log-dir", default=None, help="where configs and process logs go (default: a temp dir)")
     g.add_argument("--json", action="store_true", help="print one JSON document on stdout instead of the table")
     g.add_argument("--per-insight", action="store_true", help="with --json, include per-insight figures")

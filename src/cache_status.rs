@@ -171,6 +171,52 @@ impl fmt::Display for CacheStatus {
 mod tests {
     use super::*;
 
+    /// The README's `Cache-Status` table lists every detail the proxy gives.
+    #[test]
+    fn the_readme_table_lists_every_detail() {
+        let readme = include_str!("../README.md");
+        let named = [
+            Detail::Stale,
+            Detail::StaleWhileRevalidate,
+            Detail::StaleIfError,
+            Detail::Budget,
+            Detail::ListPage,
+            Detail::UpstreamEmpty,
+            Detail::Revalidated,
+            Detail::Refused,
+            Detail::TooSoonToForce,
+            Detail::Enqueued,
+            Detail::Rejected,
+            Detail::UpstreamError,
+            Detail::NoCredential,
+        ];
+        for d in named {
+            // A new variant must be added to `named` (and so to the README).
+            match d {
+                Detail::Stale
+                | Detail::StaleWhileRevalidate
+                | Detail::StaleIfError
+                | Detail::Budget
+                | Detail::ListPage
+                | Detail::UpstreamEmpty
+                | Detail::Revalidated
+                | Detail::Refused
+                | Detail::TooSoonToForce
+                | Detail::Enqueued
+                | Detail::Rejected
+                | Detail::UpstreamError
+                | Detail::NoCredential
+                | Detail::Failure(_) => {}
+            }
+            let cell = format!("detail={}`", d.as_str());
+            assert!(readme.contains(&cell), "README's Cache-Status table has no row for {cell}");
+        }
+        for fwd in [Fwd::Miss, Fwd::Stale, Fwd::Request, Fwd::UriMiss, Fwd::Bypass] {
+            let shown = CacheStatus::fwd(fwd).to_string();
+            assert!(readme.contains(&format!("`{shown}")), "README's Cache-Status table has no row for {shown}");
+        }
+    }
+
     #[test]
     fn renders_rfc_9211_values_and_labels_them() {
         let cases = [
