@@ -8,6 +8,8 @@ command -v cmake >/dev/null 2>&1 || need+=(cmake)
 command -v cc >/dev/null 2>&1 || need+=(build-essential)
 # The shared-tier tests start their own redis-server on a loopback port.
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+# They also build a Redis Cluster with redis-cli and run a Sentinel as `redis-server --sentinel`.
+command -v redis-cli >/dev/null 2>&1 || need+=(redis-tools)
 if [ ${#need[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq

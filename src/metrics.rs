@@ -50,6 +50,9 @@ pub struct Metrics {
     pub l2_up: IntGauge,
     /// Failed shared-tier calls since start (a gauge mirrored from the tier's own counter).
     pub l2_errors: IntGauge,
+    /// Shared-tier values dropped because their MAC failed, by kind (entry, status, purge,
+    /// confirmation, refusal, event).
+    pub l2_rejected: IntCounterVec,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -145,6 +148,12 @@ impl Metrics {
             circuit_open: gauge(&r, "upstream_circuit_open", "1 while the upstream circuit breaker is open."),
             l2_up: gauge(&r, "l2_up", "1 while the shared tier (Redis) answers; 0 while its breaker is open."),
             l2_errors: gauge(&r, "l2_errors", "Failed shared-tier calls since start."),
+            l2_rejected: counter_vec(
+                &r,
+                "l2_rejected_total",
+                "Shared-tier values dropped because their MAC failed (forged, moved or tampered), by kind.",
+                &["kind"],
+            ),
             per_request: PerRequest::default(),
             registry: r,
         }

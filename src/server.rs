@@ -169,7 +169,15 @@ impl pingora::services::background::BackgroundService for L2Events {
     async fn start(&self, shutdown: pingora::server::ShutdownWatch) {
         let Some(l2) = self.app.cache.l2().cloned() else { return };
         let app = self.app.clone();
-        l2.listen(move |scope| app.cache.purge_local(scope), shutdown).await;
+        l2.listen(
+            move |event| {
+                if let crate::cache::l2::Event::Purge(scope) = event {
+                    app.cache.purge_local(scope);
+                }
+            },
+            shutdown,
+        )
+        .await;
     }
 }
 
