@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use common::*;
 use insights_proxy::clock::Clock;
+use insights_proxy::config::Config;
 use l2_support::*;
 
 fn cluster(calc_delay: Duration) -> (Redis, Replicas) {
@@ -207,4 +208,39 @@ fn clock_skew_between_replicas_never_resurrects_a_purged_entry() {
             );
         }
     }
+}
+
+fn trust_window(c: &mut Config) {
+    c.revalidate_after = Duration::from_secs(60);
+}
+
+#[test]
+fn one_replicas_word_on_a_credential_counts_for_every_replica() {
+    let redis = Redis::start();
+    let clock = Clock::new();
+    let c =
+        Replicas::with(redis.url(), Duration::from_millis(20), clock.clone(), vec![clock.clone(), clock], trust_window);
+    let key = "phx_l2_shared_trust";
+    c.sim.set_project_access(key, 1, true);
+    let insights = c.day_insights();
+    let ((_, url), (_, other)) = (insights[0].clone(), insights[1].clone());
+    assert_eq!(c.get_as(0, &format!("{url}?refresh=blocking"), key).status, 200);
+    // Past replica 0's own confirmation window as far as replica 1's memory goes: it never
+    // confirmed this key itself, and the shared confirmation stands in for a revalidation.
+    let before = c.sim.requests();
+    let r = c.get_as(1, &url, key);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.cache_status().contains("; hit"), "{}", r.cache_status());
+    assert_eq!(c.sim.requests(), before, "replica 1 served without asking the upstream");
+    assert_eq!(c.replicas[1].revalidations(), 0);
+
+    // Revoked upstream; replica 0 learns it from a miss.
+    c.sim.revoke_token(key);
+    assert_eq!(c.get_as(0, &format!("{other}?refresh=blocking"), key).status, 401);
+    let before = c.sim.requests();
+    eventually("replica 1 refuses the revoked key", || {
+        let r = c.get_as(1, &url, key);
+        r.status == 401 && r.json().get("result").is_none()
+    });
+    assert_eq!(c.sim.requests(), before, "replica 1 refused from what replica 0 heard");
 }

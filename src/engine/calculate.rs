@@ -328,7 +328,11 @@ impl Engine {
     }
 
     /// The same read made to ask whether the upstream still accepts the caller.
+    /// Another replica's word on the caller, from the shared tier, stands in for it.
     pub async fn revalidate(self: &Arc<Self>, spec: &Arc<CalcSpec>) -> Outcome {
+        if let Some(word) = self.shared_word(spec).await {
+            return word;
+        }
         self.metrics.revalidations.inc();
         self.read(spec, "revalidation").await
     }
