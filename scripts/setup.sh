@@ -9,8 +9,10 @@ need=()
 command -v cmake >/dev/null 2>&1 || need+=(cmake)
 command -v cc >/dev/null 2>&1 || need+=(build-essential)
 if [ "$mode" != build ]; then
-  # The shared-tier tests start their own redis-server on a loopback port.
+  # The shared-tier tests start their own redis-server on a loopback port; they also build a Redis
+  # Cluster with redis-cli and run a Sentinel as `redis-server --sentinel`.
   command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+  command -v redis-cli >/dev/null 2>&1 || need+=(redis-tools)
   # The monitoring kit's test runs promtool and its own prometheus on a loopback port.
   { command -v promtool && command -v prometheus; } >/dev/null 2>&1 || need+=(prometheus)
 fi

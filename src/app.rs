@@ -26,11 +26,18 @@ impl App {
         let metrics = Arc::new(Metrics::new());
         let evictions = metrics.evictions.clone();
         let hook: crate::cache::EvictionHook = Arc::new(move |cause| evictions.with_label_values(&[cause]).inc());
-        let l2 = config.l2.clone().and_then(|s| match L2::new(s) {
-            Ok(l2) => Some(l2),
-            Err(e) => {
-                tracing::error!(error = %e, "the [l2] url is unusable; running without the shared tier");
-                None
+        let l2 = config.l2.clone().and_then(|s| {
+            // Configuration requires the secret with [l2]: it derives the values' MAC key.
+            let Some(secret) = config.partition_secret.as_deref() else {
+                tracing::error!("[l2] needs cache.partition_secret; running without the shared tier");
+                return None;
+            };
+            match L2::new(s, secret, metrics.l2().rejected.clone()) {
+                Ok(l2) => Some(l2),
+                Err(e) => {
+                    tracing::error!(error = %e, "the [l2] url is unusable; running without the shared tier");
+                    None
+                }
             }
         });
         let cache = Arc::new(

@@ -793,11 +793,8 @@ impl Config {
         let l2 = match &file.l2 {
             None => None,
             Some(l2) => {
-                if !(l2.url.starts_with("redis://")
-                    || l2.url.starts_with("rediss://")
-                    || l2.url.starts_with("valkey://"))
-                {
-                    bad("l2.url", format!("{:?} must be a redis:// URL", l2.url));
+                if let Err(e) = crate::cache::l2::Target::parse(&l2.url) {
+                    bad("l2.url", format!("{:?} {e}", l2.url));
                 }
                 if file.cache.partition_secret.is_none() {
                     bad(

@@ -70,6 +70,9 @@ pub struct L2Metrics {
     pub up: IntGauge,
     /// Failed shared-tier calls, mirrored from the tier's own count.
     pub errors: IntCounter,
+    /// Shared-tier values dropped because their MAC failed, by kind (entry, status, purge,
+    /// confirmation, refusal, event).
+    pub rejected: IntCounterVec,
 }
 
 /// The `limit` label values of the budget counters.
@@ -229,6 +232,12 @@ impl Metrics {
         self.l2.get_or_init(|| L2Metrics {
             up: gauge(&self.registry, "l2_up", "1 while the shared tier (Redis) answers; 0 while its breaker is open."),
             errors: gauge_free_counter(&self.registry, "l2_errors_total", "Failed shared-tier calls."),
+            rejected: counter_vec(
+                &self.registry,
+                "l2_rejected_total",
+                "Shared-tier values dropped because their MAC failed (forged, moved or tampered), by kind.",
+                &["kind"],
+            ),
         })
     }
 

@@ -150,8 +150,8 @@ pub fn build_with(config: Config, clock: Clock, upgrade: bool) -> Result<Built, 
     })
 }
 
-/// Applies other replicas' purges and wakes waits on their calculations (the shared tier's
-/// pub/sub channel).
+/// Applies other replicas' purges and refusals and wakes waits on their calculations (the shared
+/// tier's pub/sub channel).
 struct L2Events {
     app: Arc<App>,
 }
@@ -161,6 +161,6 @@ impl pingora::services::background::BackgroundService for L2Events {
     async fn start(&self, shutdown: pingora::server::ShutdownWatch) {
         let Some(l2) = self.app.cache.l2().cloned() else { return };
         let app = self.app.clone();
-        l2.listen(move |scope| app.cache.purge_local(scope), shutdown).await;
+        l2.listen(move |event| app.engine.apply_shared(event), shutdown).await;
     }
 }

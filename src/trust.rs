@@ -48,9 +48,23 @@ impl Trust {
     }
 
     fn scoped(&self, partition: Partition, project: u64, insight: Option<u64>) -> Scope {
+        (partition, project, self.confirmed_insight(insight))
+    }
+
+    /// The insight a confirmation covers under the revalidation scope (0: the whole project).
+    pub fn confirmed_insight(&self, insight: Option<u64>) -> u64 {
         match self.scope {
-            RevalidateScope::Project => (partition, project, 0),
-            RevalidateScope::Insight => (partition, project, insight.unwrap_or(0)),
+            RevalidateScope::Project => 0,
+            RevalidateScope::Insight => insight.unwrap_or(0),
+        }
+    }
+
+    /// What a refusal with `status` is about, as (project, insight): a 401 the credential
+    /// everywhere (0, 0); a 403 its project, or its insight for a single-object refusal.
+    pub fn refused_scope(project: u64, insight: Option<u64>, status: u16) -> (u64, u64) {
+        match status {
+            401 => (0, 0),
+            _ => (project, insight.unwrap_or(0)),
         }
     }
 
@@ -75,10 +89,8 @@ impl Trust {
     /// The upstream refused this principal (401: the credential, everywhere; 403: this project, or
     /// this insight for a single-object refusal): remember its answer, forget its confirmations.
     pub fn refuse(&self, partition: Partition, project: u64, insight: Option<u64>, answer: Arc<UpstreamResponse>) {
-        let scope = match answer.status {
-            401 => (partition, 0, 0),
-            _ => (partition, project, insight.unwrap_or(0)),
-        };
+        let (p, i) = Self::refused_scope(project, insight, answer.status);
+        let scope = (partition, p, i);
         self.refusals.insert(scope, answer);
         self.confirmations.invalidate(&(partition, project, 0));
         if let Some(i) = insight {

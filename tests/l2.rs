@@ -1,119 +1,26 @@
-//! The shared Redis tier with two proxy replicas in one test, against a real
-//! `redis-server` started on a loopback port by the test itself.
+//! The shared Redis tier with proxy replicas in one test, against a real `redis-server` started
+//! on a loopback port by the test itself.
 
 mod common;
+mod l2_support;
 
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use insights_proxy::app::App;
 use insights_proxy::clock::Clock;
-use insights_proxy::config::L2Settings;
-use posthog_sim::serve::free_port;
-use posthog_sim::testing::Running;
-use posthog_sim::{SimConfig, Simulator};
+use insights_proxy::config::Config;
+use l2_support::*;
 
-struct Redis {
-    port: u16,
-    child: Option<ChildGuard>,
-}
-
-impl Redis {
-    fn start() -> Redis {
-        let mut r = Redis { port: free_port(), child: None };
-        r.restart();
-        r
-    }
-
-    fn restart(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed (scripts/setup.sh installs it)");
-        self.child = Some(ChildGuard(child));
-        wait_for_port(self.port);
-    }
-
-    fn kill(&mut self) {
-        self.child = None;
-    }
-}
-
-struct Replica {
-    port: u16,
-    app: Arc<App>,
-    running: Option<Running>,
-}
-
-struct Cluster {
-    clock: Clock,
-    sim: Simulator,
-    redis: Redis,
-    sim_port: u16,
-    replicas: Vec<Replica>,
-    _backend: Running,
-}
-
-fn replica(sim_port: u16, redis_port: u16, clock: &Clock) -> Replica {
-    let port = free_port();
-    let mut c = test_config(port, sim_port);
-    c.partition_secret = Some("a-shared-partition-secret-for-tests".into());
-    c.l2 = Some(L2Settings {
-        url: format!("redis://127.0.0.1:{redis_port}/0"),
-        prefix: "ipx:".into(),
-        timeout: Duration::from_millis(200),
-        ttl: Duration::from_secs(600),
-        lease: Duration::from_secs(5),
-        wait_poll: Duration::from_millis(200),
-    });
-    let (running, app) = start_proxy(c, clock.clone());
-    Replica { port, app, running: Some(running) }
-}
-
-impl Cluster {
-    fn start(calc_delay: Duration) -> Cluster {
-        let clock = Clock::new();
-        let sim = Simulator::new(SimConfig { calc_delay, ..SimConfig::default() }, clock.clone());
-        let sim_port = free_port();
-        let backend = start_backend(&sim, sim_port);
-        let redis = Redis::start();
-        let replicas = (0..2).map(|_| replica(sim_port, redis.port, &clock)).collect();
-        Cluster { clock, sim, redis, sim_port, replicas, _backend: backend }
-    }
-
-    fn get(&self, i: usize, path: &str) -> Resp {
-        http(self.replicas[i].port, "GET", path, &[("Authorization", "Bearer phx_demo_all")], None)
-    }
-
-    fn day_insight(&self) -> (u64, String) {
-        let list = http(
-            self.sim_port,
-            "GET",
-            "/api/environments/1/insights/?basic=true&limit=100",
-            &[("Authorization", "Bearer phx_demo_all")],
-            None,
-        )
-        .json();
-        let id = list["results"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|i| {
-                i["query"]["source"]["interval"] == "day" && i["query"]["source"]["dateRange"]["date_to"].is_null()
-            })
-            .and_then(|i| i["id"].as_u64())
-            .unwrap();
-        (id, format!("/api/environments/1/insights/{id}/"))
-    }
+fn cluster(calc_delay: Duration) -> (Redis, Replicas) {
+    let redis = Redis::start();
+    let replicas = Replicas::start(redis.url(), calc_delay);
+    (redis, replicas)
 }
 
 #[test]
 fn one_calculation_across_replicas_for_a_cold_herd() {
-    let c = Cluster::start(Duration::from_millis(400));
+    let (_redis, c) = cluster(Duration::from_millis(400));
     let (id, url) = c.day_insight();
     let ports: Vec<u16> = c.replicas.iter().map(|r| r.port).collect();
     let barrier = Arc::new(std::sync::Barrier::new(100));
@@ -137,25 +44,18 @@ fn one_calculation_across_replicas_for_a_cold_herd() {
 
 #[test]
 fn a_patch_through_one_replica_is_a_miss_on_the_other() {
-    let c = Cluster::start(Duration::from_millis(20));
+    let (_redis, c) = cluster(Duration::from_millis(20));
     let (_, url) = c.day_insight();
     c.get(0, &format!("{url}?refresh=blocking"));
     assert!(c.get(1, &url).cache_status().contains("; hit"), "replica 1 reads the shared entry");
-    let r = http(
-        c.replicas[0].port,
-        "PATCH",
-        &url,
-        &[("Authorization", "Bearer phx_demo_all")],
-        Some(r#"{"name":"patched via replica 0"}"#),
-    );
-    assert_eq!(r.status, 200);
+    assert_eq!(c.patch(0, &url, "patched via replica 0").status, 200);
     eventually("the purge reaches replica 1", || !c.get(1, &url).cache_status().contains("; hit"));
     assert_eq!(c.get(1, &url).json()["name"], "patched via replica 0");
 }
 
 #[test]
 fn a_status_poll_may_land_on_any_replica() {
-    let c = Cluster::start(Duration::from_millis(50));
+    let (_redis, c) = cluster(Duration::from_millis(50));
     let (_, url) = c.day_insight();
     let v = c.get(0, &format!("{url}?refresh=async")).json();
     let id = v["query_status"]["id"].as_str().unwrap().to_string();
@@ -167,13 +67,13 @@ fn a_status_poll_may_land_on_any_replica() {
 
 #[test]
 fn a_restarted_replica_serves_hits_from_the_shared_tier_at_once() {
-    let mut c = Cluster::start(Duration::from_millis(20));
+    let (_redis, mut c) = cluster(Duration::from_millis(20));
     let (id, url) = c.day_insight();
     c.get(0, &format!("{url}?refresh=blocking"));
     let old = c.replicas.remove(0);
     drop(old.running);
     drop(old.app);
-    let fresh = replica(c.sim_port, c.redis.port, &c.clock);
+    let fresh = c.replica(&c.clock);
     let r = http(fresh.port, "GET", &url, &[("Authorization", "Bearer phx_demo_all")], None);
     assert!(r.cache_status().contains("; hit"), "{}", r.cache_status());
     assert!(!r.json()["result"].is_null());
@@ -182,11 +82,11 @@ fn a_restarted_replica_serves_hits_from_the_shared_tier_at_once() {
 
 #[test]
 fn redis_down_means_l1_and_the_upstream_alone_then_recovery() {
-    let mut c = Cluster::start(Duration::from_millis(20));
+    let (mut redis, c) = cluster(Duration::from_millis(20));
     let (id, url) = c.day_insight();
     c.get(0, &format!("{url}?refresh=blocking"));
     c.get(1, &url); // replica 1 now has it in memory too
-    c.redis.kill();
+    redis.kill();
     for i in 0..2 {
         let r = c.get(i, &url);
         assert_eq!(r.status, 200);
@@ -203,7 +103,7 @@ fn redis_down_means_l1_and_the_upstream_alone_then_recovery() {
         c.replicas[0].app.config.admin_listen.as_deref().unwrap().rsplit(':').next().unwrap().parse().unwrap();
     let ready = http(admin_port, "GET", "/readyz", &[], None);
     assert_eq!(ready.status, 200, "Redis down degrades, it does not make the proxy unready");
-    c.redis.restart();
+    redis.restart();
     // Recovery by itself: writes reach Redis again, and a new replica starts warm from them.
     c.clock.advance(Duration::from_secs(7 * 3600));
     eventually("the shared tier is back", || {
@@ -211,7 +111,136 @@ fn redis_down_means_l1_and_the_upstream_alone_then_recovery() {
         c.replicas[0].app.cache.l2().is_some_and(|l2| l2.is_up())
     });
     c.get(0, &format!("{url}?refresh=force_blocking"));
-    let fresh = replica(c.sim_port, c.redis.port, &c.clock);
+    let fresh = c.replica(&c.clock);
     let r = http(fresh.port, "GET", &url, &[("Authorization", "Bearer phx_demo_all")], None);
     assert!(r.cache_status().contains("; hit"), "{}", r.cache_status());
+}
+
+/// The one stored entry of `insight` (project 1) in Redis: its key and its value.
+fn stored_entry(redis: &mut redis::Connection, insight: u64) -> (String, Vec<u8>) {
+    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("ipx:{{i1.{insight}}}:e:*")).query(redis).unwrap();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let value: Vec<u8> = redis::cmd("GET").arg(&keys[0]).query(redis).unwrap();
+    (keys[0].clone(), value)
+}
+
+fn replace(haystack: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
+    let at = haystack.windows(from.len()).position(|w| w == from).expect("the pattern is in the value");
+    [&haystack[..at], to, &haystack[at + from.len()..]].concat()
+}
+
+#[test]
+fn a_value_written_straight_into_redis_is_never_served() {
+    let (redis, c) = cluster(Duration::from_millis(20));
+    let insights = c.day_insights();
+    let ((x, x_url), (y, y_url)) = (insights[0].clone(), insights[1].clone());
+    c.get(0, &format!("{x_url}?refresh=blocking"));
+    c.get(0, &format!("{y_url}?refresh=blocking"));
+    let mut r = redis.client();
+    let (x_key, x_value) = stored_entry(&mut r, x);
+    let (y_key, _) = stored_entry(&mut r, y);
+    // A forged entry: a real one whose name a writer to Redis changed.
+    let name = c.get(0, &x_url).json()["name"].as_str().unwrap().to_string();
+    let forged_name = "F".repeat(name.len());
+    let forged = replace(&x_value, name.as_bytes(), forged_name.as_bytes());
+    let _: () = redis::cmd("SET").arg(&x_key).arg(forged).query(&mut r).unwrap();
+    // A real entry moved to another key.
+    let _: () = redis::cmd("SET").arg(&y_key).arg(&x_value).query(&mut r).unwrap();
+
+    // Replica 1 never read either: both are misses, answered from the upstream.
+    let before = c.sim.requests();
+    let rx = c.get(1, &x_url);
+    assert_eq!(rx.status, 200, "{}", rx.text());
+    assert_eq!(rx.json()["name"], name.as_str(), "never the forged entry");
+    assert!(!rx.cache_status().contains("; hit"), "{}", rx.cache_status());
+    let ry = c.get(1, &y_url);
+    assert_eq!(ry.json()["id"], y, "never another insight's entry: {}", ry.text());
+    assert!(!ry.cache_status().contains("; hit"), "{}", ry.cache_status());
+    assert_eq!(c.replicas[1].metric_rejected("entry"), 2);
+    assert!(c.sim.requests() >= before + 2, "the upstream was asked again for each");
+    // A forged purge marker fails closed: a miss, never a resurrection.
+    let _: () = redis::cmd("SET")
+        .arg(format!("ipx:{{i1.{x}}}:purge"))
+        .arg("IPX200000000000000000000junk")
+        .query(&mut r)
+        .unwrap();
+    let fresh = c.replica(&c.clock);
+    let r = http(fresh.port, "GET", &x_url, &[("Authorization", "Bearer phx_demo_all")], None);
+    assert!(!r.cache_status().contains("; hit"), "{}", r.cache_status());
+    assert_eq!(fresh.metric_rejected("purge"), 1);
+}
+
+/// A clock `skew_s` seconds away from the upstream's (which runs 10 s ahead of real time, so a
+/// replica may lag it).
+fn skewed(skew_s: i64) -> Clock {
+    let c = Clock::new();
+    c.advance(Duration::from_secs((10 + skew_s) as u64));
+    c
+}
+
+#[test]
+fn clock_skew_between_replicas_never_resurrects_a_purged_entry() {
+    for skew in [5, -5] {
+        let redis = Redis::start();
+        let c =
+            Replicas::with(redis.url(), Duration::from_millis(20), skewed(0), vec![skewed(skew), skewed(0)], no_tweak);
+        let insights = c.day_insights();
+        // Both directions: the skewed replica writes and the other purges, then the reverse.
+        for (round, (writer, purger)) in [(0, 1), (1, 0)].into_iter().enumerate() {
+            let (_, url) = &insights[round];
+            c.get(writer, &format!("{url}?refresh=blocking"));
+            assert!(c.get(purger, url).cache_status().contains("; hit"), "the entry is shared");
+            let name = format!("renamed {skew} {round}");
+            assert_eq!(c.patch(purger, url, &name).status, 200);
+            eventually("the purge reaches the writer", || !c.get(writer, url).cache_status().contains("; hit"));
+            for i in [purger, writer] {
+                assert_eq!(c.get(i, url).json()["name"], name.as_str(), "skew {skew}: replica {i} after the purge");
+            }
+            // A replica that starts now reads only the shared tier: the write after the purge
+            // counts, the one before it never comes back.
+            let fresh = c.replica(&skewed(-skew));
+            let r = http(fresh.port, "GET", url, &[("Authorization", "Bearer phx_demo_all")], None);
+            assert_eq!(r.json()["name"], name.as_str(), "skew {skew}");
+            assert!(
+                r.cache_status().contains("; hit"),
+                "the entry written after the purge is shared: {}",
+                r.cache_status()
+            );
+        }
+    }
+}
+
+fn trust_window(c: &mut Config) {
+    c.revalidate_after = Duration::from_secs(60);
+}
+
+#[test]
+fn one_replicas_word_on_a_credential_counts_for_every_replica() {
+    let redis = Redis::start();
+    let clock = Clock::new();
+    let c =
+        Replicas::with(redis.url(), Duration::from_millis(20), clock.clone(), vec![clock.clone(), clock], trust_window);
+    let key = "phx_l2_shared_trust";
+    c.sim.set_project_access(key, 1, true);
+    let insights = c.day_insights();
+    let ((_, url), (_, other)) = (insights[0].clone(), insights[1].clone());
+    assert_eq!(c.get_as(0, &format!("{url}?refresh=blocking"), key).status, 200);
+    // Past replica 0's own confirmation window as far as replica 1's memory goes: it never
+    // confirmed this key itself, and the shared confirmation stands in for a revalidation.
+    let before = c.sim.requests();
+    let r = c.get_as(1, &url, key);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.cache_status().contains("; hit"), "{}", r.cache_status());
+    assert_eq!(c.sim.requests(), before, "replica 1 served without asking the upstream");
+    assert_eq!(c.replicas[1].revalidations(), 0);
+
+    // Revoked upstream; replica 0 learns it from a miss.
+    c.sim.revoke_token(key);
+    assert_eq!(c.get_as(0, &format!("{other}?refresh=blocking"), key).status, 401);
+    let before = c.sim.requests();
+    eventually("replica 1 refuses the revoked key", || {
+        let r = c.get_as(1, &url, key);
+        r.status == 401 && r.json().get("result").is_none()
+    });
+    assert_eq!(c.sim.requests(), before, "replica 1 refused from what replica 0 heard");
 }

@@ -28,6 +28,10 @@ pub struct Entry {
     /// Wall-clock millisecond at which the calculation started: orders it against purges made on
     /// other replicas (the shared tier's purge markers).
     pub started_ms: i64,
+    /// The shared tier's version when the calculation started (`None` without the shared tier,
+    /// or when it could not say): orders it against purges made on any replica, without clocks.
+    /// Only a versioned entry is written to the shared tier.
+    pub version: Option<u64>,
     /// Reads served from this entry, for refresh-ahead.
     reads: AtomicU32,
     /// Set once a refresh-ahead was scheduled for this entry, so it is scheduled once.
@@ -171,6 +175,7 @@ impl Entry {
             stale,
             epoch,
             started_ms,
+            version: None,
             reads: AtomicU32::new(0),
             ahead: AtomicBool::new(false),
             group,
@@ -192,6 +197,12 @@ impl Entry {
         self
     }
 
+    /// Sets the shared tier's version taken before the calculation started.
+    pub fn versioned(mut self, version: Option<u64>) -> Entry {
+        self.version = version;
+        self
+    }
+
     /// This variant's entry with the result of `fresh`, another variant of the same upstream cache
     /// key: the calculation's fields from `fresh`, everything else (tile colour, layouts, the
     /// insight's own fields) from `self`. `None` if either body is not a JSON object.
@@ -206,6 +217,7 @@ impl Entry {
         }
         let mut e = Entry::with_group(&own, fresh.stale, fresh.epoch, fresh.started_ms, fresh.group);
         e.confirmed_ms = self.confirmed_ms;
+        e.version = fresh.version;
         Some(e)
     }
 

@@ -204,7 +204,8 @@ impl InsightCache {
         self.l2.as_ref()
     }
 
-    /// Wall-clock milliseconds, for ordering calculations against purges across replicas.
+    /// Wall-clock milliseconds, when a calculation started (this replica's own bookkeeping; the
+    /// shared tier orders by [`InsightCache::shared_version`]).
     pub fn now_ms(&self) -> i64 {
         (self.clock.now().unix_timestamp_nanos() / 1_000_000) as i64
     }
@@ -212,6 +213,13 @@ impl InsightCache {
     /// The epoch a calculation must carry: call it before asking the upstream.
     pub fn begin(&self) -> u64 {
         self.epochs.next()
+    }
+
+    /// The shared tier's version, to take before asking the upstream: a result stored with it is
+    /// ordered against every replica's purges. `None` without the shared tier or when it cannot
+    /// say; such a result stays in this replica's memory.
+    pub async fn shared_version(&self) -> Option<u64> {
+        self.l2.as_ref()?.version().await
     }
 
     /// The entry for `key`: from memory, else from the shared tier (and then kept in memory).
@@ -327,10 +335,9 @@ impl InsightCache {
     pub fn purge(&self, scope: PurgeScope) {
         self.purge_local(scope);
         if let Some(l2) = self.l2.clone() {
-            let now_ms = self.now_ms();
             // Within a runtime (always, when serving); the marker also covers a lost event.
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                rt.spawn(async move { l2.purge(&scope, now_ms).await });
+                rt.spawn(async move { l2.purge(&scope).await });
             }
         }
     }

@@ -333,7 +333,11 @@ impl Engine {
     }
 
     /// The same read made to ask whether the upstream still accepts the caller.
+    /// Another replica's word on the caller, from the shared tier, stands in for it.
     pub async fn revalidate(self: &Arc<Self>, spec: &Arc<CalcSpec>) -> Outcome {
+        if let Some(word) = self.shared_word(spec).await {
+            return word;
+        }
         self.metrics.revalidations.inc();
         self.read(spec, "revalidation").await
     }
@@ -368,15 +372,15 @@ impl Engine {
             self.metrics.trust_refusals.with_label_values(&["unconfirmed"]).inc();
             return Outcome::Failed(Failure::Unconfirmed);
         }
-        let epoch = self.cache.begin();
-        let started_ms = self.cache.now_ms();
+        let started =
+            Started { epoch: self.cache.begin(), ms: self.cache.now_ms(), version: self.cache.shared_version().await };
         let gauge = self.metrics.in_flight.with_label_values(&[kind]);
         gauge.inc();
         let timer = self.metrics.upstream_seconds.start_timer();
         let resp = self.upstream.send(&spec.upstream_request(refresh)).await;
         timer.observe_duration();
         gauge.dec();
-        let outcome = self.absorb(spec, epoch, started_ms, resp).await;
+        let outcome = self.absorb(spec, started, resp).await;
         if let Outcome::Failed(f) = &outcome {
             self.metrics.upstream_errors.with_label_values(&[f.as_str()]).inc();
             tracing::warn!(
@@ -394,8 +398,7 @@ impl Engine {
     async fn absorb(
         &self,
         spec: &CalcSpec,
-        epoch: u64,
-        started_ms: i64,
+        started: Started,
         resp: Result<UpstreamResponse, UpstreamError>,
     ) -> Outcome {
         let resp = match resp {
@@ -411,7 +414,9 @@ impl Engine {
                 self.cache.remove(&spec.key).await;
                 Outcome::Relay(Arc::new(resp))
             }
-            200 => match Entry::from_upstream(&resp.body, spec.insight, epoch).map(|e| e.stamped(started_ms)) {
+            200 => match Entry::from_upstream(&resp.body, spec.insight, started.epoch)
+                .map(|e| e.stamped(started.ms).versioned(started.version))
+            {
                 Ok(e) => {
                     let e = Arc::new(e);
                     self.cache.insert(spec.key, e.clone()).await;
@@ -430,6 +435,15 @@ impl Engine {
             _ => Outcome::Relay(Arc::new(resp)),
         }
     }
+}
+
+/// When an upstream call started, on each clock its result is ordered by: the local cache epoch
+/// (purges here), the wall clock (this replica's bookkeeping) and the shared tier's version
+/// (purges on any replica).
+struct Started {
+    epoch: u64,
+    ms: i64,
+    version: Option<u64>,
 }
 
 /// One calculation asked for: under which flight, with which `refresh`, why, and how long it

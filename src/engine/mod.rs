@@ -15,6 +15,7 @@
 mod calculate;
 mod queue;
 mod schedule;
+mod shared;
 mod spec;
 pub mod workers;
 
@@ -174,9 +175,11 @@ impl Engine {
         }
     }
 
-    /// Records that the upstream just accepted this principal for this project (and insight).
+    /// Records that the upstream just accepted this principal for this project (and insight),
+    /// here and, through the shared tier, for every replica.
     pub fn confirm(&self, partition: Partition, project: u64, insight: Option<u64>) {
         self.trust.confirm(partition, project, insight, self.clock.now());
+        self.share_confirmation(partition, project, insight);
     }
 
     /// Whether the upstream accepted this principal for this project (and insight, under
@@ -190,11 +193,12 @@ impl Engine {
         self.trust.refusal(partition, project, insight)
     }
 
-    /// The upstream refused this principal (401/403): nothing cached reaches it again, here or
-    /// (through the shared tier) on other replicas, its query statuses are dropped, and the
-    /// refusal is answered from memory for `rejected_ttl`.
+    /// The upstream refused this principal (401/403): nothing cached reaches it again, its query
+    /// statuses are dropped, and the refusal is answered from memory for `rejected_ttl`, here
+    /// and (through the shared tier) on every replica.
     fn reject(&self, partition: Partition, project: u64, insight: Option<u64>, answer: Arc<UpstreamResponse>) {
-        self.trust.refuse(partition, project, insight, answer);
+        self.trust.refuse(partition, project, insight, answer.clone());
+        self.share_refusal(crate::cache::l2::Refusal { partition, project, insight, answer });
         let was_known = self.trust.forget(partition);
         self.statuses.drop_owner(partition);
         // A credential never accepted and holding nothing costs nothing (no purge marker in the

@@ -49,6 +49,8 @@ pub async fn list(app: &Arc<App>, call: ListCall) -> Reply {
     // cost an upstream call; the insights on it are answered from their own entries below.
     let page_key = PageKey { partition, project: call.project, path_and_query: req.path_and_query.clone() };
     let cached_page = if confirmed { app.cache.page(&page_key).await } else { None };
+    // A page read from the upstream now: its results are ordered against purges on any replica.
+    let version = if cached_page.is_none() { app.cache.shared_version().await } else { None };
     let (body, page_status) = match cached_page {
         Some(body) => (body, CacheStatus::hit().detail(Detail::ListPage)),
         None => {
@@ -101,7 +103,7 @@ pub async fn list(app: &Arc<App>, call: ListCall) -> Reply {
         // The page came from the upstream's cache: a result on it is a peek worth keeping.
         let peeked = match Entry::from_value(item.clone(), insight, epoch).map(|e| e.stamped(started_ms)) {
             Ok(e) => {
-                let e = Arc::new(e);
+                let e = Arc::new(e.versioned(version));
                 app.cache.insert(spec.key, e.clone()).await;
                 Outcome::Stored(e)
             }
