@@ -66,6 +66,19 @@ impl Trust {
         }
     }
 
+    /// [`Trust::confirm`] of each of `insights` (one list page), writing the records they share
+    /// (the principal's, and under the project scope its one confirmation) once.
+    pub fn confirm_listed(&self, partition: Partition, project: u64, insights: &[u64], now: OffsetDateTime) {
+        let Some((&first, rest)) = insights.split_first() else { return };
+        self.confirm(partition, project, Some(first), now);
+        for &insight in rest {
+            if self.scope == RevalidateScope::Insight {
+                self.confirmations.insert((partition, project, insight), now);
+            }
+            self.refusals.invalidate(&(partition, project, insight));
+        }
+    }
+
     /// Whether cached data may reach this principal: the upstream accepted it for the scope
     /// within the revalidation window.
     pub fn is_confirmed(&self, partition: Partition, project: u64, insight: Option<u64>, now: OffsetDateTime) -> bool {

@@ -9,6 +9,7 @@
 pub mod entry;
 pub mod key;
 pub mod l2;
+pub mod page;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,6 +23,7 @@ use parking_lot::Mutex;
 pub use entry::{Entry, EntryError};
 pub use key::{CacheKey, Partition, PartitionKeyer};
 pub use l2::{PurgeScope, L2};
+pub use page::ListPage;
 
 use crate::clock::Clock;
 
@@ -102,7 +104,7 @@ const MAX_UPSTREAM_KEYS: u64 = 100_000;
 /// One upstream cache key of one insight, across credentials: (project, insight, group).
 pub type UpstreamKey = (u64, u64, u128);
 
-fn pages_cache(ttl: Duration) -> Cache<PageKey, Bytes> {
+fn pages_cache(ttl: Duration) -> Cache<PageKey, Arc<ListPage>> {
     Cache::builder().max_capacity(MAX_PAGES).time_to_live(ttl).build()
 }
 
@@ -115,7 +117,7 @@ pub struct InsightCache {
     /// Only a time, never data: it tells a refresh whether the upstream's own cache already holds
     /// something newer than ours (then `refresh=blocking` reads it without a calculation).
     upstream_latest: moka::sync::Cache<UpstreamKey, time::OffsetDateTime>,
-    pages: Cache<PageKey, Bytes>,
+    pages: Cache<PageKey, Arc<ListPage>>,
     /// The upstream's answer when its cache had nothing for a key (a result-less insight body).
     empty: moka::sync::Cache<CacheKey, Bytes>,
     epochs: Epochs,
@@ -343,12 +345,15 @@ impl InsightCache {
         self.empty.insert(key, body);
     }
 
-    pub async fn page(&self, key: &PageKey) -> Option<Bytes> {
+    pub async fn page(&self, key: &PageKey) -> Option<Arc<ListPage>> {
         self.pages.get(key).await
     }
 
-    pub async fn put_page(&self, key: PageKey, body: Bytes) {
-        self.pages.insert(key, body).await;
+    /// Keeps a list page (split once for answering, [`ListPage`]) and returns it.
+    pub async fn put_page(&self, key: PageKey, body: Bytes) -> Arc<ListPage> {
+        let page = Arc::new(ListPage::new(body));
+        self.pages.insert(key, page.clone()).await;
+        page
     }
 
     /// Purges this replica's memory only (what another replica's purge event asks for).
