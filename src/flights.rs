@@ -13,6 +13,11 @@ use std::sync::{Arc, OnceLock};
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
+use crate::cache::FastHasher;
+
+/// The flights running now, by key.
+type Running<K, V> = Arc<Mutex<HashMap<K, Arc<Flight<V>>, FastHasher>>>;
+
 pub struct Flight<V> {
     value: OnceLock<V>,
     /// Set when the work ended without a value (its task panicked or was cancelled).
@@ -74,18 +79,18 @@ impl<V: Clone> Flight<V> {
 }
 
 pub struct Flights<K, V> {
-    running: Arc<Mutex<HashMap<K, Arc<Flight<V>>>>>,
+    running: Running<K, V>,
 }
 
 impl<K, V> Default for Flights<K, V> {
     fn default() -> Self {
-        Self { running: Arc::new(Mutex::new(HashMap::new())) }
+        Self { running: Arc::new(Mutex::new(HashMap::with_hasher(FastHasher::default()))) }
     }
 }
 
 /// Removes the flight from the map and wakes its waiters however the task ends.
 struct Landing<K: Hash + Eq, V> {
-    running: Arc<Mutex<HashMap<K, Arc<Flight<V>>>>>,
+    running: Running<K, V>,
     key: K,
     flight: Arc<Flight<V>>,
 }

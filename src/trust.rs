@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use time::OffsetDateTime;
 
-use crate::cache::Partition;
+use crate::cache::{FastHasher, Partition};
 use crate::config::RevalidateScope;
 use crate::upstream::UpstreamResponse;
 
@@ -25,9 +25,9 @@ type Scope = (Partition, u64, u64);
 pub struct Trust {
     window: time::Duration,
     scope: RevalidateScope,
-    confirmations: moka::sync::Cache<Scope, OffsetDateTime>,
-    known: moka::sync::Cache<Partition, ()>,
-    refusals: moka::sync::Cache<Scope, Arc<UpstreamResponse>>,
+    confirmations: moka::sync::Cache<Scope, OffsetDateTime, FastHasher>,
+    known: moka::sync::Cache<Partition, (), FastHasher>,
+    refusals: moka::sync::Cache<Scope, Arc<UpstreamResponse>, FastHasher>,
     unknown_calls: Mutex<Allowance>,
 }
 
@@ -40,9 +40,15 @@ impl Trust {
                 .max_capacity(MAX_RECORDS)
                 .time_to_live(window)
                 .support_invalidation_closures()
-                .build(),
-            known: moka::sync::Cache::builder().max_capacity(MAX_RECORDS).time_to_live(KNOWN_FOR).build(),
-            refusals: moka::sync::Cache::builder().max_capacity(MAX_RECORDS).time_to_live(refused_for).build(),
+                .build_with_hasher(FastHasher::default()),
+            known: moka::sync::Cache::builder()
+                .max_capacity(MAX_RECORDS)
+                .time_to_live(KNOWN_FOR)
+                .build_with_hasher(FastHasher::default()),
+            refusals: moka::sync::Cache::builder()
+                .max_capacity(MAX_RECORDS)
+                .time_to_live(refused_for)
+                .build_with_hasher(FastHasher::default()),
             unknown_calls: Mutex::new(Allowance::new(unknown_per_second)),
         }
     }
@@ -77,6 +83,19 @@ impl Trust {
         // Accepted again (a key re-granted): an earlier refusal no longer stands.
         for scope in [(partition, 0, 0), (partition, project, 0), (partition, project, insight.unwrap_or(0))] {
             self.refusals.invalidate(&scope);
+        }
+    }
+
+    /// [`Trust::confirm`] of each of `insights` (one list page), writing the records they share
+    /// (the principal's, and under the project scope its one confirmation) once.
+    pub fn confirm_listed(&self, partition: Partition, project: u64, insights: &[u64], now: OffsetDateTime) {
+        let Some((&first, rest)) = insights.split_first() else { return };
+        self.confirm(partition, project, Some(first), now);
+        for &insight in rest {
+            if self.scope == RevalidateScope::Insight {
+                self.confirmations.insert((partition, project, insight), now);
+            }
+            self.refusals.invalidate(&(partition, project, insight));
         }
     }
 

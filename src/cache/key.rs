@@ -3,7 +3,9 @@
 //! created it (docs/refresh-semantics.md §8: per-user property restrictions and access control make
 //! results principal-specific).
 
+use std::cell::RefCell;
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::query::QueryParams;
 
@@ -23,6 +25,29 @@ impl fmt::Debug for Partition {
 #[derive(Clone)]
 pub struct PartitionKeyer {
     key: [u8; 32],
+    /// Tells keyers apart in the per-thread memo (clones share the key, and the id).
+    id: u64,
+}
+
+/// The last credential a thread derived a partition for, and that partition: a connection's
+/// requests repeat one credential, and the keyed hash is a noticeable part of a cache hit.
+struct Memo {
+    keyer: u64,
+    kind: Vec<u8>,
+    secret: Vec<u8>,
+    partition: Partition,
+}
+
+thread_local! {
+    static LAST: RefCell<Option<Memo>> = const { RefCell::new(None) };
+}
+
+static KEYERS: AtomicU64 = AtomicU64::new(1);
+
+/// Equality in time that depends on the lengths only: whether a guess matches the credential
+/// last seen on a thread must not show in how long the comparison takes.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
 }
 
 impl PartitionKeyer {
@@ -31,12 +56,33 @@ impl PartitionKeyer {
             Some(s) => blake3::derive_key("insights-proxy partition key v1", s.as_bytes()),
             None => rand::random(),
         };
-        Self { key }
+        Self { key, id: KEYERS.fetch_add(1, Ordering::Relaxed) }
     }
 
     /// The partition of one credential: `kind` separates kinds of credential, so a session id
     /// equal to some key's text is another partition.
     pub fn partition(&self, kind: &[u8], secret: &[u8]) -> Partition {
+        LAST.with(|last| {
+            let mut last = last.borrow_mut();
+            if let Some(m) = last.as_ref().filter(|m| m.keyer == self.id && m.kind == kind) {
+                if same_secret(&m.secret, secret) {
+                    return m.partition;
+                }
+            }
+            let partition = self.derive(kind, secret);
+            let m =
+                last.get_or_insert_with(|| Memo { keyer: self.id, kind: Vec::new(), secret: Vec::new(), partition });
+            m.keyer = self.id;
+            m.partition = partition;
+            m.kind.clear();
+            m.kind.extend_from_slice(kind);
+            m.secret.clear();
+            m.secret.extend_from_slice(secret);
+            partition
+        })
+    }
+
+    fn derive(&self, kind: &[u8], secret: &[u8]) -> Partition {
         let mut hasher = blake3::Hasher::new_keyed(&self.key);
         hasher.update(&(kind.len() as u64).to_le_bytes());
         hasher.update(kind);
@@ -146,6 +192,10 @@ fn canonical_json(v: &serde_json::Value) -> String {
 /// JSON parameters are normalised (key order, whitespace) so equivalent overrides share an entry;
 /// anything that is not JSON is hashed as given.
 fn variant_of(query: &QueryParams) -> u128 {
+    // The hit path's common case: nothing that could key a variant.
+    if query.iter().all(|(k, _)| IGNORED_PARAMS.contains(&k)) {
+        return 0;
+    }
     let mut hasher = blake3::Hasher::new();
     let mut any = false;
     // The known parameters in a fixed order, then any other (but the ignorable) by name.
@@ -192,6 +242,14 @@ mod tests {
         assert_eq!(part(&k, "a"), part(&k, "a"));
         let other = PartitionKeyer::new(Some("fedcba9876543210"));
         assert_ne!(part(&k, "a"), part(&other, "a"));
+        // The per-thread memo answers only for the same keyer, kind and credential.
+        for _ in 0..2 {
+            assert_eq!(part(&k, "a"), k.derive(b"personal-api-key", b"a"));
+            assert_eq!(part(&other, "a"), other.derive(b"personal-api-key", b"a"));
+            assert_eq!(k.partition(b"session", b"a"), k.derive(b"session", b"a"));
+            assert_eq!(part(&k, "ab"), k.derive(b"personal-api-key", b"ab"));
+        }
+        assert!(same_secret(b"ab", b"ab") && !same_secret(b"ab", b"ac") && !same_secret(b"ab", b"abc"));
     }
 
     #[test]

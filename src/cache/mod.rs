@@ -9,6 +9,7 @@
 pub mod entry;
 pub mod key;
 pub mod l2;
+pub mod page;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,11 +23,16 @@ use parking_lot::Mutex;
 pub use entry::{Entry, EntryError};
 pub use key::{CacheKey, Partition, PartitionKeyer};
 pub use l2::{PurgeScope, L2};
+pub use page::ListPage;
 
 use crate::clock::Clock;
 
 /// Purge records beyond this many are folded into the floor.
 const MAX_PURGE_RECORDS: u64 = 100_000;
+
+/// The hasher of maps the hit path reads, keyed by partitions (keyed hashes of credentials) and
+/// ids: seeded per process, several times cheaper than SipHash for these keys.
+pub type FastHasher = foldhash::fast::RandomState;
 
 struct Epochs {
     counter: AtomicU64,
@@ -102,12 +108,12 @@ const MAX_UPSTREAM_KEYS: u64 = 100_000;
 /// One upstream cache key of one insight, across credentials: (project, insight, group).
 pub type UpstreamKey = (u64, u64, u128);
 
-fn pages_cache(ttl: Duration) -> Cache<PageKey, Bytes> {
+fn pages_cache(ttl: Duration) -> Cache<PageKey, Arc<ListPage>> {
     Cache::builder().max_capacity(MAX_PAGES).time_to_live(ttl).build()
 }
 
 pub struct InsightCache {
-    entries: Cache<CacheKey, Arc<Entry>>,
+    entries: Cache<CacheKey, Arc<Entry>, FastHasher>,
     /// Per credential partition and upstream cache key (`CacheKey::group_key`): the newest result
     /// any variant of that key brought in. Variants adopt it instead of calculating again.
     groups: moka::sync::Cache<CacheKey, Arc<Entry>>,
@@ -115,7 +121,7 @@ pub struct InsightCache {
     /// Only a time, never data: it tells a refresh whether the upstream's own cache already holds
     /// something newer than ours (then `refresh=blocking` reads it without a calculation).
     upstream_latest: moka::sync::Cache<UpstreamKey, time::OffsetDateTime>,
-    pages: Cache<PageKey, Bytes>,
+    pages: Cache<PageKey, Arc<ListPage>>,
     /// The upstream's answer when its cache had nothing for a key (a result-less insight body).
     empty: moka::sync::Cache<CacheKey, Bytes>,
     epochs: Epochs,
@@ -162,7 +168,7 @@ impl InsightCache {
                     hook(cause);
                 }
             })
-            .build();
+            .build_with_hasher(FastHasher::default());
         let pages = pages_cache(PAGE_TTL);
         let empty = moka::sync::Cache::builder().max_capacity(MAX_EMPTY).time_to_live(EMPTY_TTL).build();
         // Group entries are the same Arcs as the entries themselves, so this costs little beyond
@@ -350,12 +356,15 @@ impl InsightCache {
         self.empty.insert(key, body);
     }
 
-    pub async fn page(&self, key: &PageKey) -> Option<Bytes> {
+    pub async fn page(&self, key: &PageKey) -> Option<Arc<ListPage>> {
         self.pages.get(key).await
     }
 
-    pub async fn put_page(&self, key: PageKey, body: Bytes) {
-        self.pages.insert(key, body).await;
+    /// Keeps a list page (split once for answering, [`ListPage`]) and returns it.
+    pub async fn put_page(&self, key: PageKey, body: Bytes) -> Arc<ListPage> {
+        let page = Arc::new(ListPage::new(body));
+        self.pages.insert(key, page.clone()).await;
+        page
     }
 
     /// Purges this replica's memory only (what another replica's purge event asks for).

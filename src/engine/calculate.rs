@@ -49,10 +49,7 @@ impl Engine {
     /// still runs under its group, so it never calculates beside the group; having joined another
     /// variant's calculation it then asks the upstream itself ([`Engine::calculate`]).
     pub fn flight_key(&self, spec: &CalcSpec, entry: Option<&Entry>) -> CacheKey {
-        match entry {
-            Some(e) if e.group != 0 => spec.key.group_key(e.group),
-            _ => spec.key,
-        }
+        flight_of(&spec.key, entry)
     }
 
     /// `entry` brought up to date from its group: when another variant of the same upstream cache
@@ -465,5 +462,13 @@ impl Ask {
     /// Refresh-ahead: it only uses budget nobody is waiting for; the next read retries.
     pub fn ahead(flight: CacheKey, refresh: UpstreamRefresh) -> Ask {
         Ask { flight, refresh, reason: CalcReason::Ahead, patience: AHEAD_BUDGET_WAIT }
+    }
+}
+
+/// The flight of a calculation for `key` holding `entry` ([`Engine::flight_key`]).
+pub(super) fn flight_of(key: &CacheKey, entry: Option<&Entry>) -> CacheKey {
+    match entry {
+        Some(e) if e.group != 0 => key.group_key(e.group),
+        _ => *key,
     }
 }

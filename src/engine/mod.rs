@@ -129,6 +129,14 @@ impl Engine {
         Some(self.freshen(spec, &entry).await.unwrap_or(entry))
     }
 
+    /// The entry cached for `key` when no newer result of its group could matter (the hit path's
+    /// case, where [`Engine::entry`] returns it as it is); `None` when nothing is cached or the
+    /// entry is old enough that [`Engine::entry`] would look for a newer one.
+    pub async fn settled_entry(&self, key: &CacheKey) -> Option<Arc<Entry>> {
+        let entry = self.cache.get(key).await?;
+        (!self.worth_freshening(&entry, self.clock.now())).then_some(entry)
+    }
+
     /// Whether an entry is old enough that a newer result of its group could matter: in the
     /// refresh-ahead window or stale. Younger entries skip the group lookup (the hit path).
     fn worth_freshening(&self, entry: &Entry, now: OffsetDateTime) -> bool {
@@ -141,8 +149,9 @@ impl Engine {
     }
 
     /// What the proxy knows about a request for `spec` in `mode` holding `entry`. `vouched`: the
-    /// upstream accepted the caller during this request; `from_upstream`: the entry was read from
-    /// the upstream's cache during this request.
+    /// caller already found confirmed, or accepted by the upstream during this request (else the
+    /// confirmations are looked up); `from_upstream`: the entry was read from the upstream's cache
+    /// during this request.
     pub fn view(
         &self,
         spec: &CalcSpec,
@@ -151,16 +160,26 @@ impl Engine {
         vouched: bool,
         from_upstream: bool,
     ) -> View {
+        self.view_of(&spec.key, mode, entry, vouched, from_upstream)
+    }
+
+    /// [`Engine::view`] of a request for `key` (its partition, project and insight).
+    pub fn view_of(
+        &self,
+        key: &CacheKey,
+        mode: RefreshMode,
+        entry: Option<&Entry>,
+        vouched: bool,
+        from_upstream: bool,
+    ) -> View {
         let now = self.clock.now();
         let state = CacheState::of(entry.map(|e| &e.stale), now, &self.config.thresholds);
-        let flight = self.flight_key(spec, entry);
+        let flight = calculate::flight_of(key, entry);
         View {
             state,
             in_flight: self.flights.is_running(&(flight, FlightKind::Calculate)),
-            confirmed: vouched
-                || from_upstream
-                || self.is_confirmed(spec.key.partition, spec.project, Some(spec.insight)),
-            upstream_empty: state == CacheState::Miss && self.cache.upstream_empty(&spec.key).is_some(),
+            confirmed: vouched || from_upstream || self.is_confirmed(key.partition, key.project, Some(key.insight)),
+            upstream_empty: state == CacheState::Miss && self.cache.upstream_empty(key).is_some(),
             from_upstream,
             too_soon_to_force: mode.is_forced() && entry.is_some_and(|e| self.too_soon_to_force(e, now)),
         }
@@ -180,6 +199,11 @@ impl Engine {
     pub fn confirm(&self, partition: Partition, project: u64, insight: Option<u64>) {
         self.trust.confirm(partition, project, insight, self.clock.now());
         self.share_confirmation(partition, project, insight);
+    }
+
+    /// [`Engine::confirm`] of every insight the upstream listed to this principal on one page.
+    pub fn confirm_listed(&self, partition: Partition, project: u64, insights: &[u64]) {
+        self.trust.confirm_listed(partition, project, insights, self.clock.now());
     }
 
     /// Whether the upstream accepted this principal for this project (and insight, under

@@ -66,6 +66,12 @@ impl Engine {
     /// per calculated result of the upstream cache key: variants of the same key (same partition)
     /// share one claim, so they are refreshed once, not once each.
     pub fn schedule_ahead(&self, spec: &Arc<CalcSpec>, entry: &Arc<Entry>) {
+        self.schedule_ahead_of(&spec.key, entry, || spec.clone())
+    }
+
+    /// [`Engine::schedule_ahead`] for the entry of `key`, with the spec made only when a job is
+    /// queued (a list page answers many entries and rarely queues one).
+    pub fn schedule_ahead_of(&self, key: &CacheKey, entry: &Arc<Entry>, spec: impl FnOnce() -> Arc<CalcSpec>) {
         let settings = self.config.refresh_ahead;
         let reads = entry.note_read();
         if !settings.enabled || reads < settings.min_reads || !entry.stale.can_go_stale(&self.config.thresholds) {
@@ -74,12 +80,12 @@ impl Engine {
         let Some(threshold) = self.config.thresholds.default_for(entry.stale.interval) else { return };
         let now = self.clock.now();
         let age = (now - entry.stale.last_refresh).as_seconds_f64();
-        if age < threshold.as_secs_f64() * ahead_fraction(settings.start_percent, &spec.key) {
+        if age < threshold.as_secs_f64() * ahead_fraction(settings.start_percent, key) {
             return;
         }
         let usable = self.alias_usable(entry, now);
         // The claim lives on the group's newest result when the group is usable, else on the entry.
-        let claimed = match usable.then(|| self.cache.group_latest(&spec.key, entry.group)).flatten() {
+        let claimed = match usable.then(|| self.cache.group_latest(key, entry.group)).flatten() {
             Some(g) if g.last_refresh() == entry.last_refresh() => g,
             _ => entry.clone(),
         };
@@ -90,10 +96,10 @@ impl Engine {
         let ahead = Ahead { claimed: claimed.clone(), base: entry.last_refresh(), group: entry.group, heat };
         // A variant whose alias is not confirmed lately refreshes under its own key, so its own call
         // confirms it (refresh-ahead runs one upstream key at a time anyway, see `run_ahead`).
-        let flight = if usable { self.flight_key(spec, Some(entry)) } else { spec.key };
+        let flight = if usable { super::calculate::flight_of(key, Some(entry)) } else { *key };
         // The upstream's own cache is still fresh, so only force_blocking recalculates.
         let job = Job {
-            spec: spec.clone(),
+            spec: spec(),
             flight,
             refresh: UpstreamRefresh::ForceBlocking,
             status_id: None,
@@ -103,7 +109,7 @@ impl Engine {
         };
         if self.jobs.push(job).is_err() {
             claimed.unclaim_refresh_ahead();
-            tracing::debug!(project = spec.project, insight = spec.insight, "refresh-ahead queue full");
+            tracing::debug!(project = key.project, insight = key.insight, "refresh-ahead queue full");
         }
     }
 }

@@ -39,15 +39,16 @@ pub async fn retrieve(app: &Arc<App>, call: InsightCall) -> Reply {
 pub(super) async fn answer(app: &Arc<App>, spec: &Arc<CalcSpec>, ask: Ask, peeked: Option<Outcome>) -> Reply {
     let engine = &app.engine;
     let (partition, project, insight) = (spec.key.partition, spec.project, Some(spec.insight));
-    if !engine.is_confirmed(partition, project, insight) {
+    // The upstream accepted the caller within the window, or during this request (a
+    // revalidation); looked up once per request, not once per step.
+    let mut vouched = engine.is_confirmed(partition, project, insight);
+    if !vouched {
         if let Some(reply) = remembered_refusal(app, partition, project, insight) {
             return reply;
         }
     }
     let mut peeked = peeked;
     let mut entry = engine.entry(spec).await;
-    // The upstream accepted the caller during this request (a revalidation).
-    let mut vouched = false;
     // The entry was read from the upstream's cache during this request.
     let mut from_upstream = false;
     loop {

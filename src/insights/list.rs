@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 use serde_json::Value;
 
 use super::answer::answer;
@@ -11,12 +11,13 @@ use super::vouch::remembered_refusal;
 use super::{Ask, Reply};
 use crate::app::App;
 use crate::auth::Principal;
-use crate::cache::{CacheKey, Entry, PageKey};
+use crate::cache::page::Part;
+use crate::cache::{CacheKey, Entry, ListPage, PageKey};
 use crate::cache_status::{CacheStatus, Detail, Fwd};
 use crate::engine::{own_request, CalcSpec, ListRead, Outcome};
 use crate::failure::Failure;
 use crate::query::QueryParams;
-use crate::refresh::RefreshMode;
+use crate::refresh::{plan, Background, CacheState, Plan, RefreshMode, Served};
 
 /// One page of `GET /insights/`.
 #[derive(Debug, Clone)]
@@ -31,9 +32,26 @@ pub struct ListCall {
     pub public_base: String,
 }
 
+/// The parameters of a list request that an item on the page is keyed and asked with: the
+/// upstream's list ignores `from_dashboard` (and its paging parameters are the list's), so its
+/// items are stored and answered as the insight's own results, never under a dashboard's key.
+const ITEM_PARAMS: [&str; 3] = ["filters_override", "variables_override", "tile_filters_override"];
+
 /// Each insight on the page is answered under the request's mode from the same per-insight
-/// entries as retrieve; the calculations a page needs run concurrently.
+/// entries as retrieve; the calculations a page needs run concurrently. A kept page whose every
+/// insight is a plain hit is spliced from the entries' pre-rendered bytes ([`spliced`]).
 pub async fn list(app: &Arc<App>, call: ListCall) -> Reply {
+    list_with(app, call, true).await
+}
+
+/// [`list`] that always answers each insight through [`answer`] and assembles the page as JSON:
+/// the reference the spliced page is compared with.
+#[doc(hidden)]
+pub async fn list_in_full(app: &Arc<App>, call: ListCall) -> Reply {
+    list_with(app, call, false).await
+}
+
+async fn list_with(app: &Arc<App>, call: ListCall, splice: bool) -> Reply {
     let partition = call.principal.partition();
     let epoch = app.cache.begin();
     let started_ms = app.cache.now_ms();
@@ -51,8 +69,15 @@ pub async fn list(app: &Arc<App>, call: ListCall) -> Reply {
     let cached_page = if confirmed { app.cache.page(&page_key).await } else { None };
     // A page read from the upstream now: its results are ordered against purges on any replica.
     let version = if cached_page.is_none() { app.cache.shared_version().await } else { None };
-    let (body, page_status) = match cached_page {
-        Some(body) => (body, CacheStatus::hit().detail(Detail::ListPage)),
+    let (page, page_status) = match cached_page {
+        Some(page) => {
+            if splice {
+                if let Some(reply) = spliced(app, &call, &page).await {
+                    return reply;
+                }
+            }
+            (page, CacheStatus::hit().detail(Detail::ListPage))
+        }
         None => {
             let failed = |f: Failure| Reply::error(&f.to_api_error(), listed().detail(Detail::Failure(f.as_str())));
             let resp = match app.engine.read_list(&req, &call.principal, call.project).await {
@@ -60,11 +85,10 @@ pub async fn list(app: &Arc<App>, call: ListCall) -> Reply {
                 Err(ListRead::Failed(f)) => return failed(f),
                 Err(ListRead::Relay(resp)) => return Reply::relay(&resp, listed().fwd_status(resp.status)),
             };
-            app.cache.put_page(page_key, resp.body.clone()).await;
-            (resp.body, listed().fwd_status(200))
+            (app.cache.put_page(page_key, resp.body).await, listed().fwd_status(200))
         }
     };
-    let Ok(Value::Object(mut page)) = serde_json::from_slice::<Value>(&body) else {
+    let Ok(Value::Object(mut page)) = serde_json::from_slice::<Value>(&page.body) else {
         return Reply::error(
             &Failure::Garbage.to_api_error(),
             listed().detail(Detail::Failure(Failure::Garbage.as_str())),
@@ -79,10 +103,11 @@ pub async fn list(app: &Arc<App>, call: ListCall) -> Reply {
             )
         }
     };
-    let item_path = format!("{}/", call.path.trim_end_matches('/'));
-    // The upstream's list ignores `from_dashboard` (and its paging parameters are the list's): its
-    // items are stored and answered as the insight's own results, never under a dashboard's key.
-    let item_query = call.query.only(&["filters_override", "variables_override", "tile_filters_override"]);
+    let item_path = item_path(&call.path);
+    let item_query = call.query.only(&ITEM_PARAMS);
+    // The upstream listed them to this principal: under the insight scope that confirms each.
+    let listed_ids: Vec<u64> = items.iter().filter_map(|item| item.get("id").and_then(Value::as_u64)).collect();
+    app.engine.confirm_listed(partition, call.project, &listed_ids);
     let mut tasks = tokio::task::JoinSet::new();
     let mut answered: Vec<Value> = Vec::with_capacity(items.len());
     for (i, item) in items.into_iter().enumerate() {
@@ -90,8 +115,6 @@ pub async fn list(app: &Arc<App>, call: ListCall) -> Reply {
             answered.push(item);
             continue;
         };
-        // The upstream listed it to this principal: under the insight scope that confirms it.
-        app.engine.confirm(partition, call.project, Some(insight));
         let spec = Arc::new(CalcSpec {
             key: CacheKey::new(partition, call.project, insight, &item_query),
             project: call.project,
@@ -133,6 +156,85 @@ pub async fn list(app: &Arc<App>, call: ListCall) -> Reply {
         }
     }
     Reply::json(200, Bytes::from(Value::Object(page).to_string()), page_status)
+}
+
+/// `/api/.../insights/` → `/api/.../insights/`, the prefix of an item's own path.
+fn item_path(list_path: &str) -> String {
+    format!("{}/", list_path.trim_end_matches('/'))
+}
+
+/// A kept page answered from the entries' pre-rendered bytes, when that gives exactly what
+/// answering each insight in full gives: every listed insight's plan under the request's mode is
+/// to serve its cached entry with nothing in the background (so its answer is the entry's hit
+/// rendering), and no listed result is newer than the entry (which the full path would store
+/// first). `None`, before any effect but the confirmations the full path makes too, otherwise.
+async fn spliced(app: &Arc<App>, call: &ListCall, page: &ListPage) -> Option<Reply> {
+    let layout = page.layout()?;
+    let (engine, partition) = (&app.engine, call.principal.partition());
+    let ids: Vec<u64> = layout.items.iter().filter_map(|item| item.insight).collect();
+    engine.confirm_listed(partition, call.project, &ids);
+    let item_query = call.query.only(&ITEM_PARAMS);
+    let base = CacheKey::new(partition, call.project, 0, &item_query);
+    let mut hits = Vec::with_capacity(ids.len());
+    let mut len = page.body.len();
+    for item in &layout.items {
+        let Some(insight) = item.insight else { continue };
+        let key = CacheKey { insight, ..base };
+        let entry = engine.settled_entry(&key).await?;
+        if item.last_refresh.is_some_and(|listed| listed > entry.last_refresh()) {
+            return None;
+        }
+        let view = engine.view_of(&key, call.mode, Some(&entry), false, false);
+        match plan(call.mode, &view) {
+            Plan::Serve { background: Background::None, served } if served != Served::FromUpstream => {}
+            _ => return None,
+        }
+        len += entry.body().len();
+        hits.push((key, entry, view.state));
+    }
+    // What `answer`'s serve does for each: count the read, and schedule refresh-ahead when fresh.
+    let item_path = item_path(&call.path);
+    for (key, entry, state) in &hits {
+        if *state == CacheState::Fresh {
+            engine.schedule_ahead_of(key, entry, || {
+                Arc::new(CalcSpec {
+                    key: *key,
+                    project: call.project,
+                    insight: key.insight,
+                    path: format!("{item_path}{}/", key.insight),
+                    query: item_query.clone(),
+                    principal: call.principal.clone(),
+                })
+            });
+        }
+    }
+    let mut out = BytesMut::with_capacity(len);
+    let mut hits = hits.iter();
+    for part in &layout.parts {
+        match part {
+            Part::Text(text) => out.put_slice(text),
+            Part::Link(url) => {
+                let link = client_page_link(url, &call.public_base, &call.query);
+                serde_json::to_writer((&mut out).writer(), &link).expect("a string serialises");
+            }
+            Part::Results => {
+                out.put_u8(b'[');
+                for (i, item) in layout.items.iter().enumerate() {
+                    if i > 0 {
+                        out.put_u8(b',');
+                    }
+                    match item.insight {
+                        Some(_) => {
+                            out.put_slice(&hits.next().expect("one hit per listed insight").1.render(true, None))
+                        }
+                        None => out.put_slice(&item.listed),
+                    }
+                }
+                out.put_u8(b']');
+            }
+        }
+    }
+    Some(Reply::json(200, out.freeze(), CacheStatus::hit().detail(Detail::ListPage)))
 }
 
 /// A page link as the upstream builds it for the client's own request, so a client paging through

@@ -18,7 +18,7 @@ use crate::query::QueryParams;
 use crate::refresh::RefreshMode;
 
 pub use answer::retrieve;
-pub use list::{client_page_link, list, rewrite_origin, ListCall};
+pub use list::{client_page_link, list, list_in_full, rewrite_origin, ListCall};
 pub use poll::{is_own_query_id, query_status};
 
 #[derive(Debug, Clone)]
