@@ -27,7 +27,7 @@ use tokio::sync::Semaphore;
 use crate::budget::Budget;
 use crate::cache::{CacheKey, Entry, InsightCache, Partition, PartitionKeyer};
 use crate::clock::Clock;
-use crate::config::Config;
+use crate::config::{BudgetSettings, Config};
 use crate::failure::Failure;
 use crate::flights::Flights;
 use crate::metrics::Metrics;
@@ -94,7 +94,10 @@ impl Engine {
         keyer: PartitionKeyer,
         upstream: UpstreamClient,
     ) -> Arc<Engine> {
-        let budget = Budget::new(config.budget);
+        let budget = Budget::new(config.budget, config.l2.as_ref()).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "running with this replica's own budget");
+            Budget::new(BudgetSettings { shared: false, ..config.budget }, None).expect("a local budget needs no Redis")
+        });
         Arc::new(Engine {
             jobs: queue::JobQueue::new(config.queue_capacity, config.max_queued_per_principal, budget.clone()),
             calc_permits: Semaphore::new(config.max_concurrent_calculations),
@@ -250,6 +253,12 @@ impl Engine {
     /// Nothing queued and nothing running.
     pub fn is_idle(&self) -> bool {
         self.jobs.is_empty() && self.flights.is_empty() && self.ahead_flights.is_empty()
+    }
+
+    /// Whether the upstream budget is the cluster's right now (`None`: not shared; `Some(false)`:
+    /// Redis is unreachable and this replica's share applies).
+    pub fn budget_shared_up(&self) -> Option<bool> {
+        self.budget.shared_up()
     }
 
     /// Calculation slots of `project` taken now.
