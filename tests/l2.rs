@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,34 +12,6 @@ use insights_proxy::clock::Clock;
 use insights_proxy::config::L2Settings;
 use insights_proxy::server::{free_port, Running};
 use insights_proxy::simulate::{SimConfig, Simulator};
-
-struct Redis {
-    port: u16,
-    child: Option<ChildGuard>,
-}
-
-impl Redis {
-    fn start() -> Redis {
-        let mut r = Redis { port: free_port(), child: None };
-        r.restart();
-        r
-    }
-
-    fn restart(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed (scripts/setup.sh installs it)");
-        self.child = Some(ChildGuard(child));
-        wait_for_port(self.port);
-    }
-
-    fn kill(&mut self) {
-        self.child = None;
-    }
-}
 
 struct Replica {
     port: u16,
