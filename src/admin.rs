@@ -57,6 +57,10 @@ impl AdminApp {
         m.purge_records.set(app.cache.purge_records() as i64);
         m.status_bytes.set(app.statuses.done_bytes() as i64);
         m.circuit_open.set(i64::from(app.engine.upstream().breaker().is_open()));
+        if let Some((up, replicas)) = app.engine.budget_sharing() {
+            m.budget_shared.set(i64::from(up));
+            m.budget_replicas.set(i64::from(replicas));
+        }
         if let Some(l2) = app.cache.l2() {
             m.l2_up.set(i64::from(l2.is_up()));
             m.l2_errors.set(l2.errors.load(std::sync::atomic::Ordering::Relaxed) as i64);

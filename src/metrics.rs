@@ -48,6 +48,10 @@ pub struct Metrics {
     pub in_flight: IntGaugeVec,
     pub circuit_open: IntGauge,
     pub l2_up: IntGauge,
+    /// With `[budget] shared`: 1 on the cluster's budget, 0 on this replica's share (Redis down).
+    pub budget_shared: IntGauge,
+    /// With `[budget] shared`: the live replicas last seen (each one's share while Redis is down).
+    pub budget_replicas: IntGauge,
     /// Failed shared-tier calls since start (a gauge mirrored from the tier's own counter).
     pub l2_errors: IntGauge,
 }
@@ -145,6 +149,12 @@ impl Metrics {
             circuit_open: gauge(&r, "upstream_circuit_open", "1 while the upstream circuit breaker is open."),
             l2_up: gauge(&r, "l2_up", "1 while the shared tier (Redis) answers; 0 while its breaker is open."),
             l2_errors: gauge(&r, "l2_errors", "Failed shared-tier calls since start."),
+            budget_shared: gauge(
+                &r,
+                "budget_shared",
+                "1 while the upstream budget is the cluster's (Redis); 0 while this replica uses its share.",
+            ),
+            budget_replicas: gauge(&r, "budget_replicas", "Live replicas sharing the upstream budget, as last seen."),
             per_request: PerRequest::default(),
             registry: r,
         }

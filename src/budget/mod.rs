@@ -50,15 +50,16 @@ struct Slots {
     /// Slots promised to background jobs a worker took ([`Budget::try_grant`]) and not yet taken.
     promised: usize,
     waiting: [VecDeque<oneshot::Sender<()>>; 3],
-    /// Shared budget: callers of this replica waiting for a slot, by priority.
-    asking: [usize; 3],
+    /// Shared budget: this replica's callers waiting for a slot, by priority, in order of arrival
+    /// (their tickets); only the first of the highest priority asks Redis.
+    asking: [VecDeque<u64>; 3],
     /// Shared budget: the cluster had no slot for background work when last asked, until then.
     full_until: Option<Instant>,
 }
 
 impl Slots {
     fn is_unused(&self) -> bool {
-        self.running == 0 && self.promised == 0 && self.asking.iter().all(|&n| n == 0)
+        self.running == 0 && self.promised == 0 && self.asking.iter().all(VecDeque::is_empty)
     }
 }
 
@@ -82,6 +83,8 @@ pub struct Budget {
     /// Grants not yet claimed, by the cache key of the job they were made for.
     grants: Mutex<HashMap<CacheKey, Vec<Grant>>>,
     shared: Option<Arc<Shared>>,
+    /// Shared budget: numbers the callers waiting for a slot.
+    tickets: std::sync::atomic::AtomicU64,
 }
 
 /// A held calculation slot; dropping it hands the slot on.
@@ -123,6 +126,7 @@ impl Budget {
             freed: Notify::new(),
             grants: Mutex::new(HashMap::new()),
             shared,
+            tickets: std::sync::atomic::AtomicU64::new(0),
         }))
     }
 
@@ -134,6 +138,11 @@ impl Budget {
     /// while Redis is unreachable (this replica's share applies).
     pub fn shared_up(&self) -> Option<bool> {
         self.shared.as_ref().map(|s| s.is_up())
+    }
+
+    /// With the shared budget: the live replicas last seen.
+    pub fn replicas(&self) -> Option<u32> {
+        self.shared.as_ref().map(|s| s.replicas())
     }
 
     /// With the shared budget: keeps this replica in the membership (which sets every replica's
@@ -171,8 +180,9 @@ impl Budget {
         }
     }
 
-    /// A slot of the cluster's: this replica's highest-priority waiters ask Redis, again whenever
-    /// a slot is freed here and every [`SLOT_POLL`]. While Redis is down, one of this replica's
+    /// A slot of the cluster's: this replica's first waiter of the highest priority asks Redis,
+    /// again whenever a slot is freed here and every [`SLOT_POLL`] (so one replica asks at most
+    /// once per poll per project however many wait). While Redis is down, one of this replica's
     /// share.
     async fn shared_slot(
         self: &Arc<Self>,
@@ -183,14 +193,18 @@ impl Budget {
     ) -> Result<Slot, Exhausted> {
         let deadline = tokio::time::Instant::now() + wait;
         let p = priority as usize;
-        self.projects.lock().entry(project).or_default().asking[p] += 1;
-        let _asking = scopeguard(|| self.stop_asking(project, p));
+        let ticket = self.tickets.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.projects.lock().entry(project).or_default().asking[p].push_back(ticket);
+        let _asking = scopeguard(|| self.stop_asking(project, p, ticket));
         let holder = shared.holder();
         loop {
             let freed = self.freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
-            let turn = self.projects.lock().get(&project).is_some_and(|s| s.asking[..p].iter().all(|&n| n == 0));
+            let turn =
+                self.projects.lock().get(&project).is_some_and(|s| {
+                    s.asking[..p].iter().all(VecDeque::is_empty) && s.asking[p].front() == Some(&ticket)
+                });
             if turn {
                 let claim = shared.claim(project, priority, &holder).await;
                 let mut projects = self.projects.lock();
@@ -223,16 +237,16 @@ impl Budget {
         }
     }
 
-    fn stop_asking(&self, project: u64, p: usize) {
+    fn stop_asking(&self, project: u64, p: usize, ticket: u64) {
         let mut projects = self.projects.lock();
         if let Some(slots) = projects.get_mut(&project) {
-            slots.asking[p] = slots.asking[p].saturating_sub(1);
+            slots.asking[p].retain(|&t| t != ticket);
             if slots.is_unused() {
                 projects.remove(&project);
             }
         }
         drop(projects);
-        // A lower priority may ask now.
+        // The next in line may ask now.
         self.freed.notify_waiters();
     }
 

@@ -261,6 +261,12 @@ impl Engine {
         self.budget.shared_up()
     }
 
+    /// With the shared budget: whether it is the cluster's right now, and the live replicas last
+    /// seen.
+    pub fn budget_sharing(&self) -> Option<(bool, u32)> {
+        Some((self.budget.shared_up()?, self.budget.replicas()?))
+    }
+
     /// Calculation slots of `project` taken now.
     pub fn slots_taken(&self, project: u64) -> usize {
         self.budget.running(project)
