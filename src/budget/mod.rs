@@ -97,15 +97,24 @@ pub struct Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        match self.lease.take() {
-            Some((holder, renewer)) => {
+        let (budget, project) = (self.budget.clone(), self.project);
+        match (self.lease.take(), &budget.shared, tokio::runtime::Handle::try_current()) {
+            (Some((holder, renewer)), Some(shared), Ok(rt)) => {
                 renewer.abort();
-                if let Some(shared) = &self.budget.shared {
-                    shared.release(self.project, holder);
-                }
-                self.budget.release_shared(self.project);
+                // Counted free here once Redis has it back, so this replica's next waiter does
+                // not ask before the cluster can say yes. (A runtime shutting down never runs
+                // this: the slot then comes back with its lease, as after a crash.)
+                let shared = shared.clone();
+                rt.spawn(async move {
+                    shared.release(project, &holder).await;
+                    budget.release_shared(project);
+                });
             }
-            None => self.budget.release(self.project),
+            (Some((_, renewer)), _, _) => {
+                renewer.abort();
+                budget.release_shared(project);
+            }
+            (None, _, _) => budget.release(project),
         }
     }
 }

@@ -361,15 +361,11 @@ impl Shared {
         })
     }
 
-    /// Gives a slot back to the cluster (in the background: nobody waits for it).
-    pub fn release(self: &Arc<Self>, project: u64, holder: String) {
-        let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
-        let shared = self.clone();
-        rt.spawn(async move {
-            let mut script = shared.release.key(shared.slots_key(project));
-            script.arg(&holder);
-            let _ = shared.run::<u8>(script).await;
-        });
+    /// Gives a slot back to the cluster.
+    pub async fn release(&self, project: u64, holder: &str) {
+        let mut script = self.release.key(self.slots_key(project));
+        script.arg(holder);
+        let _ = self.run::<u8>(script).await;
     }
 
     /// This replica's share of a project's slots while Redis is down: the cluster's slots split
