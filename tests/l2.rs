@@ -9,7 +9,6 @@ use std::time::Duration;
 use common::*;
 use insights_proxy::app::App;
 use insights_proxy::clock::Clock;
-use insights_proxy::config::L2Settings;
 use insights_proxy::server::{free_port, Running};
 use insights_proxy::simulate::{SimConfig, Simulator};
 
@@ -32,14 +31,7 @@ fn replica(sim_port: u16, redis_port: u16, clock: &Clock) -> Replica {
     let port = free_port();
     let mut c = test_config(port, sim_port);
     c.partition_secret = Some("a-shared-partition-secret-for-tests".into());
-    c.l2 = Some(L2Settings {
-        url: format!("redis://127.0.0.1:{redis_port}/0"),
-        prefix: "ipx:".into(),
-        timeout: Duration::from_millis(200),
-        ttl: Duration::from_secs(600),
-        lease: Duration::from_secs(5),
-        wait_poll: Duration::from_millis(200),
-    });
+    c.l2 = Some(l2_settings(redis_port));
     let (running, app) = start_proxy(c, clock.clone());
     Replica { port, app, running: Some(running) }
 }

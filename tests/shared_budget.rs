@@ -15,20 +15,9 @@ use insights_proxy::auth::Principal;
 use insights_proxy::budget::{Budget, Priority};
 use insights_proxy::cache::PartitionKeyer;
 use insights_proxy::clock::Clock;
-use insights_proxy::config::{BudgetSettings, Config, L2Settings};
+use insights_proxy::config::{BudgetSettings, Config};
 use insights_proxy::server::{free_port, Running};
 use insights_proxy::simulate::{SimConfig, Simulator};
-
-fn l2(redis_port: u16) -> L2Settings {
-    L2Settings {
-        url: format!("redis://127.0.0.1:{redis_port}/0"),
-        prefix: "ipx:".into(),
-        timeout: Duration::from_millis(200),
-        ttl: Duration::from_secs(600),
-        lease: Duration::from_secs(5),
-        wait_poll: Duration::from_millis(200),
-    }
-}
 
 /// PostHog's limits: 3 calculations per project, 240/minute and 1200/hour per key.
 fn posthog_budget(lease: Duration) -> BudgetSettings {
@@ -57,18 +46,20 @@ async fn drain(b: &Budget, key: &Principal) -> usize {
     n
 }
 
+/// Two replicas' budgets on the Redis at `port`, and an API key.
+fn two_replicas(port: u16) -> (Arc<Budget>, Arc<Budget>, Principal) {
+    let settings = posthog_budget(Duration::from_secs(30));
+    let budget = || Budget::new(settings, Some(&l2_settings(port))).unwrap();
+    let keyer = PartitionKeyer::new(Some("a-shared-partition-secret-for-tests"));
+    (budget(), budget(), Principal::api_key(&keyer, "phx_k"))
+}
+
 #[test]
 fn replicas_take_from_one_bucket_per_key() {
     let redis = Redis::start();
     let rt = runtime();
     rt.block_on(async {
-        let settings = posthog_budget(Duration::from_secs(30));
-        let (a, b) = (
-            Budget::new(settings, Some(&l2(redis.port))).unwrap(),
-            Budget::new(settings, Some(&l2(redis.port))).unwrap(),
-        );
-        let keyer = PartitionKeyer::new(Some("a-shared-partition-secret-for-tests"));
-        let key = Principal::api_key(&keyer, "phx_k");
+        let (a, b, key) = two_replicas(redis.port);
         let started = Instant::now();
         let (from_a, from_b) = (drain(&a, &key).await, drain(&b, &key).await);
         // The burst is a quarter of 240/minute; refill is 3/s while the test runs.
@@ -77,6 +68,7 @@ fn replicas_take_from_one_bucket_per_key() {
         assert!(from_b <= refill, "the second replica found the bucket the first one spent: {from_b}");
         assert_eq!(a.shared_up(), Some(true));
         // Another key has its own bucket.
+        let keyer = PartitionKeyer::new(Some("a-shared-partition-secret-for-tests"));
         assert!(drain(&b, &Principal::api_key(&keyer, "phx_other")).await >= 60);
     });
 }
@@ -91,7 +83,7 @@ fn slots_go_by_priority_across_replicas_and_a_crashed_replicas_come_back_within_
     {
         let rt = runtime();
         rt.block_on(async {
-            let a = Budget::new(settings, Some(&l2(redis.port))).unwrap();
+            let a = Budget::new(settings, Some(&l2_settings(redis.port))).unwrap();
             for _ in 0..2 {
                 std::mem::forget(a.slot(1, Priority::Blocking, Duration::ZERO).await.unwrap());
             }
@@ -99,7 +91,7 @@ fn slots_go_by_priority_across_replicas_and_a_crashed_replicas_come_back_within_
     }
     let rt = runtime();
     rt.block_on(async {
-        let b = Budget::new(settings, Some(&l2(redis.port))).unwrap();
+        let b = Budget::new(settings, Some(&l2_settings(redis.port))).unwrap();
         // Two of three held: refresh-ahead may bring the cluster to 1, async work to 2, clients to 3.
         assert!(b.slot(1, Priority::Ahead, Duration::ZERO).await.is_err());
         assert!(b.slot(1, Priority::Async, Duration::ZERO).await.is_err());
@@ -120,13 +112,7 @@ fn without_redis_each_replica_has_its_share_and_the_outage_is_charged_when_it_is
     let mut redis = Redis::start();
     let rt = runtime();
     rt.block_on(async {
-        let settings = posthog_budget(Duration::from_secs(30));
-        let (a, b) = (
-            Budget::new(settings, Some(&l2(redis.port))).unwrap(),
-            Budget::new(settings, Some(&l2(redis.port))).unwrap(),
-        );
-        let keyer = PartitionKeyer::new(Some("a-shared-partition-secret-for-tests"));
-        let key = Principal::api_key(&keyer, "phx_k");
+        let (a, b, key) = two_replicas(redis.port);
         // Both heartbeats: each sees 2 live replicas.
         let beats = |a: Arc<Budget>, b: Arc<Budget>| async move {
             for _ in 0..2 {
@@ -173,7 +159,7 @@ fn replica(sim_port: u16, redis_port: u16, clock: &Clock, shared: bool, lease: D
     let port = free_port();
     let mut c: Config = test_config(port, sim_port);
     c.partition_secret = Some("a-shared-partition-secret-for-tests".into());
-    c.l2 = Some(l2(redis_port));
+    c.l2 = Some(l2_settings(redis_port));
     c.budget = BudgetSettings { shared, ..posthog_budget(lease) };
     let (running, app) = start_proxy(c, clock.clone());
     Replica { port, app, running: Some(running) }

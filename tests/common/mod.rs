@@ -404,6 +404,18 @@ impl Redis {
     }
 }
 
+/// The shared tier on the test's Redis at `redis_port`, with short timeouts and leases.
+pub fn l2_settings(redis_port: u16) -> insights_proxy::config::L2Settings {
+    insights_proxy::config::L2Settings {
+        url: format!("redis://127.0.0.1:{redis_port}/0"),
+        prefix: "ipx:".into(),
+        timeout: Duration::from_millis(200),
+        ttl: Duration::from_secs(600),
+        lease: Duration::from_secs(5),
+        wait_poll: Duration::from_millis(200),
+    }
+}
+
 pub struct ChildGuard(pub std::process::Child);
 
 impl Drop for ChildGuard {
