@@ -258,6 +258,20 @@ fn a_skewed_cluster_stays_inside_posthogs_limits_through_a_redis_outage() {
 }
 
 #[test]
+fn the_busy_replica_uses_the_budget_its_idle_peers_do_not() {
+    let c = Cluster::start(true, Duration::from_millis(50), Duration::from_secs(5));
+    let started = Instant::now();
+    load(&c, 150, true, |_| {});
+    let secs = started.elapsed().as_secs_f64();
+    let forced = |i: usize| c.replicas[i].app.metrics.calculations.with_label_values(&["forced"]).get();
+    // A third of the key's rate per replica (the old advice) would have given replica 0 a burst
+    // of 20 (15 for forced calls, the reserve left) and 1 more a second.
+    let a_third = 15.0 + secs;
+    assert!(forced(0) as f64 > a_third, "replica 0 calculated {} times in {secs:.1} s", forced(0));
+    assert_eq!((c.sim.throttled(), c.sim.limit_errors()), (0, 0));
+}
+
+#[test]
 fn per_replica_budgets_overrun_the_upstreams_concurrency_limit() {
     // The same load without `shared`: three replicas with three slots each make the upstream
     // refuse calculations (what the shared budget's test above asserts never happens).
