@@ -81,6 +81,8 @@ pub struct Engine {
     /// What the upstream said about principals recently: confirmations, refusals, and the
     /// allowance for credentials it never accepted.
     trust: Trust,
+    /// Aging entries the shared tier was asked about within the last second.
+    l2_asked: moka::sync::Cache<CacheKey, ()>,
 }
 
 impl Engine {
@@ -110,6 +112,10 @@ impl Engine {
             ),
             flights: Flights::default(),
             ahead_flights: Flights::default(),
+            l2_asked: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(std::time::Duration::from_secs(1))
+                .build(),
             upstream,
             config,
             clock,
@@ -124,11 +130,47 @@ impl Engine {
     /// same upstream cache key may hold a newer result, which this one adopts rather than
     /// calculate (looked up only once the entry is old enough to matter).
     pub async fn entry(&self, spec: &CalcSpec) -> Option<Arc<Entry>> {
-        let entry = self.cache.get(&spec.key).await?;
+        let mut entry = self.cache.get(&spec.key).await?;
+        if self.aging(&spec.key, &entry, self.clock.now()) {
+            if let Some(newer) = self.newer_shared(&spec.key, Some(entry.last_refresh())).await {
+                entry = newer;
+            }
+        }
         if !self.worth_freshening(&entry, self.clock.now()) {
             return Some(entry);
         }
         Some(self.freshen(spec, &entry).await.unwrap_or(entry))
+    }
+
+    /// With the shared tier: a result of `key` newer than `than` that another replica stored,
+    /// now kept in memory here too. Asked at most once a second per key from reads (a key whose
+    /// entry ages on every replica would otherwise cost a Redis read per hit).
+    async fn newer_shared(&self, key: &CacheKey, than: Option<OffsetDateTime>) -> Option<Arc<Entry>> {
+        let l2 = self.cache.l2()?;
+        let epoch = self.cache.begin();
+        let e = l2.get(key, epoch).await?;
+        if than.is_some_and(|t| e.last_refresh() <= t) {
+            return None;
+        }
+        let e = Arc::new(e);
+        self.cache.insert_local(*key, e.clone()).await.then_some(e)
+    }
+
+    /// Whether this replica's entry is old enough that another replica may have replaced it in
+    /// the shared tier (in the refresh-ahead window or stale), and the shared tier was not asked
+    /// about the key within the last second.
+    fn aging(&self, key: &CacheKey, entry: &Entry, now: OffsetDateTime) -> bool {
+        if self.cache.l2().is_none() {
+            return false;
+        }
+        let Some(threshold) = self.config.thresholds.default_for(entry.stale.interval) else { return false };
+        let age = (now - entry.stale.last_refresh).as_seconds_f64();
+        if age < threshold.as_secs_f64() * f64::from(self.config.refresh_ahead.start_percent) / 100.0 {
+            return false;
+        }
+        let mut first = false;
+        self.l2_asked.get_with(*key, || first = true);
+        first
     }
 
     /// Whether an entry is old enough that a newer result of its group could matter: in the
