@@ -46,9 +46,11 @@ async fn drain(b: &Budget, key: &Principal) -> usize {
     n
 }
 
-/// Two replicas' budgets on the Redis at `port`, and an API key.
+const LEASE: Duration = Duration::from_millis(1500);
+
+/// Two replicas' budgets on the Redis at `port` (slot lease [`LEASE`]), and an API key.
 fn two_replicas(port: u16) -> (Arc<Budget>, Arc<Budget>, Principal) {
-    let settings = posthog_budget(Duration::from_secs(30));
+    let settings = posthog_budget(LEASE);
     let budget = || Budget::new(settings, Some(&l2_settings(port))).unwrap();
     let keyer = PartitionKeyer::new(Some("a-shared-partition-secret-for-tests"));
     (budget(), budget(), Principal::api_key(&keyer, "phx_k"))
@@ -129,8 +131,12 @@ fn without_redis_each_replica_has_its_share_and_the_outage_is_charged_when_it_is
         assert_eq!(a.shared_up(), Some(false));
         let refill = (outage.elapsed().as_secs_f64() * 1.5).ceil() as usize;
         assert!((30..=30 + refill).contains(&from_a) && (30..=30 + refill).contains(&from_b), "{from_a}, {from_b}");
+        // No slot at first: what other replicas ran when Redis went down is unknown for a third
+        // of the lease.
+        assert!(a.slot(1, Priority::Blocking, Duration::ZERO).await.is_err());
         let mut slots = Vec::new();
         for budget in [&a, &b] {
+            slots.push(budget.slot(1, Priority::Blocking, LEASE).await.expect("a slot after a third of the lease"));
             while let Ok(s) = budget.slot(1, Priority::Blocking, Duration::ZERO).await {
                 slots.push(s);
                 assert!(slots.len() <= 3, "never more than the cluster's slots");
@@ -230,7 +236,7 @@ fn load(c: &Cluster, total: usize, strict: bool, during: impl Fn(usize) + Sync) 
                 let r = c.get(skewed(n), &format!("/api/environments/1/insights/{insight}/?refresh=force_blocking"));
                 if strict && (r.status != 200 || r.json()["result"].is_null()) {
                     failed.store(true, Ordering::Relaxed);
-                    panic!("request {n}: {} {}", r.status, r.text());
+                    panic!("request {n}: {} {} {}", r.status, r.cache_status(), r.text());
                 }
             });
         }

@@ -226,7 +226,8 @@ impl Budget {
                         }
                         false
                     }
-                    Claim::Down => slots.running < shared.local_slots(),
+                    Claim::Down => slots.running < shared.local_slots() && shared.slots_sure(),
+                    Claim::Unsure => false,
                 };
                 if taken {
                     slots.running += 1;

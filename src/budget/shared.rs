@@ -113,6 +113,9 @@ pub enum Claim {
     Full,
     /// Redis cannot say: the replica's local share decides.
     Down,
+    /// Redis just went down or came back: no slot until the others' running calculations are
+    /// known to be done or recorded.
+    Unsure,
 }
 
 /// A key's budget while Redis is down: this replica's share, and what it spent meanwhile.
@@ -144,6 +147,12 @@ pub struct Shared {
     /// asking Redis.
     rate_hints: moka::sync::Cache<Partition, Instant>,
     ever_up: AtomicBool,
+    /// A call failed since the last one that succeeded.
+    was_down: AtomicBool,
+    /// Slots are this replica's share, not the cluster's, until then: after Redis went down (the
+    /// other replicas' running calculations are unknown) and after it came back (until every
+    /// replica's running calculations are recorded in it again by their renewals).
+    slots_unsure_until: Mutex<Option<Instant>>,
 }
 
 fn hex(b: &[u8]) -> String {
@@ -185,6 +194,8 @@ impl Shared {
                 .time_to_live(Duration::from_secs(3600))
                 .build(),
             ever_up: AtomicBool::new(false),
+            was_down: AtomicBool::new(false),
+            slots_unsure_until: Mutex::new(None),
         }))
     }
 
@@ -214,6 +225,9 @@ impl Shared {
         match tokio::time::timeout(self.timeout * 2, attempt).await {
             Ok(Ok(v)) => {
                 self.ever_up.store(true, Ordering::Relaxed);
+                if self.was_down.swap(false, Ordering::Relaxed) {
+                    self.unsure_for(self.settings.slot_lease / 3 + RETRY_AFTER + HEARTBEAT);
+                }
                 Some(v)
             }
             Ok(Err(e)) => self.failed(&e.to_string()),
@@ -221,11 +235,24 @@ impl Shared {
         }
     }
 
+    fn unsure_for(&self, d: Duration) {
+        *self.slots_unsure_until.lock() = Some(Instant::now() + d);
+    }
+
+    /// Whether slots may be taken at all right now: not in the moments after Redis went down or
+    /// came back, when what other replicas run is unknown.
+    pub fn slots_sure(&self) -> bool {
+        self.slots_unsure_until.lock().is_none_or(|t| Instant::now() >= t)
+    }
+
     fn failed<T>(&self, why: &str) -> Option<T> {
         let mut down = self.down_until.lock();
         if down.is_none() {
             tracing::warn!(error = why, "shared budget: Redis unreachable, using this replica's share");
+            // Calculations other replicas started before the outage still run: wait for them.
+            self.unsure_for(self.settings.slot_lease / 3);
         }
+        self.was_down.store(true, Ordering::Relaxed);
         *down = Some(Instant::now() + RETRY_AFTER);
         None
     }
@@ -339,6 +366,9 @@ impl Shared {
     }
 
     pub async fn claim(&self, project: u64, priority: Priority, holder: &str) -> Claim {
+        if !self.slots_sure() {
+            return Claim::Unsure;
+        }
         let mut script = self.claim.key(self.slots_key(project));
         script.arg(holder).arg(self.limit(priority)).arg(self.lease_ms());
         match self.run::<u8>(script).await {
