@@ -13,7 +13,9 @@
 //!   blocking clients, wherever they are.
 //! - **Membership**: each replica renews its id in a sorted set every second. While Redis is
 //!   unreachable a replica falls back to its share of the budget, 1 / (live replicas last seen),
-//!   in memory; what it spent then is charged to the shared buckets once Redis is back.
+//!   in memory; what it spent then is charged to the shared buckets once Redis is back. Right
+//!   after Redis goes down, and after it is back until every replica's running slots are in it
+//!   again, no new slot is taken: what the other replicas run is unknown then.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
