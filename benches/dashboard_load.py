@@ -409,9 +409,10 @@ def request_path(kind: str, project: int, dashboard: int, insight: int | None, m
     return f"/api/environments/{project}/insights/{insight}/?" + "&".join(q)
 
 
-async def run_load(port: int, spec: LoadSpec, dashboards: list[Dashboard], access: dict[str, set[int]],
-                   t0: float) -> tuple[list[Rec], float, int]:
-    """Viewers load dashboards from t0 until t0 + warmup + duration (a load under way finishes)."""
+async def run_load(ports: list[int], weights: list[float], spec: LoadSpec, dashboards: list[Dashboard],
+                   access: dict[str, set[int]], t0: float) -> tuple[list[Rec], float, int]:
+    """Viewers load dashboards from t0 until t0 + warmup + duration (a load under way finishes).
+    Each viewer stays on one of `ports`, drawn with `weights` (a skewed load balancer)."""
     recs: list[Rec] = []
     loads = 0
     modes = [m for m, _ in spec.mix]
@@ -449,6 +450,7 @@ async def run_load(port: int, spec: LoadSpec, dashboards: list[Dashboard], acces
     async def viewer(v: int) -> None:
         nonlocal loads
         rng = random.Random(f"{spec.seed}/{v}")
+        port = random.Random(f"{spec.seed}/{v}/replica").choices(ports, weights)[0]
         conns = [Conn(port) for _ in range(spec.parallel)]
         try:
             # Viewers open their dashboards at different moments within the first reload period.
@@ -490,10 +492,15 @@ async def run_load(port: int, spec: LoadSpec, dashboards: list[Dashboard], acces
 # One run: a fresh simulator, optionally a proxy in front, the load, and the counters.
 # --------------------------------------------------------------------------------------------
 
-def proxy_toml(listen: int, admin: int, sim: int, a: argparse.Namespace, refresh_ahead: bool) -> str:
+def proxy_toml(listen: int, admin: int, sim: int, a: argparse.Namespace, refresh_ahead: bool,
+               redis: int | None = None) -> str:
     s = int(a.staleness)
+    cluster = [] if redis is None else [
+        "[cache]", 'partition_secret = "dashboard-load-partition-secret"', "",
+        "[l2]", f'url = "redis://{HOST}:{redis}/0"', "",
+    ]
     out = [
-        "[server]", f'listen = "{HOST}:{listen}"', "",
+        "[server]", f'listen = "{HOST}:{listen}"', "", *cluster,
         "[upstream]", f'url = "http://{HOST}:{sim}"', "",
         "[admin]", f'listen = "{HOST}:{admin}"', "",
         "[staleness.default]", *[f"{i} = {s}" for i in INTERVALS], "",
@@ -504,6 +511,8 @@ def proxy_toml(listen: int, admin: int, sim: int, a: argparse.Namespace, refresh
                      ("budget_per_hour", "per_hour"), ("budget_wait_ms", "wait_ms")]:
         if getattr(a, opt) is not None:
             out.append(f"{key} = {getattr(a, opt)}")
+    if redis is not None:
+        out.append(f"shared = {'true' if a.shared_budget == 'on' else 'false'}")
     out += ["", "[refresh_ahead]", f"enabled = {'true' if refresh_ahead else 'false'}", ""]
     if a.forced_min_interval is not None:
         value = a.forced_min_interval if not a.forced_min_interval.isdigit() else int(a.forced_min_interval)
@@ -564,45 +573,73 @@ def parse_metrics(text: str) -> dict[str, float]:
     return out
 
 
+async def wait_port(port: int, what: str, timeout: float = 20.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            _, w = await asyncio.open_connection(HOST, port)
+            w.close()
+            return
+        except OSError:
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"{what} not listening on :{port} after {timeout:.0f} s")
+
+
 async def one_run(label: str, via_proxy: bool, refresh_ahead: bool, a: argparse.Namespace, spec: LoadSpec,
-                  procs: Processes, logdir: str) -> dict:
+                  procs: Processes, logdir: str, skew: list[float] | None = None) -> dict:
+    """`skew`: several replicas on one Redis, viewers spread over them with these weights."""
     sim_port = free_port()
     sim = procs.start(f"simulator[{label}]", [
         a.binary, "simulate", "--listen", f"{HOST}:{sim_port}", "--calc-delay-ms", str(a.calc_delay_ms),
         "--concurrency-limit", str(a.concurrency_limit), "--rate-limit-per-minute", str(a.rate_limit_per_minute),
         "--rate-limit-per-hour", str(a.rate_limit_per_hour), "--staleness-seconds", str(int(a.staleness)),
         "--seed", str(a.sim_seed)], os.path.join(logdir, f"{label}-simulator.log"))
-    proxy = None
+    proxies: list[subprocess.Popen] = []
+    redis = None
     try:
         await wait_ready(sim, sim_port, "/_sim/stats", "simulator")
         dashboards, access = await discover(sim_port)
         if not dashboards:
             raise RuntimeError("the simulator has no dashboards")
         zipf_weights(dashboards, spec.zipf_s)
-        target = sim_port
-        admin_port = None
+        targets, weights, admin_ports = [sim_port], [1.0], []
         if via_proxy:
-            target, admin_port = free_port(), free_port()
-            cfg = os.path.join(logdir, f"{label}-proxy.toml")
-            with open(cfg, "w") as f:
-                f.write(proxy_toml(target, admin_port, sim_port, a, refresh_ahead))
-            chk = subprocess.run([a.binary, "--check-config", "--config", cfg], capture_output=True, text=True,
-                                 timeout=30)
-            if chk.returncode != 0:
-                raise RuntimeError(f"proxy config rejected: {chk.stdout}{chk.stderr}")
-            proxy = procs.start(f"proxy[{label}]", [a.binary, "--config", cfg],
-                                os.path.join(logdir, f"{label}-proxy.log"))
-            await wait_ready(proxy, admin_port, "/readyz", "proxy")
+            redis_port = None
+            if skew:
+                redis_port = free_port()
+                redis = procs.start(f"redis[{label}]", [a.redis_server, "--port", str(redis_port), "--bind", HOST,
+                                                        "--save", "", "--appendonly", "no"],
+                                    os.path.join(logdir, f"{label}-redis.log"))
+                await wait_port(redis_port, "redis-server")
+            weights = skew or [1.0]
+            targets = []
+            for i in range(len(weights)):
+                target, admin_port = free_port(), free_port()
+                cfg = os.path.join(logdir, f"{label}-proxy{i}.toml")
+                with open(cfg, "w") as f:
+                    f.write(proxy_toml(target, admin_port, sim_port, a, refresh_ahead, redis_port))
+                chk = subprocess.run([a.binary, "--check-config", "--config", cfg], capture_output=True, text=True,
+                                     timeout=30)
+                if chk.returncode != 0:
+                    raise RuntimeError(f"proxy config rejected: {chk.stdout}{chk.stderr}")
+                proxies.append(procs.start(f"proxy{i}[{label}]", [a.binary, "--config", cfg],
+                                           os.path.join(logdir, f"{label}-proxy{i}.log")))
+                await wait_ready(proxies[-1], admin_port, "/readyz", "proxy")
+                targets.append(target)
+                admin_ports.append(admin_port)
 
         async def metrics_now() -> dict[str, float]:
-            if admin_port is None:
-                return {}
-            try:
-                r = await simple_get(admin_port, "/metrics")
-            except (OSError, asyncio.TimeoutError, HttpError, asyncio.IncompleteReadError) as e:
-                log(f"{label}: /metrics unavailable ({type(e).__name__})")
-                return {}
-            return parse_metrics(r.body.decode("utf-8", "replace"))
+            """The replicas' metrics, summed."""
+            out: dict[str, float] = {}
+            for admin_port in admin_ports:
+                try:
+                    r = await simple_get(admin_port, "/metrics")
+                except (OSError, asyncio.TimeoutError, HttpError, asyncio.IncompleteReadError) as e:
+                    log(f"{label}: /metrics unavailable ({type(e).__name__})")
+                    return {}
+                for k, v in parse_metrics(r.body.decode("utf-8", "replace")).items():
+                    out[k] = out.get(k, 0.0) + v
+            return out
 
         before: dict = {}
         metrics_before: dict[str, float] = {}
@@ -637,10 +674,10 @@ async def one_run(label: str, via_proxy: bool, refresh_ahead: bool, a: argparse.
                     pass
 
         warm = f" after {spec.warmup:g} s of warm-up" if spec.warmup else ""
-        log(f"{label}: {spec.viewers} viewers for {spec.duration:g} s{warm} against :{target}")
+        log(f"{label}: {spec.viewers} viewers for {spec.duration:g} s{warm} against :{targets} weighted {weights}")
         sampling = asyncio.create_task(sampler())
         try:
-            recs, elapsed, loads = await run_load(target, spec, dashboards, access, t0)
+            recs, elapsed, loads = await run_load(targets, weights, spec, dashboards, access, t0)
         finally:
             stop.set()
             await sampling
@@ -649,10 +686,10 @@ async def one_run(label: str, via_proxy: bool, refresh_ahead: bool, a: argparse.
         metrics = await metrics_now()
         if not before:  # the load ended before the warm-up did
             before, metrics_before = samples[0][1], {}
-        for p in (proxy, sim):
+        for p in (*proxies, redis, sim):
             if p is not None and p.poll() is not None:
                 log(f"warning: a process of {label} exited early (rc={p.returncode})")
-        proxy_log = scan_log(os.path.join(logdir, f"{label}-proxy.log")) if via_proxy else {}
+        proxy_log = scan_log(os.path.join(logdir, f"{label}-proxy0.log")) if via_proxy else {}
         if a.dump_requests:
             with open(f"{a.dump_requests}.{label}.jsonl", "w") as f:
                 for r in recs:
@@ -662,8 +699,9 @@ async def one_run(label: str, via_proxy: bool, refresh_ahead: bool, a: argparse.
         return analyse(label, via_proxy, refresh_ahead, spec, dashboards, access, recs, elapsed, loads, before,
                        after, metrics, metrics_before, samples, t0_wall, proxy_log)
     finally:
-        if proxy is not None:
-            procs.stop(proxy)
+        for p in (*proxies, redis):
+            if p is not None:
+                procs.stop(p)
         procs.stop(sim)
 
 
@@ -1130,6 +1168,16 @@ def no_nan(v: Any) -> Any:
     return v
 
 
+def parse_skew(s: str) -> list[float]:
+    try:
+        w = [float(x) for x in s.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"weights, comma-separated: {s!r}") from None
+    if len(w) < 2 or any(x <= 0 for x in w):
+        raise argparse.ArgumentTypeError("at least two positive weights")
+    return w
+
+
 def parse_mix(s: str) -> list[tuple[str, float]]:
     out = []
     for part in s.split(","):
@@ -1193,6 +1241,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--budget-wait-ms", type=int, default=None)
     g.add_argument("--forced-min-interval", default=None,
                    help='[refresh] forced_min_interval: "off", "next_allowed_client_refresh" or seconds')
+    g.add_argument("--replicas", type=parse_skew, default=None, metavar="W1,W2,...",
+                   help="also run a cluster: one replica per weight on one Redis, viewers spread by the weights "
+                        "(e.g. 70,20,10), compared with one replica carrying the same load")
+    g.add_argument("--shared-budget", choices=["on", "off"], default="on", help="[budget] shared of the cluster")
+    g.add_argument("--redis-server", default="redis-server", help="the redis-server binary, for --replicas")
     g.add_argument("--log-dir", default=None, help="where configs and process logs go (default: a temp dir)")
     g.add_argument("--json", action="store_true", help="print one JSON document on stdout instead of the table")
     g.add_argument("--per-insight", action="store_true", help="with --json, include per-insight figures")
@@ -1228,12 +1281,15 @@ def main() -> int:
               f"--release --bin insights-proxy (or pass --binary)", file=sys.stderr)
         return 2
     spec = spec_of(a)
-    plan: list[tuple[str, bool, bool]] = []
+    plan: list[tuple[str, bool, bool, list[float] | None]] = []
     if not a.proxy_only:
-        plan.append(("direct", False, False))
+        plan.append(("direct", False, False, None))
     if not a.direct_only:
         ras = {"on": [True], "off": [False], "both": [False, True]}[a.refresh_ahead]
-        plan += [(f"proxy ra={'on' if ra else 'off'}", True, ra) for ra in ras]
+        plan += [(f"proxy ra={'on' if ra else 'off'}", True, ra, None) for ra in ras]
+        if a.replicas:
+            skew = "/".join(f"{w:g}" for w in a.replicas)
+            plan += [(f"cluster {skew} ra={'on' if ra else 'off'}", True, ra, a.replicas) for ra in ras]
     max_wall = a.max_wall or len(plan) * (a.warmup + a.duration + a.request_timeout + 60)
     logdir = a.log_dir or tempfile.mkdtemp(prefix="dashboard_load.")
     os.makedirs(logdir, exist_ok=True)
@@ -1248,9 +1304,9 @@ def main() -> int:
     runs: list[dict] = []
 
     async def all_runs() -> None:
-        for label, via_proxy, ra in plan:
-            runs.append(await one_run(label.replace(" ", "_").replace("=", "-"), via_proxy, ra, a, spec, procs,
-                                      logdir))
+        for label, via_proxy, ra, skew in plan:
+            runs.append(await one_run(label.replace(" ", "_").replace("=", "-").replace("/", "-"), via_proxy, ra, a,
+                                      spec, procs, logdir, skew))
             runs[-1]["label"] = label
 
     rc = 0

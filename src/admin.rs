@@ -71,6 +71,10 @@ impl AdminApp {
             (waits.with_label_values(&["slot"]), total(&b.slot_waits)),
             (exhausted.with_label_values(&["slot"]), total(&b.slot_exhausted)),
         ]);
+        if let Some((up, replicas)) = app.engine.budget_sharing() {
+            m.budget_shared.set(i64::from(up));
+            m.budget_replicas.set(i64::from(replicas));
+        }
         if let Some(l2) = app.cache.l2() {
             let g = m.l2();
             g.up.set(i64::from(l2.is_up()));

@@ -264,11 +264,24 @@ pub struct BudgetSection {
     pub per_hour: u32,
     pub wait_ms: u64,
     pub forced_reserve_percent: u8,
+    /// One budget for the whole cluster in Redis; `None`: on with `[l2]`, off without.
+    pub shared: Option<bool>,
+    pub slot_lease_ms: u64,
+    pub assumed_replicas: u32,
 }
 
 impl Default for BudgetSection {
     fn default() -> Self {
-        Self { project_concurrency: 3, per_minute: 240, per_hour: 1200, wait_ms: 10_000, forced_reserve_percent: 25 }
+        Self {
+            project_concurrency: 3,
+            per_minute: 240,
+            per_hour: 1200,
+            wait_ms: 10_000,
+            forced_reserve_percent: 25,
+            shared: None,
+            slot_lease_ms: 30_000,
+            assumed_replicas: 1,
+        }
     }
 }
 
@@ -492,6 +505,14 @@ pub struct BudgetSettings {
     pub wait: Duration,
     /// Share of each key's rate that forced recalculations may not use, in percent (0–90).
     pub forced_reserve_percent: u8,
+    /// The budget is the cluster's, kept in the `[l2]` Redis: one set of rate buckets per key and
+    /// one set of calculation slots per project for every replica.
+    pub shared: bool,
+    /// How long a shared calculation slot lives without renewal (renewed while it is held), so a
+    /// crashed replica's slots come back within it.
+    pub slot_lease: Duration,
+    /// The replica count a replica assumes while Redis is down if it never saw the membership.
+    pub assumed_replicas: u32,
 }
 
 /// The shared second tier (Redis/Valkey).
@@ -784,6 +805,21 @@ impl Config {
         if file.budget.forced_reserve_percent > 90 {
             bad("budget.forced_reserve_percent", "must be at most 90".into());
         }
+        // The shared budget's scripts run on one Redis node: a Cluster or Sentinel URL keeps the
+        // per-replica budget unless asked, and then it is refused rather than silently local.
+        let single_node = file.l2.as_ref().is_some_and(|l2| !l2.url.starts_with("redis+"));
+        let shared_budget = file.budget.shared.unwrap_or(single_node);
+        if shared_budget && file.l2.is_none() {
+            bad("budget.shared", "requires [l2]: the shared budget lives in its Redis".into());
+        } else if shared_budget && !single_node {
+            bad("budget.shared", "needs a single-node [l2] url (redis:// or rediss://) for now".into());
+        }
+        if file.budget.slot_lease_ms < 1000 {
+            bad("budget.slot_lease_ms", "must be at least 1000".into());
+        }
+        if file.budget.assumed_replicas == 0 {
+            bad("budget.assumed_replicas", "must be at least 1".into());
+        }
         if !(1..=95).contains(&file.refresh_ahead.start_percent) {
             bad("refresh_ahead.start_percent", "must be between 1 and 95".into());
         }
@@ -864,6 +900,9 @@ impl Config {
                 per_hour: (file.budget.per_hour > 0).then_some(file.budget.per_hour),
                 wait: Duration::from_millis(file.budget.wait_ms),
                 forced_reserve_percent: file.budget.forced_reserve_percent,
+                shared: shared_budget,
+                slot_lease: Duration::from_millis(file.budget.slot_lease_ms),
+                assumed_replicas: file.budget.assumed_replicas,
             },
             refresh_ahead: RefreshAheadSettings {
                 enabled: file.refresh_ahead.enabled,
@@ -938,6 +977,27 @@ mod tests {
         };
         let keys: Vec<_> = problems.iter().map(|p| p.key.as_str()).collect();
         assert_eq!(keys, ["server.listen", "server.threads", "cache.max_bytes", "staleness.default.fortnight"]);
+    }
+
+    #[test]
+    fn the_shared_budget_is_on_with_l2_and_needs_it() {
+        let l2 = "[cache]\npartition_secret = \"0123456789abcdef0\"\n[l2]\nurl = \"redis://127.0.0.1:6379\"\n";
+        for (text, shared) in [
+            ("", Ok(false)),
+            ("[budget]\nshared = false\n", Ok(false)),
+            ("[budget]\nshared = true\n", Err("budget.shared")),
+            (l2, Ok(true)),
+            (&format!("{l2}[budget]\nshared = false\n")[..], Ok(false)),
+            (&format!("{l2}[budget]\nslot_lease_ms = 10\n")[..], Err("budget.slot_lease_ms")),
+            (&format!("{l2}[budget]\nassumed_replicas = 0\n")[..], Err("budget.assumed_replicas")),
+        ] {
+            let result = Config::from_file_config(FileConfig::parse(text).unwrap(), &Overrides::default());
+            match (result, shared) {
+                (Ok(c), Ok(shared)) => assert_eq!(c.budget.shared, shared, "{text}"),
+                (Err(ConfigError::Invalid(p)), Err(key)) => assert_eq!(p[0].key, key, "{text}"),
+                (other, _) => panic!("{text}: {:?}", other.map(|c| c.budget)),
+            }
+        }
     }
 
     #[test]

@@ -64,6 +64,10 @@ pub struct Metrics {
     pub budget_exhausted: IntCounterVec,
     /// Held while mirrored counters are brought up to date, so two scrapes cannot both add.
     mirroring: Mutex<()>,
+    /// With `[budget] shared`: 1 on the cluster's budget, 0 on this replica's share (Redis down).
+    pub budget_shared: IntGauge,
+    /// With `[budget] shared`: the live replicas last seen (each one's share while Redis is down).
+    pub budget_replicas: IntGauge,
 }
 
 pub struct L2Metrics {
@@ -194,6 +198,12 @@ impl Metrics {
             budget_waits,
             budget_exhausted,
             mirroring: Mutex::new(()),
+            budget_shared: gauge(
+                &r,
+                "budget_shared",
+                "1 while the upstream budget is the cluster's (Redis); 0 while this replica uses its share.",
+            ),
+            budget_replicas: gauge(&r, "budget_replicas", "Live replicas sharing the upstream budget, as last seen."),
             per_request: PerRequest::default(),
             registry: r,
         }

@@ -259,7 +259,9 @@ impl InsightCache {
         stored
     }
 
-    async fn insert_local(&self, key: CacheKey, entry: Arc<Entry>) -> bool {
+    /// Stores `entry` in memory only (one read from the shared tier), with the same rules as
+    /// [`InsightCache::insert`].
+    pub async fn insert_local(&self, key: CacheKey, entry: Arc<Entry>) -> bool {
         use moka::ops::compute::{CompResult, Op};
         if !self.epochs.is_current(&key, entry.epoch) {
             return false;

@@ -285,6 +285,17 @@ impl Engine {
             match l2.try_lease(&spec.key).await {
                 Lease::Unavailable => return None,
                 Lease::Acquired(token) => {
+                    // Another replica may have finished this calculation after this one looked:
+                    // its result (fresh, or newer than a forced request) stands instead of a
+                    // second calculation.
+                    if let Some(e) = self.newer_shared(&spec.key, floor).await {
+                        let forced = ask.refresh == UpstreamRefresh::ForceBlocking;
+                        if forced || !e.stale.is_stale(self.clock.now(), &self.config.thresholds) {
+                            l2.release(&spec.key, &token).await;
+                            self.metrics.coalesced.inc();
+                            return Some(Outcome::Stored(e));
+                        }
+                    }
                     let renewer = {
                         let (l2, key, token) = (l2.clone(), spec.key, token.clone());
                         let every = l2.settings().lease / 3;

@@ -28,7 +28,7 @@ use tokio::sync::Semaphore;
 use crate::budget::{Budget, BudgetCounts};
 use crate::cache::{CacheKey, Entry, InsightCache, Partition, PartitionKeyer};
 use crate::clock::Clock;
-use crate::config::{Config, ForcedMinInterval};
+use crate::config::{BudgetSettings, Config, ForcedMinInterval};
 use crate::failure::Failure;
 use crate::flights::Flights;
 use crate::metrics::Metrics;
@@ -82,6 +82,8 @@ pub struct Engine {
     /// What the upstream said about principals recently: confirmations, refusals, and the
     /// allowance for credentials it never accepted.
     trust: Trust,
+    /// Aging entries the shared tier was asked about within the last second.
+    l2_asked: moka::sync::Cache<CacheKey, ()>,
 }
 
 impl Engine {
@@ -95,7 +97,10 @@ impl Engine {
         keyer: PartitionKeyer,
         upstream: UpstreamClient,
     ) -> Arc<Engine> {
-        let budget = Budget::new(config.budget);
+        let budget = Budget::new(config.budget, config.l2.as_ref()).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "running with this replica's own budget");
+            Budget::new(BudgetSettings { shared: false, ..config.budget }, None).expect("a local budget needs no Redis")
+        });
         Arc::new(Engine {
             jobs: queue::JobQueue::new(config.queue_capacity, config.max_queued_per_principal, budget.clone()),
             calc_permits: Semaphore::new(config.max_concurrent_calculations),
@@ -108,6 +113,10 @@ impl Engine {
             ),
             flights: Flights::default(),
             ahead_flights: Flights::default(),
+            l2_asked: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(std::time::Duration::from_secs(1))
+                .build(),
             upstream,
             config,
             clock,
@@ -122,7 +131,12 @@ impl Engine {
     /// same upstream cache key may hold a newer result, which this one adopts rather than
     /// calculate (looked up only once the entry is old enough to matter).
     pub async fn entry(&self, spec: &CalcSpec) -> Option<Arc<Entry>> {
-        let entry = self.cache.get(&spec.key).await?;
+        let mut entry = self.cache.get(&spec.key).await?;
+        if self.aging(&spec.key, &entry, self.clock.now()) {
+            if let Some(newer) = self.newer_shared(&spec.key, Some(entry.last_refresh())).await {
+                entry = newer;
+            }
+        }
         if !self.worth_freshening(&entry, self.clock.now()) {
             return Some(entry);
         }
@@ -134,18 +148,48 @@ impl Engine {
     /// entry is old enough that [`Engine::entry`] would look for a newer one.
     pub async fn settled_entry(&self, key: &CacheKey) -> Option<Arc<Entry>> {
         let entry = self.cache.get(key).await?;
-        (!self.worth_freshening(&entry, self.clock.now())).then_some(entry)
+        let now = self.clock.now();
+        let shared_may_be_newer = self.cache.l2().is_some() && self.in_ahead_window(&entry, now);
+        (!shared_may_be_newer && !self.worth_freshening(&entry, now)).then_some(entry)
+    }
+
+    /// With the shared tier: a result of `key` newer than `than` that another replica stored,
+    /// now kept in memory here too. Asked at most once a second per key from reads (a key whose
+    /// entry ages on every replica would otherwise cost a Redis read per hit).
+    async fn newer_shared(&self, key: &CacheKey, than: Option<OffsetDateTime>) -> Option<Arc<Entry>> {
+        let l2 = self.cache.l2()?;
+        let epoch = self.cache.begin();
+        let e = l2.get(key, epoch).await?;
+        if than.is_some_and(|t| e.last_refresh() <= t) {
+            return None;
+        }
+        let e = Arc::new(e);
+        self.cache.insert_local(*key, e.clone()).await.then_some(e)
+    }
+
+    /// Whether this replica's entry is old enough that another replica may have replaced it in
+    /// the shared tier (in the refresh-ahead window or stale), and the shared tier was not asked
+    /// about the key within the last second.
+    fn aging(&self, key: &CacheKey, entry: &Entry, now: OffsetDateTime) -> bool {
+        if self.cache.l2().is_none() || !self.in_ahead_window(entry, now) {
+            return false;
+        }
+        let mut first = false;
+        self.l2_asked.get_with(*key, || first = true);
+        first
+    }
+
+    /// Whether `entry` is in its refresh-ahead window or stale.
+    fn in_ahead_window(&self, entry: &Entry, now: OffsetDateTime) -> bool {
+        let Some(threshold) = self.config.thresholds.default_for(entry.stale.interval) else { return false };
+        let age = (now - entry.stale.last_refresh).as_seconds_f64();
+        age >= threshold.as_secs_f64() * f64::from(self.config.refresh_ahead.start_percent) / 100.0
     }
 
     /// Whether an entry is old enough that a newer result of its group could matter: in the
     /// refresh-ahead window or stale. Younger entries skip the group lookup (the hit path).
     fn worth_freshening(&self, entry: &Entry, now: OffsetDateTime) -> bool {
-        if entry.group == 0 {
-            return false;
-        }
-        let Some(threshold) = self.config.thresholds.default_for(entry.stale.interval) else { return false };
-        let age = (now - entry.stale.last_refresh).as_seconds_f64();
-        age >= threshold.as_secs_f64() * f64::from(self.config.refresh_ahead.start_percent) / 100.0
+        entry.group != 0 && self.in_ahead_window(entry, now)
     }
 
     /// What the proxy knows about a request for `spec` in `mode` holding `entry`. `vouched`: the
@@ -296,6 +340,18 @@ impl Engine {
     /// Nothing queued and nothing running.
     pub fn is_idle(&self) -> bool {
         self.jobs.is_empty() && self.flights.is_empty() && self.ahead_flights.is_empty()
+    }
+
+    /// Whether the upstream budget is the cluster's right now (`None`: not shared; `Some(false)`:
+    /// Redis is unreachable and this replica's share applies).
+    pub fn budget_shared_up(&self) -> Option<bool> {
+        self.budget.shared_up()
+    }
+
+    /// With the shared budget: whether it is the cluster's right now, and the live replicas last
+    /// seen.
+    pub fn budget_sharing(&self) -> Option<(bool, u32)> {
+        Some((self.budget.shared_up()?, self.budget.replicas()?))
     }
 
     /// Calculation slots of `project` taken now.

@@ -476,13 +476,20 @@ mod tests {
     use bytes::Bytes;
 
     fn budget(per_minute: Option<u32>, project_concurrency: usize) -> Arc<Budget> {
-        Budget::new(BudgetSettings {
-            project_concurrency,
-            per_minute,
-            per_hour: None,
-            wait: Duration::from_secs(1),
-            forced_reserve_percent: 25,
-        })
+        Budget::new(
+            BudgetSettings {
+                project_concurrency,
+                per_minute,
+                per_hour: None,
+                wait: Duration::from_secs(1),
+                forced_reserve_percent: 25,
+                shared: false,
+                slot_lease: Duration::from_secs(10),
+                assumed_replicas: 1,
+            },
+            None,
+        )
+        .unwrap()
     }
 
     /// A queue whose budget never stops anything.

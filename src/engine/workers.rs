@@ -171,6 +171,14 @@ impl BackgroundService for Workers {
                 }
             });
         }
+        // The shared budget's membership: every replica's share while Redis is down.
+        let (engine, mut shutdown_watch) = (self.engine.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            tokio::select! {
+                _ = shutdown_watch.changed() => {}
+                _ = engine.budget.membership() => {}
+            }
+        });
         while tasks.join_next().await.is_some() {}
     }
 }

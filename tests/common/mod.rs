@@ -375,6 +375,49 @@ impl Conn {
 }
 
 /// A child process killed when dropped, so a failing test never leaves one holding its pipes.
+/// A `redis-server` of the test's own on a loopback port (scripts/setup.sh installs it), without
+/// persistence: a restart starts empty, as a replacement Redis would.
+pub struct Redis {
+    pub port: u16,
+    child: Option<ChildGuard>,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        let mut r = Redis { port: free_port(), child: None };
+        r.restart();
+        r
+    }
+
+    pub fn restart(&mut self) {
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (scripts/setup.sh installs it)");
+        self.child = Some(ChildGuard(child));
+        wait_for_port(self.port);
+    }
+
+    /// Stops it (the port stays the same for [`Redis::restart`]).
+    pub fn kill(&mut self) {
+        self.child = None;
+    }
+}
+
+/// The shared tier on the test's Redis at `redis_port`, with short timeouts and leases.
+pub fn l2_settings(redis_port: u16) -> insights_proxy::config::L2Settings {
+    insights_proxy::config::L2Settings {
+        url: format!("redis://127.0.0.1:{redis_port}/0"),
+        prefix: "ipx:".into(),
+        timeout: Duration::from_millis(200),
+        ttl: Duration::from_secs(600),
+        lease: Duration::from_secs(5),
+        wait_poll: Duration::from_millis(200),
+    }
+}
+
 pub struct ChildGuard(pub std::process::Child);
 
 impl Drop for ChildGuard {

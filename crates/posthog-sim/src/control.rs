@@ -58,6 +58,8 @@ fn stats(inner: &Inner) -> SimResponse {
     let body = json!({
         "total_calculations": inner.engine.total_calculations(),
         "requests": inner.requests.load(Ordering::Relaxed),
+        "throttled": inner.throttled.load(Ordering::Relaxed),
+        "limit_errors": inner.limit_errors.load(Ordering::Relaxed),
         "calculations": calculations,
     });
     json_response(200, body.to_string())

@@ -250,7 +250,10 @@ pub(crate) async fn run(inner: &Arc<Inner>, job: Job, mode: RefreshMode) -> Outc
         (Decision::ForceAsync, _) => Outcome::Enqueued { status: enqueue_calculation(inner, &job, true) },
         (Decision::Calculate, _) => match calculate(inner, &job).await {
             Ok(entry) => Outcome::Result { entry, is_cached: false, status: None },
-            Err(CalcError::Concurrency) => Outcome::Concurrency { at: inner.clock.now() },
+            Err(CalcError::Concurrency) => {
+                inner.limit_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Outcome::Concurrency { at: inner.clock.now() }
+            }
             Err(CalcError::Failed(message)) => Outcome::Failed { message },
         },
     }

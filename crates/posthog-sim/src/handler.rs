@@ -176,6 +176,7 @@ async fn api(inner: &Arc<Inner>, method: &str, path: &str, query: &str, headers:
             if !matches!(sub, Sub::Query(_)) {
                 let now = inner.clock.now();
                 if let Err((e, wait)) = inner.auth.throttle(&req.principal, now) {
+                    inner.throttled.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let mut r: SimResponse = e.into();
                     r.headers.push(("retry-after", wait.to_string()));
                     return Err(r);

@@ -148,6 +148,9 @@ pub(crate) struct Inner {
     pub thresholds: Thresholds,
     fault: RwLock<Fault>,
     requests: AtomicU64,
+    /// Requests answered 429 by the rate limit, and calculations refused by the concurrency limit.
+    pub throttled: AtomicU64,
+    pub limit_errors: AtomicU64,
     pub data: data::DataSet,
     pub engine: engine::Engine,
     pub auth: auth::Auth,
@@ -185,6 +188,8 @@ impl Simulator {
             thresholds: cfg.thresholds,
             fault: RwLock::new(Fault::None),
             requests: AtomicU64::new(0),
+            throttled: AtomicU64::new(0),
+            limit_errors: AtomicU64::new(0),
             data: data::build(cfg.seed),
             engine: engine::Engine::default(),
             auth: auth::Auth::new(cfg.rate_limit),
@@ -210,6 +215,16 @@ impl Simulator {
     /// HTTP requests handled, excluding the `/_sim/` control API.
     pub fn requests(&self) -> u64 {
         self.inner.requests.load(Ordering::Relaxed)
+    }
+
+    /// Requests answered 429 by the per-key rate limit.
+    pub fn throttled(&self) -> u64 {
+        self.inner.throttled.load(Ordering::Relaxed)
+    }
+
+    /// Calculations answered `concurrency_limit_exceeded` (the per-team concurrency limit).
+    pub fn limit_errors(&self) -> u64 {
+        self.inner.limit_errors.load(Ordering::Relaxed)
     }
 
     /// The key or session id then gets 401.

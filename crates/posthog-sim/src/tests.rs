@@ -581,6 +581,7 @@ async fn concurrency_limit_answers_200_with_an_error_status() {
     );
     assert_eq!((qs["insight_id"].clone(), qs["team_id"].clone()), (json!(2), json!(1)));
     assert_eq!(sim.calculations(1, 2), 0);
+    assert_eq!(sim.limit_errors(), 1, "the refusal is counted");
     // not cached; another team is not limited
     assert_eq!(get(&sim, &insight(2)).await["result"], Value::Null);
     sim.set_fault(Fault::Concurrency);
@@ -598,7 +599,10 @@ async fn calculation_counter_and_stats() {
     assert_eq!((sim.calculations(1, 1), sim.calculations(2, 22), sim.calculations(1, 22)), (2, 1, 0));
     assert_eq!((sim.total_calculations(), sim.requests()), (3, 4));
     let stats = json_of(&call(&sim, "GET", "/_sim/stats", None, "").await);
-    assert_eq!(stats, json!({"total_calculations": 3, "requests": 4, "calculations": {"1/1": 2, "2/22": 1}}));
+    assert_eq!(
+        stats,
+        json!({"total_calculations": 3, "requests": 4, "throttled": 0, "limit_errors": 0, "calculations": {"1/1": 2, "2/22": 1}})
+    );
     assert_eq!(sim.requests(), 4, "control calls are not counted");
 }
 
@@ -726,6 +730,7 @@ async fn rate_limit_throttles_api_keys_only() {
     let r = call(&sim, "GET", &insight(1), Some(ALL), "").await;
     assert_eq!((r.status, json_of(&r)["type"].clone()), (429, json!("throttled_error")));
     assert_eq!(header(&r, "retry-after"), Some("60"));
+    assert_eq!(sim.throttled(), 1, "the 429 is counted");
     let mut cookie = headers(None);
     cookie.insert("cookie", "sessionid=demo_session_all".parse().unwrap());
     assert_eq!(sim.handle("GET", &insight(1), &cookie, b"").await.status, 200);
