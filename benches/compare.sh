@@ -260,7 +260,7 @@ hit_row() { # server round row dir
   grep -qE '^HTTP/[0-9.]+ 200' "$dir/$row.hit.headers" || die "$name did not answer 200 on $row (see $dir/$row.hit.headers)"
   if [[ "$row" != hit-* ]]; then # what was negotiated, to compare like with like
     openssl s_client -connect "127.0.0.1:${TLS_PORT[$name]}" -alpn "$([ "$tool" = h2load ] && echo h2 || echo http/1.1)" \
-      </dev/null 2>/dev/null | grep -E '^(New, |Protocol|ALPN|Server Temp Key|Peer signature type)' | sort -u >"$dir/$row.tls.txt" || true
+      </dev/null 2>/dev/null | grep -aE '^(New, |Protocol|ALPN|Server Temp Key|Peer signature type)' | sort -u >"$dir/$row.tls.txt" || true
     log "  $name $row: $(tr '\n' ';' <"$dir/$row.tls.txt")"
   fi
   local cpus=$CLIENT_CPU spare=("${SPARE_CPUS[@]}") attempt=0
