@@ -1,40 +1,51 @@
 #!/usr/bin/env bash
-# benches/compare.sh: insights-proxy against nginx proxy_cache and Varnish, each in front of the
-# built-in simulated PostHog, on this machine.
+# benches/compare.sh: insights-proxy against nginx proxy_cache (and optionally Varnish), each in
+# front of the built-in simulated PostHog, on this machine, measured so that it cannot flatter.
 #
-#   benches/compare.sh [ROUNDS]          # default 3 interleaved rounds; about 1 min per server and round
+#   benches/compare.sh [ROUNDS]          # default 5 interleaved rounds; ~1.5 min per server and round
 #
 # What it does:
-#   * installs nginx, varnish and wrk from Debian packages if missing (apt-get update; apt-get
-#     install -y nginx varnish wrk), builds insights-proxy in release (honours CARGO_TARGET_DIR;
-#     skipped when INSIGHTS_PROXY_BIN points at a built binary);
-#   * per round and server (order rotated each round): starts a fresh simulator
-#     (`insights-proxy simulate`, pinned to core CLIENT_CPU) and the server pinned to core SERVER_CPU
-#     (`taskset -c 0`), from the templates in benches/conf/;
-#   * hit test: fills the cache with `?refresh=blocking`, then wrk on core CLIENT_CPU with
-#     CONNECTIONS keep-alive connections for WARMUP s (discarded), then DURATION s with --latency,
-#     against the insight URL without `refresh` (every answer a hit). Reports hits/s, p50/p99, and
-#     requests per CPU-second: wrk's request count / the server's CPU time (utime+stime from
-#     /proc/<pid>/stat of every process of the server: nginx master+workers, Varnish manager+child)
-#     over the measured run;
-#   * herd test: calculation delay CALC_MS; HERD_N concurrent cold `?refresh=blocking` requests for
-#     an insight nobody has cached; upstream calculations (from /_sim/stats) and the slowest answer
-#     (send to the kernel's receive timestamp of its last bytes, benches/httpload.py burst; the
-#     moment the single-threaded client got round to reading it is reported beside it);
+#   * installs nginx, wrk, h2load (nghttp2-client), openssl (and varnish when asked for) from Debian
+#     packages if missing; builds insights-proxy in release (honours CARGO_TARGET_DIR; skipped when
+#     INSIGHTS_PROXY_BIN points at a built binary); makes a self-signed ECDSA P-256 certificate
+#     with openssl, used by nginx and insights-proxy alike (TLS 1.3 only on both);
+#   * per round and server (order rotated each round): a fresh simulator (`insights-proxy
+#     simulate`, on the client core) with two insights saved in it for the hit rows, answers of
+#     2.9 KB (1 day, 1 series: the smallest a saved insight gets, its metadata being most of it)
+#     and 52 KB (365 days, 4 series; `create_insight` in lib.sh); the server pinned to SERVER_CPU (nginx: one
+#     worker with a cleartext and a `listen … ssl http2` listener; insights-proxy: one instance
+#     without and one with `[server.tls]`, from the templates in benches/conf/);
+#   * hit rows (ROWS): hit-3k and hit-50k (HTTP/1.1, wrk), tls-3k (HTTP/1.1 over TLS, wrk), h2-3k
+#     (HTTP/2 over TLS by ALPN, h2load with H2_CLIENTS connections x H2_STREAMS streams). Each
+#     fills the entry (`?refresh=blocking`), checks that the answer is a hit, warms up for WARMUP s,
+#     then measures DURATION s: hits/s, p50/p99 (wrk --latency; h2load's per-request log), and
+#     requests per CPU-second = requests / the server's CPU time (utime+stime of every process of
+#     the server over the run, from /proc/<pid>/stat);
+#   * the load generator must not be the bottleneck: its CPU share (utime+stime of wrk or h2load
+#     over the run / wall time / client cores) is recorded per run, and a run where it exceeds
+#     MAX_CLIENT_SHARE (0.70) is INVALID: the row is retried (at most RETRIES times) with a
+#     further client core (more wrk threads) when the machine has one beside SERVER_CPU and the
+#     client cores in use, otherwise with half the connections. Invalid runs are kept in the raw
+#     table and left out of medians; the summary says how many valid rounds each row has;
+#   * herd test (HTTP/1.1): calculation delay CALC_MS; HERD_N concurrent cold `?refresh=blocking`
+#     requests for an insight nobody has cached; upstream calculations (from /_sim/stats) and the
+#     slowest answer (send to the kernel's receive timestamp of its last bytes, httpload.py burst);
 #   * stale-window test: an insight whose freshness is FRESH_S seconds everywhere (nginx
-#     proxy_cache_valid, Varnish beresp.ttl, insights-proxy [staleness.default] minute; it is a
-#     minute-interval insight) is filled, left to go stale, the simulator's clock is moved 600 s so
-#     the upstream must really recalculate (CALC_MS), then STALE_N concurrent requests
-#     (insights-proxy: `?refresh=async`, its stale-while-revalidate mode; nginx and Varnish: the
-#     cached `?refresh=blocking` URL, served stale by use_stale updating / grace): how many answers
-#     took >= CALC_MS, and upstream calculations;
-#   * prints per-server medians over rounds and ratios to nginx; raw files and results.tsv in OUT.
+#     proxy_cache_valid, Varnish beresp.ttl, insights-proxy [staleness.default] minute) is
+#     filled, left to go stale, the simulator's clock moved 600 s so the upstream must recalculate
+#     (CALC_MS), then STALE_N concurrent requests (insights-proxy: `?refresh=async`; nginx and
+#     Varnish: the cached `?refresh=blocking` URL, served stale by use_stale updating / grace): how
+#     many answers took >= CALC_MS, and upstream calculations;
+#   * prints, per row and server, the median and min–max over valid rounds and the ratio to nginx
+#     (median and min–max of the per-round ratios); raw files, hits.tsv and herd.tsv in OUT.
 #
-# Settings (environment): ROUNDS=3 DURATION=10 WARMUP=3 CONNECTIONS=64 SERVERS="nginx varnish
-# insights-proxy" PROXY_THREADS=1 CALC_MS=200 HERD_N=200 STALE_N=200 FRESH_S=2 SERVER_CPU=0
-# CLIENT_CPU=1 BASE_PORT=18000 OUT=/tmp/insights-bench.XXXX HIT_INSIGHT=11 (its answer is 4.78 KB;
-# "auto" picks the project-1 insight closest to 4.8 KB) HERD_INSIGHT=2 STALE_INSIGHT=14
-# RUST_LOG=warn (of the proxy; "info" logs a line per request) INSIGHTS_PROXY_BIN (skip the build).
+# Settings (environment): ROUNDS=5 DURATION=10 WARMUP=3 CONNECTIONS=64 H2_CLIENTS=16 H2_STREAMS=4
+# SERVERS="nginx insights-proxy" (add varnish for its HTTP/1.1 rows, herd and stale window; it has
+# no TLS) ROWS="hit-3k hit-50k tls-3k h2-3k" TESTS="herd stale" (empty: hit rows only)
+# MAX_CLIENT_SHARE=0.70 RETRIES=2 PROXY_THREADS=1 CALC_MS=200 HERD_N=200 STALE_N=200 FRESH_S=2
+# SERVER_CPU=0 CLIENT_CPU=1 (the first client core) BASE_PORT=18000 OUT=/tmp/insights-bench.XXXX
+# SMALL="1 1" LARGE="365 4" (days and series of the two insights) HERD_INSIGHT=2 STALE_INSIGHT=14
+# RUST_LOG=warn (of the proxy) INSIGHTS_PROXY_BIN (skip the build).
 # Before/after a change: ALT_BIN=/path/to/other/insights-proxy SERVERS="nginx insights-proxy
 # insights-proxy-alt" runs a second build as the server "insights-proxy-alt", interleaved.
 # Only 127.0.0.1 is used; every wait and load is bounded; everything started is stopped by PID on exit.
@@ -42,11 +53,18 @@ set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(dirname "$HERE")
-ROUNDS=${1:-${ROUNDS:-3}}
+. "$HERE/lib.sh"
+ROUNDS=${1:-${ROUNDS:-5}}
 DURATION=${DURATION:-10}
 WARMUP=${WARMUP:-3}
 CONNECTIONS=${CONNECTIONS:-64}
-SERVERS=${SERVERS:-"nginx varnish insights-proxy"}
+H2_CLIENTS=${H2_CLIENTS:-16}
+H2_STREAMS=${H2_STREAMS:-4}
+SERVERS=${SERVERS:-"nginx insights-proxy"}
+ROWS=${ROWS:-"hit-3k hit-50k tls-3k h2-3k"}
+TESTS=${TESTS-"herd stale"}
+MAX_CLIENT_SHARE=${MAX_CLIENT_SHARE:-0.70}
+RETRIES=${RETRIES:-2}
 PROXY_THREADS=${PROXY_THREADS:-1}
 CALC_MS=${CALC_MS:-200}
 HERD_N=${HERD_N:-200}
@@ -55,7 +73,8 @@ FRESH_S=${FRESH_S:-2}
 SERVER_CPU=${SERVER_CPU:-0}
 CLIENT_CPU=${CLIENT_CPU:-1}
 BASE_PORT=${BASE_PORT:-18000}
-HIT_INSIGHT=${HIT_INSIGHT:-11}
+SMALL=${SMALL:-"1 1"}
+LARGE=${LARGE:-"365 4"}
 HERD_INSIGHT=${HERD_INSIGHT:-2}
 STALE_INSIGHT=${STALE_INSIGHT:-14}
 export RUST_LOG=${RUST_LOG:-warn}
@@ -65,141 +84,110 @@ mkdir -p "$OUT"
 SIM_PORT=$((BASE_PORT + 10))
 declare -A PORT=([nginx]=$((BASE_PORT + 81)) [varnish]=$((BASE_PORT + 82)) [insights-proxy]=$((BASE_PORT + 83))
   [insights-proxy-alt]=$((BASE_PORT + 84)))
+declare -A TLS_PORT=([nginx]=$((BASE_PORT + 91)) [insights-proxy]=$((BASE_PORT + 93)) [insights-proxy-alt]=$((BASE_PORT + 94)))
 AUTH="Authorization: Bearer phx_demo_all"
 STALE_PATH="/api/environments/1/insights/$STALE_INSIGHT/"
 HERD_PATH="/api/environments/1/insights/$HERD_INSIGHT/"
 HZ=$(getconf CLK_TCK)
 
-log() { printf '%s %s\n' "$(date +%T)" "$*" >&2; }
-die() { log "error: $*"; exit 1; }
-
-# --- processes: everything started is recorded and stopped by PID -----------------------------
-PIDS=()
-descendants() { local c; for c in $(pgrep -P "$1" 2>/dev/null); do echo "$c"; descendants "$c"; done; }
-stop_pid() {
-  local pid=$1 p i
-  kill -0 "$pid" 2>/dev/null || return 0
-  local tree=("$pid" $(descendants "$pid"))
-  kill -TERM "$pid" 2>/dev/null || true
-  for i in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-  for p in "${tree[@]}"; do kill -0 "$p" 2>/dev/null && kill -KILL "$p" 2>/dev/null; done
-  wait "$pid" 2>/dev/null || true
-}
-cleanup() {
-  local pid
-  for pid in "${PIDS[@]}"; do stop_pid "$pid"; done
-  PIDS=()
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-forget() { local keep=() p; for p in "${PIDS[@]}"; do [ "$p" != "$1" ] && keep+=("$p"); done; PIDS=("${keep[@]}"); }
-
-wait_port() { # port pid
-  local i
-  for i in $(seq 150); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    kill -0 "$2" 2>/dev/null || return 1
-    sleep 0.1
-  done
-  return 1
-}
-
 # --- setup -------------------------------------------------------------------------------------
-need=()
-command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx)
-command -v varnishd >/dev/null 2>&1 || [ -x /usr/sbin/varnishd ] || need+=(varnish)
-command -v wrk >/dev/null 2>&1 || need+=(wrk)
-command -v cmake >/dev/null 2>&1 || [ -n "${INSIGHTS_PROXY_BIN:-}" ] || need+=(cmake)
-if [ ${#need[@]} -gt 0 ]; then
-  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  log "installing ${need[*]}"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
-fi
-export PATH="$PATH:/usr/sbin"
-for t in taskset python3 curl nginx varnishd wrk; do command -v "$t" >/dev/null || die "$t not found"; done
+wants=(nginx:nginx wrk:wrk h2load:nghttp2-client openssl:openssl taskset:util-linux python3:python3 curl:curl)
+[[ " $SERVERS " == *" varnish "* ]] && wants+=(varnishd:varnish)
+install_missing "${wants[@]}"
 [ "$(nproc)" -ge 2 ] || log "warning: fewer than 2 cores; server and client share a core"
-
-if [ -n "${INSIGHTS_PROXY_BIN:-}" ]; then
-  BIN=$INSIGHTS_PROXY_BIN
-else
-  log "building insights-proxy (release)"
-  (cd "$ROOT" && cargo build --release --quiet --bin insights-proxy)
-  BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/insights-proxy
-fi
-[ -x "$BIN" ] || die "no binary at $BIN"
+proxy_binary
 if [[ " $SERVERS " == *" insights-proxy-alt "* ]]; then
   [ -x "${ALT_BIN:-}" ] || die "insights-proxy-alt needs ALT_BIN=/path/to/another/insights-proxy"
 fi
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=127.0.0.1 \
+  -addext subjectAltName=IP:127.0.0.1 -keyout "$OUT/key.pem" -out "$OUT/cert.pem" 2>/dev/null \
+  || die "openssl could not make a certificate"
+
+# Cores the client may grow onto: every core but the server's and the first client core.
+SPARE_CPUS=()
+for c in $(seq 0 $(($(nproc) - 1))); do
+  [ "$c" -ne "$SERVER_CPU" ] && [ "$c" -ne "$CLIENT_CPU" ] && SPARE_CPUS+=("$c")
+done
 
 # --- the simulator -----------------------------------------------------------------------------
 SIM_PID=""
+SMALL_PATH=""
+LARGE_PATH=""
 start_sim() { # calc_ms
   taskset -c "$CLIENT_CPU" "$BIN" simulate --listen "127.0.0.1:$SIM_PORT" --calc-delay-ms "$1" \
     >"$OUT/sim.log" 2>&1 &
   SIM_PID=$!; PIDS+=("$SIM_PID")
   wait_port "$SIM_PORT" "$SIM_PID" || die "the simulator did not start (see $OUT/sim.log)"
+  # shellcheck disable=SC2086
+  SMALL_PATH="/api/environments/1/insights/$(create_insight "$SIM_PORT" $SMALL)/"
+  # shellcheck disable=SC2086
+  LARGE_PATH="/api/environments/1/insights/$(create_insight "$SIM_PORT" $LARGE)/"
 }
 stop_sim() { stop_pid "$SIM_PID"; forget "$SIM_PID"; SIM_PID=""; }
 sim() { curl -fsS --max-time 10 -X "$1" "http://127.0.0.1:$SIM_PORT/_sim/$2"; }
 sim_calcs() { sim GET stats | python3 -c 'import json,sys; print(json.load(sys.stdin)["total_calculations"])'; }
 
-# The insight whose answer is closest to 4.8 KB (project 1; not minute-interval, which go stale
-# after FRESH_S in the proxy's benchmark configuration).
-if [ "$HIT_INSIGHT" = auto ]; then
-  start_sim 0
-  best=""; bestd=999999
-  for id in $(seq 1 20); do
-    [ $(((id - 1) % 10)) -eq 3 ] && continue
-    [ "$id" -eq "$HERD_INSIGHT" ] && continue
-    n=$(curl -fsS --max-time 10 -o /dev/null -w '%{size_download}' -H "$AUTH" \
-      "http://127.0.0.1:$SIM_PORT/api/environments/1/insights/$id/?refresh=blocking")
-    d=$((n > 4800 ? n - 4800 : 4800 - n))
-    if [ "$d" -lt "$bestd" ]; then best=$id; bestd=$d; fi
-  done
-  stop_sim
-  HIT_INSIGHT=$best
-fi
-HIT_PATH="/api/environments/1/insights/$HIT_INSIGHT/"
-
 # --- the servers -------------------------------------------------------------------------------
-SRV_PID=""
+SRV_PID=""   # the server: nginx's master, varnishd, or the cleartext insights-proxy
+TLS_PID=""   # the insights-proxy instance with [server.tls] (nginx: the same as SRV_PID)
+start_proxy() { # bin dir port config -> pid in STARTED
+  sed -e "s#@THREADS@#$PROXY_THREADS#g" -e "s#@FRESH_S@#$FRESH_S#g" -e "s#@MAX_BYTES@#268435456#g" \
+    "$HERE/conf/insights-proxy.toml.template" >"$4"
+  if ! "$1" --check-config --config "$4" >/dev/null 2>&1; then
+    sed -i '/BUDGET-BEGIN/,/BUDGET-END/d' "$4" # a build without [budget]
+  fi
+  if [ "${5:-}" = tls ]; then
+    printf '\n[server.tls]\ncert_path = "%s"\nkey_path = "%s"\nmin_version = "1.3"\n' "$OUT/cert.pem" "$OUT/key.pem" >>"$4"
+  fi
+  taskset -c "$SERVER_CPU" "$1" --config "$4" --listen "127.0.0.1:$3" \
+    --upstream "http://127.0.0.1:$SIM_PORT" --admin-listen off >"$2/server-$3.log" 2>&1 &
+  STARTED=$!; PIDS+=("$STARTED")
+  wait_port "$3" "$STARTED" || die "insights-proxy did not start (see $2/server-$3.log)"
+}
 start_server() { # name dir
   local name=$1 dir=$2 port=${PORT[$1]}
   local fill=(-e "s#@DIR@#$dir#g" -e "s#@PORT@#$port#g" -e "s#@UPSTREAM_PORT@#$SIM_PORT#g"
-    -e "s#@STALE_PATH@#$STALE_PATH#g" -e "s#@FRESH_S@#$FRESH_S#g" -e "s#@THREADS@#$PROXY_THREADS#g"
-    -e "s#@MAX_BYTES@#268435456#g")
+    -e "s#@STALE_PATH@#$STALE_PATH#g" -e "s#@FRESH_S@#$FRESH_S#g")
   case "$name" in
     nginx)
-      sed "${fill[@]}" "$HERE/conf/nginx.conf.template" >"$dir/nginx.conf"
+      # The same server block on a second listener with TLS 1.3 and HTTP/2 (nginx 1.22's syntax).
+      sed "${fill[@]}" -e "s#^\( *\)listen 127.0.0.1:$port backlog=4096;#&\n\1listen 127.0.0.1:${TLS_PORT[nginx]} ssl http2 backlog=4096;\n\1ssl_certificate $OUT/cert.pem;\n\1ssl_certificate_key $OUT/key.pem;\n\1ssl_protocols TLSv1.3;#" \
+        "$HERE/conf/nginx.conf.template" >"$dir/nginx.conf"
       taskset -c "$SERVER_CPU" nginx -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log" >"$dir/server.log" 2>&1 &
+      SRV_PID=$!; PIDS+=("$SRV_PID"); TLS_PID=$SRV_PID
+      wait_port "$port" "$SRV_PID" || die "nginx did not start (see $dir/error.log)"
       ;;
     varnish)
       sed "${fill[@]}" "$HERE/conf/varnish.vcl.template" >"$dir/default.vcl"
       taskset -c "$SERVER_CPU" varnishd -F -j none -n "$dir/varnish" -a "127.0.0.1:$port" -T none \
         -f "$dir/default.vcl" -s malloc,256m >"$dir/server.log" 2>&1 &
+      SRV_PID=$!; PIDS+=("$SRV_PID"); TLS_PID=""
+      wait_port "$port" "$SRV_PID" || die "varnish did not start (see $dir/server.log)"
       ;;
     insights-proxy | insights-proxy-alt)
       local bin=$BIN
       [ "$name" = insights-proxy-alt ] && bin=$ALT_BIN
-      sed "${fill[@]}" "$HERE/conf/insights-proxy.toml.template" >"$dir/proxy.toml"
-      if ! "$bin" --check-config --config "$dir/proxy.toml" >/dev/null 2>&1; then
-        sed -i '/BUDGET-BEGIN/,/BUDGET-END/d' "$dir/proxy.toml" # a build without [budget]
+      start_proxy "$bin" "$dir" "$port" "$dir/proxy.toml"; SRV_PID=$STARTED
+      if [[ " $ROWS " == *" tls-"* || " $ROWS " == *" h2-"* ]]; then
+        start_proxy "$bin" "$dir" "${TLS_PORT[$name]}" "$dir/proxy-tls.toml" tls; TLS_PID=$STARTED
       fi
-      taskset -c "$SERVER_CPU" "$bin" --config "$dir/proxy.toml" --listen "127.0.0.1:$port" \
-        --upstream "http://127.0.0.1:$SIM_PORT" --admin-listen off >"$dir/server.log" 2>&1 &
       ;;
   esac
-  SRV_PID=$!; PIDS+=("$SRV_PID")
-  wait_port "$port" "$SRV_PID" || die "$name did not start (see $dir/server.log)"
   sleep 0.5 # nginx and Varnish start their worker/child just after the port opens
 }
-stop_server() { stop_pid "$SRV_PID"; forget "$SRV_PID"; SRV_PID=""; }
+stop_server() {
+  local p
+  for p in "$SRV_PID" "$TLS_PID"; do
+    [ -n "$p" ] || continue
+    stop_pid "$p"; forget "$p"
+  done
+  SRV_PID=""; TLS_PID=""
+}
 
-# CPU ticks of every process of the server, as "pid ticks" lines.
-cpu_snapshot() {
+# CPU ticks of a process and its descendants, as "pid ticks" lines.
+cpu_snapshot() { # pid
   local p s
-  for p in "$SRV_PID" $(descendants "$SRV_PID"); do
+  for p in "$1" $(descendants "$1"); do
     s=$(cat "/proc/$p/stat" 2>/dev/null) || continue
     s=${s##*) }
     set -- $s
@@ -208,105 +196,171 @@ cpu_snapshot() {
 }
 # Seconds of CPU between two snapshots (processes that started meanwhile count from zero).
 cpu_delta() {
-  python3 - "$1" "$2" "$HZ" <<'EOF'
+  python3 - "$1" "$2" "$HZ" <<'PY'
 import sys
 read = lambda f: dict(map(int, l.split()) for l in open(f) if l.strip())
 a, b, hz = read(sys.argv[1]), read(sys.argv[2]), int(sys.argv[3])
 print(f"{sum(t - a.get(p, 0) for p, t in b.items()) / hz:.2f}")
-EOF
+PY
 }
-
-# Busy and total ticks of the server's core (/proc/stat), to see what else ran on it.
-core_snapshot() { awk -v c="cpu$SERVER_CPU" '$1 == c {print $2+$3+$4+$7+$8+$9, $2+$3+$4+$5+$6+$7+$8+$9}' /proc/stat; }
-core_busy() { # before after -> busy fraction of the core
+# Busy and total ticks of a list of cores (/proc/stat), to see what else ran on them.
+core_snapshot() { # "0" or "1,2"
+  awk -v list=",$1," 'index(list, "," substr($1, 4) ",") && $1 ~ /^cpu[0-9]/ {b += $2+$3+$4+$7+$8+$9; t += $2+$3+$4+$5+$6+$7+$8+$9}
+    END {print b, t}' /proc/stat
+}
+core_busy() { # before after -> busy fraction
   python3 -c "import sys; a=list(map(int,sys.argv[1].split())); b=list(map(int,sys.argv[2].split())); print(round((b[0]-a[0])/max(1,b[1]-a[1]),2))" "$1" "$2"
 }
 
-get() { # port target -> the answer's headers
-  curl -sS --max-time 30 -o /dev/null -D - -H "$AUTH" "http://127.0.0.1:$1$2"
+get() { # url -> the answer's status line and headers
+  curl -ksS --max-time 30 -o /dev/null -D - -H "$AUTH" "$1"
 }
 
-# --- one server, one round ---------------------------------------------------------------------
-printf 'round\tserver\thits_per_s\treq_per_cpu_s\tcpu_s\tcpu_util\tcore_busy\tloadavg\trequests\tp50_ms\tp99_ms\tnon2xx\tsock_errors\tresp_bytes\therd_calcs\therd_ok\therd_max_ms\therd_max_app_ms\tstale_waited\tstale_ok\tstale_max_ms\tstale_calcs\n' >"$OUT/results.tsv"
+# run_client FILE CPUS CONNS URL TOOL SECONDS [--latency]: wrk or h2load on the client cores, its
+# output in FILE and its "user sys wall" seconds (rusage) in FILE.time.
+run_client() {
+  local file=$1 cpus=$2 conns=$3 url=$4 tool=$5 secs=$6 threads
+  threads=$(($(tr -cd , <<<"$cpus" | wc -c) + 1))
+  local TIMEFORMAT='%U %S %R'
+  case "$tool" in
+    wrk)
+      { time taskset -c "$cpus" timeout $((secs + 20)) wrk -t"$threads" -c"$conns" -d"${secs}s" ${7:-} \
+        -H "$AUTH" "$url" >"$file" 2>"$file.err"; } 2>"$file.time" ;;
+    h2load)
+      [ "$conns" -ge "$threads" ] || conns=$threads
+      { time taskset -c "$cpus" timeout $((secs + 20)) h2load -t"$threads" -c"$conns" -m"$H2_STREAMS" -D"$secs" \
+        --log-file="$file.log" -H "$AUTH" "$url" >"$file" 2>"$file.err"; } 2>"$file.time" ;;
+  esac
+}
 
-run_one() { # server round
-  local name=$1 round=$2 port=${PORT[$1]} dir="$OUT/r$2-$1"
-  mkdir -p "$dir"
-  log "round $round: $name"
-  start_sim "$CALC_MS"
-  start_server "$name" "$dir"
+# --- one hit row -------------------------------------------------------------------------------
+HITS="$OUT/hits.tsv"
+printf 'round\tserver\trow\tvalid\tattempt\tconnections\tclient_cpus\tclient_share\tclient_core_busy\thits_per_s\treq_per_cpu_s\tcpu_s\tcpu_util\tcore_busy\tloadavg\trequests\tp50_ms\tp99_ms\tnon2xx\tsock_errors\tresp_bytes\n' >"$HITS"
 
-  # Hit test.
-  get "$port" "$HIT_PATH?refresh=blocking" >"$dir/fill.headers"
-  get "$port" "$HIT_PATH" >/dev/null
-  get "$port" "$HIT_PATH" >"$dir/hit.headers"
-  grep -qiE '^(cache-status: .*; hit|x-cache-status: hit|x-cache: hit)' "$dir/hit.headers" \
-    || log "warning: $name did not answer a hit (see $dir/hit.headers)"
-  grep -q ' 200' "$dir/hit.headers" || die "$name did not answer 200 (see $dir/hit.headers)"
-  taskset -c "$CLIENT_CPU" timeout $((WARMUP + 20)) wrk -t1 -c"$CONNECTIONS" -d"${WARMUP}s" -H "$AUTH" \
-    "http://127.0.0.1:$port$HIT_PATH" >"$dir/warmup.txt"
-  local core0 core1
-  core0=$(core_snapshot)
-  cpu_snapshot >"$dir/cpu.before"
-  taskset -c "$CLIENT_CPU" timeout $((DURATION + 20)) wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --latency \
-    -H "$AUTH" "http://127.0.0.1:$port$HIT_PATH" >"$dir/wrk.txt"
-  cpu_snapshot >"$dir/cpu.after"
-  core1=$(core_snapshot)
-  local busy load
-  busy=$(core_busy "$core0" "$core1")
-  load=$(cut -d' ' -f1 /proc/loadavg)
-  local cpu rps requests p50 p99 non2xx errs per
-  cpu=$(cpu_delta "$dir/cpu.before" "$dir/cpu.after")
-  read -r rps requests p50 p99 non2xx errs per < <(python3 "$HERE/report.py" wrk "$dir/wrk.txt")
-  local per_cpu util
-  per_cpu=$(python3 -c "print(round($requests / $cpu) if $cpu > 0 else 0)")
-  util=$(python3 -c "print(round($cpu / $DURATION, 2))")
-  [ "$non2xx" -eq 0 ] || log "warning: $name: $non2xx non-2xx answers under wrk"
+hit_row() { # server round row dir
+  local name=$1 round=$2 row=$3 dir=$4 base pid tool url path conns
+  case "$row" in
+    hit-*) base="http://127.0.0.1:${PORT[$name]}"; pid=$SRV_PID; tool=wrk; conns=$CONNECTIONS ;;
+    tls-*) base="https://127.0.0.1:${TLS_PORT[$name]:-}"; pid=$TLS_PID; tool=wrk; conns=$CONNECTIONS ;;
+    h2-*) base="https://127.0.0.1:${TLS_PORT[$name]:-}"; pid=$TLS_PID; tool=h2load; conns=$H2_CLIENTS ;;
+    *) die "unknown row $row" ;;
+  esac
+  [ -n "$pid" ] || { log "  $name: no $row row (no TLS)"; return 0; }
+  case "$row" in
+    *-3k) path=$SMALL_PATH ;;
+    *-50k) path=$LARGE_PATH ;;
+    *) die "unknown body size in $row" ;;
+  esac
+  url="$base$path"
+  get "$url?refresh=blocking" >"$dir/$row.fill.headers"
+  get "$url" >/dev/null
+  get "$url" >"$dir/$row.hit.headers"
+  grep -qiE '^(cache-status: .*; hit|x-cache-status: hit|x-cache: hit)' "$dir/$row.hit.headers" \
+    || log "warning: $name did not answer a hit on $row (see $dir/$row.hit.headers)"
+  grep -qE '^HTTP/[0-9.]+ 200' "$dir/$row.hit.headers" || die "$name did not answer 200 on $row (see $dir/$row.hit.headers)"
+  if [[ "$row" != hit-* ]]; then # what was negotiated, to compare like with like
+    openssl s_client -connect "127.0.0.1:${TLS_PORT[$name]}" -alpn "$([ "$tool" = h2load ] && echo h2 || echo http/1.1)" \
+      </dev/null 2>/dev/null | grep -aE '^(New, |Protocol|ALPN|Server Temp Key|Peer signature type)' | sort -u >"$dir/$row.tls.txt" || true
+    log "  $name $row: $(tr '\n' ';' <"$dir/$row.tls.txt")"
+  fi
+  local cpus=$CLIENT_CPU spare=("${SPARE_CPUS[@]}") attempt=0
+  while :; do
+    attempt=$((attempt + 1))
+    local f="$dir/$row.$attempt"
+    run_client "$f.warmup" "$cpus" "$conns" "$url" "$tool" "$WARMUP"
+    local srv0 srv1 cli0 cli1
+    srv0=$(core_snapshot "$SERVER_CPU"); cli0=$(core_snapshot "$cpus")
+    cpu_snapshot "$pid" >"$f.cpu.before"
+    run_client "$f" "$cpus" "$conns" "$url" "$tool" "$DURATION" --latency
+    cpu_snapshot "$pid" >"$f.cpu.after"
+    srv1=$(core_snapshot "$SERVER_CPU"); cli1=$(core_snapshot "$cpus")
+    local cpu rps requests p50 p99 non2xx errs per share valid threads
+    cpu=$(cpu_delta "$f.cpu.before" "$f.cpu.after")
+    read -r rps requests p50 p99 non2xx errs per < <(python3 "$HERE/report.py" "$tool" "$f")
+    threads=$(($(tr -cd , <<<"$cpus" | wc -c) + 1))
+    share=$(python3 -c "u, s, w = map(float, open('$f.time').read().split()); print(round((u + s) / w / $threads, 2))")
+    valid=$(python3 -c "print('valid' if $share <= $MAX_CLIENT_SHARE else 'INVALID')")
+    local per_cpu util busy cbusy load
+    per_cpu=$(python3 -c "print(round($requests / $cpu) if $cpu > 0 else 0)")
+    util=$(python3 -c "print(round($cpu / $DURATION, 2))")
+    busy=$(core_busy "$srv0" "$srv1"); cbusy=$(core_busy "$cli0" "$cli1")
+    load=$(cut -d' ' -f1 /proc/loadavg)
+    [ "$non2xx" -eq 0 ] || log "warning: $name $row: $non2xx non-2xx answers"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
+      "$round" "$name" "$row" "$valid" "$attempt" "$conns" "$cpus" "$share" "$cbusy" "$rps" "$per_cpu" "$cpu" "$util" \
+      "$busy" "$load" "$requests" "$p50" "$p99" "$non2xx" "$errs" "$per" >>"$HITS"
+    log "  $name $row: ${rps}/s, ${per_cpu} req/CPU-s, p50 ${p50} ms, p99 ${p99} ms (server cpu ${cpu}s, core busy ${busy};" \
+      "client ${share} of ${threads} core(s), ${conns} conns: ${valid}; load ${load})"
+    [ "$valid" = valid ] && break
+    [ "$attempt" -gt "$RETRIES" ] && break
+    if [ ${#spare[@]} -gt 0 ]; then
+      cpus="$cpus,${spare[0]}"; spare=("${spare[@]:1}")
+    elif [ "$conns" -gt 4 ]; then
+      conns=$((conns / 2))
+    else
+      break
+    fi
+  done
+}
 
-  # Herd test. The pause lets anything wrk's abrupt disconnects set off settle first (insights-proxy
-  # 0fa6b09 counts them against its upstream circuit breaker, which then opens for a second).
-  sleep 2
-  sim POST "calc_delay?ms=$CALC_MS" >/dev/null
-  local c0 c1 herd
-  c0=$(sim_calcs)
-  herd=$(python3 "$HERE/httpload.py" burst --port "$port" --header "$AUTH" -n "$HERD_N" \
-    --threshold-ms "$CALC_MS" --target "$HERD_PATH?refresh=blocking")
-  sleep 0.3
-  c1=$(sim_calcs)
-  echo "$herd" >"$dir/herd.json"
-  local herd_calcs=$((c1 - c0))
-
-  # Stale-window test.
-  get "$port" "$STALE_PATH?refresh=blocking" >"$dir/stale-fill.headers"
-  get "$port" "$STALE_PATH?refresh=blocking" >/dev/null
-  sleep "$((FRESH_S + 2))"
-  sim POST "clock/advance?seconds=600" >/dev/null
-  local target="$STALE_PATH?refresh=blocking" stale
-  [[ "$name" == insights-proxy* ]] && target="$STALE_PATH?refresh=async"
-  c0=$(sim_calcs)
-  stale=$(python3 "$HERE/httpload.py" burst --port "$port" --header "$AUTH" -n "$STALE_N" \
-    --threshold-ms "$CALC_MS" --target "$target")
-  sleep "$(python3 -c "print($CALC_MS / 1000 * 2 + 0.3)")" # let the background calculation land
-  c1=$(sim_calcs)
-  echo "$stale" >"$dir/stale.json"
-  local stale_calcs=$((c1 - c0))
-
-  stop_server
-  stop_sim
-  local j='import json,sys; d=json.loads(sys.argv[1]); print(d["ok"], d["max_ms"], d["waited"], d.get("max_ms_app", "-"))'
+# --- herd and stale window ---------------------------------------------------------------------
+HERD="$OUT/herd.tsv"
+printf 'round\tserver\therd_calcs\therd_ok\therd_max_ms\therd_max_app_ms\tstale_waited\tstale_ok\tstale_max_ms\tstale_calcs\n' >"$HERD"
+herd_stale() { # server round dir
+  local name=$1 round=$2 dir=$3 port=${PORT[$1]} c0 c1
+  local herd='{}' stale='{}' herd_calcs=- stale_calcs=-
+  local burst=(python3 "$HERE/httpload.py" burst --port "$port" --header "$AUTH" --threshold-ms "$CALC_MS")
+  if [[ " $TESTS " == *" herd "* ]]; then
+    # The pause lets anything the load's abrupt disconnects set off settle first.
+    sleep 2
+    sim POST "calc_delay?ms=$CALC_MS" >/dev/null
+    c0=$(sim_calcs)
+    herd=$("${burst[@]}" -n "$HERD_N" --target "$HERD_PATH?refresh=blocking")
+    sleep 0.3
+    c1=$(sim_calcs)
+    echo "$herd" >"$dir/herd.json"
+    herd_calcs=$((c1 - c0))
+  fi
+  if [[ " $TESTS " == *" stale "* ]]; then
+    sim POST "calc_delay?ms=$CALC_MS" >/dev/null
+    get "http://127.0.0.1:$port$STALE_PATH?refresh=blocking" >"$dir/stale-fill.headers"
+    get "http://127.0.0.1:$port$STALE_PATH?refresh=blocking" >/dev/null
+    sleep "$((FRESH_S + 2))"
+    sim POST "clock/advance?seconds=600" >/dev/null
+    local target="$STALE_PATH?refresh=blocking"
+    [[ "$name" == insights-proxy* ]] && target="$STALE_PATH?refresh=async"
+    c0=$(sim_calcs)
+    stale=$("${burst[@]}" -n "$STALE_N" --target "$target")
+    sleep "$(python3 -c "print($CALC_MS / 1000 * 2 + 0.3)")" # let the background calculation land
+    c1=$(sim_calcs)
+    echo "$stale" >"$dir/stale.json"
+    stale_calcs=$((c1 - c0))
+  fi
+  local j='import json,sys; d=json.loads(sys.argv[1]); print(*(d.get(k, "-") for k in ("ok", "max_ms", "waited", "max_ms_app")))'
   local hok hmax hwait happ sok smax swait sapp
   read -r hok hmax hwait happ < <(python3 -c "$j" "$herd")
   read -r sok smax swait sapp < <(python3 -c "$j" "$stale")
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
-    "$round" "$name" "$rps" "$per_cpu" "$cpu" "$util" "$busy" "$load" "$requests" "$p50" "$p99" "$non2xx" "$errs" "$per" \
-    "$herd_calcs" "$hok" "$hmax" "$happ" "$swait" "$sok" "$smax" "$stale_calcs" >>"$OUT/results.tsv"
-  log "  $name: ${rps} hits/s, ${per_cpu} req/CPU-s (server cpu ${cpu}s, core busy ${busy}, load ${load}), p50 ${p50} ms, p99 ${p99} ms;" \
-    "herd ${herd_calcs} calc(s), slowest ${hmax} ms (read by the client at ${happ} ms); stale: ${swait}/${STALE_N} waited >= ${CALC_MS} ms, ${stale_calcs} calc(s)"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$name" "$herd_calcs" "$hok" "$hmax" "$happ" \
+    "$swait" "$sok" "$smax" "$stale_calcs" >>"$HERD"
+  [ -z "$TESTS" ] || log "  $name: herd ${herd_calcs} calc(s), slowest ${hmax} ms (read at ${happ} ms);" \
+    "stale: ${swait}/${STALE_N} waited >= ${CALC_MS} ms, ${stale_calcs} calc(s)"
+}
+
+run_one() { # server round
+  local name=$1 round=$2 dir="$OUT/r$2-$1" row
+  mkdir -p "$dir"
+  log "round $round: $name"
+  start_sim 0
+  start_server "$name" "$dir"
+  for row in $ROWS; do hit_row "$name" "$round" "$row" "$dir"; done
+  herd_stale "$name" "$round" "$dir"
+  stop_server
+  stop_sim
 }
 
 read -ra LIST <<<"$SERVERS"
-log "out: $OUT; rounds $ROUNDS; ${DURATION}s (+${WARMUP}s warm-up), $CONNECTIONS connections; hit insight $HIT_INSIGHT," \
-  "herd insight $HERD_INSIGHT, stale insight $STALE_INSIGHT; binary $BIN"
+log "out: $OUT; rounds $ROUNDS; ${DURATION}s (+${WARMUP}s warm-up) per row; rows: $ROWS; tests: ${TESTS:-none};" \
+  "server on core $SERVER_CPU, client on core $CLIENT_CPU (spare: ${SPARE_CPUS[*]:-none}); binary $BIN"
 for round in $(seq 1 "$ROUNDS"); do
   n=${#LIST[@]}
   for i in $(seq 0 $((n - 1))); do
@@ -314,7 +368,8 @@ for round in $(seq 1 "$ROUNDS"); do
   done
 done
 echo
-echo "insights-proxy vs nginx vs Varnish: hit insight $HIT_INSIGHT, ${DURATION}s x $ROUNDS rounds, $CONNECTIONS connections," \
-  "server on core $SERVER_CPU, wrk on core $CLIENT_CPU; herd $HERD_N x ${CALC_MS} ms; stale window $STALE_N requests"
-python3 "$HERE/report.py" summary "$OUT/results.tsv"
+echo "insights-proxy vs nginx: ${DURATION}s x $ROUNDS rounds per row; HTTP/1.1 $CONNECTIONS connections, h2" \
+  "$H2_CLIENTS x $H2_STREAMS streams; server on core $SERVER_CPU, client from core $CLIENT_CPU; a run is valid" \
+  "when the client used <= $MAX_CLIENT_SHARE of its cores; herd $HERD_N x ${CALC_MS} ms; stale window $STALE_N requests"
+python3 "$HERE/report.py" summary "$OUT"
 echo "raw: $OUT"

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Small HTTP/1.1 load clients for benches/compare.sh and benches/memory.sh (standard library only).
+"""Small HTTP/1.1 load clients for benches/compare.sh, memory.sh and idle_conns.sh (standard library only).
 
 burst: open N connections first, then send one GET on each, back to back, and time every answer from
        its send to the kernel's receive timestamp of its last bytes (SO_TIMESTAMPNS; the moment this
@@ -7,6 +7,9 @@ burst: open N connections first, then send one GET on each, back to back, and ti
        many answers took at least --threshold-ms, and the counts of each cache header value seen.
 fill:  send GETs for a list of targets over C keep-alive connections until done or --deadline;
        prints JSON with the count of answers per status and the sum of response body bytes.
+hold:  open N keep-alive connections (at most C opening at once), one GET on each, read the whole
+       answer, then hold them all idle; reads VmRSS of each --pid before the first connection and
+       --settle seconds after the last answer, prints JSON, then closes them.
 
 Everything is bounded: connect, each answer and the whole run have timeouts; only 127.0.0.1.
 """
@@ -219,10 +222,58 @@ async def fill(args):
     }))
 
 
+def vm_rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+async def hold(args):
+    pids = [int(p) for p in args.pid]
+    before = {p: vm_rss_kib(p) for p in pids}
+    deadline = time.monotonic() + args.deadline
+    sem = asyncio.Semaphore(args.concurrency)
+    held, statuses = [], {}
+    body_bytes = 0
+
+    async def open_one():
+        nonlocal body_bytes
+        async with sem:
+            if time.monotonic() > deadline:
+                statuses["deadline"] = statuses.get("deadline", 0) + 1
+                return
+            try:
+                reader, writer = await asyncio.wait_for(asyncio.open_connection(args.host, args.port), args.timeout)
+                writer.write(request_bytes(args.host, args.port, args.target, args.header))
+                status, _headers, n = await asyncio.wait_for(read_answer(reader), args.timeout)
+            except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, OSError, ValueError) as e:
+                statuses[type(e).__name__] = statuses.get(type(e).__name__, 0) + 1
+                return
+            statuses[str(status)] = statuses.get(str(status), 0) + 1
+            body_bytes = n
+            held.append(writer)
+
+    t0 = time.monotonic()
+    await asyncio.gather(*(open_one() for _ in range(args.n)))
+    opened_s = time.monotonic() - t0
+    await asyncio.sleep(args.settle)
+    after = {p: vm_rss_kib(p) for p in pids}
+    for w in held:
+        w.close()
+    per = {str(p): round((after[p] - before[p]) * 1024 / max(1, len(held))) for p in pids}
+    print(json.dumps({
+        "requested": args.n, "held": len(held), "statuses": statuses, "body_bytes": body_bytes,
+        "open_seconds": round(opened_s, 1), "rss_kib_before": {str(p): v for p, v in before.items()},
+        "rss_kib_held": {str(p): v for p, v in after.items()}, "rss_bytes_per_conn": per,
+    }))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name in ("burst", "fill"):
+    for name in ("burst", "fill", "hold"):
         s = sub.add_parser(name)
         s.add_argument("--host", default="127.0.0.1")
         s.add_argument("--port", type=int, required=True)
@@ -236,13 +287,21 @@ def main():
     f.add_argument("--targets", required=True, help="file with one request target per line")
     f.add_argument("--concurrency", type=int, default=16)
     f.add_argument("--deadline", type=float, default=600.0, help="seconds for the whole fill")
+    h = sub.choices["hold"]
+    h.add_argument("--target", required=True)
+    h.add_argument("-n", type=int, default=1000)
+    h.add_argument("--concurrency", type=int, default=200)
+    h.add_argument("--pid", action="append", default=[], help="a server process to read VmRSS of, repeatable")
+    h.add_argument("--settle", type=float, default=2.0, help="seconds between the last answer and reading RSS")
+    h.add_argument("--deadline", type=float, default=300.0, help="seconds for opening them all")
     args = p.parse_args()
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         sys.exit("loopback only")
     if args.cmd == "burst":
         burst(args)
         return
-    asyncio.run(asyncio.wait_for(fill(args), args.deadline + args.timeout + 5))
+    run = fill if args.cmd == "fill" else hold
+    asyncio.run(asyncio.wait_for(run(args), args.deadline + args.timeout + 30))
 
 
 if __name__ == "__main__":

@@ -31,40 +31,8 @@ PROXY_PORT=$((BASE_PORT + 83))
 ADMIN_PORT=$((BASE_PORT + 90))
 AUTH="Authorization: Bearer phx_demo_all"
 
-log() { printf '%s %s\n' "$(date +%T)" "$*" >&2; }
-die() { log "error: $*"; exit 1; }
-
-PIDS=()
-stop_pid() {
-  local pid=$1 i
-  kill -0 "$pid" 2>/dev/null || return 0
-  kill -TERM "$pid" 2>/dev/null || true
-  for i in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-  kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null
-  wait "$pid" 2>/dev/null || true
-}
-cleanup() { local p; for p in "${PIDS[@]}"; do stop_pid "$p"; done; }
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-wait_port() {
-  local i
-  for i in $(seq 150); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    kill -0 "$2" 2>/dev/null || return 1
-    sleep 0.1
-  done
-  return 1
-}
-
-if [ -n "${INSIGHTS_PROXY_BIN:-}" ]; then
-  BIN=$INSIGHTS_PROXY_BIN
-else
-  command -v cmake >/dev/null 2>&1 || bash "$ROOT/scripts/setup.sh"
-  log "building insights-proxy (release)"
-  (cd "$ROOT" && cargo build --release --quiet --bin insights-proxy)
-  BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/insights-proxy
-fi
-[ -x "$BIN" ] || die "no binary at $BIN"
+. "$HERE/lib.sh"
+proxy_binary
 
 sim_args=(simulate --listen "127.0.0.1:$SIM_PORT" --calc-delay-ms 0)
 # Unlimited concurrent calculations per team, when this build has the flag (otherwise the fill's
@@ -82,7 +50,7 @@ sed -e "s#@THREADS@#2#g" -e "s#@FRESH_S@#300#g" -e "s#@MAX_BYTES@#$((64 << 30))#
 PROXY_PID=$!; PIDS+=("$PROXY_PID")
 wait_port "$PROXY_PORT" "$PROXY_PID" || die "the proxy did not start (see $OUT/proxy.log)"
 
-rss_kb() { awk -v k="$1:" '$1 == k {print $2}' "/proc/$PROXY_PID/status"; }
+rss_kb() { awk -v k="$1:" '$1 == k {print $2}' "/proc/$PROXY_PID/status"; } # VmRSS, VmHWM
 metric() { curl -fsS --max-time 10 "http://127.0.0.1:$ADMIN_PORT/metrics" | awk -v m="$1" '$1 == m {print $2}'; }
 
 curl -fsS --max-time 10 -o /dev/null -H "$AUTH" "http://127.0.0.1:$PROXY_PORT/api/environments/1/insights/1/?refresh=blocking"

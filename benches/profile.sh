@@ -12,10 +12,15 @@
 # 2. perf (if `perf` is installed): `perf record -e cpu-clock -g` of the release proxy under wrk
 #    (64 connections), split by kernel / binary / libc and top symbols. cpu-clock works without
 #    hardware counters (this VM has none: `perf stat -e instructions true` says <not supported>).
-# 3. strace -c of the proxy under wrk: system calls per request (sendto per answer).
+# 3. user and kernel work per hit of each target under wrk (64 connections, no valgrind):
+#    `perf stat -e instructions:u,instructions:k` where the machine has hardware counters (checked
+#    with `perf stat -e instructions:u,instructions:k true`; the summary says when it has none), and
+#    always user and kernel CPU time per hit from /proc/<pid>/stat.
+# 4. strace -c of the proxy under wrk: system calls per request (one write per answer).
 #
 # Settings (environment): TARGETS="insights-proxy nginx" DURATION=10 PROXY_LOG=warn (RUST_LOG of the
-# profiled proxy; "info" logs one line per request, as the default) PERF=1 STRACE=1 HIT_INSIGHT=11
+# profiled proxy; "info" logs one line per request, as the default) PERF=1 STRACE=1 HIT_INSIGHT=3k (the
+# 2.9 KB insight of compare.sh's hit-3k row; 50k its 52 KB one; or an insight id, e.g. 11: 4.8 KB)
 # SERVER_CPU=0 CLIENT_CPU=1 BASE_PORT=18200 INSIGHTS_PROXY_BIN (skip the build) OUT=/tmp/insights-profile.XXXX.
 # Installs valgrind (and linux-perf, strace) with apt-get when missing. Only 127.0.0.1; every run is
 # bounded; everything started is stopped by PID on exit.
@@ -28,7 +33,7 @@ DURATION=${DURATION:-10}
 PROXY_LOG=${PROXY_LOG:-warn}
 PERF=${PERF:-1}
 STRACE=${STRACE:-1}
-HIT_INSIGHT=${HIT_INSIGHT:-11}
+HIT_INSIGHT=${HIT_INSIGHT:-3k}
 SERVER_CPU=${SERVER_CPU:-0}
 CLIENT_CPU=${CLIENT_CPU:-1}
 BASE_PORT=${BASE_PORT:-18200}
@@ -37,59 +42,27 @@ mkdir -p "$OUT"
 SIM_PORT=$((BASE_PORT + 10))
 PORT=$((BASE_PORT + 83))
 AUTH="Authorization: Bearer phx_demo_all"
-HIT_PATH="/api/environments/1/insights/$HIT_INSIGHT/"
+HIT_PATH="" # set by start_sim
 
-log() { printf '%s %s\n' "$(date +%T)" "$*" >&2; }
-die() { log "error: $*"; exit 1; }
+STOP_WAIT_TENTHS=100 # valgrind writes its profile on SIGTERM
+. "$HERE/lib.sh"
 
-PIDS=()
-stop_pid() {
-  local pid=$1 i
-  kill -0 "$pid" 2>/dev/null || return 0
-  kill -TERM "$pid" 2>/dev/null || true
-  for i in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-  kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null
-  wait "$pid" 2>/dev/null || true
-}
-cleanup() { local p; for p in "${PIDS[@]}"; do stop_pid "$p"; done; PIDS=(); }
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-wait_port() {
-  local i
-  for i in $(seq 300); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    kill -0 "$2" 2>/dev/null || return 1
-    sleep 0.2
-  done
-  return 1
-}
-
-need=()
-command -v valgrind >/dev/null 2>&1 || need+=(valgrind)
-command -v wrk >/dev/null 2>&1 || need+=(wrk)
-[[ " $TARGETS " == *" nginx "* ]] && ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ] && need+=(nginx)
-[ "$PERF" = 1 ] && ! command -v perf >/dev/null 2>&1 && need+=(linux-perf)
-[ "$STRACE" = 1 ] && ! command -v strace >/dev/null 2>&1 && need+=(strace)
-if [ ${#need[@]} -gt 0 ]; then
-  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  log "installing ${need[*]}"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null || log "warning: install failed"
-fi
-export PATH="$PATH:/usr/sbin"
-
-if [ -n "${INSIGHTS_PROXY_BIN:-}" ]; then
-  BIN=$INSIGHTS_PROXY_BIN
-else
-  log "building insights-proxy (release)"
-  (cd "$ROOT" && cargo build --release --quiet --bin insights-proxy)
-  BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/insights-proxy
-fi
+wants=(valgrind:valgrind wrk:wrk curl:curl)
+[[ " $TARGETS " == *" nginx "* ]] && wants+=(nginx:nginx)
+[ "$PERF" = 1 ] && wants+=(perf:linux-perf)
+[ "$STRACE" = 1 ] && wants+=(strace:strace)
+install_missing "${wants[@]}" || log "warning: install failed"
+proxy_binary
 
 start_sim() {
   "$BIN" simulate --listen "127.0.0.1:$SIM_PORT" --calc-delay-ms 0 >"$OUT/sim.log" 2>&1 &
   SIM_PID=$!; PIDS+=("$SIM_PID")
   wait_port "$SIM_PORT" "$SIM_PID" || die "the simulator did not start"
+  case "$HIT_INSIGHT" in
+    3k) HIT_PATH="/api/environments/1/insights/$(create_insight "$SIM_PORT" 1 1)/" ;;
+    50k) HIT_PATH="/api/environments/1/insights/$(create_insight "$SIM_PORT" 365 4)/" ;;
+    *) HIT_PATH="/api/environments/1/insights/$HIT_INSIGHT/" ;;
+  esac
 }
 
 # start_server NAME WRAPPER... : the server pinned to SERVER_CPU, under the given wrapper command.
@@ -112,7 +85,9 @@ start_server() {
       ;;
   esac
   SRV_PID=$!; PIDS+=("$SRV_PID")
-  wait_port "$PORT" "$SRV_PID" || die "$name did not start (see $dir)"
+  local i
+  for i in 1 2; do wait_port "$PORT" "$SRV_PID" && break; done # valgrind starts slowly
+  kill -0 "$SRV_PID" 2>/dev/null || die "$name did not start (see $dir)"
   curl -fsS --max-time 30 -o /dev/null -H "$AUTH" "http://127.0.0.1:$PORT$HIT_PATH?refresh=blocking"
   curl -fsS --max-time 30 -o /dev/null -H "$AUTH" "http://127.0.0.1:$PORT$HIT_PATH"
 }
@@ -144,6 +119,39 @@ for name in $TARGETS; do
   callgrind_annotate --inclusive=yes --tree=calling "$f" 2>/dev/null >"$OUT/$name/calling.txt" || true
   per=$(python3 -c "print(round($ir / max(1, $n)))")
   echo "$name: $per instructions per hit ($ir Ir / $n requests, user space, callgrind)" | tee -a "$SUMMARY"
+done
+
+# User and kernel work per hit, for each target under the same load (64 connections, no valgrind):
+# hardware instruction counters where the machine has them, CPU time from /proc/<pid>/stat always.
+COUNTERS=0
+if command -v perf >/dev/null; then
+  perf stat -x, -e instructions:u,instructions:k true 2>"$OUT/perf-check.txt" >/dev/null || true
+  grep -q '^[0-9]' "$OUT/perf-check.txt" && COUNTERS=1
+fi
+[ "$COUNTERS" = 1 ] || echo "perf stat -e instructions:u,instructions:k: not supported on this machine (no hardware" \
+  "counters, or perf missing): kernel instructions per hit not measured; CPU time per hit below instead" | tee -a "$SUMMARY"
+HZ=$(getconf CLK_TCK)
+ticks() { local s; s=$(cat "/proc/$1/stat"); s=${s##*) }; set -- $s; echo "${12} ${13}"; }
+for name in $TARGETS; do
+  log "CPU per hit: $name"
+  start_server "$name"
+  wrk_run 3 64 "$OUT/$name/cpu-warmup.txt" >/dev/null
+  read -r u0 k0 < <(ticks "$SRV_PID")
+  if [ "$COUNTERS" = 1 ]; then
+    timeout $((DURATION + 20)) perf stat -x, -e instructions:u,instructions:k -p "$SRV_PID" -o "$OUT/$name/counters.txt" \
+      -- sleep "$DURATION" &
+    PS=$!; PIDS+=("$PS")
+  fi
+  n=$(wrk_run "$DURATION" 64 "$OUT/$name/cpu-wrk.txt")
+  read -r u1 k1 < <(ticks "$SRV_PID")
+  counted=""
+  if [ "$COUNTERS" = 1 ]; then
+    wait "$PS" 2>/dev/null || true
+    counted=$(awk -F, -v n="$n" '$3 ~ /instructions/ {printf "; %s %.0f per hit", $3, $1 / n}' "$OUT/$name/counters.txt")
+  fi
+  stop_pid "$SRV_PID"
+  python3 -c "import sys; u, k, n, hz = map(float, sys.argv[1:5]); print(f'{sys.argv[5]}: user {u / hz / n * 1e6:.2f} µs, kernel {k / hz / n * 1e6:.2f} µs of CPU per hit ({n:.0f} hits in $DURATION s, 64 connections, /proc/<pid>/stat){sys.argv[6]}')" \
+    "$((u1 - u0))" "$((k1 - k0))" "$n" "$HZ" "$name" "$counted" | tee -a "$SUMMARY"
 done
 
 if [[ " $TARGETS " == *" insights-proxy "* ]] && [ "$STRACE" = 1 ] && command -v strace >/dev/null; then

@@ -2,8 +2,10 @@
 """Helpers of benches/compare.sh (standard library only).
 
 wrk FILE            -> "rps requests p50_ms p99_ms non2xx socket_errors bytes_per_response" from wrk --latency
-summary TSV         -> per-server medians over rounds, and ratios to nginx (median of the per-round
-                       ratios, so each ratio compares runs made under the same machine noise)
+h2load FILE         -> the same from h2load's output, latencies from its --log-file FILE.log
+summary DIR         -> per row and server, median (min–max) over the valid runs of DIR/hits.tsv and
+                       the ratios to nginx (median of the per-round ratios, so each ratio compares
+                       runs made under the same machine noise); herd and stale window per round
 """
 import json
 import re
@@ -34,99 +36,105 @@ def parse_wrk(path):
     print(f"{rps:.0f} {requests} {p50:.3f} {p99:.3f} {int(non2xx.group(1)) if non2xx else 0} {err_total} {per:.0f}")
 
 
-COLS = [
-    ("hits_per_s", "hits/s", True),
-    ("req_per_cpu_s", "req/CPU-s", True),
-    ("p50_ms", "p50 ms", False),
-    ("p99_ms", "p99 ms", False),
-]
-OTHER = [
-    ("cpu_util", "server CPU util"),
-    ("core_busy", "core busy"),
-    ("loadavg", "load avg"),
-    ("resp_bytes", "bytes/resp (wrk)"),
-    ("herd_calcs", "herd calcs"),
-    ("herd_ok", "herd 200s"),
-    ("herd_max_ms", "herd slowest ms"),
-    ("herd_max_app_ms", "herd read ms"),
-    ("stale_waited", "stale waited"),
-    ("stale_ok", "stale 200s"),
-    ("stale_max_ms", "stale slowest ms"),
-    ("stale_calcs", "stale calcs"),
-]
+def parse_h2load(path):
+    t = open(path).read()
+    m = re.search(r"finished in ([\d.]+)s, ([\d.]+) req/s", t)
+    rps = float(m.group(2))
+    req = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored, (\d+) timeout", t)
+    done, failed = int(req.group(3)), int(req.group(5)) + int(req.group(6)) + int(req.group(7))
+    codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", t)
+    non2xx = sum(int(x) for x in codes.groups()[1:])
+    data = re.search(r"traffic: .*?, [\d.]+\w*B \((\d+)\) data", t)
+    lat = sorted(int(line.split("\t")[2]) / 1000 for line in open(path + ".log") if line.count("\t") >= 2)
+    pct = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] if lat else 0
+    per = int(data.group(1)) / done if data and done else 0
+    print(f"{rps:.0f} {done} {pct(0.5):.3f} {pct(0.99):.3f} {non2xx} {failed} {per:.0f}")
 
 
 def num(v):
     try:
         return float(v)
-    except ValueError:
+    except (TypeError, ValueError):
         return None
 
 
-def fmt(v, key=""):
-    if v is None:
+def spread(vals, key=""):
+    """median (min–max)"""
+    if not vals:
         return "-"
-    if key in ("p50_ms", "p99_ms"):
-        return f"{v:.2f}"
-    if abs(v) >= 100 or float(v).is_integer():
-        return f"{v:,.0f}"
-    return f"{v:.2f}"
+    f = (lambda v: f"{v:.2f}") if key.endswith("_ms") else (lambda v: f"{v:,.0f}")
+    return f"{f(statistics.median(vals))} ({f(min(vals))}–{f(max(vals))})"
 
 
-def summary(path):
+def table(path):
     rows = [line.rstrip("\n").split("\t") for line in open(path) if line.strip()]
-    head, rows = rows[0], rows[1:]
-    recs = [dict(zip(head, r)) for r in rows]
-    servers = []
-    for r in recs:
-        if r["server"] not in servers:
-            servers.append(r["server"])
-    by = {s: [r for r in recs if r["server"] == s] for s in servers}
-    rounds = sorted({r["round"] for r in recs}, key=int)
+    return [dict(zip(rows[0], r)) for r in rows[1:]]
 
-    def med(s, key):
-        vals = [num(r.get(key, "")) for r in by[s] if num(r.get(key, "")) is not None]
-        return statistics.median(vals) if vals else None
 
-    def ratio(s, key):
-        vals = []
-        for rd in rounds:
-            a = [num(r[key]) for r in by[s] if r["round"] == rd]
-            b = [num(r[key]) for r in by.get("nginx", []) if r["round"] == rd]
-            if a and b and a[0] is not None and b[0]:
-                vals.append(a[0] / b[0])
-        return (statistics.median(vals), min(vals), max(vals)) if vals else None
+HIT_COLS = [("req_per_cpu_s", "req/CPU-s"), ("hits_per_s", "hits/s"), ("p50_ms", "p50 ms"), ("p99_ms", "p99 ms")]
 
-    print(f"Medians over {len(rounds)} interleaved round(s); ratio = median of per-round ratios to nginx (min–max).")
-    w = max(len(s) for s in servers) + 2
-    print("".ljust(w) + "".join(label.rjust(26) for _, label, _ in COLS))
-    for s in servers:
-        cells = []
-        for key, _, _ in COLS:
-            m = med(s, key)
-            rt = ratio(s, key) if s != "nginx" and "nginx" in by else None
-            cell = fmt(m, key) + (f" ({rt[0]:.2f}x {rt[1]:.2f}-{rt[2]:.2f})" if rt else "")
-            cells.append(cell.rjust(26))
-        print(s.ljust(w) + "".join(cells))
-    print()
-    print("".ljust(w) + "".join(label.rjust(18) for _, label in OTHER))
-    for s in servers:
-        print(s.ljust(w) + "".join(fmt(med(s, k)).rjust(18) for k, _ in OTHER))
-    print()
-    print("Per round (hits/s, req/CPU-s):")
-    for rd in rounds:
-        parts = []
+
+def summary(out):
+    hits = table(f"{out}/hits.tsv")
+    servers = list(dict.fromkeys(r["server"] for r in hits))
+    rows = list(dict.fromkeys(r["row"] for r in hits))
+    rounds = sorted({r["round"] for r in hits}, key=int)
+    valid = [r for r in hits if r["valid"] == "valid"]
+    # The valid run of each (round, server, row), if any (the last attempt is the one that counts).
+    final = {(r["round"], r["server"], r["row"]): r for r in valid}
+    result = {}
+    print(f"Hit rows over {len(rounds)} interleaved round(s): median (min–max) of valid runs; ratio to nginx = "
+          "median (min–max) of the per-round ratios, rounds where both runs were valid.")
+    for row in rows:
+        print(f"\n{row}:\n")
+        print("| server | valid rounds | " + " | ".join(label for _, label in HIT_COLS)
+              + " | server CPU util | client share | connections |")
+        print("|---" * (len(HIT_COLS) + 5) + "|")
         for s in servers:
-            r = [x for x in by[s] if x["round"] == rd]
-            if r:
-                parts.append(f"{s} {fmt(num(r[0]['hits_per_s']))} / {fmt(num(r[0]['req_per_cpu_s']))}")
-        print(f"  round {rd}: " + "; ".join(parts))
-    out = {s: {k: med(s, k) for k, _, _ in COLS} | {k: med(s, k) for k, _ in OTHER} for s in servers}
-    with open(path.rsplit(".", 1)[0] + ".summary.json", "w") as f:
-        json.dump(out, f, indent=1)
+            recs = [final[(rd, s, row)] for rd in rounds if (rd, s, row) in final]
+            tried = len({r["round"] for r in hits if r["server"] == s and r["row"] == row})
+            cells = []
+            entry = {"valid_rounds": len(recs), "rounds": tried}
+            for key, _ in HIT_COLS:
+                vals = [num(r[key]) for r in recs if num(r[key]) is not None]
+                cell = spread(vals, key)
+                entry[key] = vals
+                if s != "nginx" and "nginx" in servers:
+                    ratios = [num(final[(rd, s, row)][key]) / num(final[(rd, "nginx", row)][key])
+                              for rd in rounds if (rd, s, row) in final and (rd, "nginx", row) in final
+                              and num(final[(rd, "nginx", row)][key])]
+                    if ratios:
+                        cell += f"; **{statistics.median(ratios):.2f}×** ({min(ratios):.2f}–{max(ratios):.2f})"
+                        entry[key + "_ratio"] = ratios
+                cells.append(cell)
+            utils = [num(r["cpu_util"]) for r in recs]
+            shares = [num(r["client_share"]) for r in recs]
+            conns = sorted({r["connections"] for r in recs}, key=int)
+            print(f"| {s} | {len(recs)}/{tried} | " + " | ".join(cells)
+                  + f" | {spread(utils, '_ms')} | {spread(shares, '_ms')} | {'/'.join(conns) or '-'} |")
+            result.setdefault(row, {})[s] = entry
+    invalid = [r for r in hits if r["valid"] != "valid"]
+    if invalid:
+        print(f"\n{len(invalid)} INVALID run(s) (client above its share), left out above:")
+        for r in invalid:
+            print(f"  round {r['round']} {r['server']} {r['row']} attempt {r['attempt']}: client {r['client_share']}"
+                  f" of {r['client_cpus']}, {r['connections']} conns, {num(r['req_per_cpu_s']):,.0f} req/CPU-s")
+    loads = [num(r["loadavg"]) for r in hits]
+    busy = [num(r["core_busy"]) for r in hits]
+    print(f"\nload average during the runs: {spread(loads, '_ms')}; server core busy: {spread(busy, '_ms')}")
+    herd = table(f"{out}/herd.tsv")
+    if any(r["herd_calcs"] != "-" or r["stale_calcs"] != "-" for r in herd):
+        print("\nHerd and stale window (per round):")
+        for s in servers:
+            rs = [r for r in herd if r["server"] == s]
+            print(f"  {s}: herd calcs {[r['herd_calcs'] for r in rs]}, slowest ms {[r['herd_max_ms'] for r in rs]};"
+                  f" stale waited {[r['stale_waited'] for r in rs]}, calcs {[r['stale_calcs'] for r in rs]}")
+    with open(f"{out}/summary.json", "w") as f:
+        json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] not in ("wrk", "summary"):
+    commands = {"wrk": parse_wrk, "h2load": parse_h2load, "summary": summary}
+    if len(sys.argv) != 3 or sys.argv[1] not in commands:
         sys.exit(__doc__)
-    parse_wrk(sys.argv[2]) if sys.argv[1] == "wrk" else summary(sys.argv[2])
+    commands[sys.argv[1]](sys.argv[2])

@@ -18,19 +18,21 @@
 //! ALPN, or h2c told by the connection's first bytes) and custom protocols go to pingora's own
 //! connection handling. With TLS on the listener, the handshake runs first ([`crate::tls::accept`]).
 
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream, ServerApp};
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::{Stream, ALPN};
 use pingora::proxy::HttpProxy;
 use pingora::server::ShutdownWatch;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::sync::Notify;
 
 use super::answer::answer_with;
@@ -96,15 +98,16 @@ impl FastPath {
             return Some((stream, false));
         }
         let mut l4: L4Stream = *stream.into_any().downcast::<L4Stream>().ok()?;
-        let mut buf = BytesMut::with_capacity(HEADER_BUF);
+        let mut buf = BytesMut::new();
         let h2 = loop {
             let read = tokio::select! {
                 biased;
-                r = tokio::time::timeout(READ_TIMEOUT, l4.read_buf(&mut buf)) => r,
+                r = tokio::time::timeout(READ_TIMEOUT, read_arrived(&mut l4)) => r,
                 _ = self.closing() => return None,
             };
             match read {
-                Ok(Ok(n)) if n > 0 => {}
+                Ok(Ok(chunk)) if !chunk.is_empty() && buf.is_empty() => buf = chunk,
+                Ok(Ok(chunk)) if !chunk.is_empty() => buf.extend_from_slice(&chunk),
                 _ => return None,
             }
             let seen = buf.len().min(H2_PREFACE.len());
@@ -133,24 +136,24 @@ impl FastPath {
     /// is bounded by the connection's keep-alive timeout (`Some(0)`: none), or by pingora's read
     /// timeout when keep-alive is off.
     async fn read_head(mut stream: Stream, keepalive: Option<u64>) -> Read {
-        let mut buf = BytesMut::with_capacity(HEADER_BUF);
         let read = match keepalive {
-            Some(0) => stream.read_buf(&mut buf).await,
-            Some(secs) => match tokio::time::timeout(Duration::from_secs(secs), stream.read_buf(&mut buf)).await {
+            Some(0) => read_arrived(&mut stream).await,
+            Some(secs) => match tokio::time::timeout(Duration::from_secs(secs), read_arrived(&mut stream)).await {
                 Ok(r) => r,
                 Err(_) => return Read::Closed,
             },
-            None => match tokio::time::timeout(READ_TIMEOUT, stream.read_buf(&mut buf)).await {
+            None => match tokio::time::timeout(READ_TIMEOUT, read_arrived(&mut stream)).await {
                 Ok(r) => r,
                 Err(_) => return Read::Closed,
             },
         };
         match read {
-            Ok(0) | Err(_) => Read::Closed,
+            Err(_) => Read::Closed,
+            Ok(buf) if buf.is_empty() => Read::Closed,
             // A request line, and the header's end at the end of the read: parsing it needs no
             // further read, so every byte of the request is in `buf`.
-            Ok(_) if buf[0].is_ascii_alphabetic() && buf.ends_with(b"\r\n\r\n") => Read::Head(stream, buf),
-            Ok(_) => Read::Partial(stream, buf),
+            Ok(buf) if buf[0].is_ascii_alphabetic() && buf.ends_with(b"\r\n\r\n") => Read::Head(stream, buf),
+            Ok(buf) => Read::Partial(stream, buf),
         }
     }
 
@@ -274,19 +277,22 @@ impl FastPath {
             session.set_keepalive(None);
         }
         let mut ctx = RequestCtx::new();
-        let reply = match self.insights.decide(&mut session, &mut ctx, true).await {
+        // Boxed, as the other rare or per-connection steps below: a miss awaits the upstream inside
+        // `decide`, state that would otherwise be part of every connection's future (allocated whole
+        // for the connection's life, idle keep-alive ones included) rather than of this request's.
+        let reply = match Box::pin(self.insights.decide(&mut session, &mut ctx, true)).await {
             Ok(Some(reply)) => reply,
             Ok(None) => {
                 let ServerSession::H1(h1) = session else { unreachable!("an HTTP/1 session") };
                 return Next::reused(self.delegate(h1.into_inner(), copy, settings, shutdown).await);
             }
-            Err(e) => return Next::reused(self.finish(session, ctx, Err(e)).await),
+            Err(e) => return Next::reused(Box::pin(self.finish(session, ctx, Err(e))).await),
         };
         let keep_alive = session.as_http1().is_some_and(|h1| h1.will_keepalive());
         let Some(head) = Head::of(&reply).ok().and_then(|h| h.h1(keep_alive)) else {
             // pingora's writer refuses it: as on the proxy's path.
-            let answered = answer_with(&mut session, &mut ctx, reply).await;
-            return Next::reused(self.finish(session, ctx, answered).await);
+            let answered = Box::pin(answer_with(&mut session, &mut ctx, reply)).await;
+            return Next::reused(Box::pin(self.finish(session, ctx, answered)).await);
         };
         // What pingora's session would write (`Head::h1`), written to the connection's buffered
         // stream directly and flushed once, as pingora does at the end of a response with a length.
@@ -301,21 +307,16 @@ impl FastPath {
         };
         let ServerSession::H1(h1) = session else { unreachable!("an HTTP/1 session") };
         let mut stream = h1.into_inner();
-        let mut status = 0;
-        let mut written = stream.write_all(&head).await;
-        if written.is_ok() {
-            status = reply.status;
-            written = stream.write_all(&reply.body).await;
-        }
         ctx.cache_status = Some(reply.cache_status);
-        if let Err(e) = written {
-            tracing::error!("Fail to filter request: Downstream WriteError: {e}, status: 0, {method} {}", uri.path());
-            self.insights.log_request(&method, uri.path(), status, &ctx);
+        // Counted and logged before the answer is written, as on pingora's path (its `logging`
+        // runs before `finish` flushes): a client that has its answer sees it counted.
+        self.insights.log_request(&method, uri.path(), reply.status, &ctx);
+        // Head and body in one vectored write: the listener's streams have no write buffer to
+        // gather them in (`server::LISTENER_BUFFERS`).
+        if let Err(e) = stream.write_all_buf(&mut (&head[..]).chain(&reply.body[..])).await {
+            tracing::error!("Fail to filter request: Downstream WriteError: {e}, {method} {}", uri.path());
             return None;
         }
-        // Counted and logged before the answer leaves the write buffer, as on pingora's path (its
-        // `logging` runs before `finish` flushes): a client that has its answer sees it counted.
-        self.insights.log_request(&method, uri.path(), status, &ctx);
         if stream.flush().await.is_err() {
             return None;
         }
@@ -329,12 +330,33 @@ impl FastPath {
     }
 }
 
+thread_local! {
+    /// Where a connection's next bytes are read before they are copied to a buffer of their own.
+    static SCRATCH: std::cell::RefCell<Box<[u8]>> = std::cell::RefCell::new(vec![0; HEADER_BUF].into_boxed_slice());
+}
+
+/// The stream's next bytes (up to pingora's first header read; empty at the end of the stream),
+/// in a buffer allocated once they arrived: an idle keep-alive connection holds no read buffer.
+/// Each poll reads into this thread's scratch space and copies out what arrived in that poll.
+async fn read_arrived<S: AsyncRead + Unpin>(stream: &mut S) -> std::io::Result<BytesMut> {
+    std::future::poll_fn(|cx| {
+        SCRATCH.with_borrow_mut(|scratch| {
+            let mut read = ReadBuf::new(scratch);
+            std::task::ready!(Pin::new(&mut *stream).poll_read(cx, &mut read))?;
+            let mut buf = BytesMut::with_capacity(HEADER_BUF);
+            buf.extend_from_slice(read.filled());
+            Poll::Ready(Ok(buf))
+        })
+    })
+    .await
+}
+
 #[async_trait]
 impl ServerApp for FastPath {
     async fn process_new(self: &Arc<Self>, stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
         #[cfg(feature = "tls")]
         let stream = match &self.tls {
-            Some(tls) => crate::tls::accept(tls, stream).await?,
+            Some(tls) => Box::pin(crate::tls::accept(tls, stream)).await?,
             None => stream,
         };
         // As pingora-core's `ServerApp for HttpServerApp`: HTTP/2 (h2c or ALPN) and custom protocols

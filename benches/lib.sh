@@ -1,0 +1,82 @@
+# benches/lib.sh: what the benchmark scripts share (sourced, not run): logging, processes started in
+# the background and stopped by PID on exit, bounded waits, Debian packages, the proxy's binary.
+# The sourcing script sets HERE and ROOT first.
+
+log() { printf '%s %s\n' "$(date +%T)" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# --- processes: everything started is recorded in PIDS and stopped by PID ---------------------
+PIDS=()
+descendants() { local c; for c in $(pgrep -P "$1" 2>/dev/null); do echo "$c"; descendants "$c"; done; }
+stop_pid() {
+  local pid=$1 p i
+  kill -0 "$pid" 2>/dev/null || return 0
+  local tree=("$pid" $(descendants "$pid"))
+  kill -TERM "$pid" 2>/dev/null || true
+  for i in $(seq "${STOP_WAIT_TENTHS:-50}"); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  for p in "${tree[@]}"; do kill -0 "$p" 2>/dev/null && kill -KILL "$p" 2>/dev/null; done
+  wait "$pid" 2>/dev/null || true
+}
+cleanup() {
+  local pid
+  for pid in "${PIDS[@]}"; do stop_pid "$pid"; done
+  PIDS=()
+}
+forget() { local keep=() p; for p in "${PIDS[@]}"; do [ "$p" != "$1" ] && keep+=("$p"); done; PIDS=("${keep[@]}"); }
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+wait_port() { # port pid: until something accepts on 127.0.0.1:port (15 s), or the pid exits
+  local i
+  for i in $(seq 150); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    kill -0 "$2" 2>/dev/null || return 1
+    sleep 0.1
+  done
+  return 1
+}
+
+# install_missing "command:package" ...: apt-get install the packages whose command is missing.
+install_missing() {
+  local need=() pair
+  for pair in "$@"; do
+    command -v "${pair%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${pair%%:*}" ] || need+=("${pair#*:}")
+  done
+  [ ${#need[@]} -eq 0 ] && return 0
+  local sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  log "installing ${need[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+}
+export PATH="$PATH:/usr/sbin"
+
+# Sets BIN: INSIGHTS_PROXY_BIN, or a release build (honours CARGO_TARGET_DIR).
+proxy_binary() {
+  if [ -n "${INSIGHTS_PROXY_BIN:-}" ]; then
+    BIN=$INSIGHTS_PROXY_BIN
+  else
+    command -v cmake >/dev/null 2>&1 || install_missing cmake:cmake
+    log "building insights-proxy (release)"
+    (cd "$ROOT" && cargo build --release --quiet --bin insights-proxy)
+    BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/insights-proxy
+  fi
+  [ -x "$BIN" ] || die "no binary at $BIN"
+}
+
+# VmRSS of a process, in KiB.
+rss_kib() { awk '$1 == "VmRSS:" {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+
+# create_insight SIM_PORT DAYS SERIES: saves a daily trends insight over the last DAYS days with
+# SERIES series in the simulator's project 1 and prints its id. Its answer grows with DAYS x SERIES
+# (1 day x 1 series: 2.9 KB; 365 x 4: 52 KB).
+create_insight() {
+  local events='["$pageview","$autocapture","$pageleave","signed_up","uploaded_file","downloaded_file"]'
+  curl -fsS --max-time 10 -X POST -H "Authorization: Bearer phx_demo_all" -H 'Content-Type: application/json' \
+    "http://127.0.0.1:$1/api/projects/1/insights/" --data "$(python3 -c '
+import json, sys
+days, n, events = int(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3])
+series = [{"kind": "EventsNode", "event": e, "name": e, "math": "total"} for e in events[:n]]
+print(json.dumps({"name": f"bench {days}d x {n}", "saved": True, "query": {"kind": "InsightVizNode", "source": {
+    "kind": "TrendsQuery", "interval": "day", "dateRange": {"date_from": f"-{days}d"}, "series": series}}}))
+' "$2" "$3" "$events")" | python3 -c 'import json, sys; print(json.load(sys.stdin)["id"])'
+}
