@@ -5,6 +5,8 @@
 //!
 //! Starts its own `redis-server` on a loopback port (scripts/setup.sh installs it).
 //! Run: `CARGO_INCREMENTAL=0 cargo bench --bench shared_budget` (about 30 s).
+// The budget's Redis connection (one node, a Cluster or a Sentinel) makes deep future types.
+#![recursion_limit = "256"]
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

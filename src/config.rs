@@ -805,14 +805,9 @@ impl Config {
         if file.budget.forced_reserve_percent > 90 {
             bad("budget.forced_reserve_percent", "must be at most 90".into());
         }
-        // The shared budget's scripts run on one Redis node: a Cluster or Sentinel URL keeps the
-        // per-replica budget unless asked, and then it is refused rather than silently local.
-        let single_node = file.l2.as_ref().is_some_and(|l2| !l2.url.starts_with("redis+"));
-        let shared_budget = file.budget.shared.unwrap_or(single_node);
+        let shared_budget = file.budget.shared.unwrap_or(file.l2.is_some());
         if shared_budget && file.l2.is_none() {
             bad("budget.shared", "requires [l2]: the shared budget lives in its Redis".into());
-        } else if shared_budget && !single_node {
-            bad("budget.shared", "needs a single-node [l2] url (redis:// or rediss://) for now".into());
         }
         if file.budget.slot_lease_ms < 1000 {
             bad("budget.slot_lease_ms", "must be at least 1000".into());

@@ -84,7 +84,18 @@ fn a_restarted_replica_serves_hits_from_the_shared_tier_at_once() {
 
 #[test]
 fn redis_down_means_l1_and_the_upstream_alone_then_recovery() {
-    let (mut redis, c) = cluster(Duration::from_millis(20));
+    // The cache tier alone: with the shared budget, misses pause for a third of the slot lease
+    // when Redis goes away (tests/shared_budget.rs covers that).
+    let mut redis = Redis::start();
+    let clock = insights_proxy::clock::Clock::new();
+    let per_replica_budget: fn(&mut Config) = |c| c.budget.shared = false;
+    let c = Replicas::with(
+        redis.url(),
+        Duration::from_millis(20),
+        clock.clone(),
+        vec![clock.clone(), clock],
+        per_replica_budget,
+    );
     let (id, url) = c.day_insight();
     c.get(0, &format!("{url}?refresh=blocking"));
     c.get(1, &url); // replica 1 now has it in memory too

@@ -48,6 +48,11 @@ fn replicas_share_the_tier(c: &Replicas) {
         assert!(r.app.cache.l2().unwrap().is_up());
         assert_eq!(r.app.cache.l2().unwrap().errors.load(std::sync::atomic::Ordering::Relaxed), 0, "no failed call");
     }
+    // The replicas that calculated took their budget from the same Redis, not a local share.
+    for r in &c.replicas {
+        let (up, _) = r.app.engine.budget_sharing().expect("the shared budget with [l2]");
+        assert!(up, "the budget is the cluster's, through the same connection");
+    }
 }
 
 #[test]

@@ -22,10 +22,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use redis::aio::ConnectionManager;
 use tokio::sync::OnceCell;
 
 use super::local::{shape, Rate};
+use crate::cache::l2::{Connection, Target, TargetError};
 use crate::cache::Partition;
 use crate::config::{BudgetSettings, L2Settings};
 use crate::refresh::Priority;
@@ -41,7 +41,7 @@ const MAX_KEYS: u64 = 100_000;
 #[derive(Debug, thiserror::Error)]
 pub enum SharedError {
     #[error("the shared budget's Redis URL is not usable: {0}")]
-    Url(#[from] redis::RedisError),
+    Url(#[from] TargetError),
 }
 
 /// Takes `cost` (1, or 0 to only charge a debt) tokens from each bucket of a key (or none), on
@@ -132,8 +132,10 @@ pub struct Shared {
     settings: BudgetSettings,
     prefix: String,
     timeout: Duration,
-    client: redis::Client,
-    conn: OnceCell<ConnectionManager>,
+    /// The `[l2]` Redis: one node, a Cluster (each script touches one key, so it runs where that
+    /// key lives) or a Sentinel's master.
+    target: Target,
+    conn: OnceCell<Connection>,
     replica: String,
     holders: AtomicU64,
     take: redis::Script,
@@ -163,21 +165,13 @@ fn hex(b: &[u8]) -> String {
 
 /// The Redis connection for the shared budget, from the `[l2]` settings: the one place that
 /// knows how to reach Redis, so another deployment shape (cluster, sentinel) is one change here.
-async fn connect(client: &redis::Client, timeout: Duration) -> redis::RedisResult<ConnectionManager> {
-    let config = redis::aio::ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(timeout))
-        .set_response_timeout(Some(timeout))
-        .set_number_of_retries(1);
-    ConnectionManager::new_with_config(client.clone(), config).await
-}
-
 impl Shared {
     pub fn new(settings: BudgetSettings, l2: &L2Settings) -> Result<Arc<Shared>, SharedError> {
         Ok(Arc::new(Shared {
             settings,
             prefix: format!("{}budget:", l2.prefix),
             timeout: l2.timeout,
-            client: redis::Client::open(l2.url.as_str())?,
+            target: Target::parse(&l2.url)?,
             conn: OnceCell::new(),
             replica: format!("{:016x}", rand::random::<u64>()),
             holders: AtomicU64::new(0),
@@ -221,7 +215,7 @@ impl Shared {
             }
         }
         let attempt = async {
-            let conn = self.conn.get_or_try_init(|| connect(&self.client, self.timeout)).await?;
+            let conn = self.conn.get_or_try_init(|| self.target.connect(self.timeout)).await?;
             invocation.invoke_async::<T>(&mut conn.clone()).await
         };
         match tokio::time::timeout(self.timeout * 2, attempt).await {

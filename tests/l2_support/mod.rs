@@ -244,6 +244,8 @@ impl Replicas {
             lease: Duration::from_secs(5),
             wait_poll: Duration::from_millis(200),
         });
+        // As a file with [l2] configures it: the budget is the cluster's.
+        c.budget.shared = true;
         (self.tweak)(&mut c);
         let (running, app) = start_proxy(c, clock.clone());
         Replica { port, app, running: Some(running) }
