@@ -824,7 +824,7 @@ impl Config {
         let l2 = match &file.l2 {
             None => None,
             Some(l2) => {
-                if let Err(e) = crate::cache::l2::Target::parse(&l2.url) {
+                if let Err(e) = crate::redis_target::Target::parse(&l2.url) {
                     bad("l2.url", format!("{:?} {e}", l2.url));
                 }
                 if file.cache.partition_secret.is_none() {

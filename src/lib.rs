@@ -41,6 +41,7 @@ pub mod http;
 pub mod insights;
 pub mod metrics;
 pub mod query;
+pub mod redis_target;
 pub mod refresh;
 pub mod routes;
 pub mod server;

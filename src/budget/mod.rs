@@ -440,43 +440,37 @@ impl Budget {
         let reserve = if forced { f64::from(self.settings.forced_reserve_percent) / 100.0 } else { 0.0 };
         let deadline = Instant::now() + wait;
         let mut waited = false;
+        // What to do with an answer "a token in `d`" (or now): sleep within the wait, or give up.
+        let mut step = |retry_in: Option<Duration>| match retry_in {
+            None => Ok(None),
+            Some(d) if Instant::now() + d <= deadline => {
+                if !std::mem::replace(&mut waited, true) {
+                    count(&self.counts.rate_waits);
+                }
+                Ok(Some(d))
+            }
+            Some(_) => {
+                count(&self.counts.rate_exhausted);
+                Err(Exhausted)
+            }
+        };
         if let Some(shared) = &self.shared {
             let Some(key) = principal.rate_key() else { return Ok(()) };
             let windows = self.windows();
             if windows.is_empty() {
                 return Ok(());
             }
-            loop {
-                match shared.take(key, &windows, reserve).await {
-                    None => return Ok(()),
-                    Some(d) if Instant::now() + d <= deadline => {
-                        if !std::mem::replace(&mut waited, true) {
-                            count(&self.counts.rate_waits);
-                        }
-                        tokio::time::sleep(d).await
-                    }
-                    Some(_) => {
-                        count(&self.counts.rate_exhausted);
-                        return Err(Exhausted);
-                    }
-                }
+            while let Some(d) = step(shared.take(key, &windows, reserve).await)? {
+                tokio::time::sleep(d).await;
             }
+            return Ok(());
         }
         let Some(rate) = self.rate_of(principal) else { return Ok(()) };
         loop {
             let retry_in = rate.lock().take(Instant::now(), reserve);
-            match retry_in {
+            match step(retry_in)? {
                 None => return Ok(()),
-                Some(d) if Instant::now() + d <= deadline => {
-                    if !std::mem::replace(&mut waited, true) {
-                        count(&self.counts.rate_waits);
-                    }
-                    tokio::time::sleep(d).await
-                }
-                Some(_) => {
-                    count(&self.counts.rate_exhausted);
-                    return Err(Exhausted);
-                }
+                Some(d) => tokio::time::sleep(d).await,
             }
         }
     }

@@ -12,7 +12,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
 use redis::{Cmd, Pipeline, RedisFuture, Value};
 
-use super::target::Target;
+use crate::redis_target::Target;
 
 impl Target {
     /// Opens the connection every command uses (it reconnects by itself).

@@ -19,7 +19,6 @@
 pub mod codec;
 mod connect;
 mod seal;
-mod target;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -35,13 +34,13 @@ use tokio::sync::{Notify, OnceCell};
 use super::entry::Entry;
 use super::key::{CacheKey, Partition};
 use crate::config::{BreakerSettings, L2Settings};
+pub use crate::redis_target::{Target, TargetError};
 use crate::upstream::{Breaker, UpstreamResponse};
 use codec::{decode_entry, decode_event, decode_refusal, encode_entry, encode_event, encode_refusal, hex};
 pub use codec::{Event, Refusal};
 pub use connect::Connection;
 pub use seal::Kind;
 use seal::Sealer;
-pub use target::{Target, TargetError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum PurgeScope {

@@ -1,4 +1,4 @@
-//! Where the shared tier lives, from its URL: one Redis (`redis://`, `rediss://`, `valkey://`), a
+//! Where the shared tier (and the shared budget) lives, from its `[l2] url`: one Redis (`redis://`, `rediss://`, `valkey://`), a
 //! Redis Cluster (`redis+cluster://h1:p1,h2:p2,...`: seed nodes, the rest is discovered), or the
 //! master a set of Sentinels names (`redis+sentinel://s1:p1,s2:p2/<master>[/<db>]`). Credentials,
 //! when given (`user:password@` before the hosts), are for the data nodes. Pure: the
