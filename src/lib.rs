@@ -23,6 +23,10 @@
 //! - `tls` (with the `tls` feature): the listener's certificate, its handshake and reloads.
 //! - [`server`]: assembling pingora services and running them until a shutdown signal.
 
+// The connection loop's futures (TLS, HTTP/1 and HTTP/2, the engine's calls, the shared tier's
+// Cluster and Sentinel connections) nest deeper than the default limit of 128 allows.
+#![recursion_limit = "256"]
+
 pub mod admin;
 pub mod app;
 pub mod auth;
