@@ -108,6 +108,9 @@ fn forced_recalculations_leave_the_reserve_to_misses() {
         c.budget.per_minute = Some(40); // a burst of 10, then 0.5 per second
         c.budget.wait = Duration::ZERO;
         c.budget.forced_reserve_percent = 50;
+        // With no wait, a slot still busy with another calculation would refuse a miss too: only
+        // the rate's reserve is under test here.
+        c.budget.project_concurrency = 64;
     });
     let ids = project1_ids(&h);
     let forced_url = format!("/api/environments/1/insights/{}/?refresh=force_blocking", ids[0]);
