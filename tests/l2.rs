@@ -11,8 +11,6 @@ use common::*;
 use insights_proxy::clock::Clock;
 use insights_proxy::config::Config;
 use l2_support::*;
-// The shared tier's own Redis (a single node, a Cluster or a Sentinel), not common's.
-use l2_support::Redis;
 
 fn cluster(calc_delay: Duration) -> (Redis, Replicas) {
     let redis = Redis::start();

@@ -404,6 +404,15 @@ impl Redis {
     pub fn kill(&mut self) {
         self.child = None;
     }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// A direct client, for what a writer to Redis could do behind the proxy's back.
+    pub fn client(&self) -> redis::Connection {
+        redis::Client::open(self.url()).unwrap().get_connection().unwrap()
+    }
 }
 
 /// The shared tier on the test's Redis at `redis_port`, with short timeouts and leases.

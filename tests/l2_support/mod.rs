@@ -1,5 +1,5 @@
-//! Redis on loopback ports for the shared-tier tests (one node, a three-node Cluster, a master
-//! watched by a Sentinel), each started by the test and torn down when dropped, and proxy
+//! Redis on loopback ports for the shared-tier tests (a three-node Cluster, a master watched by a
+//! Sentinel; one node is `common::Redis`), each torn down when dropped, and proxy
 //! replicas in front of it.
 #![allow(dead_code)]
 
@@ -48,39 +48,6 @@ fn redis_server(args: &[&str]) -> ChildGuard {
 pub fn cli(port: u16, args: &[&str]) -> String {
     let out = Command::new("redis-cli").arg("-p").arg(port.to_string()).args(args).output().expect("redis-cli runs");
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// One Redis node.
-pub struct Redis {
-    pub port: u16,
-    child: Option<ChildGuard>,
-}
-
-impl Redis {
-    pub fn start() -> Redis {
-        let mut r = Redis { port: free_port(), child: None };
-        r.restart();
-        r
-    }
-
-    pub fn restart(&mut self) {
-        let port = self.port.to_string();
-        self.child = Some(redis_server(&["--port", &port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]));
-        wait_for_port(self.port);
-    }
-
-    pub fn kill(&mut self) {
-        self.child = None;
-    }
-
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
-    }
-
-    /// A direct client, for what a writer to Redis could do behind the proxy's back.
-    pub fn client(&self) -> redis::Connection {
-        redis::Client::open(self.url()).unwrap().get_connection().unwrap()
-    }
 }
 
 /// A three-node Redis Cluster (no replicas), slots spread by `redis-cli --cluster create`.
