@@ -16,6 +16,7 @@ use std::fmt;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::cache::{Partition, PartitionKeyer};
+use crate::fields::HeaderFields;
 
 pub const SESSION_COOKIE: &str = "sessionid";
 
@@ -63,14 +64,15 @@ impl Principal {
     /// `query_key` and `body_key` are the `personal_api_key` query parameter and body field.
     pub fn from_request(
         keyer: &PartitionKeyer,
-        headers: &HeaderMap,
+        headers: &(impl HeaderFields + ?Sized),
         query_key: Option<&str>,
         body_key: Option<&str>,
     ) -> Result<Option<Principal>, PrincipalError> {
         if let Some((value, key)) = bearer(headers) {
             // The client's own header already says exactly this: sent on as it came.
             let partition = keyer.partition(b"personal-api-key", key.as_bytes());
-            let header = (http::header::AUTHORIZATION, value.clone());
+            let value = HeaderValue::from_bytes(value).map_err(|_| PrincipalError::InvalidKey)?;
+            let header = (http::header::AUTHORIZATION, value);
             return Ok(Some(Principal { carrier: Carrier::Bearer, partition, header }));
         }
         let key = query_key
@@ -123,21 +125,25 @@ impl Principal {
 
 /// `Authorization: Bearer <key>` as PostHog reads it (the header and the key); any other scheme
 /// is not a personal API key.
-fn bearer(headers: &HeaderMap) -> Option<(&HeaderValue, &str)> {
-    headers.get_all(http::header::AUTHORIZATION).iter().find_map(|v| {
-        let rest = v.to_str().ok()?.strip_prefix("Bearer")?;
+fn bearer(headers: &(impl HeaderFields + ?Sized)) -> Option<(&[u8], &str)> {
+    headers.values(&http::header::AUTHORIZATION).find_map(|v| {
+        let rest = visible_ascii(v)?.strip_prefix("Bearer")?;
         let token = rest.trim();
         (rest.starts_with(|c: char| c.is_ascii_whitespace()) && !token.is_empty()).then_some((v, token))
     })
 }
 
-fn session_cookie(headers: &HeaderMap) -> Option<&str> {
+fn session_cookie(headers: &(impl HeaderFields + ?Sized)) -> Option<&str> {
     headers
-        .get_all(http::header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
+        .values(&http::header::COOKIE)
+        .filter_map(visible_ascii)
         .flat_map(|v| v.split(';'))
         .find_map(|c| c.trim().split_once('=').filter(|(k, v)| *k == SESSION_COOKIE && !v.is_empty()).map(|(_, v)| v))
+}
+
+/// A field value as text when it is all visible ASCII (and tabs), as `HeaderValue::to_str` reads it.
+fn visible_ascii(value: &[u8]) -> Option<&str> {
+    value.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b)).then(|| std::str::from_utf8(value).ok()).flatten()
 }
 
 #[cfg(test)]

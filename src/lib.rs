@@ -5,6 +5,7 @@
 //! - [`http`]: the front door: connections ([`http::conn`]), framing checks ([`http::framing`]),
 //!   the decision about each request, the proxy's own answers and pingora's pass-through hooks.
 //! - [`routes`]: the only place that knows URL shapes; a pure `route()`. [`query`] parses query strings strictly.
+//! - [`fields`]: a request's header fields, read the same way from either HTTP/1 parser.
 //! - [`auth`]: the request's one [`auth::Principal`], built at the front door; its partition is in
 //!   every key. [`trust`]: confirmations and refusals of principals. [`failure`]: failures by origin.
 //! - [`refresh`]: parsing `refresh`, staleness, and [`refresh::plan`], the one decision of what a
@@ -40,6 +41,7 @@ pub mod demo;
 pub mod engine;
 pub mod error;
 pub mod failure;
+pub mod fields;
 pub mod flights;
 pub mod http;
 pub mod insights;

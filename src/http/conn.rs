@@ -2,21 +2,20 @@
 //!
 //! [`FastPath`] is the `ServerApp` of the listening service and wraps pingora's proxy
 //! (`HttpProxy<InsightsProxy>`). It runs pingora's HTTP/1 connection loop itself (pingora-core's
-//! `ServerApp for HttpServerApp`, reproduced in [`FastPath::process_new`]). For a GET whose header
-//! (and nothing more) arrived in one read, it parses the request with pingora's own HTTP/1 session
-//! and decides with [`InsightsProxy::decide`], the decision `request_filter` makes. When the proxy
-//! answers the request itself, the fast path writes the same bytes pingora's session would
-//! ([`Head::h1`], from the same fields as pingora's path), with the same keep-alive, metrics and
-//! access log, without pingora_proxy's `Session` (HTTP cache state, module contexts, a boxed downstream session), its
-//! phase machine (which moves that state between futures several times per request) and pingora's
-//! response-header building (`ResponseHeader` with `Date` and `Connection` inserted through a
-//! `HeaderMap`, serialized into a fresh 4 KB buffer).
+//! `ServerApp for HttpServerApp`, reproduced in [`FastPath::process_new`]). A GET whose head (and
+//! nothing more) arrived in one read is parsed in place ([`OneRead`], the parser pingora uses, into
+//! a fixed array of fields) and decided with [`InsightsProxy::decide_one_read`], the decision
+//! `request_filter` makes. When the proxy answers it itself, the fast path writes the bytes
+//! pingora's session would ([`Head::h1`], from the same fields as pingora's path), with the same
+//! keep-alive, metrics and access log, without pingora's session (a `HeaderMap` hashing every name,
+//! the `Uri`, its framing checks), pingora_proxy's `Session` and phase machine, or pingora's
+//! response-header building.
 //!
 //! Everything else goes to pingora's proxy unchanged: the bytes read so far are handed to a fresh
 //! session as its pipelined prefix, so the proxy parses the same request as if it had read it
-//! itself, and `decide(.., fast = true)` returns `None` before a request body is read. HTTP/2 (by
-//! ALPN, or h2c told by the connection's first bytes) and custom protocols go to pingora's own
-//! connection handling. With TLS on the listener, the handshake runs first ([`crate::tls::accept`]).
+//! itself. HTTP/2 (by ALPN, or h2c told by the connection's first bytes) and custom protocols go to
+//! pingora's own connection handling. With TLS on the listener, the handshake runs first
+//! ([`crate::tls::accept`]).
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,6 +25,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::{Buf, BytesMut};
+use http::Method;
 use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream, ServerApp};
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::l4::stream::Stream as L4Stream;
@@ -37,7 +37,9 @@ use tokio::sync::Notify;
 
 use super::answer::answer_with;
 use super::head::Head;
+use super::request::{Connection, OneRead};
 use super::{InsightsProxy, RequestCtx};
+use crate::insights::Reply;
 
 /// What a client sends first on an HTTP/2 connection (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -255,66 +257,60 @@ impl FastPath {
                 tracing::info!("a TLS handshake on the cleartext port: connection closed");
                 return None;
             }
-            Read::Partial(stream, buf) => return Next::reused(self.delegate(stream, buf, settings, shutdown).await),
+            Read::Partial(stream, buf) => {
+                return Next::reused(Box::pin(self.delegate(stream, buf, settings, shutdown)).await)
+            }
             Read::Head(stream, buf) => (stream, buf),
         };
-        // Kept to hand the request to the proxy unchanged if it is not answered here.
-        let copy = BytesMut::from(&buf[..]);
-        let mut session = Self::session(stream, buf, &settings);
-        let parsed = matches!(session.read_request().await, Ok(true));
-        let delegate = !parsed
-            || session.req_header().method != http::Method::GET
-            || session.as_http1().is_none_or(|h1| h1.get_headers_raw_bytes().len() != copy.len())
-            || !session.is_body_empty();
-        if delegate {
-            // Malformed, not a GET, or more than a header (a body, pipelined requests): the proxy
-            // answers exactly as it does when it reads the request itself.
-            let ServerSession::H1(h1) = session else { unreachable!("an HTTP/1 session") };
-            return Next::reused(self.delegate(h1.into_inner(), copy, settings, shutdown).await);
-        }
-        if *shutdown.borrow() {
-            // stop downstream from reusing if this service is shutting down soon (as pingora does)
-            session.set_keepalive(None);
-        }
+        Box::pin(self.one_read(stream, buf, settings, shutdown)).await
+    }
+
+    /// A request whose head (and nothing more) arrived in one read, in `buf`. Boxed by the caller:
+    /// its state (the parsed head, the decision, the write) is this request's, not part of every
+    /// connection's future (allocated whole for the connection's life, idle keep-alive ones
+    /// included).
+    async fn one_read(
+        self: &Arc<Self>,
+        mut stream: Stream,
+        buf: BytesMut,
+        settings: Settings,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Next> {
+        let Some(head) = OneRead::parse(&buf) else {
+            // Not a plain GET (a body, pipelined requests, anything malformed): the proxy reads
+            // it from the same bytes and answers exactly as when it reads the request itself.
+            return Next::reused(self.delegate(stream, buf, settings, shutdown).await);
+        };
         let mut ctx = RequestCtx::new();
-        // Boxed, as the other rare or per-connection steps below: a miss awaits the upstream inside
-        // `decide`, state that would otherwise be part of every connection's future (allocated whole
-        // for the connection's life, idle keep-alive ones included) rather than of this request's.
-        let reply = match Box::pin(self.insights.decide(&mut session, &mut ctx, true)).await {
-            Ok(Some(reply)) => reply,
-            Ok(None) => {
-                let ServerSession::H1(h1) = session else { unreachable!("an HTTP/1 session") };
-                return Next::reused(self.delegate(h1.into_inner(), copy, settings, shutdown).await);
-            }
-            Err(e) => return Next::reused(Box::pin(self.finish(session, ctx, Err(e))).await),
+        let tls = stream.get_ssl_digest().is_some();
+        let Some(reply) = self.insights.decide_one_read(&head, tls, &mut ctx).await else {
+            drop(head);
+            return Next::reused(self.delegate(stream, buf, settings, shutdown).await);
         };
-        let keep_alive = session.as_http1().is_some_and(|h1| h1.will_keepalive());
-        let Some(head) = Head::of(&reply).ok().and_then(|h| h.h1(keep_alive)) else {
-            // pingora's writer refuses it: as on the proxy's path.
-            let answered = Box::pin(answer_with(&mut session, &mut ctx, reply)).await;
-            return Next::reused(Box::pin(self.finish(session, ctx, answered)).await);
+        // As pingora's session after `decide`: the connection is kept when the client keeps it
+        // (HTTP/1.1 unless `close`, HTTP/1.0 with `keep-alive`), the service is not shutting down
+        // (as pingora's proxy) and it has requests left.
+        let idle = self.insights.idle_timeout_secs();
+        let client_keeps = match head.connection() {
+            Connection::Close => false,
+            Connection::KeepAlive => true,
+            Connection::Unsaid => !head.is_http10(),
         };
-        // What pingora's session would write (`Head::h1`), written to the connection's buffered
-        // stream directly and flushed once, as pingora does at the end of a response with a length.
-        let persistent = Settings {
-            keepalive: session.get_keepalive(),
-            reuses_remaining: session.get_keepalive_reuses_remaining().map(|n| n.saturating_sub(1)),
-            user_context: None,
+        let keep_alive = client_keeps && !*shutdown.borrow() && settings.reuses_remaining != Some(0);
+        let Some(bytes) = Head::of(&reply).ok().and_then(|h| h.h1(keep_alive)) else {
+            // pingora's writer takes it (relayed upstream fields): as on the proxy's path.
+            drop(head);
+            let written = self.write_by_session(stream, buf, settings, keep_alive, ctx, reply);
+            return Next::reused(Box::pin(written).await);
         };
-        let (method, uri) = {
-            let req = session.req_header();
-            (req.method.clone(), req.uri.clone())
-        };
-        let ServerSession::H1(h1) = session else { unreachable!("an HTTP/1 session") };
-        let mut stream = h1.into_inner();
         ctx.cache_status = Some(reply.cache_status);
         // Counted and logged before the answer is written, as on pingora's path (its `logging`
         // runs before `finish` flushes): a client that has its answer sees it counted.
-        self.insights.log_request(&method, uri.path(), reply.status, &ctx);
+        self.insights.log_request(&Method::GET, head.path(), reply.status, &ctx);
         // Head and body in one vectored write: the listener's streams have no write buffer to
         // gather them in (`server::LISTENER_BUFFERS`).
-        if let Err(e) = stream.write_all_buf(&mut (&head[..]).chain(&reply.body[..])).await {
-            tracing::error!("Fail to filter request: Downstream WriteError: {e}, {method} {}", uri.path());
+        if let Err(e) = stream.write_all_buf(&mut (&bytes[..]).chain(&reply.body[..])).await {
+            tracing::error!("Fail to filter request: Downstream WriteError: {e}, GET {}", head.path());
             return None;
         }
         if stream.flush().await.is_err() {
@@ -322,11 +318,34 @@ impl FastPath {
         }
         if keep_alive {
             // `HttpPersistentSettings::for_session` then `apply_to_session`, as pingora's loop does.
-            Some(Next::Fresh(stream, persistent))
+            let reuses_remaining = settings.reuses_remaining.map(|n| n.saturating_sub(1));
+            Some(Next::Fresh(stream, Settings { keepalive: Some(idle), reuses_remaining, user_context: None }))
         } else {
             let _ = stream.shutdown().await;
             None
         }
+    }
+
+    /// Writes `reply`, decided for the request in `buf`, through a pingora session that parses
+    /// the same bytes: for answers only pingora's writer takes.
+    async fn write_by_session(
+        &self,
+        stream: Stream,
+        buf: BytesMut,
+        settings: Settings,
+        keep_alive: bool,
+        mut ctx: RequestCtx,
+        reply: Reply,
+    ) -> Option<ReusedHttpStream> {
+        let mut session = Self::session(stream, buf, &settings);
+        if !matches!(session.read_request().await, Ok(true)) {
+            // pingora's parser accepts every head `OneRead` does (same parser, same settings).
+            tracing::error!("a fast-path request could not be read again by pingora's session");
+            return None;
+        }
+        session.set_keepalive(keep_alive.then(|| self.insights.idle_timeout_secs()));
+        let answered = answer_with(&mut session, &mut ctx, reply).await;
+        self.finish(session, ctx, answered).await
     }
 }
 

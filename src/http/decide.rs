@@ -2,7 +2,7 @@
 //! (refuse it, answer it itself, or pass it through), the same on the fast path and pingora's.
 
 use bytes::Bytes;
-use http::header;
+use http::{header, HeaderName};
 use pingora::protocols::http::ServerSession;
 use pingora::{Error, ErrorType, Result};
 use serde_json::Value;
@@ -11,12 +11,14 @@ use crate::app::App;
 use crate::auth::{Principal, PrincipalError};
 use crate::cache_status::{CacheStatus, Detail, Fwd};
 use crate::error::ApiError;
+use crate::fields::HeaderFields;
 use crate::insights::{self, InsightCall, ListCall, Reply};
 use crate::query::QueryParams;
 use crate::refresh::RefreshParam;
 use crate::routes::{route, Route};
 
 use super::ctx::{Cancel, RequestCtx};
+use super::request::{OneRead, Request};
 use super::InsightsProxy;
 
 /// More request headers than this, or more header bytes, is refused (431) before any work.
@@ -32,9 +34,15 @@ impl InsightsProxy {
         self.app.config.max_body_bytes
     }
 
+    /// How long a connection may wait idle for its next request.
+    pub(super) fn idle_timeout_secs(&self) -> u64 {
+        self.app.config.idle_timeout.as_secs().max(1)
+    }
+
     /// Everything the proxy decides about a request before pingora may forward it: `Some(reply)`
     /// when the proxy answers it itself (the caller writes `reply`), `None` when the request goes to
-    /// the upstream. Both `request_filter` and [`super::FastPath`] decide here.
+    /// the upstream. `request_filter` decides here; the fast path decides a one-read GET with
+    /// [`Self::decide_one_read`], the same steps after the checks its parser already made.
     ///
     /// `fast`: the caller can still hand the request to pingora's proxy unread: then `None` is
     /// returned before a request body is read (a GET with a body is decided by `request_filter`).
@@ -50,8 +58,12 @@ impl InsightsProxy {
             return Ok(Some(rejected(&e)));
         }
         // pingora makes an HTTP/1.1 connection's idle wait infinite once a request was read; this
-        // bounds the wait before the next request (carried to the reused connection).
-        session.set_keepalive(Some(self.app.config.idle_timeout.as_secs().max(1)));
+        // bounds the wait before the next request (carried to the reused connection). A connection
+        // the client does not keep (`close`, or HTTP/1.0 without `keep-alive`) stays closing.
+        if session.get_keepalive().is_some() {
+            session.set_keepalive(Some(self.idle_timeout_secs()));
+        }
+        let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
         let req = session.req_header();
         let header_bytes: usize = req.headers.iter().map(|(k, v)| k.as_str().len() + v.len()).sum();
         if req.headers.len() > MAX_REQUEST_HEADERS || header_bytes > MAX_REQUEST_HEADER_BYTES {
@@ -66,108 +78,124 @@ impl InsightsProxy {
         if declared_len.is_some_and(|n| n > self.max_body()) {
             return Ok(Some(rejected(&ApiError::payload_too_large(self.max_body()))));
         }
-        let query = match QueryParams::parse(req.uri.query()) {
-            Ok(q) => q,
-            Err(e) => return Ok(Some(rejected(&ApiError::bad_request(e.to_string())))),
+        let (route, query) = match self.route_request(&Request::of(req, tls), ctx) {
+            Ok(routed) => routed,
+            Err(settled) => return Ok(settled),
         };
-        let route = route(&req.method, req.uri.path(), &query);
+        let body_read = !session.is_body_empty();
+        let fields = match self.body_fields(session, fast).await? {
+            Fields::Read(f) => f,
+            Fields::Refused(reply) => return Ok(Some(reply)),
+            Fields::Later => return Ok(None),
+        };
+        let req = Request::of(session.req_header(), tls);
+        Ok(self.respond(&req, route, query, fields, body_read, ctx).await)
+    }
+
+    /// [`Self::decide`] for a GET that [`OneRead::parse`] accepted: its framing, authority and
+    /// sizes are within what `decide` checks, and it has no body.
+    pub(crate) async fn decide_one_read(&self, head: &OneRead<'_>, tls: bool, ctx: &mut RequestCtx) -> Option<Reply> {
+        let req = head.request(tls);
+        match self.route_request(&req, ctx) {
+            Ok((route, query)) => self.respond(&req, route, query, BodyFields::default(), false, ctx).await,
+            Err(settled) => settled,
+        }
+    }
+
+    /// The request's route and query when answering it needs its body's fields; otherwise what
+    /// is settled here (`Err`): a refusal, or `None` for the upstream.
+    fn route_request<F: HeaderFields + ?Sized>(
+        &self,
+        req: &Request<'_, F>,
+        ctx: &mut RequestCtx,
+    ) -> std::result::Result<(Route, QueryParams), Option<Reply>> {
+        let query = match QueryParams::parse(req.query) {
+            Ok(q) => q,
+            Err(e) => return Err(Some(rejected(&ApiError::bad_request(e.to_string())))),
+        };
+        let route = route(req.method, req.path, &query);
         ctx.route = Some(route.clone());
         match route {
-            Route::Reject(e) => Ok(Some(rejected(&e))),
-            Route::Passthrough => Ok(None),
+            Route::Reject(e) => Err(Some(rejected(&e))),
+            Route::Passthrough => Err(None),
             Route::InsightWrite { project, insight } => {
                 ctx.purge_on_success = Some((project, insight));
-                Ok(None)
+                Err(None)
             }
             Route::QueryCancel { query_id, .. } => {
                 // The upstream answers as it does; a status the proxy issued goes with it.
-                let headers = &session.req_header().headers;
-                if let Ok(Some(principal)) =
-                    Principal::from_request(&self.app.keyer, headers, query.get("personal_api_key"), None)
-                {
+                let key = query.get("personal_api_key");
+                if let Ok(Some(principal)) = Principal::from_request(&self.app.keyer, req.headers, key, None) {
                     match query_id {
                         Some(id) => self.app.statuses.remove(principal.partition(), &id),
                         None => ctx.cancel = Some(Cancel { owner: principal.partition(), body: Vec::new() }),
                     }
                 }
-                Ok(None)
+                Err(None)
             }
-            Route::QueryStatus { project, query_id } => {
-                if !insights::is_own_query_id(&query_id) {
-                    return Ok(None);
-                }
-                let body_read = !session.is_body_empty();
-                let fields = match self.body_fields(session, fast).await? {
-                    Fields::Read(f) => f,
-                    Fields::Refused(reply) => return Ok(Some(reply)),
-                    Fields::Later => return Ok(None),
-                };
-                let (headers, query_key) = (&session.req_header().headers, query.get("personal_api_key"));
-                let principal =
-                    match Principal::from_request(&self.app.keyer, headers, query_key, fields.api_key.as_deref()) {
-                        Ok(p) => p,
-                        Err(e) => return Ok(Some(refused_principal(&e))),
-                    };
-                let anonymous = principal.is_none();
-                Ok(match insights::query_status(&self.app, project, &query_id, principal).await {
-                    Some(reply) => Some(reply),
-                    // A read body cannot be passed on: PostHog's answers for an id it does not know.
-                    None if body_read && anonymous => Some(rejected(&ApiError::not_authenticated())),
-                    None if body_read => Some(rejected(&ApiError::not_found())),
-                    None => None,
-                })
-            }
-            Route::InsightRetrieve { .. } | Route::InsightList { .. } => {
-                let fields = match self.body_fields(session, fast).await? {
-                    Fields::Read(f) => f,
-                    Fields::Refused(reply) => return Ok(Some(reply)),
-                    Fields::Later => return Ok(None),
-                };
-                let req = session.req_header();
-                let principal = match Principal::from_request(
-                    &self.app.keyer,
-                    &req.headers,
-                    query.get("personal_api_key"),
-                    fields.api_key.as_deref(),
-                ) {
-                    Ok(Some(p)) => p,
-                    Ok(None) => {
-                        // Never answered from the cache: the upstream says what it says (401).
-                        ctx.cache_status = Some(CacheStatus::fwd(Fwd::Bypass).detail(Detail::NoCredential));
-                        return Ok(None);
-                    }
-                    Err(e) => return Ok(Some(refused_principal(&e))),
-                };
-                // A number in the body counts as its text, as Python's `str()` gives it.
-                let number = match &fields.refresh {
-                    Some(Value::Number(n)) => n.to_string(),
-                    _ => String::new(),
-                };
-                let param = match (query.get("refresh"), &fields.refresh) {
-                    (Some(q), _) => RefreshParam::Text(q),
-                    (None, Some(Value::Bool(b))) => RefreshParam::Bool(*b),
-                    (None, Some(Value::String(s))) => RefreshParam::Text(s.as_str()),
-                    (None, Some(Value::Number(_))) => RefreshParam::Text(&number),
-                    _ => RefreshParam::Absent,
-                };
-                let (mode, truthy) = (param.mode(), param.truthy());
-                ctx.mode = Some(mode);
-                let path = req.uri.path().to_string();
-                let reply = match route {
-                    Route::InsightRetrieve { project, insight } => {
-                        let call = InsightCall { project, insight, path, query, principal, mode, truthy };
-                        insights::retrieve(&self.app, call).await
-                    }
-                    Route::InsightList { project } => {
-                        let public_base = public_base(&self.app, session);
-                        let call = ListCall { project, path, query, principal, mode, truthy, public_base };
-                        insights::list(&self.app, call).await
-                    }
-                    _ => unreachable!("matched above"),
-                };
-                Ok(Some(reply))
-            }
+            Route::QueryStatus { ref query_id, .. } if !insights::is_own_query_id(query_id) => Err(None),
+            Route::QueryStatus { .. } | Route::InsightRetrieve { .. } | Route::InsightList { .. } => Ok((route, query)),
         }
+    }
+
+    /// The answer to a routed request, with its body's `fields` (`body_read`: it had a body).
+    async fn respond<F: HeaderFields + ?Sized>(
+        &self,
+        req: &Request<'_, F>,
+        route: Route,
+        query: QueryParams,
+        fields: BodyFields,
+        body_read: bool,
+        ctx: &mut RequestCtx,
+    ) -> Option<Reply> {
+        let query_key = query.get("personal_api_key");
+        let principal =
+            match Principal::from_request(&self.app.keyer, req.headers, query_key, fields.api_key.as_deref()) {
+                Ok(p) => p,
+                Err(e) => return Some(refused_principal(&e)),
+            };
+        if let Route::QueryStatus { project, query_id } = route {
+            let anonymous = principal.is_none();
+            return match insights::query_status(&self.app, project, &query_id, principal).await {
+                Some(reply) => Some(reply),
+                // A read body cannot be passed on: PostHog's answers for an id it does not know.
+                None if body_read && anonymous => Some(rejected(&ApiError::not_authenticated())),
+                None if body_read => Some(rejected(&ApiError::not_found())),
+                None => None,
+            };
+        }
+        let Some(principal) = principal else {
+            // Never answered from the cache: the upstream says what it says (401).
+            ctx.cache_status = Some(CacheStatus::fwd(Fwd::Bypass).detail(Detail::NoCredential));
+            return None;
+        };
+        // A number in the body counts as its text, as Python's `str()` gives it.
+        let number = match &fields.refresh {
+            Some(Value::Number(n)) => n.to_string(),
+            _ => String::new(),
+        };
+        let param = match (query.get("refresh"), &fields.refresh) {
+            (Some(q), _) => RefreshParam::Text(q),
+            (None, Some(Value::Bool(b))) => RefreshParam::Bool(*b),
+            (None, Some(Value::String(s))) => RefreshParam::Text(s.as_str()),
+            (None, Some(Value::Number(_))) => RefreshParam::Text(&number),
+            _ => RefreshParam::Absent,
+        };
+        let (mode, truthy) = (param.mode(), param.truthy());
+        ctx.mode = Some(mode);
+        let path = req.path.to_string();
+        Some(match route {
+            Route::InsightRetrieve { project, insight } => {
+                let call = InsightCall { project, insight, path, query, principal, mode, truthy };
+                insights::retrieve(&self.app, call).await
+            }
+            Route::InsightList { project } => {
+                let public_base = public_base(&self.app, req);
+                let call = ListCall { project, path, query, principal, mode, truthy, public_base };
+                insights::list(&self.app, call).await
+            }
+            _ => unreachable!("routed to an answer"),
+        })
     }
 
     /// A GET may carry a JSON body with `refresh` or `personal_api_key` (PostHog reads
@@ -255,26 +283,32 @@ fn body_fields(body: &[u8]) -> std::result::Result<BodyFields, BodyError> {
 
 /// The origin clients reach the proxy at: `public_url`, else the request's authority, with `https`
 /// when the connection is TLS or a balancer in front says so (`X-Forwarded-Proto`).
-pub(super) fn public_base(app: &App, session: &ServerSession) -> String {
-    let req = session.req_header();
+fn public_base<F: HeaderFields + ?Sized>(app: &App, req: &Request<'_, F>) -> String {
     if let Some(u) = &app.config.public_url {
         return u.clone();
     }
     let host = req
         .headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| req.uri.authority().map(|a| a.as_str()))
+        .first(&header::HOST)
+        .and_then(|h| std::str::from_utf8(h).ok())
+        .or(req.authority)
         .filter(|h| super::framing::is_valid_authority(h.as_bytes()))
         .unwrap_or("localhost");
-    let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
-    let proto = match req.headers.get("x-forwarded-proto").and_then(|h| h.to_str().ok()) {
-        _ if tls => "https",
-        Some("https") => "https",
+    let proto = match req.headers.first(&X_FORWARDED_PROTO) {
+        _ if req.tls => "https",
+        Some(b"https") => "https",
         _ => "http",
     };
     format!("{proto}://{host}")
 }
+
+/// [`public_base`] of a request read by pingora's session.
+pub(super) fn session_public_base(app: &App, session: &ServerSession) -> String {
+    let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+    public_base(app, &Request::of(session.req_header(), tls))
+}
+
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 /// A credential that can never authenticate: PostHog's answer for an invalid key.
 fn refused_principal(e: &PrincipalError) -> Reply {

@@ -5,6 +5,8 @@
 //!   own answers written directly; everything else (HTTP/2, bodies, pass-through) to pingora's proxy.
 //! - [`framing`]: unambiguous body framing and a well-formed authority, checked first.
 //! - `decide`: what the proxy does with a request (refuse, answer, pass through).
+//! - `request`: what the decision reads of a request, and the fast path's in-place parse of a
+//!   one-read GET head.
 //! - `head`: the one builder of an own answer's response head, for both writers.
 //! - `answer`: own answers and failures written to pingora's session.
 //! - `ctx`: a request's state, and its metrics and access log line at the end.
@@ -17,6 +19,7 @@ mod decide;
 pub mod framing;
 mod head;
 pub mod proxy;
+mod request;
 
 pub use answer::write_reply;
 pub use conn::FastPath;

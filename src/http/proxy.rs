@@ -18,7 +18,7 @@ use crate::cache_status::{CacheStatus, Fwd};
 
 use super::answer::answer_with;
 use super::ctx::{Relink, RequestCtx};
-use super::decide::public_base;
+use super::decide::session_public_base;
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) are never forwarded. pingora manages `Connection` and
 /// keep-alive for each side itself.
@@ -165,7 +165,7 @@ impl ProxyHttp for InsightsProxy {
         let encoded = upstream_response.headers.contains_key(header::CONTENT_ENCODING);
         if is_json && !encoded && session.req_header().uri.path().starts_with("/api/") {
             let origin = self.app.engine.upstream().settings().url.origin();
-            let base = public_base(&self.app, session.as_downstream());
+            let base = session_public_base(&self.app, session.as_downstream());
             if origin != base {
                 ctx.relink = Some(Relink {
                     from: format!("\"{origin}/").into_bytes(),
@@ -184,7 +184,7 @@ impl ProxyHttp for InsightsProxy {
         if let Some(loc) = upstream_response.headers.get(header::LOCATION).and_then(|v| v.to_str().ok()) {
             let origin = self.app.engine.upstream().settings().url.origin();
             if let Some(rest) = loc.strip_prefix(&origin) {
-                let rewritten = format!("{}{rest}", public_base(&self.app, session.as_downstream()));
+                let rewritten = format!("{}{rest}", session_public_base(&self.app, session.as_downstream()));
                 upstream_response.insert_header(header::LOCATION, rewritten)?;
             }
         }
