@@ -17,7 +17,7 @@ use crate::app::App;
 use crate::clock::Clock;
 use crate::config::{Config, UpstreamTarget, UpstreamUrl};
 use crate::engine::workers::Workers;
-use crate::http::{FastPath, InsightsProxy};
+use crate::http::{FastPath, InsightsProxy, Listening};
 use crate::upstream::{UpstreamClient, UpstreamSettings};
 
 #[derive(Debug, thiserror::Error)]
@@ -28,14 +28,6 @@ pub enum StartError {
     #[error("TLS: {0}")]
     Tls(#[from] crate::tls::TlsError),
 }
-
-/// No L4 read or write buffer on client connections (pingora's defaults: 64 KB read, 1 460 B
-/// write), because a buffer lives as long as its connection, idle keep-alive ones included: the
-/// HTTP/1 loop reads each request head into a buffer taken when its bytes arrive
-/// (`http::conn`), writes a hit's head and body in one vectored write, and HTTP/2 and TLS keep
-/// buffers of their own.
-pub(crate) const LISTENER_BUFFERS: pingora::listeners::L4BufferSettings =
-    pingora::listeners::L4BufferSettings { read: Some(0), write: Some(0) };
 
 /// pingora's defaults would make a SIGTERM take 5 minutes (docs/design.md, "pingora facts" 2): set both.
 pub fn server_conf(config: &Config) -> ServerConf {
@@ -123,9 +115,7 @@ pub fn build_with(config: Config, clock: Clock, upgrade: bool) -> Result<Built, 
         Some(tls) => fast.with_tls(tls.clone()),
         None => fast,
     };
-    let mut proxy = pingora::services::listening::Service::new("Pingora HTTP Proxy Service".into(), fast);
-    proxy.add_listener(pingora::listeners::ListenerConfig::tcp(listen.as_str()).l4_buffer(LISTENER_BUFFERS));
-    server.add_service(proxy);
+    server.add_service(Listening::new(listen, fast));
     server.add_service(background_service("refresh workers", Workers { engine: app.engine.clone() }));
     #[cfg(feature = "tls")]
     if let Some(tls) = &tls {

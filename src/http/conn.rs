@@ -308,7 +308,7 @@ impl FastPath {
         // runs before `finish` flushes): a client that has its answer sees it counted.
         self.insights.log_request(&Method::GET, head.path(), reply.status, &ctx);
         // Head and body in one vectored write: the listener's streams have no write buffer to
-        // gather them in (`server::LISTENER_BUFFERS`).
+        // gather them in (`listener`).
         if let Err(e) = stream.write_all_buf(&mut (&bytes[..]).chain(&reply.body[..])).await {
             tracing::error!("Fail to filter request: Downstream WriteError: {e}, GET {}", head.path());
             return None;
@@ -404,7 +404,7 @@ impl ServerApp for FastPath {
                 Next::Session(mut session) => {
                     if session.pipelining_enabled() {
                         // Never on here; pingora's proxy keeps such a connection.
-                        Next::reused(self.proxy.process_new_http(*session, shutdown).await)?
+                        Next::reused(Box::pin(self.proxy.process_new_http(*session, shutdown)).await)?
                     } else {
                         let settings = Settings {
                             keepalive: session.get_keepalive(),

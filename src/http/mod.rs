@@ -3,6 +3,8 @@
 //!
 //! - [`conn`]: the listening app ([`FastPath`]): pingora's HTTP/1 connection loop with the proxy's
 //!   own answers written directly; everything else (HTTP/2, bodies, pass-through) to pingora's proxy.
+//! - `listener`: the port's listening socket and accept loop, each connection a task of its
+//!   own running [`FastPath`].
 //! - [`framing`]: unambiguous body framing and a well-formed authority, checked first.
 //! - `decide`: what the proxy does with a request (refuse, answer, pass through).
 //! - `request`: what the decision reads of a request, and the fast path's in-place parse of a
@@ -18,6 +20,7 @@ mod ctx;
 mod decide;
 pub mod framing;
 mod head;
+mod listener;
 pub mod proxy;
 mod request;
 
@@ -26,4 +29,5 @@ pub use conn::FastPath;
 pub use ctx::RequestCtx;
 pub use decide::{MAX_REQUEST_HEADERS, MAX_REQUEST_HEADER_BYTES, MAX_URI_BYTES};
 pub use head::InvalidHead;
+pub use listener::Listening;
 pub use proxy::InsightsProxy;
