@@ -135,41 +135,99 @@ impl CacheStatus {
     }
 }
 
-impl fmt::Display for CacheStatus {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(CACHE_NAME)?;
-        match self.fwd {
-            None => f.write_str("; hit")?,
-            Some(fwd) => f.write_str(match fwd {
-                Fwd::Miss => "; fwd=miss",
-                Fwd::Stale => "; fwd=stale",
-                Fwd::Request => "; fwd=request",
-                Fwd::UriMiss => "; fwd=uri-miss",
-                Fwd::Bypass => "; fwd=bypass",
-            })?,
-        }
+impl CacheStatus {
+    /// The header's value piece by piece: the one renderer behind [`Self::write_to`] and
+    /// `Display`.
+    fn pieces(&self, mut put: impl FnMut(&str)) {
+        put(CACHE_NAME);
+        put(match self.fwd {
+            None => "; hit",
+            Some(Fwd::Miss) => "; fwd=miss",
+            Some(Fwd::Stale) => "; fwd=stale",
+            Some(Fwd::Request) => "; fwd=request",
+            Some(Fwd::UriMiss) => "; fwd=uri-miss",
+            Some(Fwd::Bypass) => "; fwd=bypass",
+        });
+        let mut digits = [0u8; 20];
         if let Some(ttl) = self.ttl {
-            write!(f, "; ttl={ttl}")?;
+            put("; ttl=");
+            put(decimal(ttl, &mut digits));
         }
         if let Some(s) = self.fwd_status {
-            write!(f, "; fwd-status={s}")?;
+            put("; fwd-status=");
+            put(decimal(i64::from(s), &mut digits));
         }
         if self.stored {
-            f.write_str("; stored")?;
+            put("; stored");
         }
         if self.collapsed {
-            f.write_str("; collapsed")?;
+            put("; collapsed");
         }
         if let Some(d) = self.detail {
-            write!(f, "; detail={}", d.as_str())?;
+            put("; detail=");
+            put(d.as_str());
         }
-        Ok(())
+    }
+
+    /// Appends the header's value to `out` (the fast path's response head), without `fmt`.
+    pub fn write_to(&self, out: &mut Vec<u8>) {
+        self.pieces(|s| out.extend_from_slice(s.as_bytes()));
+    }
+}
+
+/// `n` in decimal, in `buf`.
+fn decimal(n: i64, buf: &mut [u8; 20]) -> &str {
+    let mut i = buf.len();
+    let mut m = n.unsigned_abs();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (m % 10) as u8;
+        m /= 10;
+        if m == 0 {
+            break;
+        }
+    }
+    if n < 0 {
+        i -= 1;
+        buf[i] = b'-';
+    }
+    std::str::from_utf8(&buf[i..]).expect("ASCII digits")
+}
+
+impl fmt::Display for CacheStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut written = Ok(());
+        self.pieces(|s| {
+            if written.is_ok() {
+                written = f.write_str(s);
+            }
+        });
+        written
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_header_bytes_are_its_display() {
+        let details = [None, Some(Detail::Stale), Some(Detail::Rejected), Some(Detail::TooSoonToForce)];
+        for fwd in [None, Some(Fwd::Miss), Some(Fwd::Bypass), Some(Fwd::UriMiss)] {
+            for ttl in [None, Some(0), Some(-7), Some(86_400), Some(i64::MIN), Some(i64::MAX)] {
+                for detail in details {
+                    let cs =
+                        CacheStatus { fwd, ttl, fwd_status: Some(503), stored: true, collapsed: ttl.is_some(), detail };
+                    let mut bytes = Vec::new();
+                    cs.write_to(&mut bytes);
+                    assert_eq!(String::from_utf8(bytes).unwrap(), cs.to_string());
+                }
+            }
+        }
+        let mut bytes = Vec::new();
+        CacheStatus::hit().ttl(Some(-12)).write_to(&mut bytes);
+        assert_eq!(bytes, b"insights-proxy; hit; ttl=-12");
+    }
 
     /// The README's `Cache-Status` table lists every detail the proxy gives.
     #[test]

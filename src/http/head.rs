@@ -4,7 +4,6 @@
 //! name, a value or the order; `tests/fast_path.rs` `answers_are_byte_identical_on_both_paths`
 //! checks the bytes against pingora's writer.
 
-use std::io::Write as _;
 
 use http::header::{self, HeaderName, HeaderValue};
 use http::StatusCode;
@@ -123,9 +122,7 @@ fn put_field(head: &mut Vec<u8>, name: &HeaderName, value: Value<'_>) {
     match value {
         Value::Static(s) | Value::Text(s) => head.extend_from_slice(s.as_bytes()),
         Value::Length(n) => head.extend_from_slice(itoa(n, &mut [0u8; 20])),
-        Value::CacheStatus(cs) => {
-            let _ = write!(head, "{cs}");
-        }
+        Value::CacheStatus(cs) => cs.write_to(head),
         Value::Header(v) => head.extend_from_slice(v.as_bytes()),
     }
     head.extend_from_slice(b"\r\n");
