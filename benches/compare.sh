@@ -46,6 +46,11 @@
 # SERVER_CPU=0 CLIENT_CPU=1 (the first client core) BASE_PORT=18000 OUT=/tmp/insights-bench.XXXX
 # SMALL="1 1" LARGE="365 4" (days and series of the two insights) HERD_INSIGHT=2 STALE_INSIGHT=14
 # RUST_LOG=warn (of the proxy) INSIGHTS_PROXY_BIN (skip the build).
+# SERVER_QUOTA (e.g. 0.5; default none): every server (all its processes) runs in a cgroup capped at
+# that share of one core (cpu.cfs_quota_us / cpu.max over QUOTA_PERIOD_US=10000 µs), the same cap
+# for each. On a machine whose client core cannot outpace a server that has a whole core (2 cores:
+# every run INVALID), this makes the server the bottleneck, so the run is valid; requests per
+# CPU-second are still the server's own, while hits/s and latency then include the cap's pauses.
 # Before/after a change: ALT_BIN=/path/to/other/insights-proxy SERVERS="nginx insights-proxy
 # insights-proxy-alt" runs a second build as the server "insights-proxy-alt", interleaved.
 # Only 127.0.0.1 is used; every wait and load is bounded; everything started is stopped by PID on exit.
@@ -72,6 +77,8 @@ STALE_N=${STALE_N:-200}
 FRESH_S=${FRESH_S:-2}
 SERVER_CPU=${SERVER_CPU:-0}
 CLIENT_CPU=${CLIENT_CPU:-1}
+SERVER_QUOTA=${SERVER_QUOTA:-}
+QUOTA_PERIOD_US=${QUOTA_PERIOD_US:-10000}
 BASE_PORT=${BASE_PORT:-18000}
 SMALL=${SMALL:-"1 1"}
 LARGE=${LARGE:-"365 4"}
@@ -174,7 +181,38 @@ start_server() { # name dir
       ;;
   esac
   sleep 0.5 # nginx and Varnish start their worker/child just after the port opens
+  cap_server
 }
+
+# --- SERVER_QUOTA: one CPU cap for every server ----------------------------------------------
+CGROUP=""
+cap_server() {
+  [ -n "$SERVER_QUOTA" ] || return 0
+  local quota p
+  quota=$(python3 -c "print(int($SERVER_QUOTA * $QUOTA_PERIOD_US))")
+  if [ -z "$CGROUP" ]; then
+    if [ -w /sys/fs/cgroup/cpu ]; then # cgroup v1
+      CGROUP=/sys/fs/cgroup/cpu/insights-bench-$$
+      mkdir -p "$CGROUP"
+      echo "$QUOTA_PERIOD_US" >"$CGROUP/cpu.cfs_period_us"
+      echo "$quota" >"$CGROUP/cpu.cfs_quota_us"
+    elif [ -f /sys/fs/cgroup/cgroup.controllers ]; then # cgroup v2
+      CGROUP=/sys/fs/cgroup/insights-bench-$$
+      mkdir -p "$CGROUP"
+      echo "$quota $QUOTA_PERIOD_US" >"$CGROUP/cpu.max"
+    else
+      die "SERVER_QUOTA needs a writable cgroup cpu controller"
+    fi
+  fi
+  for p in $SRV_PID $TLS_PID $(descendants "$SRV_PID") ${TLS_PID:+$(descendants "$TLS_PID")}; do
+    echo "$p" >"$CGROUP/cgroup.procs" 2>/dev/null || true
+  done
+}
+uncap() {
+  cleanup
+  [ -z "$CGROUP" ] || rmdir "$CGROUP" 2>/dev/null || true
+}
+trap uncap EXIT
 stop_server() {
   local p
   for p in "$SRV_PID" "$TLS_PID"; do
@@ -360,7 +398,8 @@ run_one() { # server round
 
 read -ra LIST <<<"$SERVERS"
 log "out: $OUT; rounds $ROUNDS; ${DURATION}s (+${WARMUP}s warm-up) per row; rows: $ROWS; tests: ${TESTS:-none};" \
-  "server on core $SERVER_CPU, client on core $CLIENT_CPU (spare: ${SPARE_CPUS[*]:-none}); binary $BIN"
+  "server on core $SERVER_CPU, client on core $CLIENT_CPU (spare: ${SPARE_CPUS[*]:-none});" \
+  "server CPU cap: ${SERVER_QUOTA:-none}; binary $BIN"
 for round in $(seq 1 "$ROUNDS"); do
   n=${#LIST[@]}
   for i in $(seq 0 $((n - 1))); do
@@ -369,7 +408,7 @@ for round in $(seq 1 "$ROUNDS"); do
 done
 echo
 echo "insights-proxy vs nginx: ${DURATION}s x $ROUNDS rounds per row; HTTP/1.1 $CONNECTIONS connections, h2" \
-  "$H2_CLIENTS x $H2_STREAMS streams; server on core $SERVER_CPU, client from core $CLIENT_CPU; a run is valid" \
+  "$H2_CLIENTS x $H2_STREAMS streams; server on core $SERVER_CPU (CPU cap: ${SERVER_QUOTA:-none}), client from core $CLIENT_CPU; a run is valid" \
   "when the client used <= $MAX_CLIENT_SHARE of its cores; herd $HERD_N x ${CALC_MS} ms; stale window $STALE_N requests"
 python3 "$HERE/report.py" summary "$OUT"
 echo "raw: $OUT"

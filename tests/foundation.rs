@@ -179,3 +179,52 @@ fn the_binary_starts_the_simulated_backend_and_prints_a_working_curl() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(!r.json()["result"].is_null());
 }
+
+/// A new instance started with `--upgrade` takes the listening socket over from one sent SIGQUIT
+/// (pingora's zero-downtime upgrade, through the proxy's own accept loop): the port answers before
+/// and after, and once the old instance has exited, the new one answers on it.
+#[test]
+fn a_zero_downtime_upgrade_hands_the_port_over() {
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+    let h = Harness::start();
+    let port = posthog_sim::serve::free_port();
+    let (listen, upstream) = (format!("127.0.0.1:{port}"), format!("http://127.0.0.1:{}", h.sim_port));
+    let start = |upgrade: bool| {
+        let mut c = bin();
+        c.args(["--listen", &listen, "--upstream", &upstream, "--admin-listen", "off"]);
+        c.env("RUST_LOG", "warn").stdout(Stdio::null()).stderr(Stdio::null());
+        if upgrade {
+            c.arg("--upgrade");
+        }
+        ChildGuard(c.spawn().unwrap())
+    };
+    let insight = "/api/environments/1/insights/1/?refresh=blocking";
+    let answered = || http(port, "GET", insight, &[("Authorization", "Bearer phx_demo_all")], None).status;
+    let mut old = start(false);
+    wait_for_port(port);
+    assert_eq!(answered(), 200);
+
+    // pingora's default hand-over socket: the new instance binds it and waits there.
+    let handover = std::path::Path::new("/tmp/pingora_upgrade.sock");
+    let _ = std::fs::remove_file(handover);
+    let mut new = start(true);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !handover.exists() {
+        assert!(Instant::now() < deadline, "the new instance never waited for the sockets");
+        assert!(new.0.try_wait().unwrap().is_none(), "the new instance exited");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let quit = Command::new("kill").args(["-QUIT", &old.0.id().to_string()]).status().unwrap();
+    assert!(quit.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while old.0.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the old instance did not exit after handing over");
+        assert_eq!(answered(), 200, "the port stopped answering during the hand-over");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(new.0.try_wait().unwrap().is_none(), "the new instance exited");
+    for _ in 0..3 {
+        assert_eq!(answered(), 200);
+    }
+}

@@ -4,7 +4,6 @@
 //! name, a value or the order; `tests/fast_path.rs` `answers_are_byte_identical_on_both_paths`
 //! checks the bytes against pingora's writer.
 
-
 use http::header::{self, HeaderName, HeaderValue};
 use http::StatusCode;
 use pingora::http::ResponseHeader;
