@@ -137,8 +137,25 @@ impl<'b> OneRead<'b> {
 /// `%` of percent-encoding): all of them pass `httparse` and `http::Uri` alike, and none ends or
 /// escapes the target (no `#`, no space, no byte pingora would percent-encode).
 fn is_target_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?%".contains(&b)
+    TARGET_BYTES[usize::from(b)]
 }
+
+/// [`is_target_byte`] as a table: the check runs over every byte of every fast-path target.
+const TARGET_BYTES: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        table[b] = (b as u8).is_ascii_alphanumeric();
+        b += 1;
+    }
+    let others = b"-._~!$&'()*+,;=:@/?%";
+    let mut i = 0;
+    while i < others.len() {
+        table[others[i] as usize] = true;
+        i += 1;
+    }
+    table
+};
 
 #[cfg(test)]
 mod tests {
