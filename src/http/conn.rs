@@ -49,9 +49,9 @@ const HEADER_BUF: usize = 4096;
 const READ_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub struct FastPath {
-    proxy: Arc<HttpProxy<InsightsProxy>>,
+    pub(super) proxy: Arc<HttpProxy<InsightsProxy>>,
     /// The same decision code as the proxy's `request_filter` (a second handle on the same `App`).
-    insights: InsightsProxy,
+    pub(super) insights: InsightsProxy,
     /// Set (and waiters woken) when the service stops listening, as pingora's proxy does for
     /// requests it waits for on idle keep-alive connections.
     closing: AtomicBool,
@@ -169,7 +169,7 @@ impl FastPath {
 
     /// After the proxy's answer went through pingora's session (`answered`), or deciding failed: as
     /// pingora's proxy ends a request that `request_filter` answered or failed.
-    async fn finish(
+    pub(super) async fn finish(
         &self,
         mut session: ServerSession,
         mut ctx: RequestCtx,
@@ -369,6 +369,9 @@ impl ServerApp for FastPath {
         } else {
             (stream, false)
         };
+        if !custom && (h2c || matches!(stream.selected_alpn_proto(), Some(ALPN::H2))) {
+            return self.serve_h2(stream, shutdown).await;
+        }
         if h2c || custom || matches!(stream.selected_alpn_proto(), Some(ALPN::H2 | ALPN::Custom(_))) {
             return ServerApp::process_new(&self.proxy, stream, shutdown).await;
         }

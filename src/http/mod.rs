@@ -3,6 +3,8 @@
 //!
 //! - [`conn`]: the listening app ([`FastPath`]): pingora's HTTP/1 connection loop with the proxy's
 //!   own answers written directly; everything else (HTTP/2, bodies, pass-through) to pingora's proxy.
+//! - `h2`: pingora's HTTP/2 connection loop, with the proxy's own answers written without
+//!   pingora_proxy's per-request session; everything else to pingora's proxy.
 //! - [`framing`]: unambiguous body framing and a well-formed authority, checked first.
 //! - `decide`: what the proxy does with a request (refuse, answer, pass through).
 //! - `head`: the one builder of an own answer's response head, for both writers.
@@ -15,6 +17,7 @@ pub mod conn;
 mod ctx;
 mod decide;
 pub mod framing;
+mod h2;
 mod head;
 pub mod proxy;
 
