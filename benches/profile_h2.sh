@@ -10,7 +10,7 @@
 # connections: the TLS handshakes are part of the count, as in compare.sh's row), instrumentation
 # off, dump. Instructions per request = total Ir / REQUESTS. callgrind_annotate's exclusive and
 # inclusive lists are written to OUT/<name>/.
-# Settings: REQUESTS=40000 H2_CLIENTS=16 H2_STREAMS=4 SERVER_CPU=0 CLIENT_CPU=1 BASE_PORT=18400
+# Settings: REQUESTS=40000 H2_CLIENTS=16 H2_STREAMS=4 SERVER_CPU=0 CLIENT_CPU=1 BASE_PORT=23700
 # OUT=/tmp/insights-h2prof.XXXX. Only 127.0.0.1; bounded; everything started is stopped by PID.
 set -euo pipefail
 
@@ -21,7 +21,7 @@ H2_CLIENTS=${H2_CLIENTS:-16}
 H2_STREAMS=${H2_STREAMS:-4}
 SERVER_CPU=${SERVER_CPU:-0}
 CLIENT_CPU=${CLIENT_CPU:-1}
-BASE_PORT=${BASE_PORT:-18400}
+BASE_PORT=${BASE_PORT:-23700}
 OUT=${OUT:-$(mktemp -d /tmp/insights-h2prof.XXXXXX)}
 mkdir -p "$OUT"
 SIM_PORT=$((BASE_PORT + 10))
