@@ -389,3 +389,36 @@ fn streams_past_the_configured_bound_are_refused_and_the_others_answered() {
         }
     }
 }
+
+#[test]
+fn on_shutdown_a_connection_gets_goaway_and_its_stream_in_flight_its_answer() {
+    let mut h = Harness::with(|c, sim| {
+        // The runtime outlives the signal by this much: time for the answer in flight.
+        c.grace_period = Duration::from_secs(2);
+        sim.calc_delay = Duration::from_millis(500);
+    });
+    let (_, url) = h.day_insight();
+    // The client's connection is driven while the proxy stops.
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let c = rt.block_on(h2c_connect(h.proxy_port));
+    let path = format!("{url}?refresh=blocking");
+    let answer = rt.spawn({
+        let c = c.clone();
+        async move { h2_get(&c, &path, ALL).await }
+    });
+    eventually("the stream is in flight", || in_flight(&h) > 0.0);
+    std::thread::scope(|s| {
+        s.spawn(|| h.stop_proxy(true));
+        let answer = rt.block_on(answer).unwrap();
+        assert_eq!(answer.status, 200, "{:?}", answer.body);
+        // After GOAWAY the connection takes no new stream.
+        let bearer = auth(ALL);
+        let headers = [("authorization", bearer.as_str())];
+        let after = rt.block_on(async {
+            let request = h2_request(&c, "GET", &url, &headers, None);
+            tokio::time::timeout(Duration::from_secs(20), request).await
+        });
+        let refused = matches!(&after, Ok(Err(e)) if e.is_go_away() && e.reason() == Some(h2::Reason::NO_ERROR));
+        assert!(refused, "a new stream after GOAWAY: {:?}", after.map(|r| r.map(|r| r.status)));
+    });
+}
