@@ -252,11 +252,8 @@ fn own_answers_over_h2_equal_the_http1_answers_apart_from_hop_by_hop_fields() {
     assert_eq!(h.get(&format!("{url}?refresh=blocking"), ALL).status, 200);
     // A hit, a refusal of the proxy's own (a bad query string), and the upstream's refusal of an
     // unknown token (one token each: a second request would meet the refusal remembered).
-    let cases = [
-        (url.clone(), ALL, ALL),
-        (format!("{url}?a=%zz"), ALL, ALL),
-        (url.clone(), "phx_nobody_1", "phx_nobody_2"),
-    ];
+    let cases =
+        [(url.clone(), ALL, ALL), (format!("{url}?a=%zz"), ALL, ALL), (url.clone(), "phx_nobody_1", "phx_nobody_2")];
     runtime().block_on(async {
         let c = h2c_connect(h.proxy_port).await;
         for (path, h1_token, h2_token) in &cases {
@@ -323,9 +320,13 @@ mod raw_h2 {
         /// A GET without a body on `stream`.
         pub fn get(&mut self, stream: u32, path: &str, authorization: &str) {
             let mut block = Vec::new();
-            for (k, v) in
-                [(":method", "GET"), (":scheme", "http"), (":authority", "localhost"), (":path", path), ("authorization", authorization)]
-            {
+            for (k, v) in [
+                (":method", "GET"),
+                (":scheme", "http"),
+                (":authority", "localhost"),
+                (":path", path),
+                ("authorization", authorization),
+            ] {
                 block.push(0); // literal without indexing, new name
                 for s in [k, v] {
                     assert!(s.len() < 127);

@@ -5,9 +5,9 @@
 //! HTTP/2 connection (its handshake with the listener's h2 options, `HttpSession::from_h2_conn`
 //! per stream, GOAWAY on shutdown, at most 32 malformed streams per connection). A GET without a
 //! body is decided here ([`InsightsProxy::decide`], the decision `request_filter` makes) and, when
-//! the proxy answers it itself, answered through the stream's session as `request_filter` answers
-//! it ([`answer_with`]), with the same metrics and access log, without pingora_proxy's `Session`
-//! and phase machine. Everything else (other methods, bodies, what `decide` passes through) goes to
+//! the proxy answers it itself, answered through the stream's session with the head
+//! `request_filter`'s answer has ([`answer`]), with the same metrics and access log, without
+//! pingora_proxy's `Session` and phase machine. Everything else (other methods, bodies, what `decide` passes through) goes to
 //! pingora's proxy unchanged (`process_new_http`), in a task of its own as pingora runs every
 //! stream.
 //!
@@ -27,7 +27,11 @@ use pingora::protocols::http::ServerSession;
 use pingora::protocols::{Digest, Stream};
 use pingora::server::ShutdownWatch;
 
-use super::answer::answer_with;
+use pingora::{Error, ErrorType, OkOrErr, OrErr, Result};
+
+use crate::insights::Reply;
+
+use super::answer::response_head;
 use super::conn::FastPath;
 use super::RequestCtx;
 
@@ -125,7 +129,7 @@ impl FastPath {
         }
         let mut ctx = RequestCtx::new();
         let answered = match self.insights.decide(&mut session, &mut ctx, true).await {
-            Ok(Some(reply)) => answer_with(&mut session, &mut ctx, reply).await,
+            Ok(Some(reply)) => answer(&mut session, &mut ctx, reply),
             Ok(None) => return Some(session),
             Err(e) => Err(e),
         };
@@ -140,4 +144,28 @@ impl FastPath {
         let shutdown = shutdown.clone();
         tokio::spawn(async move { proxy.process_new_http(session, &shutdown).await });
     }
+}
+
+/// Writes `reply` to an HTTP/2 stream as [`super::write_reply`] does (the same head; pingora's
+/// session adds `Date` and drops hop-by-hop fields), and keeps its `Cache-Status` for the log and
+/// metrics. The body is queued whole rather than in pieces as flow-control capacity is granted:
+/// h2 sends it as the stream's window allows, and the stream's work ends here.
+fn answer(session: &mut ServerSession, ctx: &mut RequestCtx, reply: Reply) -> Result<bool> {
+    let written = match session {
+        ServerSession::H2(h2) => response_head(&reply).and_then(|head| {
+            // A failed write is the client's doing (it went away), as in `write_reply`.
+            h2.write_response_header(Box::new(head), false).map_err(|e| e.into_down())?;
+            let mut writer = h2
+                .take_response_body_writer()
+                .or_err(ErrorType::WriteError, "no h2 response body writer")
+                .map_err(|e| e.into_down())?;
+            writer
+                .send_data(reply.body.clone(), true)
+                .or_err(ErrorType::WriteError, "while writing h2 response body to downstream")
+                .map_err(|e| e.into_down())
+        }),
+        _ => Err(Error::explain(ErrorType::InternalError, "an HTTP/2 answer on another session")),
+    };
+    ctx.cache_status = Some(reply.cache_status);
+    written.map(|()| true)
 }

@@ -4,6 +4,7 @@
 //! name, a value or the order; `tests/fast_path.rs` `answers_are_byte_identical_on_both_paths`
 //! checks the bytes against pingora's writer.
 
+use std::fmt::Write as _;
 use std::io::Write as _;
 
 use http::header::{self, HeaderName, HeaderValue};
@@ -59,8 +60,13 @@ impl<'a> Head<'a> {
     /// The answer's fields, in the order both writers send them; the writers add only what pingora
     /// adds to every response (`Date`, and `Connection` on HTTP/1).
     pub(crate) fn fields(&self) -> impl Iterator<Item = (&'a HeaderName, Value<'a>)> {
+        // The default as a static value: `HeaderValue::from_str` would copy it into an allocation.
+        let content_type = match self.reply.content_type {
+            None => Value::Static(DEFAULT_CONTENT_TYPE),
+            Some(_) => Value::Text(self.content_type),
+        };
         let own = [
-            (&header::CONTENT_TYPE, Value::Text(self.content_type)),
+            (&header::CONTENT_TYPE, content_type),
             (&header::CONTENT_LENGTH, Value::Length(self.reply.body.len())),
             (&CACHE_STATUS, Value::CacheStatus(&self.reply.cache_status)),
             (&header::VARY, Value::Static(VARY)),
@@ -83,7 +89,10 @@ impl<'a> Head<'a> {
                 Value::Text(s) => HeaderValue::from_str(s).map_err(|_| InvalidHead::ContentType)?,
                 Value::Length(n) => HeaderValue::from(n),
                 Value::CacheStatus(cs) => {
-                    HeaderValue::try_from(cs.to_string()).map_err(|_| InvalidHead::CacheStatus)?
+                    // Sized once (`to_string` grows it several times).
+                    let mut s = String::with_capacity(64);
+                    let _ = write!(s, "{cs}");
+                    HeaderValue::try_from(s).map_err(|_| InvalidHead::CacheStatus)?
                 }
                 Value::Header(v) => v.clone(),
             };
