@@ -64,6 +64,9 @@ impl FastPath {
             }
         };
         let mut signal = shutdown.clone();
+        // One wait for the signal for the connection's life, not one per turn of the loop.
+        let signalled = signal.changed();
+        tokio::pin!(signalled);
         let mut draining = false;
         let mut malformed = 0;
         let mut decided: FuturesUnordered<Decided> = FuturesUnordered::new();
@@ -72,7 +75,7 @@ impl FastPath {
                 // As pingora: the shutdown signal first, then (answers queued before the connection
                 // is driven again) the streams being decided, then the connection.
                 biased;
-                _ = signal.changed(), if !draining => {
+                _ = &mut signalled, if !draining => {
                     // GOAWAY; streams already opened are still served, the connection closes after.
                     conn.graceful_shutdown();
                     draining = true;

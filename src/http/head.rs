@@ -15,8 +15,9 @@ use crate::cache_status::CacheStatus;
 use crate::insights::Reply;
 
 static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
-const VARY: &str = "Authorization, Cookie";
-const DEFAULT_CONTENT_TYPE: &str = "application/json";
+// Built at compile time: `HeaderValue::from_static` checks every byte when it runs.
+static VARY: HeaderValue = HeaderValue::from_static("Authorization, Cookie");
+static DEFAULT_CONTENT_TYPE: HeaderValue = HeaderValue::from_static("application/json");
 
 /// Why an answer's head cannot be written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -49,7 +50,7 @@ pub(crate) struct Head<'a> {
 impl<'a> Head<'a> {
     pub(crate) fn of(reply: &'a Reply) -> Result<Head<'a>, InvalidHead> {
         let status = StatusCode::from_u16(reply.status).map_err(|_| InvalidHead::Status)?;
-        let content_type = reply.content_type.as_deref().unwrap_or(DEFAULT_CONTENT_TYPE);
+        let content_type = reply.content_type.as_deref().unwrap_or("application/json");
         // `http::HeaderValue::from_str`'s rule.
         if !content_type.bytes().all(|b| b == b'\t' || (b >= 32 && b != 127)) {
             return Err(InvalidHead::ContentType);
@@ -62,14 +63,14 @@ impl<'a> Head<'a> {
     pub(crate) fn fields(&self) -> impl Iterator<Item = (&'a HeaderName, Value<'a>)> {
         // The default as a static value: `HeaderValue::from_str` would copy it into an allocation.
         let content_type = match self.reply.content_type {
-            None => Value::Static(DEFAULT_CONTENT_TYPE),
+            None => Value::Header(&DEFAULT_CONTENT_TYPE),
             Some(_) => Value::Text(self.content_type),
         };
         let own = [
             (&header::CONTENT_TYPE, content_type),
             (&header::CONTENT_LENGTH, Value::Length(self.reply.body.len())),
             (&CACHE_STATUS, Value::CacheStatus(&self.reply.cache_status)),
-            (&header::VARY, Value::Static(VARY)),
+            (&header::VARY, Value::Header(&VARY)),
         ];
         own.into_iter().chain(self.reply.relayed.iter().map(|(name, value)| (name, Value::Header(value))))
     }
