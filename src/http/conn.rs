@@ -15,8 +15,9 @@
 //! Everything else goes to pingora's proxy unchanged: the bytes read so far are handed to a fresh
 //! session as its pipelined prefix, so the proxy parses the same request as if it had read it
 //! itself, and `decide(.., fast = true)` returns `None` before a request body is read. HTTP/2 (by
-//! ALPN, or h2c told by the connection's first bytes) and custom protocols go to pingora's own
-//! connection handling. With TLS on the listener, the handshake runs first ([`crate::tls::accept`]).
+//! ALPN, or h2c told by the connection's first bytes) runs the proxy's HTTP/2 loop (`super::h2`);
+//! custom protocols go to pingora's own connection handling. With TLS on the listener, the
+//! handshake runs first ([`crate::tls::accept`]).
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -359,9 +360,9 @@ impl ServerApp for FastPath {
             Some(tls) => Box::pin(crate::tls::accept(tls, stream)).await?,
             None => stream,
         };
-        // As pingora-core's `ServerApp for HttpServerApp`: HTTP/2 (h2c or ALPN) and custom protocols
-        // are pingora's; the HTTP/1 loop is this one. pingora tells h2c by waiting for 24 bytes,
-        // which stalls a shorter HTTP/1 request: here the first read decides.
+        // As pingora-core's `ServerApp for HttpServerApp`: HTTP/2 (h2c or ALPN) goes to the HTTP/2
+        // loop, custom protocols to pingora; the HTTP/1 loop is this one. pingora tells h2c by
+        // waiting for 24 bytes, which stalls a shorter HTTP/1 request: here the first read decides.
         let options = self.proxy.server_options();
         let custom = options.is_some_and(|o| o.force_custom);
         let (stream, h2c) = if options.is_some_and(|o| o.h2c) && !custom && stream.get_ssl_digest().is_none() {

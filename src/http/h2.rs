@@ -7,9 +7,9 @@
 //! body is decided here ([`InsightsProxy::decide`], the decision `request_filter` makes) and, when
 //! the proxy answers it itself, answered through the stream's session with the head
 //! `request_filter`'s answer has ([`answer`]), with the same metrics and access log, without
-//! pingora_proxy's `Session` and phase machine. Everything else (other methods, bodies, what `decide` passes through) goes to
-//! pingora's proxy unchanged (`process_new_http`), in a task of its own as pingora runs every
-//! stream.
+//! pingora_proxy's `Session` and phase machine. Everything else (other methods, bodies, what
+//! `decide` passes through) goes to pingora's proxy unchanged (`process_new_http`), in a task of its
+//! own as pingora runs every stream.
 //!
 //! The streams decided here are polled by the connection's task itself rather than spawned: the
 //! answer is queued and flushed by the same task that reads the next frames, without a task and
@@ -26,7 +26,6 @@ use pingora::protocols::http::v2::server::{handshake, H2Accept, HttpSession};
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::{Digest, Stream};
 use pingora::server::ShutdownWatch;
-
 use pingora::{Error, ErrorType, OkOrErr, OrErr, Result};
 
 use crate::insights::Reply;

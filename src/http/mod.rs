@@ -2,7 +2,7 @@
 //! pingora's pass-through hooks.
 //!
 //! - [`conn`]: the listening app ([`FastPath`]): pingora's HTTP/1 connection loop with the proxy's
-//!   own answers written directly; everything else (HTTP/2, bodies, pass-through) to pingora's proxy.
+//!   own answers written directly; bodies and pass-through to pingora's proxy, HTTP/2 to `h2`.
 //! - `h2`: pingora's HTTP/2 connection loop, with the proxy's own answers written without
 //!   pingora_proxy's per-request session; everything else to pingora's proxy.
 //! - [`framing`]: unambiguous body framing and a well-formed authority, checked first.
