@@ -175,8 +175,8 @@ impl CacheStatus {
     }
 }
 
-/// `n` in decimal, in `buf`.
-fn decimal(n: i64, buf: &mut [u8; 20]) -> &str {
+/// `n` in decimal, in `buf` (header values written without `fmt`).
+pub(crate) fn decimal(n: i64, buf: &mut [u8; 20]) -> &str {
     let mut i = buf.len();
     let mut m = n.unsigned_abs();
     loop {

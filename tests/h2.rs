@@ -234,3 +234,192 @@ fn streams_the_client_resets_leave_no_work_behind() {
     assert!(hit.cache_status().contains("hit"), "{}", hit.cache_status());
     assert_eq!(h.sim.calculations(1, id) - before, 1, "reset streams did not start more calculations");
 }
+
+/// An answer's fields as (lowercase name, value), without those that differ by design between
+/// HTTP/1.1 and HTTP/2 (hop-by-hop) or from one second to the next (`date`).
+fn end_to_end(fields: impl Iterator<Item = (String, String)>) -> Vec<(String, String)> {
+    let mut fields: Vec<_> = fields
+        .filter(|(k, _)| !["connection", "keep-alive", "transfer-encoding", "date"].contains(&k.as_str()))
+        .collect();
+    fields.sort();
+    fields
+}
+
+#[test]
+fn own_answers_over_h2_equal_the_http1_answers_apart_from_hop_by_hop_fields() {
+    let h = Harness::start();
+    let (_, url) = h.day_insight();
+    assert_eq!(h.get(&format!("{url}?refresh=blocking"), ALL).status, 200);
+    // A hit, a refusal of the proxy's own (a bad query string), and the upstream's refusal of an
+    // unknown token (one token each: a second request would meet the refusal remembered).
+    let cases =
+        [(url.clone(), ALL, ALL), (format!("{url}?a=%zz"), ALL, ALL), (url.clone(), "phx_nobody_1", "phx_nobody_2")];
+    runtime().block_on(async {
+        let c = h2c_connect(h.proxy_port).await;
+        for (path, h1_token, h2_token) in &cases {
+            let h1 = h.get(path, h1_token);
+            let h2 = h2_get(&c, path, h2_token).await;
+            assert_eq!(h2.status, h1.status, "{path}");
+            assert_eq!(&h2.body[..], &h1.body[..], "{path}");
+            let h2_fields = h2.headers.iter().map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_string()));
+            assert_eq!(end_to_end(h2_fields), end_to_end(h1.headers.clone().into_iter()), "{path}");
+            assert!(h2.header("date").is_some() && h1.header("date").is_some(), "{path}");
+        }
+    });
+}
+
+/// HTTP/2 by hand, for a client that opens more streams than the server allows (the `h2` client
+/// never does): frames, and header blocks as HPACK literals without indexing or Huffman coding.
+mod raw_h2 {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::time::Duration;
+
+    const HEADERS: u8 = 0x1;
+    pub const RST_STREAM: u8 = 0x3;
+    pub const SETTINGS: u8 = 0x4;
+    pub const END_STREAM: u8 = 0x1;
+    const END_HEADERS: u8 = 0x4;
+    const ACK: u8 = 0x1;
+
+    pub struct Frame {
+        pub kind: u8,
+        pub flags: u8,
+        pub stream: u32,
+        pub payload: Vec<u8>,
+    }
+
+    pub struct Conn(TcpStream);
+
+    impl Conn {
+        /// The preface and an empty SETTINGS; the server's SETTINGS read and acknowledged.
+        pub fn open(port: u16) -> Conn {
+            let s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            let mut c = Conn(s);
+            c.0.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").unwrap();
+            c.send(SETTINGS, 0, 0, &[]);
+            loop {
+                let f = c.frame().expect("the server's SETTINGS");
+                if f.kind == SETTINGS && f.flags & ACK == 0 {
+                    break;
+                }
+            }
+            c.send(SETTINGS, ACK, 0, &[]);
+            c
+        }
+
+        fn send(&mut self, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
+            let len = (payload.len() as u32).to_be_bytes();
+            let mut f = vec![len[1], len[2], len[3], kind, flags];
+            f.extend_from_slice(&stream.to_be_bytes());
+            f.extend_from_slice(payload);
+            self.0.write_all(&f).unwrap();
+        }
+
+        /// A GET without a body on `stream`.
+        pub fn get(&mut self, stream: u32, path: &str, authorization: &str) {
+            let mut block = Vec::new();
+            for (k, v) in [
+                (":method", "GET"),
+                (":scheme", "http"),
+                (":authority", "localhost"),
+                (":path", path),
+                ("authorization", authorization),
+            ] {
+                block.push(0); // literal without indexing, new name
+                for s in [k, v] {
+                    assert!(s.len() < 127);
+                    block.push(s.len() as u8);
+                    block.extend_from_slice(s.as_bytes());
+                }
+            }
+            self.send(HEADERS, END_HEADERS | END_STREAM, stream, &block);
+        }
+
+        /// The next frame; `None` when the connection ends.
+        pub fn frame(&mut self) -> Option<Frame> {
+            let mut head = [0u8; 9];
+            self.0.read_exact(&mut head).ok()?;
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let mut payload = vec![0; len];
+            self.0.read_exact(&mut payload).ok()?;
+            let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+            Some(Frame { kind: head[3], flags: head[4], stream, payload })
+        }
+    }
+}
+
+#[test]
+fn streams_past_the_configured_bound_are_refused_and_the_others_answered() {
+    let h = Harness::with(|c, sim| {
+        c.h2_max_concurrent_streams = 4;
+        sim.calc_delay = Duration::from_millis(300);
+    });
+    let (_, url) = h.day_insight();
+    let mut c = raw_h2::Conn::open(h.proxy_port);
+    // Six streams at once; the first four wait on one calculation while the last two arrive.
+    let path = format!("{url}?refresh=blocking");
+    let streams = [1, 3, 5, 7, 9, 11];
+    for s in streams {
+        c.get(s, &path, &auth(ALL));
+    }
+    let (mut answered, mut refused) = (Vec::new(), Vec::new());
+    while answered.len() + refused.len() < streams.len() {
+        let f = c.frame().expect("a frame for every stream");
+        match f.kind {
+            raw_h2::RST_STREAM => {
+                let code = u32::from_be_bytes(f.payload[..4].try_into().unwrap());
+                assert_eq!(code, 0x7, "REFUSED_STREAM for stream {}", f.stream);
+                refused.push(f.stream);
+            }
+            // The answer's last frame (HEADERS, or DATA after them).
+            _ if f.flags & raw_h2::END_STREAM != 0 && f.stream != 0 => answered.push(f.stream),
+            _ => {}
+        }
+    }
+    answered.sort();
+    assert_eq!(answered, [1, 3, 5, 7]);
+    assert_eq!(refused, [9, 11]);
+    // The connection goes on: a new stream is answered.
+    c.get(13, &url, &auth(ALL));
+    loop {
+        let f = c.frame().expect("an answer on stream 13");
+        if f.stream == 13 && f.flags & raw_h2::END_STREAM != 0 {
+            break;
+        }
+    }
+}
+
+#[test]
+fn on_shutdown_a_connection_gets_goaway_and_its_stream_in_flight_its_answer() {
+    let mut h = Harness::with(|c, sim| {
+        // The runtime outlives the signal by this much: time for the answer in flight.
+        c.grace_period = Duration::from_secs(2);
+        sim.calc_delay = Duration::from_millis(500);
+    });
+    let (_, url) = h.day_insight();
+    // The client's connection is driven while the proxy stops.
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let c = rt.block_on(h2c_connect(h.proxy_port));
+    let path = format!("{url}?refresh=blocking");
+    let answer = rt.spawn({
+        let c = c.clone();
+        async move { h2_get(&c, &path, ALL).await }
+    });
+    eventually("the stream is in flight", || in_flight(&h) > 0.0);
+    std::thread::scope(|s| {
+        s.spawn(|| h.stop_proxy(true));
+        let answer = rt.block_on(answer).unwrap();
+        assert_eq!(answer.status, 200, "{:?}", answer.body);
+        // After GOAWAY the connection takes no new stream.
+        let bearer = auth(ALL);
+        let headers = [("authorization", bearer.as_str())];
+        let after = rt.block_on(async {
+            let request = h2_request(&c, "GET", &url, &headers, None);
+            tokio::time::timeout(Duration::from_secs(20), request).await
+        });
+        let refused = matches!(&after, Ok(Err(e)) if e.is_go_away() && e.reason() == Some(h2::Reason::NO_ERROR));
+        assert!(refused, "a new stream after GOAWAY: {:?}", after.map(|r| r.map(|r| r.status)));
+    });
+}

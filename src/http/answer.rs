@@ -1,6 +1,7 @@
 //! The proxy's own answers written to pingora's session (HTTP/1 or HTTP/2): a [`Reply`], or the
 //! answer to a request that failed. The fast path writes the same head itself ([`Head::h1`]).
 
+use pingora::http::ResponseHeader;
 use pingora::protocols::http::ServerSession;
 use pingora::proxy::FailToProxy;
 use pingora::ErrorSource;
@@ -72,9 +73,7 @@ impl InsightsProxy {
 /// Writes `reply` to pingora's session (HTTP/1 or HTTP/2; pingora adds `Date`, and on HTTP/1
 /// `Connection`).
 pub async fn write_reply(session: &mut ServerSession, reply: &Reply) -> Result<()> {
-    let head = Head::of(reply)
-        .and_then(|h| h.response_header())
-        .map_err(|e| Error::explain(ErrorType::InvalidHTTPHeader, e.to_string()))?;
+    let head = response_head(reply)?;
     // A failed write is the client's doing (it went away): say so, or fail_to_proxy counts it
     // against the upstream's circuit breaker.
     // Written to the downstream session directly: the proxy installs no downstream modules, so
@@ -82,6 +81,13 @@ pub async fn write_reply(session: &mut ServerSession, reply: &Reply) -> Result<(
     session.write_response_header(Box::new(head)).await.map_err(|e| e.into_down())?;
     session.write_response_body(reply.body.clone(), true).await.map_err(|e| e.into_down())?;
     Ok(())
+}
+
+/// The response header of `reply` for pingora's session.
+pub(super) fn response_head(reply: &Reply) -> Result<ResponseHeader> {
+    Head::of(reply)
+        .and_then(|h| h.response_header())
+        .map_err(|e| Error::explain(ErrorType::InvalidHTTPHeader, e.to_string()))
 }
 
 /// Writes `reply` and keeps its `Cache-Status` for the log and metrics (also when the write fails).

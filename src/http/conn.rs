@@ -13,9 +13,9 @@
 //!
 //! Everything else goes to pingora's proxy unchanged: the bytes read so far are handed to a fresh
 //! session as its pipelined prefix, so the proxy parses the same request as if it had read it
-//! itself. HTTP/2 (by ALPN, or h2c told by the connection's first bytes) and custom protocols go to
-//! pingora's own connection handling. With TLS on the listener, the handshake runs first
-//! ([`crate::tls::accept`]).
+//! itself. HTTP/2 (by ALPN, or h2c told by the connection's first bytes) runs the proxy's HTTP/2
+//! loop (`super::h2`); custom protocols go to pingora's own connection handling. With TLS on the
+//! listener, the handshake runs first ([`crate::tls::accept`]).
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -51,9 +51,9 @@ const HEADER_BUF: usize = 4096;
 const READ_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub struct FastPath {
-    proxy: Arc<HttpProxy<InsightsProxy>>,
+    pub(super) proxy: Arc<HttpProxy<InsightsProxy>>,
     /// The same decision code as the proxy's `request_filter` (a second handle on the same `App`).
-    insights: InsightsProxy,
+    pub(super) insights: InsightsProxy,
     /// Set (and waiters woken) when the service stops listening, as pingora's proxy does for
     /// requests it waits for on idle keep-alive connections.
     closing: AtomicBool,
@@ -171,7 +171,7 @@ impl FastPath {
 
     /// After the proxy's answer went through pingora's session (`answered`), or deciding failed: as
     /// pingora's proxy ends a request that `request_filter` answered or failed.
-    async fn finish(
+    pub(super) async fn finish(
         &self,
         mut session: ServerSession,
         mut ctx: RequestCtx,
@@ -378,9 +378,9 @@ impl ServerApp for FastPath {
             Some(tls) => Box::pin(crate::tls::accept(tls, stream)).await?,
             None => stream,
         };
-        // As pingora-core's `ServerApp for HttpServerApp`: HTTP/2 (h2c or ALPN) and custom protocols
-        // are pingora's; the HTTP/1 loop is this one. pingora tells h2c by waiting for 24 bytes,
-        // which stalls a shorter HTTP/1 request: here the first read decides.
+        // As pingora-core's `ServerApp for HttpServerApp`: HTTP/2 (h2c or ALPN) goes to the HTTP/2
+        // loop, custom protocols to pingora; the HTTP/1 loop is this one. pingora tells h2c by
+        // waiting for 24 bytes, which stalls a shorter HTTP/1 request: here the first read decides.
         let options = self.proxy.server_options();
         let custom = options.is_some_and(|o| o.force_custom);
         let (stream, h2c) = if options.is_some_and(|o| o.h2c) && !custom && stream.get_ssl_digest().is_none() {
@@ -388,6 +388,9 @@ impl ServerApp for FastPath {
         } else {
             (stream, false)
         };
+        if !custom && (h2c || matches!(stream.selected_alpn_proto(), Some(ALPN::H2))) {
+            return self.serve_h2(stream, shutdown).await;
+        }
         if h2c || custom || matches!(stream.selected_alpn_proto(), Some(ALPN::H2 | ALPN::Custom(_))) {
             return ServerApp::process_new(&self.proxy, stream, shutdown).await;
         }

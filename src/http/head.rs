@@ -8,12 +8,13 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::StatusCode;
 use pingora::http::ResponseHeader;
 
-use crate::cache_status::CacheStatus;
+use crate::cache_status::{decimal, CacheStatus};
 use crate::insights::Reply;
 
 static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
-const VARY: &str = "Authorization, Cookie";
-const DEFAULT_CONTENT_TYPE: &str = "application/json";
+// Built at compile time: `HeaderValue::from_static` checks every byte when it runs.
+static VARY: HeaderValue = HeaderValue::from_static("Authorization, Cookie");
+static DEFAULT_CONTENT_TYPE: HeaderValue = HeaderValue::from_static("application/json");
 
 /// Why an answer's head cannot be written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -46,7 +47,7 @@ pub(crate) struct Head<'a> {
 impl<'a> Head<'a> {
     pub(crate) fn of(reply: &'a Reply) -> Result<Head<'a>, InvalidHead> {
         let status = StatusCode::from_u16(reply.status).map_err(|_| InvalidHead::Status)?;
-        let content_type = reply.content_type.as_deref().unwrap_or(DEFAULT_CONTENT_TYPE);
+        let content_type = reply.content_type.as_deref().unwrap_or("application/json");
         // `http::HeaderValue::from_str`'s rule.
         if !content_type.bytes().all(|b| b == b'\t' || (b >= 32 && b != 127)) {
             return Err(InvalidHead::ContentType);
@@ -57,11 +58,16 @@ impl<'a> Head<'a> {
     /// The answer's fields, in the order both writers send them; the writers add only what pingora
     /// adds to every response (`Date`, and `Connection` on HTTP/1).
     pub(crate) fn fields(&self) -> impl Iterator<Item = (&'a HeaderName, Value<'a>)> {
+        // The default as a static value: `HeaderValue::from_str` would copy it into an allocation.
+        let content_type = match self.reply.content_type {
+            None => Value::Header(&DEFAULT_CONTENT_TYPE),
+            Some(_) => Value::Text(self.content_type),
+        };
         let own = [
-            (&header::CONTENT_TYPE, Value::Text(self.content_type)),
+            (&header::CONTENT_TYPE, content_type),
             (&header::CONTENT_LENGTH, Value::Length(self.reply.body.len())),
             (&CACHE_STATUS, Value::CacheStatus(&self.reply.cache_status)),
-            (&header::VARY, Value::Static(VARY)),
+            (&header::VARY, Value::Header(&VARY)),
         ];
         own.into_iter().chain(self.reply.relayed.iter().map(|(name, value)| (name, Value::Header(value))))
     }
@@ -81,7 +87,10 @@ impl<'a> Head<'a> {
                 Value::Text(s) => HeaderValue::from_str(s).map_err(|_| InvalidHead::ContentType)?,
                 Value::Length(n) => HeaderValue::from(n),
                 Value::CacheStatus(cs) => {
-                    HeaderValue::try_from(cs.to_string()).map_err(|_| InvalidHead::CacheStatus)?
+                    // Sized once, written without `fmt`.
+                    let mut v = Vec::with_capacity(64);
+                    cs.write_to(&mut v);
+                    HeaderValue::from_maybe_shared(bytes::Bytes::from(v)).map_err(|_| InvalidHead::CacheStatus)?
                 }
                 Value::Header(v) => v.clone(),
             };
@@ -120,7 +129,7 @@ fn put_field(head: &mut Vec<u8>, name: &HeaderName, value: Value<'_>) {
     head.extend_from_slice(b": ");
     match value {
         Value::Static(s) | Value::Text(s) => head.extend_from_slice(s.as_bytes()),
-        Value::Length(n) => head.extend_from_slice(itoa(n, &mut [0u8; 20])),
+        Value::Length(n) => head.extend_from_slice(decimal(n as i64, &mut [0u8; 20]).as_bytes()),
         Value::CacheStatus(cs) => cs.write_to(head),
         Value::Header(v) => head.extend_from_slice(v.as_bytes()),
     }
@@ -144,18 +153,6 @@ fn wire_name(name: &HeaderName) -> &str {
         header::SERVER => "Server",
         header::SET_COOKIE => "Set-Cookie",
         _ => name.as_str(),
-    }
-}
-
-fn itoa(mut n: usize, buf: &mut [u8; 20]) -> &[u8] {
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            return &buf[i..];
-        }
     }
 }
 

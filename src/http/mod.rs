@@ -2,7 +2,9 @@
 //! pingora's pass-through hooks.
 //!
 //! - [`conn`]: the listening app ([`FastPath`]): pingora's HTTP/1 connection loop with the proxy's
-//!   own answers written directly; everything else (HTTP/2, bodies, pass-through) to pingora's proxy.
+//!   own answers written directly; bodies and pass-through to pingora's proxy, HTTP/2 to `h2`.
+//! - `h2`: pingora's HTTP/2 connection loop, with the proxy's own answers written without
+//!   pingora_proxy's per-request session; everything else to pingora's proxy.
 //! - `listener`: the port's listening socket and accept loop, each connection a task of its
 //!   own running [`FastPath`].
 //! - [`framing`]: unambiguous body framing and a well-formed authority, checked first.
@@ -19,6 +21,7 @@ pub mod conn;
 mod ctx;
 mod decide;
 pub mod framing;
+mod h2;
 mod head;
 mod listener;
 pub mod proxy;

@@ -173,6 +173,14 @@ impl Harness {
         self.sim.calculations(project, insight)
     }
 
+    /// Stops the proxy (`graceful`: pingora's shutdown signal, then its grace period); returns once
+    /// its server has exited.
+    pub fn stop_proxy(&mut self, graceful: bool) {
+        if let Some(p) = self.proxy.take() {
+            p.stop(graceful);
+        }
+    }
+
     /// Stops the backend (the proxy keeps running) to simulate an upstream outage.
     pub fn stop_backend(&mut self) {
         if let Some(b) = self.backend.take() {
