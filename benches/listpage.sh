@@ -97,21 +97,22 @@ SIM_PID=$!; PIDS+=("$SIM_PID")
 wait_port "$SIM_PORT" "$SIM_PID" || die "the simulator did not start"
 
 have=$(curl -fsS -H "$AUTH" "http://127.0.0.1:$SIM_PORT$LIST?basic=true&limit=1" | python3 -c 'import json,sys; print(json.load(sys.stdin)["count"])')
-create() { # body (JSON)
-  curl -fsS -o /dev/null -X POST -H "$AUTH" -H "Content-Type: application/json" --data "$1" "http://127.0.0.1:$SIM_PORT$LIST"
+create() { # body (JSON): prints the new insight's id
+  curl -fsS -X POST -H "$AUTH" -H "Content-Type: application/json" --data "$1" "http://127.0.0.1:$SIM_PORT$LIST" |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])'
 }
 if [ "$ITEM_BYTES" -gt 0 ]; then
   # One insight measured as listed (with its result), then every one padded to ITEM_BYTES.
   query='{"kind": "DataTableNode", "source": {"kind": "HogQLQuery", "query": "select 1"}}'
-  create "{\"name\": \"bench\", \"saved\": true, \"query\": $query}"
+  first=$(create "{\"name\": \"bench\", \"saved\": true, \"query\": $query}")
   size=$(curl -fsS -H "$AUTH" "http://127.0.0.1:$SIM_PORT$LIST?limit=1&offset=$have&refresh=blocking" | python3 -c \
     'import json,sys; print(len(json.dumps(json.load(sys.stdin)["results"][0], separators=(",", ":"))))')
   pad=$(python3 -c "print('x' * max(0, $ITEM_BYTES - $size))")
   for i in $(seq 2 100); do
-    create "{\"name\": \"bench\", \"saved\": true, \"description\": \"$pad\", \"query\": $query}"
+    create "{\"name\": \"bench\", \"saved\": true, \"description\": \"$pad\", \"query\": $query}" >/dev/null
   done
   curl -fsS -o /dev/null -X PATCH -H "$AUTH" -H "Content-Type: application/json" \
-    --data "{\"description\": \"$pad\"}" "http://127.0.0.1:$SIM_PORT$LIST$((have + 1))/" || log "warning: first insight unpadded"
+    --data "{\"description\": \"$pad\"}" "http://127.0.0.1:$SIM_PORT$LIST$first/"
   OFFSET=$have
 else
   # 100 insights in project 1: the seeded ones plus copies of the query of the seeded insight with
@@ -121,7 +122,7 @@ else
       'import json,sys; raw=sys.stdin.read(); print(len(raw), json.dumps(json.loads(raw)["query"]))'
   done | sort -n | head -1 | cut -d' ' -f2-)
   for i in $(seq "$((have + 1))" 100); do
-    create "{\"name\": \"bench $i\", \"query\": $query}"
+    create "{\"name\": \"bench $i\", \"query\": $query}" >/dev/null
   done
   OFFSET=0
 fi
