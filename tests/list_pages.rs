@@ -319,45 +319,45 @@ fn a_member_turning_stale_is_never_served_from_a_reused_page() {
     }
 }
 
-#[test]
-fn a_principal_refused_elsewhere_never_gets_its_reused_page() {
-    let h = uniform_harness(|_| {});
-    let rt = runtime();
-    let key = "phx_list_refused";
+/// A key the upstream accepts for project 1, whose first page is kept with a reusable answer.
+fn key_with_a_reused_page(h: &Harness, rt: &tokio::runtime::Runtime, key: &str) {
     h.sim.set_project_access(key, 1, true);
-    fill(&h, key);
-    read(&h, &rt, key, "");
-    read(&h, &rt, key, "");
-    assert!(reusable(&h, &rt, key, ""));
-    let id = h.project1_insights()[0]["id"].as_u64().unwrap();
-    // The upstream refuses the key now; the proxy learns it from a read it has to forward.
-    h.sim.set_project_access(key, 1, false);
-    let refused = h.get(&format!("{LIST}{id}/?refresh=force_blocking"), key);
-    assert_eq!(refused.status, 403, "{}", refused.text());
+    fill(h, key);
+    read(h, rt, key, "");
+    read(h, rt, key, "");
+    assert!(reusable(h, rt, key, ""));
+}
+
+/// Reads of the page by `key` are refused with `status`, carrying no data.
+fn assert_page_refused(h: &Harness, key: &str, status: u16) {
     for _ in 0..2 {
         let r = h.get(LIST, key);
-        assert_eq!(r.status, 403, "{}", r.text());
+        assert_eq!(r.status, status, "{}", r.text());
         assert!(r.json().get("results").is_none(), "cached data in a refusal: {}", r.text());
     }
 }
 
 #[test]
+fn a_principal_refused_elsewhere_never_gets_its_reused_page() {
+    let h = uniform_harness(|_| {});
+    let key = "phx_list_refused";
+    key_with_a_reused_page(&h, &runtime(), key);
+    let id = h.project1_insights()[0]["id"].as_u64().unwrap();
+    // The upstream refuses the key now; the proxy learns it from a read it has to forward.
+    h.sim.set_project_access(key, 1, false);
+    let refused = h.get(&format!("{LIST}{id}/?refresh=force_blocking"), key);
+    assert_eq!(refused.status, 403, "{}", refused.text());
+    assert_page_refused(&h, key, 403);
+}
+
+#[test]
 fn a_revoked_key_never_gets_its_reused_page_once_its_confirmation_lapsed() {
     let h = uniform_harness(|c| c.revalidate_after = Duration::from_secs(60));
-    let rt = runtime();
     let key = "phx_list_revoked";
-    h.sim.set_project_access(key, 1, true);
-    fill(&h, key);
-    read(&h, &rt, key, "");
-    read(&h, &rt, key, "");
-    assert!(reusable(&h, &rt, key, ""));
+    key_with_a_reused_page(&h, &runtime(), key);
     h.sim.revoke_token(key);
     h.clock.advance(Duration::from_secs(61));
-    for _ in 0..2 {
-        let r = h.get(LIST, key);
-        assert_eq!(r.status, 401, "{}", r.text());
-        assert!(r.json().get("results").is_none(), "cached data in a refusal: {}", r.text());
-    }
+    assert_page_refused(&h, key, 401);
 }
 
 #[derive(Debug, Clone)]

@@ -43,7 +43,8 @@ struct Epochs {
 }
 
 impl Epochs {
-    fn new() -> Self {
+    /// `changes` learns of a raised floor: it ends entries of every scope.
+    fn new(changes: Arc<Changes>) -> Self {
         let floor = Arc::new(AtomicU64::new(0));
         let f = floor.clone();
         let purges = moka::sync::Cache::builder()
@@ -53,6 +54,7 @@ impl Epochs {
                 // of the same scope is still covered by its successor.
                 if cause.was_evicted() {
                     f.fetch_max(v, Ordering::Relaxed);
+                    changes.note_all();
                 }
             })
             .build();
@@ -232,7 +234,7 @@ impl InsightCache {
             upstream_latest,
             pages,
             empty,
-            epochs: Epochs::new(),
+            epochs: Epochs::new(changes.clone()),
             owners,
             l2: None,
             clock: Clock::new(),
