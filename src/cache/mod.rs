@@ -547,6 +547,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn every_change_of_a_project_is_counted_and_no_other() {
+        let c = InsightCache::new(1 << 20, Duration::from_secs(60), None);
+        let (one, two) = (c.changes(1), c.changes(2));
+        assert!(c.insert(key(1, 1, 1), entry(&c, 1, "2026-01-01T00:00:01Z")).await);
+        let stored = c.changes(1);
+        assert!(stored > one, "an entry stored");
+        assert!(!c.insert(key(1, 1, 1), entry(&c, 1, "2026-01-01T00:00:00Z")).await);
+        assert_eq!(c.changes(1), stored, "an older result refused changes nothing");
+        c.note_change(1);
+        let started = c.changes(1);
+        assert!(started > stored, "a calculation started");
+        c.remove(&key(1, 1, 1)).await;
+        assert!(c.changes(1) > started, "an entry removed");
+        let removed = c.changes(1);
+        c.purge_insight(1, 7);
+        assert!(c.changes(1) > removed, "an insight purged");
+        assert_eq!(c.changes(2), two, "another project's count is its own");
+        c.purge_partition(Partition([9; 16]));
+        assert!(c.changes(2) > two, "a partition spans projects");
+    }
+
+    #[tokio::test]
     async fn a_group_is_per_partition_and_only_its_time_crosses() {
         let c = InsightCache::new(1 << 20, Duration::from_secs(60), None);
         let b = serde_json::to_vec(&json!({"id": 1, "result": [1], "last_refresh": "2026-01-01T00:00:00Z",
