@@ -50,15 +50,17 @@ impl QueryParams {
 
     /// Re-encodes the parameters, leaving out `drop` and appending `extra`.
     pub fn encode_without(&self, drop: &[&str], extra: &[(&str, &str)]) -> String {
-        let mut out = String::new();
-        let kept = self.iter().filter(|(k, _)| !drop.contains(k));
-        for (k, v) in kept.chain(extra.iter().copied()) {
+        let kept = || self.iter().filter(|(k, _)| !drop.contains(k)).chain(extra.iter().copied());
+        // Written in place, sized for the common case of nothing to escape: every kept list-page
+        // hit builds its page key with this.
+        let mut out = String::with_capacity(kept().map(|(k, v)| k.len() + v.len() + 2).sum());
+        for (k, v) in kept() {
             if !out.is_empty() {
                 out.push('&');
             }
-            out.push_str(&encode(k));
+            out.extend(percent_encoding::utf8_percent_encode(k, ENCODED));
             out.push('=');
-            out.push_str(&encode(v));
+            out.extend(percent_encoding::utf8_percent_encode(v, ENCODED));
         }
         out
     }
@@ -79,10 +81,12 @@ fn decode(s: &str) -> Result<String, QueryError> {
     percent_decode(plus_as_space.as_bytes()).decode_utf8().map(|c| c.into_owned()).map_err(|_| QueryError::NotUtf8)
 }
 
+/// What [`encode`] escapes: everything but RFC 3986's unreserved characters.
+const ENCODED: &percent_encoding::AsciiSet =
+    &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~');
+
 pub fn encode(s: &str) -> String {
-    const SET: &percent_encoding::AsciiSet =
-        &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~');
-    percent_encoding::utf8_percent_encode(s, SET).to_string()
+    percent_encoding::utf8_percent_encode(s, ENCODED).to_string()
 }
 
 #[cfg(test)]

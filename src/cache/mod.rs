@@ -23,7 +23,7 @@ use parking_lot::Mutex;
 pub use entry::{Entry, EntryError};
 pub use key::{CacheKey, Partition, PartitionKeyer};
 pub use l2::{PurgeScope, L2};
-pub use page::ListPage;
+pub use page::{Assembled, ListPage};
 
 use crate::clock::Clock;
 
@@ -43,7 +43,8 @@ struct Epochs {
 }
 
 impl Epochs {
-    fn new() -> Self {
+    /// `changes` learns of a raised floor: it ends entries of every scope.
+    fn new(changes: Arc<Changes>) -> Self {
         let floor = Arc::new(AtomicU64::new(0));
         let f = floor.clone();
         let purges = moka::sync::Cache::builder()
@@ -53,6 +54,7 @@ impl Epochs {
                 // of the same scope is still covered by its successor.
                 if cause.was_evicted() {
                     f.fetch_max(v, Ordering::Relaxed);
+                    changes.note_all();
                 }
             })
             .build();
@@ -112,6 +114,47 @@ fn pages_cache(ttl: Duration) -> Cache<PageKey, Arc<ListPage>> {
     Cache::builder().max_capacity(MAX_PAGES).time_to_live(ttl).build()
 }
 
+/// Slots of the change counts: projects share one when they hash alike (a spurious change costs
+/// one assembly, never a wrong answer).
+const CHANGE_SLOTS: usize = 64;
+
+/// Counts every change of what a cached answer is made from, per project slot: an entry stored,
+/// replaced, removed or dropped by the cache, a purge, a calculation started (which a read of a
+/// fresh entry reports while it runs). An answer assembled from entries read after a count stays
+/// what assembling it again would give while the count is unchanged, up to the wall-clock bounds
+/// of its entries ([`Assembled`]).
+struct Changes {
+    slots: [AtomicU64; CHANGE_SLOTS],
+}
+
+impl Default for Changes {
+    fn default() -> Self {
+        Self { slots: std::array::from_fn(|_| AtomicU64::new(0)) }
+    }
+}
+
+impl Changes {
+    fn slot(&self, project: u64) -> &AtomicU64 {
+        &self.slots[(project.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 58) as usize % CHANGE_SLOTS]
+    }
+
+    /// Called after the change is visible to readers.
+    fn note(&self, project: u64) {
+        self.slot(project).fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn note_all(&self) {
+        for slot in &self.slots {
+            slot.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Read before the entries an answer is assembled from.
+    fn count(&self, project: u64) -> u64 {
+        self.slot(project).load(Ordering::SeqCst)
+    }
+}
+
 pub struct InsightCache {
     entries: Cache<CacheKey, Arc<Entry>, FastHasher>,
     /// Per credential partition and upstream cache key (`CacheKey::group_key`): the newest result
@@ -131,6 +174,8 @@ pub struct InsightCache {
     /// The shared second tier, when configured.
     l2: Option<Arc<L2>>,
     clock: Clock,
+    changes: Arc<Changes>,
+    ttl: Duration,
 }
 
 /// Called with the cause of every entry the cache drops on its own (`size`, `expired`).
@@ -140,6 +185,8 @@ impl InsightCache {
     pub fn new(max_bytes: u64, ttl: Duration, on_evict: Option<EvictionHook>) -> Self {
         let owners: Arc<Mutex<HashMap<Partition, u32>>> = Arc::default();
         let gone = owners.clone();
+        let changes: Arc<Changes> = Arc::default();
+        let dropped = changes.clone();
         let entries = Cache::builder()
             .name("insights")
             .max_capacity(max_bytes)
@@ -156,6 +203,7 @@ impl InsightCache {
                     RemovalCause::Explicit => "purged",
                     RemovalCause::Replaced => return,
                 };
+                dropped.note(k.project);
                 let mut owners = gone.lock();
                 if let std::collections::hash_map::Entry::Occupied(mut n) = owners.entry(k.partition) {
                     *n.get_mut() -= 1;
@@ -186,10 +234,12 @@ impl InsightCache {
             upstream_latest,
             pages,
             empty,
-            epochs: Epochs::new(),
+            epochs: Epochs::new(changes.clone()),
             owners,
             l2: None,
             clock: Clock::new(),
+            changes,
+            ttl,
         }
     }
 
@@ -208,6 +258,24 @@ impl InsightCache {
 
     pub fn l2(&self) -> Option<&Arc<L2>> {
         self.l2.as_ref()
+    }
+
+    /// How many changes the cache saw in `project`'s slot: read it before reading the entries an
+    /// answer is assembled from; the answer may be reused while it is unchanged ([`Assembled`]).
+    pub fn changes(&self, project: u64) -> u64 {
+        self.changes.count(project)
+    }
+
+    /// Records a change the cache cannot see itself: a calculation for `project` started.
+    pub fn note_change(&self, project: u64) {
+        self.changes.note(project);
+    }
+
+    /// The wall-clock millisecond before which an entry whose calculation started at
+    /// `started_ms` cannot have expired from memory (it was stored after it started).
+    pub fn kept_until_ms(&self, started_ms: i64) -> i64 {
+        // A second early: the cache expires by the monotonic clock, this is the wall clock.
+        started_ms.saturating_add(i64::try_from(self.ttl.as_millis()).unwrap_or(i64::MAX)) - 1000
     }
 
     /// Wall-clock milliseconds, when a calculation started (this replica's own bookkeeping; the
@@ -283,6 +351,7 @@ impl InsightCache {
             CompResult::ReplacedWith(_) => {}
             _ => return false,
         }
+        self.changes.note(key.project);
         // The upstream has something for this key now: its "nothing cached" note is over.
         self.empty.invalidate(&key);
         self.note_group(&key, &entry);
@@ -325,6 +394,7 @@ impl InsightCache {
 
     pub async fn remove(&self, key: &CacheKey) {
         self.entries.invalidate(key).await;
+        self.changes.note(key.project);
     }
 
     pub fn purge_insight(&self, project: u64, insight: u64) {
@@ -372,6 +442,10 @@ impl InsightCache {
     /// Purges this replica's memory only (what another replica's purge event asks for).
     pub fn purge_local(&self, scope: PurgeScope) {
         self.epochs.purge(scope);
+        match scope {
+            PurgeScope::Insight { project, .. } | PurgeScope::Project(project) => self.changes.note(project),
+            PurgeScope::Partition(_) => self.changes.note_all(),
+        }
         // Pages and "nothing cached" notes are short-lived: any purge drops them all. Upstream
         // times are dropped too: after a write the upstream's cache key may be new.
         self.pages.invalidate_all();
@@ -470,6 +544,28 @@ mod tests {
         let newer = entry(&c, 1, "2026-01-01T00:05:00Z");
         assert!(c.insert(key(1, 1, 1), newer).await);
         assert!(!c.insert(key(1, 1, 1), older).await);
+    }
+
+    #[tokio::test]
+    async fn every_change_of_a_project_is_counted_and_no_other() {
+        let c = InsightCache::new(1 << 20, Duration::from_secs(60), None);
+        let (one, two) = (c.changes(1), c.changes(2));
+        assert!(c.insert(key(1, 1, 1), entry(&c, 1, "2026-01-01T00:00:01Z")).await);
+        let stored = c.changes(1);
+        assert!(stored > one, "an entry stored");
+        assert!(!c.insert(key(1, 1, 1), entry(&c, 1, "2026-01-01T00:00:00Z")).await);
+        assert_eq!(c.changes(1), stored, "an older result refused changes nothing");
+        c.note_change(1);
+        let started = c.changes(1);
+        assert!(started > stored, "a calculation started");
+        c.remove(&key(1, 1, 1)).await;
+        assert!(c.changes(1) > started, "an entry removed");
+        let removed = c.changes(1);
+        c.purge_insight(1, 7);
+        assert!(c.changes(1) > removed, "an insight purged");
+        assert_eq!(c.changes(2), two, "another project's count is its own");
+        c.purge_partition(Partition([9; 16]));
+        assert!(c.changes(2) > two, "a partition spans projects");
     }
 
     #[tokio::test]

@@ -1,13 +1,20 @@
 //! One page of an insights list as the upstream answered it, split once (when it is stored) into
 //! the parts an answer is spliced from: the page's own fields pre-rendered, its `next`/`previous`
 //! links (rewritten per request) and its items. A page whose members are all plain hits is then
-//! answered by copying bytes, without parsing or serialising JSON per request.
+//! answered by copying bytes, without parsing or serialising JSON per request; and while none of
+//! those members changed, by the answer assembled last ([`Assembled`]), without even that.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
 
 use bytes::Bytes;
+use parking_lot::Mutex;
 use serde_json::Value;
 use time::OffsetDateTime;
 
 use super::Entry;
+use crate::query::QueryParams;
+use crate::refresh::RefreshMode;
 
 /// A list page and, when it has the expected shape, its layout.
 #[derive(Debug)]
@@ -15,6 +22,48 @@ pub struct ListPage {
     /// The upstream's answer as it came.
     pub body: Bytes,
     layout: Option<PageLayout>,
+    /// The last answer spliced from members that were all plain hits, for one request shape.
+    assembled: Mutex<Option<Arc<Assembled>>>,
+}
+
+/// A spliced answer, reusable as it is while nothing it was made from can have changed: the
+/// cache saw no change in the page's project since before its members were read
+/// ([`super::InsightCache::changes`]), and every member is still a plain hit (wall clock before
+/// `until_ms`: fresh, not yet in its refresh-ahead window, not expired). The page itself lives in
+/// its credential's partition and is dropped by any purge, so the answer never crosses principals.
+#[derive(Debug)]
+pub struct Assembled {
+    pub body: Bytes,
+    /// What the answer was made for: its links are rewritten from the client's own query and the
+    /// proxy's origin, and each member's plan depends on the mode.
+    pub query: QueryParams,
+    pub public_base: String,
+    pub mode: RefreshMode,
+    pub truthy: bool,
+    /// The project's change count read before the members were.
+    pub changes: u64,
+    /// Wall-clock millisecond at which the first member stops being a plain hit.
+    pub until_ms: i64,
+    /// The members in page order (each read counts towards its refresh-ahead).
+    pub members: Vec<Arc<Entry>>,
+    /// The listed insights, confirmed for the principal as the full path does on every read.
+    pub listed: Vec<u64>,
+    /// When they were last confirmed (wall-clock ms): reuse renews that at most once a second.
+    pub confirmed_ms: AtomicI64,
+}
+
+impl Assembled {
+    /// Whether this answer was made for a request of this shape.
+    pub fn made_for(&self, query: &QueryParams, public_base: &str, mode: RefreshMode, truthy: bool) -> bool {
+        self.mode == mode && self.truthy == truthy && self.public_base == public_base && self.query == *query
+    }
+
+    /// Claims the once-a-second renewal of the confirmations: true for one caller per second.
+    pub fn claim_confirmation(&self, now_ms: i64) -> bool {
+        let last = self.confirmed_ms.load(Ordering::Relaxed);
+        now_ms - last >= 1000
+            && self.confirmed_ms.compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+    }
 }
 
 /// A page (a JSON object with a `results` array) as the proxy answers it: the compact rendering
@@ -49,7 +98,17 @@ pub struct ListedItem {
 impl ListPage {
     pub fn new(body: Bytes) -> ListPage {
         let layout = PageLayout::of(&body);
-        ListPage { body, layout }
+        ListPage { body, layout, assembled: Mutex::new(None) }
+    }
+
+    /// The answer assembled last, if any.
+    pub fn assembled(&self) -> Option<Arc<Assembled>> {
+        self.assembled.lock().clone()
+    }
+
+    /// Keeps `answer` as the one to reuse (replacing one made for another request shape).
+    pub fn keep_assembled(&self, answer: Arc<Assembled>) {
+        *self.assembled.lock() = Some(answer);
     }
 
     /// `None` when the page is not an object with a `results` array (answered as garbage).

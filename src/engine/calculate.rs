@@ -195,7 +195,11 @@ impl Engine {
                 }
             }
         });
-        if !started {
+        if started {
+            // A read of a fresh entry of this flight now reports the calculation: an answer
+            // assembled before it is not reused.
+            self.cache.note_change(spec.project);
+        } else {
             self.metrics.coalesced.inc();
         }
         (flight, started)

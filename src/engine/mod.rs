@@ -179,6 +179,19 @@ impl Engine {
         first
     }
 
+    /// The wall-clock millisecond until which `entry` is read as a plain hit whatever else
+    /// happens: fresh, before its refresh-ahead window (where a read may look for a newer result
+    /// or schedule a refresh) and before the cache could have expired it.
+    pub fn plain_hit_until_ms(&self, entry: &Entry) -> i64 {
+        let kept = self.cache.kept_until_ms(entry.started_ms);
+        let Some(threshold) = self.config.thresholds.default_for(entry.stale.interval) else { return kept };
+        let from = (entry.stale.last_refresh.unix_timestamp_nanos() / 1_000_000) as i64;
+        let percent = u128::from(self.config.refresh_ahead.start_percent.min(100));
+        let ahead_ms = i64::try_from(threshold.as_millis() * percent / 100).unwrap_or(i64::MAX);
+        // A millisecond early: both times are truncated to milliseconds here.
+        kept.min(from.saturating_add(ahead_ms) - 1)
+    }
+
     /// Whether `entry` is in its refresh-ahead window or stale.
     fn in_ahead_window(&self, entry: &Entry, now: OffsetDateTime) -> bool {
         let Some(threshold) = self.config.thresholds.default_for(entry.stale.interval) else { return false };

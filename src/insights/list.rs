@@ -1,6 +1,7 @@
 //! One page of `GET /insights/`: its membership is the upstream's (kept briefly per principal),
 //! and each insight on it is answered under the request's mode from its own entry.
 
+use std::sync::atomic::AtomicI64;
 use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -12,7 +13,7 @@ use super::{Ask, Reply};
 use crate::app::App;
 use crate::auth::Principal;
 use crate::cache::page::Part;
-use crate::cache::{CacheKey, Entry, ListPage, PageKey};
+use crate::cache::{Assembled, CacheKey, Entry, ListPage, PageKey};
 use crate::cache_status::{CacheStatus, Detail, Fwd};
 use crate::engine::{own_request, CalcSpec, ListRead, Outcome};
 use crate::failure::Failure;
@@ -39,7 +40,8 @@ const ITEM_PARAMS: [&str; 3] = ["filters_override", "variables_override", "tile_
 
 /// Each insight on the page is answered under the request's mode from the same per-insight
 /// entries as retrieve; the calculations a page needs run concurrently. A kept page whose every
-/// insight is a plain hit is spliced from the entries' pre-rendered bytes ([`spliced`]).
+/// insight is a plain hit is spliced from the entries' pre-rendered bytes ([`spliced`]), and that
+/// answer is reused while none of its members can have changed ([`reused`]).
 pub async fn list(app: &Arc<App>, call: ListCall) -> Reply {
     list_with(app, call, true).await
 }
@@ -72,6 +74,9 @@ async fn list_with(app: &Arc<App>, call: ListCall, splice: bool) -> Reply {
     let (page, page_status) = match cached_page {
         Some(page) => {
             if splice {
+                if let Some(reply) = reused(app, &call, &page) {
+                    return reply;
+                }
                 if let Some(reply) = spliced(app, &call, &page).await {
                     return reply;
                 }
@@ -171,12 +176,18 @@ fn item_path(list_path: &str) -> String {
 async fn spliced(app: &Arc<App>, call: &ListCall, page: &ListPage) -> Option<Reply> {
     let layout = page.layout()?;
     let (engine, partition) = (&app.engine, call.principal.partition());
+    // Before any member is read: a change after this makes the answer not reusable.
+    let changes = app.cache.changes(call.project);
+    let now_ms = app.cache.now_ms();
     let ids: Vec<u64> = layout.items.iter().filter_map(|item| item.insight).collect();
     engine.confirm_listed(partition, call.project, &ids);
     let item_query = call.query.only(&ITEM_PARAMS);
     let base = CacheKey::new(partition, call.project, 0, &item_query);
     let mut hits = Vec::with_capacity(ids.len());
     let mut len = page.body.len();
+    // Forced modes read `next_allowed_client_refresh` against the clock: not bounded here.
+    let mut reusable = !call.mode.is_forced();
+    let mut until_ms = i64::MAX;
     for item in &layout.items {
         let Some(insight) = item.insight else { continue };
         let key = CacheKey { insight, ..base };
@@ -190,6 +201,8 @@ async fn spliced(app: &Arc<App>, call: &ListCall, page: &ListPage) -> Option<Rep
             _ => return None,
         }
         len += entry.body().len();
+        reusable &= view.state == CacheState::Fresh;
+        until_ms = until_ms.min(engine.plain_hit_until_ms(&entry));
         hits.push((key, entry, view.state));
     }
     // What `answer`'s serve does for each: count the read, and schedule refresh-ahead when fresh.
@@ -209,7 +222,7 @@ async fn spliced(app: &Arc<App>, call: &ListCall, page: &ListPage) -> Option<Rep
         }
     }
     let mut out = BytesMut::with_capacity(len);
-    let mut hits = hits.iter();
+    let mut members = hits.iter();
     for part in &layout.parts {
         match part {
             Part::Text(text) => out.put_slice(text),
@@ -225,7 +238,7 @@ async fn spliced(app: &Arc<App>, call: &ListCall, page: &ListPage) -> Option<Rep
                     }
                     match item.insight {
                         Some(_) => {
-                            out.put_slice(&hits.next().expect("one hit per listed insight").1.render(true, None))
+                            out.put_slice(&members.next().expect("one hit per listed insight").1.render(true, None))
                         }
                         None => out.put_slice(&item.listed),
                     }
@@ -234,7 +247,47 @@ async fn spliced(app: &Arc<App>, call: &ListCall, page: &ListPage) -> Option<Rep
             }
         }
     }
-    Some(Reply::json(200, out.freeze(), CacheStatus::hit().detail(Detail::ListPage)))
+    let body = out.freeze();
+    if reusable && now_ms < until_ms {
+        page.keep_assembled(Arc::new(Assembled {
+            body: body.clone(),
+            query: call.query.clone(),
+            public_base: call.public_base.clone(),
+            mode: call.mode,
+            truthy: call.truthy,
+            changes,
+            until_ms,
+            members: hits.into_iter().map(|(_, entry, _)| entry).collect(),
+            listed: ids,
+            confirmed_ms: AtomicI64::new(now_ms),
+        }));
+    }
+    Some(Reply::json(200, body, CacheStatus::hit().detail(Detail::ListPage)))
+}
+
+/// The answer [`spliced`] made last for this page, when splicing again would give the same bytes:
+/// made for a request of this shape, no change in the project since its members were read, and
+/// every member still a plain hit ([`Assembled`]). What serving each member does besides its
+/// bytes is done here too: its read is counted (refresh-ahead), and the listed insights are
+/// confirmed, at most once a second.
+fn reused(app: &Arc<App>, call: &ListCall, page: &ListPage) -> Option<Reply> {
+    let assembled = page.assembled()?;
+    if !assembled.made_for(&call.query, &call.public_base, call.mode, call.truthy)
+        || assembled.changes != app.cache.changes(call.project)
+    {
+        return None;
+    }
+    let now_ms = app.cache.now_ms();
+    if now_ms >= assembled.until_ms {
+        return None;
+    }
+    for member in &assembled.members {
+        member.note_read();
+    }
+    if assembled.claim_confirmation(now_ms) {
+        app.engine.confirm_listed(call.principal.partition(), call.project, &assembled.listed);
+    }
+    Some(Reply::json(200, assembled.body.clone(), CacheStatus::hit().detail(Detail::ListPage)))
 }
 
 /// A page link as the upstream builds it for the client's own request, so a client paging through
