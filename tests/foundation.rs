@@ -215,7 +215,8 @@ fn a_zero_downtime_upgrade_hands_the_port_over() {
         assert!(new.0.try_wait().unwrap().is_none(), "the new instance exited");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let quit = Command::new("kill").args(["-QUIT", &old.0.id().to_string()]).status().unwrap();
+    // The shell's own `kill`: no procps needed.
+    let quit = Command::new("sh").args(["-c", &format!("kill -QUIT {}", old.0.id())]).status().unwrap();
     assert!(quit.success());
     let deadline = Instant::now() + Duration::from_secs(30);
     while old.0.try_wait().unwrap().is_none() {

@@ -389,7 +389,8 @@ impl ServerApp for FastPath {
             (stream, false)
         };
         if !custom && (h2c || matches!(stream.selected_alpn_proto(), Some(ALPN::H2))) {
-            return self.serve_h2(stream, shutdown).await;
+            // Boxed: an HTTP/2 connection's state is not part of every HTTP/1 connection's future.
+            return Box::pin(self.serve_h2(stream, shutdown)).await;
         }
         if h2c || custom || matches!(stream.selected_alpn_proto(), Some(ALPN::H2 | ALPN::Custom(_))) {
             return ServerApp::process_new(&self.proxy, stream, shutdown).await;
