@@ -80,3 +80,19 @@ print(json.dumps({"name": f"bench {days}d x {n}", "saved": True, "query": {"kind
     "kind": "TrendsQuery", "interval": "day", "dateRange": {"date_from": f"-{days}d"}, "series": series}}}))
 ' "$2" "$3" "$events")" | python3 -c 'import json, sys; print(json.load(sys.stdin)["id"])'
 }
+
+# Ends a callgrind run of PID (a server started under `valgrind --tool=callgrind`, its output in
+# DIR): instrumentation off, dump, stop; writes DIR/exclusive.txt, inclusive.txt and calling.txt and
+# sets CALLGRIND_IR to the run's instructions.
+callgrind_finish() { # pid dir
+  local f
+  callgrind_control -i off "$1" >/dev/null
+  callgrind_control -d "$1" >/dev/null
+  sleep 1
+  stop_pid "$1"; forget "$1"
+  f=$(ls -S "$2"/callgrind.out* | head -1)
+  CALLGRIND_IR=$(awk '/^totals:/ {print $2}' "$f" | sort -n | tail -1)
+  callgrind_annotate "$f" 2>/dev/null >"$2/exclusive.txt" || true
+  callgrind_annotate --inclusive=yes "$f" 2>/dev/null >"$2/inclusive.txt" || true
+  callgrind_annotate --inclusive=yes --tree=calling "$f" 2>/dev/null >"$2/calling.txt" || true
+}

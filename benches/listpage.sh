@@ -158,15 +158,8 @@ if [ "$CALLGRIND" = 1 ]; then
     taskset -c "$CLIENT_CPU" timeout 40 wrk -t1 -c8 -d3s -H "$AUTH" "$url" >/dev/null
     callgrind_control -i on "$pid" >/dev/null
     taskset -c "$CLIENT_CPU" timeout $((DURATION + 30)) wrk -t1 -c8 -d"${DURATION}s" -H "$AUTH" "$url" >"$dir/wrk.txt"
-    callgrind_control -i off "$pid" >/dev/null
-    callgrind_control -d "$pid" >/dev/null
-    sleep 1
-    stop_pid "$pid"; forget "$pid"
+    callgrind_finish "$pid" "$dir"; ir=$CALLGRIND_IR
     req=$(awk '/requests in/ {print $1}' "$dir/wrk.txt")
-    f=$(ls -S "$dir"/callgrind.out* | head -1)
-    ir=$(awk '/^totals:/ {print $2}' "$f" | sort -n | tail -1)
-    callgrind_annotate "$f" 2>/dev/null >"$dir/exclusive.txt" || true
-    callgrind_annotate --inclusive=yes "$f" 2>/dev/null >"$dir/inclusive.txt" || true
     per=$(python3 -c "print(round($ir / max(1, $req)))")
     printf '%s\t%s\t%s\t%s\n' "$n" "$bytes" "$req" "$per" >>"$OUT/callgrind.tsv"
     log "$n items ($bytes B): $per instructions per list-page hit ($ir Ir / $req requests, user space)"

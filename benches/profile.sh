@@ -108,15 +108,7 @@ for name in $TARGETS; do
   sleep 1
   callgrind_control -i on "$SRV_PID" >/dev/null
   n=$(wrk_run "$DURATION" 8 "$OUT/$name/wrk.txt")
-  callgrind_control -i off "$SRV_PID" >/dev/null
-  callgrind_control -d "$SRV_PID" >/dev/null
-  sleep 1
-  stop_pid "$SRV_PID"
-  f=$(ls -S "$OUT/$name"/callgrind.out* | head -1)
-  ir=$(awk '/^totals:/ {print $2}' "$f" | sort -n | tail -1)
-  callgrind_annotate "$f" 2>/dev/null >"$OUT/$name/exclusive.txt" || true
-  callgrind_annotate --inclusive=yes "$f" 2>/dev/null >"$OUT/$name/inclusive.txt" || true
-  callgrind_annotate --inclusive=yes --tree=calling "$f" 2>/dev/null >"$OUT/$name/calling.txt" || true
+  callgrind_finish "$SRV_PID" "$OUT/$name"; ir=$CALLGRIND_IR
   per=$(python3 -c "print(round($ir / max(1, $n)))")
   echo "$name: $per instructions per hit ($ir Ir / $n requests, user space, callgrind)" | tee -a "$SUMMARY"
 done

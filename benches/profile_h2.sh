@@ -64,15 +64,8 @@ for build in "${builds[@]}"; do
   taskset -c "$CLIENT_CPU" timeout 120 h2load -c"$H2_CLIENTS" -m"$H2_STREAMS" -n 4000 -H "$AUTH" "$URL" >"$dir/warmup.txt"
   callgrind_control -i on "$SRV_PID" >/dev/null
   taskset -c "$CLIENT_CPU" timeout 600 h2load -c"$H2_CLIENTS" -m"$H2_STREAMS" -n "$REQUESTS" -H "$AUTH" "$URL" >"$dir/h2load.txt"
-  callgrind_control -i off "$SRV_PID" >/dev/null
-  callgrind_control -d "$SRV_PID" >/dev/null
-  sleep 1
-  stop_pid "$SRV_PID"; forget "$SRV_PID"
+  callgrind_finish "$SRV_PID" "$dir"; ir=$CALLGRIND_IR
   ok=$(awk '/^requests:/ {print $8}' "$dir/h2load.txt")
-  f=$(ls -S "$dir"/callgrind.out* | head -1)
-  ir=$(awk '/^totals:/ {print $2}' "$f" | sort -n | tail -1)
-  callgrind_annotate "$f" 2>/dev/null >"$dir/exclusive.txt" || true
-  callgrind_annotate --inclusive=yes "$f" 2>/dev/null >"$dir/inclusive.txt" || true
   echo "$name: $(python3 -c "print(round($ir / max(1, $ok)))") instructions per h2 hit ($ir Ir / $ok succeeded" \
     "requests of $REQUESTS, $H2_CLIENTS connections x $H2_STREAMS streams, user space, callgrind)" | tee -a "$SUMMARY"
 done

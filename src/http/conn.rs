@@ -284,7 +284,6 @@ impl FastPath {
         let mut ctx = RequestCtx::new();
         let tls = stream.get_ssl_digest().is_some();
         let Some(reply) = self.insights.decide_one_read(&head, tls, &mut ctx).await else {
-            drop(head);
             return Next::reused(self.delegate(stream, buf, settings, shutdown).await);
         };
         // As pingora's session after `decide`: the connection is kept when the client keeps it
@@ -299,7 +298,6 @@ impl FastPath {
         let keep_alive = client_keeps && !*shutdown.borrow() && settings.reuses_remaining != Some(0);
         let Some(bytes) = Head::of(&reply).ok().and_then(|h| h.h1(keep_alive)) else {
             // pingora's writer takes it (relayed upstream fields): as on the proxy's path.
-            drop(head);
             let written = self.write_by_session(stream, buf, settings, keep_alive, ctx, reply);
             return Next::reused(Box::pin(written).await);
         };

@@ -79,8 +79,8 @@ impl InsightsProxy {
             return Ok(Some(rejected(&ApiError::payload_too_large(self.max_body()))));
         }
         let (route, query) = match self.route_request(&Request::of(req, tls), ctx) {
-            Ok(routed) => routed,
-            Err(settled) => return Ok(settled),
+            Routed::Answer(route, query) => (route, query),
+            Routed::Settled(settled) => return Ok(settled),
         };
         let body_read = !session.is_body_empty();
         let fields = match self.body_fields(session, fast).await? {
@@ -97,30 +97,25 @@ impl InsightsProxy {
     pub(crate) async fn decide_one_read(&self, head: &OneRead<'_>, tls: bool, ctx: &mut RequestCtx) -> Option<Reply> {
         let req = head.request(tls);
         match self.route_request(&req, ctx) {
-            Ok((route, query)) => self.respond(&req, route, query, BodyFields::default(), false, ctx).await,
-            Err(settled) => settled,
+            Routed::Answer(route, query) => self.respond(&req, route, query, BodyFields::default(), false, ctx).await,
+            Routed::Settled(settled) => settled,
         }
     }
 
-    /// The request's route and query when answering it needs its body's fields; otherwise what
-    /// is settled here (`Err`): a refusal, or `None` for the upstream.
-    fn route_request<F: HeaderFields + ?Sized>(
-        &self,
-        req: &Request<'_, F>,
-        ctx: &mut RequestCtx,
-    ) -> std::result::Result<(Route, QueryParams), Option<Reply>> {
+    /// The request's route and query, or what routing alone settles.
+    fn route_request<F: HeaderFields + ?Sized>(&self, req: &Request<'_, F>, ctx: &mut RequestCtx) -> Routed {
         let query = match QueryParams::parse(req.query) {
             Ok(q) => q,
-            Err(e) => return Err(Some(rejected(&ApiError::bad_request(e.to_string())))),
+            Err(e) => return Routed::Settled(Some(rejected(&ApiError::bad_request(e.to_string())))),
         };
         let route = route(req.method, req.path, &query);
         ctx.route = Some(route.clone());
         match route {
-            Route::Reject(e) => Err(Some(rejected(&e))),
-            Route::Passthrough => Err(None),
+            Route::Reject(e) => Routed::Settled(Some(rejected(&e))),
+            Route::Passthrough => Routed::Settled(None),
             Route::InsightWrite { project, insight } => {
                 ctx.purge_on_success = Some((project, insight));
-                Err(None)
+                Routed::Settled(None)
             }
             Route::QueryCancel { query_id, .. } => {
                 // The upstream answers as it does; a status the proxy issued goes with it.
@@ -131,10 +126,12 @@ impl InsightsProxy {
                         None => ctx.cancel = Some(Cancel { owner: principal.partition(), body: Vec::new() }),
                     }
                 }
-                Err(None)
+                Routed::Settled(None)
             }
-            Route::QueryStatus { ref query_id, .. } if !insights::is_own_query_id(query_id) => Err(None),
-            Route::QueryStatus { .. } | Route::InsightRetrieve { .. } | Route::InsightList { .. } => Ok((route, query)),
+            Route::QueryStatus { ref query_id, .. } if !insights::is_own_query_id(query_id) => Routed::Settled(None),
+            Route::QueryStatus { .. } | Route::InsightRetrieve { .. } | Route::InsightList { .. } => {
+                Routed::Answer(route, query)
+            }
         }
     }
 
@@ -228,6 +225,14 @@ impl InsightsProxy {
             }
         })
     }
+}
+
+/// What routing a request comes to.
+enum Routed {
+    /// Answered from its route, its query and (once read) its body's fields.
+    Answer(Route, QueryParams),
+    /// Settled by routing alone: a refusal, or `None` for the upstream.
+    Settled(Option<Reply>),
 }
 
 /// What the client sent in a JSON body that matters here: `refresh` and `personal_api_key`.
