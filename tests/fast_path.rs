@@ -115,6 +115,31 @@ fn connection_close_ends_the_connection_and_http10_is_answered() {
     assert!(r.cache_status().contains("hit"), "{}", r.cache_status());
 }
 
+/// HTTP/1.0 keeps a connection only when the client asks (`Connection: keep-alive`), on the fast
+/// path (a plain head with `Host`) and on pingora's (no `Host`: the fast path leaves it) alike.
+#[test]
+fn http10_closes_unless_the_client_keeps_the_connection() {
+    let h = Harness::start();
+    let (_, url) = h.day_insight();
+    assert_eq!(h.get(&format!("{url}?refresh=blocking"), ALL).status, 200);
+    for host in ["Host: 127.0.0.1\r\n", ""] {
+        let mut c = Conn::open(h.proxy_port);
+        c.send_raw(format!("GET {url} HTTP/1.0\r\n{host}Authorization: Bearer {ALL}\r\n\r\n").as_bytes());
+        let r = c.response().expect("an answer");
+        assert!(r.cache_status().contains("hit"), "{}", r.cache_status());
+        assert_eq!(r.header("connection"), Some("close"), "{host:?}");
+        assert!(c.closed(), "HTTP/1.0 without keep-alive is closed ({host:?})");
+
+        let mut c = Conn::open(h.proxy_port);
+        let keep = format!("GET {url} HTTP/1.0\r\n{host}Authorization: Bearer {ALL}\r\nConnection: keep-alive\r\n\r\n");
+        c.send_raw(keep.as_bytes());
+        let r = c.response().expect("an answer");
+        assert_eq!(r.header("connection"), Some("keep-alive"), "{host:?}");
+        c.send_raw(keep.as_bytes());
+        assert_eq!(c.response().expect("a second answer on the kept connection").status, 200);
+    }
+}
+
 /// Two requests in one write. pingora 0.9 does not pipeline by default: it answers the first and
 /// closes the connection (bytes read past a request end it). The fast path does the same, whichever
 /// path the first request takes.
