@@ -184,19 +184,21 @@ impl Engine {
     /// or schedule a refresh) and before the cache could have expired it.
     pub fn plain_hit_until_ms(&self, entry: &Entry) -> i64 {
         let kept = self.cache.kept_until_ms(entry.started_ms);
-        let Some(threshold) = self.config.thresholds.default_for(entry.stale.interval) else { return kept };
-        let from = (entry.stale.last_refresh.unix_timestamp_nanos() / 1_000_000) as i64;
-        let percent = u128::from(self.config.refresh_ahead.start_percent.min(100));
-        let ahead_ms = i64::try_from(threshold.as_millis() * percent / 100).unwrap_or(i64::MAX);
-        // A millisecond early: both times are truncated to milliseconds here.
-        kept.min(from.saturating_add(ahead_ms) - 1)
+        let Some(opens) = self.ahead_window_opens(entry) else { return kept };
+        // A millisecond early: the time is truncated to milliseconds here.
+        kept.min((opens.unix_timestamp_nanos() / 1_000_000) as i64 - 1)
     }
 
     /// Whether `entry` is in its refresh-ahead window or stale.
     fn in_ahead_window(&self, entry: &Entry, now: OffsetDateTime) -> bool {
-        let Some(threshold) = self.config.thresholds.default_for(entry.stale.interval) else { return false };
-        let age = (now - entry.stale.last_refresh).as_seconds_f64();
-        age >= threshold.as_secs_f64() * f64::from(self.config.refresh_ahead.start_percent) / 100.0
+        self.ahead_window_opens(entry).is_some_and(|opens| now >= opens)
+    }
+
+    /// When `entry`'s refresh-ahead window opens (`None`: its interval has no threshold).
+    fn ahead_window_opens(&self, entry: &Entry) -> Option<OffsetDateTime> {
+        let threshold = self.config.thresholds.default_for(entry.stale.interval)?;
+        let share = f64::from(self.config.refresh_ahead.start_percent) / 100.0;
+        Some(entry.stale.last_refresh + threshold.mul_f64(share))
     }
 
     /// Whether an entry is old enough that a newer result of its group could matter: in the

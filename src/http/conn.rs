@@ -37,7 +37,7 @@ use tokio::sync::Notify;
 
 use super::answer::answer_with;
 use super::head::Head;
-use super::request::{Connection, OneRead};
+use super::request::OneRead;
 use super::{InsightsProxy, RequestCtx};
 use crate::insights::Reply;
 
@@ -290,12 +290,7 @@ impl FastPath {
         // (HTTP/1.1 unless `close`, HTTP/1.0 with `keep-alive`), the service is not shutting down
         // (as pingora's proxy) and it has requests left.
         let idle = self.insights.idle_timeout_secs();
-        let client_keeps = match head.connection() {
-            Connection::Close => false,
-            Connection::KeepAlive => true,
-            Connection::Unsaid => !head.is_http10(),
-        };
-        let keep_alive = client_keeps && !*shutdown.borrow() && settings.reuses_remaining != Some(0);
+        let keep_alive = head.keeps_alive() && !*shutdown.borrow() && settings.reuses_remaining != Some(0);
         let Some(bytes) = Head::of(&reply).ok().and_then(|h| h.h1(keep_alive)) else {
             // pingora's writer takes it (relayed upstream fields): as on the proxy's path.
             let written = self.write_by_session(stream, buf, settings, keep_alive, ctx, reply);

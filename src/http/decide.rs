@@ -63,7 +63,7 @@ impl InsightsProxy {
         if session.get_keepalive().is_some() {
             session.set_keepalive(Some(self.idle_timeout_secs()));
         }
-        let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+        let tls = is_tls(session);
         let req = session.req_header();
         let header_bytes: usize = req.headers.iter().map(|(k, v)| k.as_str().len() + v.len()).sum();
         if req.headers.len() > MAX_REQUEST_HEADERS || header_bytes > MAX_REQUEST_HEADER_BYTES {
@@ -309,8 +309,11 @@ fn public_base<F: HeaderFields + ?Sized>(app: &App, req: &Request<'_, F>) -> Str
 
 /// [`public_base`] of a request read by pingora's session.
 pub(super) fn session_public_base(app: &App, session: &ServerSession) -> String {
-    let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
-    public_base(app, &Request::of(session.req_header(), tls))
+    public_base(app, &Request::of(session.req_header(), is_tls(session)))
+}
+
+fn is_tls(session: &ServerSession) -> bool {
+    session.digest().is_some_and(|d| d.ssl_digest.is_some())
 }
 
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");

@@ -14,7 +14,8 @@ use crate::insights::Reply;
 static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 // Built at compile time: `HeaderValue::from_static` checks every byte when it runs.
 static VARY: HeaderValue = HeaderValue::from_static("Authorization, Cookie");
-static DEFAULT_CONTENT_TYPE: HeaderValue = HeaderValue::from_static("application/json");
+const JSON: &str = "application/json";
+static DEFAULT_CONTENT_TYPE: HeaderValue = HeaderValue::from_static(JSON);
 
 /// Why an answer's head cannot be written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -47,7 +48,7 @@ pub(crate) struct Head<'a> {
 impl<'a> Head<'a> {
     pub(crate) fn of(reply: &'a Reply) -> Result<Head<'a>, InvalidHead> {
         let status = StatusCode::from_u16(reply.status).map_err(|_| InvalidHead::Status)?;
-        let content_type = reply.content_type.as_deref().unwrap_or("application/json");
+        let content_type = reply.content_type.as_deref().unwrap_or(JSON);
         // `http::HeaderValue::from_str`'s rule.
         if !content_type.bytes().all(|b| b == b'\t' || (b >= 32 && b != 127)) {
             return Err(InvalidHead::ContentType);

@@ -48,7 +48,7 @@ impl<'a> Request<'a, http::HeaderMap> {
 
 /// What the client's `Connection` field asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Connection {
+enum Connection {
     Unsaid,
     Close,
     KeepAlive,
@@ -124,12 +124,14 @@ impl<'b> OneRead<'b> {
         self.path
     }
 
-    pub fn is_http10(&self) -> bool {
-        self.http10
-    }
-
-    pub fn connection(&self) -> Connection {
-        self.connection
+    /// Whether the client keeps the connection, as pingora's session reads it: HTTP/1.1 unless
+    /// `close`, HTTP/1.0 only with `keep-alive`.
+    pub fn keeps_alive(&self) -> bool {
+        match self.connection {
+            Connection::Close => false,
+            Connection::KeepAlive => true,
+            Connection::Unsaid => !self.http10,
+        }
     }
 }
 
@@ -304,12 +306,7 @@ mod tests {
             (ours_sorted == theirs_sorted, "fields"),
             (body_empty, "no body"),
             (super::super::framing::check(req, || None).is_ok(), "framing"),
-            (
-                keeps
-                    == (one.connection() == Connection::KeepAlive
-                        || (one.connection() == Connection::Unsaid && !one.is_http10())),
-                "keep-alive",
-            ),
+            (keeps == one.keeps_alive(), "keep-alive"),
         ];
         match checks.iter().find(|(ok, _)| !ok) {
             Some((_, what)) => Err(format!("{what} differs")),
