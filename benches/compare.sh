@@ -45,7 +45,8 @@
 # MAX_CLIENT_SHARE=0.70 RETRIES=2 PROXY_THREADS=1 CALC_MS=200 HERD_N=200 STALE_N=200 FRESH_S=2
 # SERVER_CPU=0 CLIENT_CPU=1 (the first client core) BASE_PORT=18000 OUT=/tmp/insights-bench.XXXX
 # SMALL="1 1" LARGE="365 4" (days and series of the two insights) HERD_INSIGHT=2 STALE_INSIGHT=14
-# RUST_LOG=warn (of the proxy) INSIGHTS_PROXY_BIN (skip the build).
+# RUST_LOG=warn (of the proxy) INSIGHTS_PROXY_BIN (skip the build) NGINX_SENDFILE=on (nginx's
+# `sendfile` and `tcp_nopush`, as its packaged nginx.conf sets them; off: its built-in default).
 # SERVER_QUOTA (e.g. 0.5; default none): every server (all its processes) runs in a cgroup capped at
 # that share of one core (cpu.cfs_quota_us / cpu.max over QUOTA_PERIOD_US=10000 µs), the same cap
 # for each. On a machine whose client core cannot outpace a server that has a whole core (2 cores:
@@ -85,6 +86,7 @@ LARGE=${LARGE:-"365 4"}
 HERD_INSIGHT=${HERD_INSIGHT:-2}
 STALE_INSIGHT=${STALE_INSIGHT:-14}
 export RUST_LOG=${RUST_LOG:-warn}
+NGINX_SENDFILE=${NGINX_SENDFILE:-on}
 OUT=${OUT:-$(mktemp -d /tmp/insights-bench.XXXXXX)}
 mkdir -p "$OUT"
 
@@ -154,7 +156,7 @@ start_proxy() { # bin dir port config -> pid in STARTED
 start_server() { # name dir
   local name=$1 dir=$2 port=${PORT[$1]}
   local fill=(-e "s#@DIR@#$dir#g" -e "s#@PORT@#$port#g" -e "s#@UPSTREAM_PORT@#$SIM_PORT#g"
-    -e "s#@STALE_PATH@#$STALE_PATH#g" -e "s#@FRESH_S@#$FRESH_S#g")
+    -e "s#@STALE_PATH@#$STALE_PATH#g" -e "s#@FRESH_S@#$FRESH_S#g" -e "s#@SENDFILE@#$NGINX_SENDFILE#g")
   case "$name" in
     nginx)
       # The same server block on a second listener with TLS 1.3 and HTTP/2 (nginx 1.22's syntax).
@@ -399,7 +401,7 @@ run_one() { # server round
 read -ra LIST <<<"$SERVERS"
 log "out: $OUT; rounds $ROUNDS; ${DURATION}s (+${WARMUP}s warm-up) per row; rows: $ROWS; tests: ${TESTS:-none};" \
   "server on core $SERVER_CPU, client on core $CLIENT_CPU (spare: ${SPARE_CPUS[*]:-none});" \
-  "server CPU cap: ${SERVER_QUOTA:-none}; binary $BIN"
+  "server CPU cap: ${SERVER_QUOTA:-none}; nginx sendfile $NGINX_SENDFILE; binary $BIN"
 for round in $(seq 1 "$ROUNDS"); do
   n=${#LIST[@]}
   for i in $(seq 0 $((n - 1))); do

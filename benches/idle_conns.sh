@@ -49,7 +49,7 @@ for name in $SERVERS; do
   case "$name" in
     nginx)
       sed -e "s#@DIR@#$dir#g" -e "s#@PORT@#$PORT#g" -e "s#@UPSTREAM_PORT@#$SIM_PORT#g" -e "s#@STALE_PATH@#/none/#g" \
-        -e "s#@FRESH_S@#300#g" -e "s#worker_connections 4096#worker_connections $((N + 1024))#" \
+        -e "s#@FRESH_S@#300#g" -e "s#@SENDFILE@#on#g" -e "s#worker_connections 4096#worker_connections $((N + 1024))#" \
         -e "s#^worker_processes 1;#worker_processes 1;\nworker_rlimit_nofile $((N + 1024));#" \
         "$HERE/conf/nginx.conf.template" >"$dir/nginx.conf"
       nginx -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log" >"$dir/server.log" 2>&1 &

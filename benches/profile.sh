@@ -20,7 +20,10 @@
 #
 # Settings (environment): TARGETS="insights-proxy nginx" DURATION=10 PROXY_LOG=warn (RUST_LOG of the
 # profiled proxy; "info" logs one line per request, as the default) PERF=1 STRACE=1 HIT_INSIGHT=3k (the
-# 2.9 KB insight of compare.sh's hit-3k row; 50k its 52 KB one; or an insight id, e.g. 11: 4.8 KB)
+# 2.9 KB insight of compare.sh's hit-3k row; 50k its 52 KB one; DAYSxSERIES a daily trends insight of
+# that many days and series, e.g. 120x4: 17 KB; or an insight id, e.g. 11: 4.8 KB)
+# SENDFILE_MIN_BYTES ([cache] sendfile_min_bytes of the proxy; unset: its default) NGINX_SENDFILE=on
+# (nginx's sendfile and tcp_nopush; off: its built-in default)
 # SERVER_CPU=0 CLIENT_CPU=1 BASE_PORT=18200 INSIGHTS_PROXY_BIN (skip the build) OUT=/tmp/insights-profile.XXXX.
 # Installs valgrind (and linux-perf, strace) with apt-get when missing. Only 127.0.0.1; every run is
 # bounded; everything started is stopped by PID on exit.
@@ -34,6 +37,8 @@ PROXY_LOG=${PROXY_LOG:-warn}
 PERF=${PERF:-1}
 STRACE=${STRACE:-1}
 HIT_INSIGHT=${HIT_INSIGHT:-3k}
+SENDFILE_MIN_BYTES=${SENDFILE_MIN_BYTES:-}
+NGINX_SENDFILE=${NGINX_SENDFILE:-on}
 SERVER_CPU=${SERVER_CPU:-0}
 CLIENT_CPU=${CLIENT_CPU:-1}
 BASE_PORT=${BASE_PORT:-18200}
@@ -61,6 +66,7 @@ start_sim() {
   case "$HIT_INSIGHT" in
     3k) HIT_PATH="/api/environments/1/insights/$(create_insight "$SIM_PORT" 1 1)/" ;;
     50k) HIT_PATH="/api/environments/1/insights/$(create_insight "$SIM_PORT" 365 4)/" ;;
+    *x*) HIT_PATH="/api/environments/1/insights/$(create_insight "$SIM_PORT" "${HIT_INSIGHT%x*}" "${HIT_INSIGHT#*x}")/" ;;
     *) HIT_PATH="/api/environments/1/insights/$HIT_INSIGHT/" ;;
   esac
 }
@@ -74,13 +80,16 @@ start_server() {
     insights-proxy)
       sed -e "s#@THREADS@#1#g" -e "s#@FRESH_S@#300#g" -e "s#@MAX_BYTES@#268435456#g" \
         "$HERE/conf/insights-proxy.toml.template" >"$dir/proxy.toml"
+      if [ -n "$SENDFILE_MIN_BYTES" ]; then
+        sed -i "s/^max_bytes = .*/&\nsendfile_min_bytes = $SENDFILE_MIN_BYTES/" "$dir/proxy.toml"
+      fi
       "$BIN" --check-config --config "$dir/proxy.toml" >/dev/null 2>&1 || sed -i '/BUDGET-BEGIN/,/BUDGET-END/d' "$dir/proxy.toml"
       RUST_LOG=$PROXY_LOG taskset -c "$SERVER_CPU" "$@" "$BIN" --config "$dir/proxy.toml" --listen "127.0.0.1:$PORT" \
         --upstream "http://127.0.0.1:$SIM_PORT" --admin-listen off >"$dir/server.out" 2>"$dir/server.err" &
       ;;
     nginx)
       sed -e "s#@DIR@#$dir#g" -e "s#@PORT@#$PORT#g" -e "s#@UPSTREAM_PORT@#$SIM_PORT#g" -e "s#@STALE_PATH@#/none/#g" \
-        -e "s#@FRESH_S@#2#g" -e "s#master_process on#master_process off#" "$HERE/conf/nginx.conf.template" >"$dir/nginx.conf"
+        -e "s#@FRESH_S@#2#g" -e "s#@SENDFILE@#$NGINX_SENDFILE#g" -e "s#master_process on#master_process off#" "$HERE/conf/nginx.conf.template" >"$dir/nginx.conf"
       taskset -c "$SERVER_CPU" "$@" nginx -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log" >"$dir/server.out" 2>"$dir/server.err" &
       ;;
   esac

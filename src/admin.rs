@@ -53,6 +53,7 @@ impl AdminApp {
         m.queue_depth.set(app.engine.queued() as i64);
         m.cache_entries.set(app.cache.entry_count() as i64);
         m.cache_bytes.set(app.cache.weighted_size() as i64);
+        m.sendfile_bodies.set(crate::cache::sealed::open_files() as i64);
         m.status_records.set(app.statuses.len() as i64);
         m.status_running.set(app.statuses.running_count() as i64);
         m.purge_records.set(app.cache.purge_records() as i64);

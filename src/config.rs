@@ -148,6 +148,8 @@ pub struct CacheSection {
     pub ttl_seconds: u64,
     pub partition_secret: Option<String>,
     pub list_page_seconds: u64,
+    pub sendfile_min_bytes: usize,
+    pub sendfile_max_files: Option<usize>,
 }
 
 impl Default for CacheSection {
@@ -157,6 +159,8 @@ impl Default for CacheSection {
             ttl_seconds: DEFAULT_CACHE_TTL_SECONDS,
             partition_secret: None,
             list_page_seconds: 60,
+            sendfile_min_bytes: crate::cache::sealed::DEFAULT_MIN_BYTES,
+            sendfile_max_files: None,
         }
     }
 }
@@ -424,6 +428,10 @@ pub struct Config {
     pub cache_ttl: Duration,
     /// How long a list page's membership is reused per credential.
     pub list_page_ttl: Duration,
+    /// Cached bodies from this size up are sent with `sendfile` (0: never); at most this many at
+    /// once (`None`: a quarter of the descriptor limit, up to 16384). `cache::sealed`.
+    pub sendfile_min_bytes: usize,
+    pub sendfile_max_files: Option<usize>,
     pub partition_secret: Option<String>,
     pub thresholds: Thresholds,
     pub workers: usize,
@@ -870,6 +878,8 @@ impl Config {
             cache_max_bytes: file.cache.max_bytes,
             cache_ttl: Duration::from_secs(file.cache.ttl_seconds),
             list_page_ttl: Duration::from_secs(file.cache.list_page_seconds),
+            sendfile_min_bytes: file.cache.sendfile_min_bytes,
+            sendfile_max_files: file.cache.sendfile_max_files,
             partition_secret: file.cache.partition_secret,
             thresholds,
             workers: file.refresh.workers,

@@ -237,3 +237,63 @@ fn answers_are_byte_identical_on_both_paths() {
         }
     }
 }
+
+/// A client whose socket takes a few kilobytes at a time.
+fn slow_reader(port: u16) -> Conn {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&std::net::SocketAddr::from(([127, 0, 0, 1], port)).into()).unwrap();
+    Conn::over(socket.into())
+}
+
+/// Large cached bodies go out from a sealed file on cleartext HTTP/1 (`src/cache/sealed.rs`): the
+/// bytes equal pingora's answer to the same request, for a client that reads as fast as it can and
+/// one that takes a few kilobytes at a time, hit after hit on one connection.
+#[test]
+fn large_bodies_are_the_same_bytes_on_both_paths() {
+    let h = Harness::start();
+    // About 1.3 MB.
+    let series: Vec<String> = ["$pageview", "$autocapture", "$pageleave", "signed_up"]
+        .iter()
+        .cycle()
+        .take(40)
+        .map(|e| format!(r#"{{"kind":"EventsNode","event":"{e}","math":"total"}}"#))
+        .collect();
+    let query = format!(
+        r#"{{"name":"Ten years of forty series","saved":true,"query":{{"kind":"InsightVizNode","source":{{"kind":"TrendsQuery","interval":"day","dateRange":{{"date_from":"-3650d"}},"series":[{}]}}}}}}"#,
+        series.join(",")
+    );
+    let created = h.request("POST", "/api/projects/1/insights/", &[AUTH], Some(&query));
+    assert_eq!(created.status, 201, "{}", created.text());
+    let url = format!("/api/environments/1/insights/{}/", created.json()["id"]);
+    let first = h.get(&format!("{url}?refresh=blocking"), ALL);
+    assert_eq!(first.status, 200);
+    assert!(first.body.len() > 1_000_000, "a large body: {} bytes", first.body.len());
+    assert!(h.metric("insights_proxy_sendfile_bodies") >= 1.0, "the body is held in a sealed file");
+
+    let auth = format!("Authorization: Bearer {ALL}\r\n");
+    let fast = format!("GET {url} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}\r\n");
+    // An empty JSON body: the fast path leaves the request to pingora's proxy.
+    let by_pingora = format!("GET {url} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Content-Length: 2\r\n\r\n{{}}");
+    let mut reference = Conn::open(h.proxy_port);
+    reference.send_raw(by_pingora.as_bytes());
+    let expected = reference.response_raw().expect("pingora's answer");
+    let body_of = |raw: &[u8]| raw[raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4..].to_vec();
+    for mut conn in [Conn::open(h.proxy_port), slow_reader(h.proxy_port)] {
+        conn.send_raw(fast.as_bytes());
+        for round in 0..8 {
+            // The next request goes once this answer has begun (its request was read), so the
+            // proxy reads it alone (a pipelined pair would go to pingora's proxy) and writes its
+            // answer behind this one's.
+            conn.await_head();
+            if round < 7 {
+                conn.send_raw(fast.as_bytes());
+            }
+            let got = conn.response_raw().expect("an answer");
+            assert_eq!(head_of(&got), head_of(&expected));
+            assert!(body_of(&got) == body_of(&expected), "the body differs from pingora's");
+            assert!(head_of(&got).contains("cache-status: insights-proxy; hit;"), "{}", head_of(&got));
+        }
+    }
+    assert_eq!(h.calcs(1, created.json()["id"].as_u64().unwrap()), 1);
+}

@@ -12,6 +12,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
 
+use super::sealed::{self, SealedFile};
 use crate::clock::parse_datetime;
 use crate::refresh::{Interval, StaleInfo};
 
@@ -20,6 +21,8 @@ pub struct Entry {
     /// The insight with `"is_cached":true` and `"query_status":null`: the answer to a hit, as it
     /// is sent, and the stored body.
     hit: Bytes,
+    /// The sealed file `hit` is a mapping of, for a large body (`sealed`): sent without copying.
+    file: Option<SealedFile>,
     /// Where the values of `is_cached` and `query_status` are in `hit`, in that order of fields.
     slots: [std::ops::Range<usize>; 2],
     pub stale: StaleInfo,
@@ -166,11 +169,16 @@ impl Entry {
             field(&mut hit, k, Some(v));
         }
         hit.push(b'}');
-        // An allocation of the exact size: the writer's spare capacity would otherwise be cached
-        // with every body (up to 2x the bytes).
-        let hit = Bytes::copy_from_slice(&hit);
+        // A large body goes to a sealed file (sent without copying), any other to an allocation
+        // of the exact size: the writer's spare capacity would otherwise be cached with every body
+        // (up to 2x the bytes).
+        let (hit, file) = match sealed::seal(&hit) {
+            Some((hit, file)) => (hit, Some(file)),
+            None => (Bytes::copy_from_slice(&hit), None),
+        };
         Entry {
             hit,
+            file,
             slots,
             stale,
             epoch,
@@ -226,6 +234,11 @@ impl Entry {
         self.hit.clone()
     }
 
+    /// The sealed file the hit's rendering is a mapping of (large bodies only).
+    pub fn file(&self) -> Option<&SealedFile> {
+        self.file.as_ref()
+    }
+
     /// The answer body: the stored fields with `is_cached` and `query_status` spliced in.
     pub fn render(&self, is_cached: bool, query_status: Option<&[u8]>) -> Bytes {
         if is_cached && query_status.is_none() {
@@ -272,7 +285,7 @@ impl Entry {
 
     /// Bytes this entry holds, for the cache's weigher.
     pub fn weight(&self) -> usize {
-        self.hit.len() + std::mem::size_of::<Entry>()
+        sealed::footprint(self.hit.len(), self.file.is_some()) + std::mem::size_of::<Entry>()
     }
 
     pub fn last_refresh(&self) -> OffsetDateTime {

@@ -10,6 +10,7 @@ pub mod entry;
 pub mod key;
 pub mod l2;
 pub mod page;
+pub mod sealed;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

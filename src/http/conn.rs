@@ -17,6 +17,7 @@
 //! loop (`super::h2`); custom protocols go to pingora's own connection handling. With TLS on the
 //! listener, the handshake runs first ([`crate::tls::accept`]).
 
+use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -39,6 +40,7 @@ use super::answer::answer_with;
 use super::head::Head;
 use super::request::OneRead;
 use super::{InsightsProxy, RequestCtx};
+use crate::cache::sealed::SealedFile;
 use crate::insights::Reply;
 
 /// What a client sends first on an HTTP/2 connection (RFC 9113 §3.4).
@@ -301,8 +303,18 @@ impl FastPath {
         // runs before `finish` flushes): a client that has its answer sees it counted.
         self.insights.log_request(&Method::GET, head.path(), reply.status, &ctx);
         // Head and body in one vectored write: the listener's streams have no write buffer to
-        // gather them in (`listener`).
-        if let Err(e) = stream.write_all_buf(&mut (&bytes[..]).chain(&reply.body[..])).await {
+        // gather them in (`listener`). A large cached body goes from its sealed file first, and
+        // whatever the socket did not take then follows from the same bytes.
+        let mut answer = (&bytes[..]).chain(&reply.body[..]);
+        match send_sealed(&stream, &bytes, reply.file.as_ref(), &reply.body) {
+            Some(Ok(sent)) => answer.advance(sent),
+            Some(Err(e)) => {
+                tracing::error!("Fail to filter request: Downstream WriteError: {e}, GET {}", head.path());
+                return None;
+            }
+            None => {}
+        }
+        if let Err(e) = stream.write_all_buf(&mut answer).await {
             tracing::error!("Fail to filter request: Downstream WriteError: {e}, GET {}", head.path());
             return None;
         }
@@ -340,6 +352,18 @@ impl FastPath {
         let answered = answer_with(&mut session, &mut ctx, reply).await;
         self.finish(session, ctx, answered).await
     }
+}
+
+/// Sends `head` and then a large cached body from its sealed file, on a cleartext TCP stream, as
+/// far as the socket takes them now: how many bytes went. `None` (nothing sent) when the body has
+/// no sealed file or the stream is not plain TCP (TLS encrypts in the process).
+fn send_sealed(stream: &Stream, head: &[u8], file: Option<&SealedFile>, body: &[u8]) -> Option<std::io::Result<usize>> {
+    let file = file?;
+    let offset = file.offset_of(body)?;
+    // The listener's streams have no write buffer (`listener`), so nothing written earlier waits
+    // in the process behind these bytes.
+    let tcp = stream.as_any().downcast_ref::<L4Stream>()?;
+    Some(file.send(tcp.as_raw_fd(), head, offset, body.len()))
 }
 
 thread_local! {

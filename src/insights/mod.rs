@@ -12,6 +12,8 @@ mod vouch;
 use bytes::Bytes;
 
 use crate::auth::Principal;
+use crate::cache::entry::Entry;
+use crate::cache::sealed::SealedFile;
 use crate::cache_status::CacheStatus;
 use crate::error::ApiError;
 use crate::query::QueryParams;
@@ -30,11 +32,21 @@ pub struct Reply {
     pub cache_status: CacheStatus,
     /// The upstream's headers relayed with its answer (`Retry-After`, `WWW-Authenticate`).
     pub relayed: Vec<(http::HeaderName, http::HeaderValue)>,
+    /// The sealed file `body` is a view of, when it is a large cached body: the cleartext HTTP/1
+    /// writer sends it from there (`SealedFile::send`).
+    pub file: Option<SealedFile>,
 }
 
 impl Reply {
     pub fn json(status: u16, body: Bytes, cache_status: CacheStatus) -> Self {
-        Self { status, body, content_type: None, cache_status, relayed: Vec::new() }
+        Self { status, body, content_type: None, cache_status, relayed: Vec::new(), file: None }
+    }
+
+    /// A cached insight's answer, `body` rendered from `entry`: sent from the entry's sealed
+    /// file when the body is a view of it.
+    fn of_entry(entry: &Entry, body: Bytes, cache_status: CacheStatus) -> Self {
+        let file = entry.file().filter(|f| f.offset_of(&body).is_some()).cloned();
+        Self { file, ..Self::json(200, body, cache_status) }
     }
 
     pub fn error(e: &ApiError, cache_status: CacheStatus) -> Self {
@@ -48,6 +60,7 @@ impl Reply {
             content_type: resp.content_type.clone(),
             cache_status,
             relayed: resp.relayed.clone(),
+            file: None,
         }
     }
 }

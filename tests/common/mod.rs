@@ -301,7 +301,11 @@ pub struct Conn {
 
 impl Conn {
     pub fn open(port: u16) -> Conn {
-        let s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        Conn::over(TcpStream::connect(("127.0.0.1", port)).expect("connect"))
+    }
+
+    /// A connection over a socket the test connected itself.
+    pub fn over(s: TcpStream) -> Conn {
         // A hang guard, not a timing assertion.
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         Conn { s, buf: Vec::new() }
@@ -328,6 +332,13 @@ impl Conn {
                 panic!("no answer and no close within the hang guard")
             }
             Err(_) => false,
+        }
+    }
+
+    /// Reads until the next response's head has arrived (its body may still be on its way).
+    pub fn await_head(&mut self) {
+        while !self.buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            assert!(self.fill(), "connection closed before a response head");
         }
     }
 
