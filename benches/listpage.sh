@@ -26,7 +26,8 @@
 #
 # Settings (environment): SIZES="10 50 100" ITEM_BYTES=2440 RUNS=3 DURATION=10 CONNS=16
 # SERVER_CPU=0 CLIENT_CPU=1 BASE_PORT=18400 INSIGHTS_PROXY_BIN (skip the build) COMPARE_BIN (a second
-# build, measured the same way) CALLGRIND=0 OUT=/tmp/insights-listpage.XXXX. Installs wrk, nginx (and
+# build, measured the same way) CALLGRIND=0 NGINX_SENDFILE=on (nginx's sendfile and tcp_nopush, as
+# its packaged nginx.conf sets them; off: its built-in default) OUT=/tmp/insights-listpage.XXXX. Installs wrk, nginx (and
 # valgrind) with apt-get when missing. Only 127.0.0.1; every run is bounded; everything started is
 # stopped by PID on exit.
 set -euo pipefail
@@ -42,6 +43,7 @@ CALLGRIND=${CALLGRIND:-0}
 SERVER_CPU=${SERVER_CPU:-0}
 CLIENT_CPU=${CLIENT_CPU:-1}
 BASE_PORT=${BASE_PORT:-18400}
+NGINX_SENDFILE=${NGINX_SENDFILE:-on}
 OUT=${OUT:-$(mktemp -d /tmp/insights-listpage.XXXXXX)}
 mkdir -p "$OUT"
 SIM_PORT=$((BASE_PORT + 10))
@@ -189,6 +191,8 @@ user root;
 events { worker_connections 4096; }
 http {
     access_log off;
+    sendfile $NGINX_SENDFILE;
+    tcp_nopush $NGINX_SENDFILE;
     client_body_temp_path $OUT/nginx/client_body;
     proxy_temp_path $OUT/nginx/proxy_temp;
     fastcgi_temp_path $OUT/nginx/fastcgi_temp;

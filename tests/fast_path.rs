@@ -246,9 +246,10 @@ fn slow_reader(port: u16) -> Conn {
     Conn::over(socket.into())
 }
 
-/// Large cached bodies go out from a sealed file on cleartext HTTP/1 (`src/cache/sealed.rs`): the
-/// bytes equal pingora's answer to the same request, for a client that reads as fast as it can and
-/// one that takes a few kilobytes at a time, hit after hit on one connection.
+/// Large cached bodies (an insight, a kept list page) go out from a sealed file on cleartext HTTP/1
+/// (`src/cache/sealed.rs`): the bytes equal pingora's answer to the same request, for a client that
+/// reads as fast as it can and one that takes a few kilobytes at a time, hit after hit on one
+/// connection.
 #[test]
 fn large_bodies_are_the_same_bytes_on_both_paths() {
     let h = Harness::start();
@@ -272,28 +273,37 @@ fn large_bodies_are_the_same_bytes_on_both_paths() {
     assert!(h.metric("insights_proxy_sendfile_bodies") >= 1.0, "the body is held in a sealed file");
 
     let auth = format!("Authorization: Bearer {ALL}\r\n");
-    let fast = format!("GET {url} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}\r\n");
-    // An empty JSON body: the fast path leaves the request to pingora's proxy.
-    let by_pingora = format!("GET {url} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Content-Length: 2\r\n\r\n{{}}");
-    let mut reference = Conn::open(h.proxy_port);
-    reference.send_raw(by_pingora.as_bytes());
-    let expected = reference.response_raw().expect("pingora's answer");
     let body_of = |raw: &[u8]| raw[raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4..].to_vec();
-    for mut conn in [Conn::open(h.proxy_port), slow_reader(h.proxy_port)] {
-        conn.send_raw(fast.as_bytes());
-        for round in 0..8 {
-            // The next request goes once this answer has begun (its request was read), so the
-            // proxy reads it alone (a pipelined pair would go to pingora's proxy) and writes its
-            // answer behind this one's.
-            conn.await_head();
-            if round < 7 {
-                conn.send_raw(fast.as_bytes());
+    // The insight, and a list page holding it (the list is in order of ids, the new one last):
+    // kept once read.
+    let id = created.json()["id"].as_u64().unwrap();
+    let count = h.get("/api/environments/1/insights/?limit=1", ALL).json()["count"].as_u64().unwrap();
+    let list = format!("/api/environments/1/insights/?limit=1&offset={}", count - 1);
+    assert!(h.get(&list, ALL).body.len() > 1_000_000, "the list page holds the large insight");
+    for path in [url.clone(), list] {
+        let fast = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}\r\n");
+        // An empty JSON body: the fast path leaves the request to pingora's proxy.
+        let by_pingora = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Content-Length: 2\r\n\r\n{{}}");
+        let mut reference = Conn::open(h.proxy_port);
+        reference.send_raw(by_pingora.as_bytes());
+        let expected = reference.response_raw().expect("pingora's answer");
+        assert!(head_of(&expected).contains("cache-status: insights-proxy; hit"), "{}", head_of(&expected));
+        for mut conn in [Conn::open(h.proxy_port), slow_reader(h.proxy_port)] {
+            conn.send_raw(fast.as_bytes());
+            for round in 0..8 {
+                // The next request goes once this answer has begun (its request was read), so the
+                // proxy reads it alone (a pipelined pair would go to pingora's proxy) and writes its
+                // answer behind this one's.
+                conn.await_head();
+                if round < 7 {
+                    conn.send_raw(fast.as_bytes());
+                }
+                let got = conn.response_raw().expect("an answer");
+                assert_eq!(head_of(&got), head_of(&expected), "{path}");
+                assert!(body_of(&got) == body_of(&expected), "{path}: the body differs from pingora's");
             }
-            let got = conn.response_raw().expect("an answer");
-            assert_eq!(head_of(&got), head_of(&expected));
-            assert!(body_of(&got) == body_of(&expected), "the body differs from pingora's");
-            assert!(head_of(&got).contains("cache-status: insights-proxy; hit;"), "{}", head_of(&got));
         }
     }
-    assert_eq!(h.calcs(1, created.json()["id"].as_u64().unwrap()), 1);
+    assert!(h.metric("insights_proxy_sendfile_bodies") >= 2.0, "the insight and the kept page");
+    assert_eq!(h.calcs(1, id), 1);
 }

@@ -34,6 +34,8 @@ pub struct ListPage {
 #[derive(Debug)]
 pub struct Assembled {
     pub body: Bytes,
+    /// The sealed file `body` is a mapping of, when it is large (`super::sealed`).
+    pub file: Option<super::sealed::SealedFile>,
     /// What the answer was made for: its links are rewritten from the client's own query and the
     /// proxy's origin, and each member's plan depends on the mode.
     pub query: QueryParams,

@@ -13,6 +13,7 @@ use super::{Ask, Reply};
 use crate::app::App;
 use crate::auth::Principal;
 use crate::cache::page::Part;
+use crate::cache::sealed;
 use crate::cache::{Assembled, CacheKey, Entry, ListPage, PageKey};
 use crate::cache_status::{CacheStatus, Detail, Fwd};
 use crate::engine::{own_request, CalcSpec, ListRead, Outcome};
@@ -249,8 +250,15 @@ async fn spliced(app: &Arc<App>, call: &ListCall, page: &ListPage) -> Option<Rep
     }
     let body = out.freeze();
     if reusable && now_ms < until_ms {
+        // Kept in a sealed file when large, as cached insights are, so its reuse is sent with
+        // `sendfile` (`cache::sealed`).
+        let (body, file) = match sealed::seal(&body) {
+            Some((body, file)) => (body, Some(file)),
+            None => (body, None),
+        };
         page.keep_assembled(Arc::new(Assembled {
             body: body.clone(),
+            file: file.clone(),
             query: call.query.clone(),
             public_base: call.public_base.clone(),
             mode: call.mode,
@@ -261,6 +269,7 @@ async fn spliced(app: &Arc<App>, call: &ListCall, page: &ListPage) -> Option<Rep
             listed: ids,
             confirmed_ms: AtomicI64::new(now_ms),
         }));
+        return Some(Reply::kept(body, file.as_ref(), CacheStatus::hit().detail(Detail::ListPage)));
     }
     Some(Reply::json(200, body, CacheStatus::hit().detail(Detail::ListPage)))
 }
@@ -287,7 +296,7 @@ fn reused(app: &Arc<App>, call: &ListCall, page: &ListPage) -> Option<Reply> {
     if assembled.claim_confirmation(now_ms) {
         app.engine.confirm_listed(call.principal.partition(), call.project, &assembled.listed);
     }
-    Some(Reply::json(200, assembled.body.clone(), CacheStatus::hit().detail(Detail::ListPage)))
+    Some(Reply::kept(assembled.body.clone(), assembled.file.as_ref(), CacheStatus::hit().detail(Detail::ListPage)))
 }
 
 /// A page link as the upstream builds it for the client's own request, so a client paging through

@@ -45,7 +45,12 @@ impl Reply {
     /// A cached insight's answer, `body` rendered from `entry`: sent from the entry's sealed
     /// file when the body is a view of it.
     fn of_entry(entry: &Entry, body: Bytes, cache_status: CacheStatus) -> Self {
-        let file = entry.file().filter(|f| f.offset_of(&body).is_some()).cloned();
+        Self::kept(body, entry.file(), cache_status)
+    }
+
+    /// A 200 answer of kept bytes, sent from `file` when `body` is a view of it.
+    fn kept(body: Bytes, file: Option<&SealedFile>, cache_status: CacheStatus) -> Self {
+        let file = file.filter(|f| f.offset_of(&body).is_some()).cloned();
         Self { file, ..Self::json(200, body, cache_status) }
     }
 
