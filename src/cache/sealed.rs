@@ -30,6 +30,7 @@ pub const DEFAULT_MAX_FILES: usize = 16 * 1024;
 static MIN_BYTES: AtomicUsize = AtomicUsize::new(DEFAULT_MIN_BYTES);
 static MAX_FILES: AtomicUsize = AtomicUsize::new(usize::MAX);
 static OPEN: AtomicUsize = AtomicUsize::new(0);
+static FAILURES: AtomicUsize = AtomicUsize::new(0);
 
 /// Sets the size from which bodies are sealed (0: never) and how many may be sealed at once
 /// (`None`: [`default_max_files`]). Process-wide: it decides how bodies are held, never which
@@ -155,8 +156,10 @@ impl SealedFile {
     }
 }
 
+/// `sent` when `e` only says the socket takes nothing more now (the caller writes the rest the usual
+/// way), else `e`.
 fn would_block(e: io::Error, sent: usize) -> io::Result<usize> {
-    if e.kind() == io::ErrorKind::WouldBlock {
+    if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) {
         Ok(sent)
     } else {
         Err(e)
@@ -183,7 +186,12 @@ pub fn seal(body: &[u8]) -> Option<(Bytes, SealedFile)> {
         }
         Err(e) => {
             OPEN.fetch_sub(1, Ordering::Relaxed);
-            tracing::warn!("a large body stays on the heap: its sealed file could not be made: {e}");
+            // Logged at the 1st, 2nd, 4th, 8th... failure: a lasting cause (descriptors, mappings)
+            // shows without a line per entry.
+            let failures = FAILURES.fetch_add(1, Ordering::Relaxed) + 1;
+            if failures.is_power_of_two() {
+                tracing::warn!(failures, "a large body stays on the heap: its sealed file could not be made: {e}");
+            }
             None
         }
     }

@@ -11,7 +11,7 @@
 //! Everything else is as pingora's service does it: the socket is bound with `SO_REUSEADDR` and
 //! a backlog of 65 535, or taken from the descriptors a running instance hands over in a
 //! zero-downtime upgrade (`--upgrade`), and is put in that table for the next one; accepted
-//! streams get pingora's socket digest and no L4 buffers (the connection loop reads each request
+//! streams get `TCP_NODELAY`, pingora's socket digest and no L4 buffers (the connection loop reads each request
 //! head into a buffer of its own and writes each answer in one vectored write); on shutdown the
 //! accept loops stop and the app is told to clean up, while open connections finish.
 
@@ -83,7 +83,13 @@ async fn accept_loop(listener: Arc<Listener>, app: Arc<FastPath>, mut shutdown: 
             },
         };
         match accepted {
-            Ok(stream) => {
+            Ok(mut stream) => {
+                // As pingora's listener (`apply_stream_settings`): an answer's last segment goes
+                // out without waiting for the client's ACK of the ones before (Nagle's wait meets
+                // the client's delayed ACK: 40 ms).
+                if let Err(e) = stream.set_nodelay() {
+                    tracing::debug!("TCP_NODELAY not set on an accepted connection: {e}");
+                }
                 let handled = pingora::services::listening::Service::handle_event(
                     Box::new(stream),
                     app.clone(),
