@@ -1,7 +1,7 @@
 //! Large cached bodies kept in sealed memory files, so that a hit on a cleartext HTTP/1 connection
 //! sends them with `sendfile(2)`: the kernel attaches the file's pages to the socket instead of
-//! copying the bytes from the process. For a body of tens of kilobytes that copy is a large part of a hit's
-//! cost (docs/design.md, "A request's path through the code"; benches/RESULTS.md).
+//! copying the bytes from the process. For a body of tens of kilobytes that copy is a large part
+//! of a hit's cost (docs/design.md, "A request's path through the code"; benches/RESULTS.md).
 //!
 //! A sealed body is a `memfd` written once, sealed against any change (`F_SEAL_WRITE`, no growing
 //! or shrinking, no further seals) and mapped read-only. The mapping is the body's `Bytes`, so the
@@ -143,21 +143,15 @@ impl SealedFile {
             match n {
                 0 => break,
                 n if n > 0 => {}
-                _ => {
-                    let e = io::Error::last_os_error();
-                    if e.kind() == io::ErrorKind::Interrupted {
-                        continue;
-                    }
-                    return would_block(e, head.len() + (at as usize - offset));
-                }
+                _ => return would_block(io::Error::last_os_error(), head.len() + (at as usize - offset)),
             }
         }
         Ok(head.len() + (at as usize - offset))
     }
 }
 
-/// `sent` when `e` only says the socket takes nothing more now (the caller writes the rest the usual
-/// way), else `e`.
+/// `sent` when `e` only says the socket takes nothing more now, or was interrupted (the caller
+/// writes the rest the usual way), else `e`.
 fn would_block(e: io::Error, sent: usize) -> io::Result<usize> {
     if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) {
         Ok(sent)

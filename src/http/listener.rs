@@ -11,9 +11,9 @@
 //! Everything else is as pingora's service does it: the socket is bound with `SO_REUSEADDR` and
 //! a backlog of 65 535, or taken from the descriptors a running instance hands over in a
 //! zero-downtime upgrade (`--upgrade`), and is put in that table for the next one; accepted
-//! streams get `TCP_NODELAY`, pingora's socket digest and no L4 buffers (the connection loop reads each request
-//! head into a buffer of its own and writes each answer in one vectored write); on shutdown the
-//! accept loops stop and the app is told to clean up, while open connections finish.
+//! streams get `TCP_NODELAY`, pingora's socket digest and no L4 buffers (the connection loop reads
+//! each request head into a buffer of its own and writes each answer in one vectored write); on
+//! shutdown the accept loops stop and the app is told to clean up, while open connections finish.
 
 use std::net::ToSocketAddrs;
 use std::os::fd::{AsRawFd, FromRawFd};

@@ -113,7 +113,7 @@ fn serve(
     if view.state == crate::refresh::CacheState::Fresh {
         engine.schedule_ahead(spec, entry);
     }
-    Reply::of_entry(entry, entry.render(true, qs.as_deref()), cs)
+    Reply::kept(entry.render(true, qs.as_deref()), entry.file(), cs)
 }
 
 async fn calculate(
@@ -132,7 +132,7 @@ async fn calculate(
     let forwarded = CacheStatus::fwd(fwd).collapsed(!started);
     let f = match outcome {
         Outcome::Stored(e) => {
-            return Reply::of_entry(&e, e.render(e.upstream_cached(), None), forwarded.fwd_status(200).stored())
+            return Reply::kept(e.render(e.upstream_cached(), None), e.file(), forwarded.fwd_status(200).stored())
         }
         Outcome::Relay(r) => return Reply::relay(&r, forwarded.fwd_status(r.status)),
         Outcome::Failed(f) => f,

@@ -12,7 +12,6 @@ mod vouch;
 use bytes::Bytes;
 
 use crate::auth::Principal;
-use crate::cache::entry::Entry;
 use crate::cache::sealed::SealedFile;
 use crate::cache_status::CacheStatus;
 use crate::error::ApiError;
@@ -32,8 +31,8 @@ pub struct Reply {
     pub cache_status: CacheStatus,
     /// The upstream's headers relayed with its answer (`Retry-After`, `WWW-Authenticate`).
     pub relayed: Vec<(http::HeaderName, http::HeaderValue)>,
-    /// The sealed file `body` is a view of, when it is a large cached body: the cleartext HTTP/1
-    /// writer sends it from there (`SealedFile::send`).
+    /// The sealed file of the cached bytes `body` was taken from, if large: the cleartext HTTP/1
+    /// writer sends from it when `body` is a view of it (`SealedFile::offset_of`).
     pub file: Option<SealedFile>,
 }
 
@@ -42,16 +41,9 @@ impl Reply {
         Self { status, body, content_type: None, cache_status, relayed: Vec::new(), file: None }
     }
 
-    /// A cached insight's answer, `body` rendered from `entry`: sent from the entry's sealed
-    /// file when the body is a view of it.
-    fn of_entry(entry: &Entry, body: Bytes, cache_status: CacheStatus) -> Self {
-        Self::kept(body, entry.file(), cache_status)
-    }
-
-    /// A 200 answer of kept bytes, sent from `file` when `body` is a view of it.
+    /// A 200 answer of bytes taken from a cached insight or a kept page, with its sealed file.
     fn kept(body: Bytes, file: Option<&SealedFile>, cache_status: CacheStatus) -> Self {
-        let file = file.filter(|f| f.offset_of(&body).is_some()).cloned();
-        Self { file, ..Self::json(200, body, cache_status) }
+        Self { file: file.cloned(), ..Self::json(200, body, cache_status) }
     }
 
     pub fn error(e: &ApiError, cache_status: CacheStatus) -> Self {
