@@ -307,3 +307,30 @@ fn large_bodies_are_the_same_bytes_on_both_paths() {
     assert!(h.metric("insights_proxy_sendfile_bodies") >= 2.0, "the insight and the kept page");
     assert_eq!(h.calcs(1, id), 1);
 }
+
+/// Whether the proxy's end of `client`'s connection has `TCP_NODELAY`, found among this process's
+/// descriptors (the proxy runs in the test's process) by its two addresses.
+fn server_nodelay(client: &std::net::TcpStream, proxy_port: u16) -> Option<bool> {
+    let client_addr = client.local_addr().ok()?;
+    std::fs::read_dir("/proc/self/fd").ok()?.flatten().find_map(|entry| {
+        let fd: i32 = entry.file_name().to_str()?.parse().ok()?;
+        // SAFETY: only addresses and an option are read; a descriptor closed meanwhile makes those
+        // reads fail.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        let sock = socket2::SockRef::from(&fd);
+        let local = sock.local_addr().ok()?.as_socket()?;
+        let peer = sock.peer_addr().ok()?.as_socket()?;
+        (local.port() == proxy_port && peer == client_addr).then(|| sock.tcp_nodelay().ok()).flatten()
+    })
+}
+
+/// The proxy's connections send each segment at once (`TCP_NODELAY`, as pingora's listener sets
+/// it): an answer in several writes never waits for the client's delayed ACK.
+#[test]
+fn accepted_connections_send_without_nagle() {
+    let h = Harness::start();
+    let (_, url) = h.day_insight();
+    let mut conn = Conn::open(h.proxy_port);
+    assert_eq!(conn.exchange("GET", &url, &[AUTH], None).status, 200);
+    assert_eq!(server_nodelay(&conn.s, h.proxy_port), Some(true), "TCP_NODELAY on the proxy's end");
+}
