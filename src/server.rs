@@ -115,7 +115,14 @@ pub fn build_with(config: Config, clock: Clock, upgrade: bool) -> Result<Built, 
         Some(tls) => fast.with_tls(tls.clone()),
         None => fast,
     };
-    server.add_service(Listening::new(listen, fast));
+    let listening = Listening::new(listen, fast);
+    // The demo backend listens before the proxy does, so no first request meets a closed port.
+    #[cfg(feature = "demo")]
+    let listening = match &simulator {
+        Some(_) => listening.after(upstream.addr),
+        None => listening,
+    };
+    server.add_service(listening);
     server.add_service(background_service("refresh workers", Workers { engine: app.engine.clone() }));
     #[cfg(feature = "tls")]
     if let Some(tls) = &tls {

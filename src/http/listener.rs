@@ -15,7 +15,7 @@
 //! each request head into a buffer of its own and writes each answer in one vectored write); on
 //! shutdown the accept loops stop and the app is told to clean up, while open connections finish.
 
-use std::net::ToSocketAddrs;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,17 +37,45 @@ const BACKLOG: u32 = 65_535;
 pub struct Listening {
     addr: String,
     app: Option<FastPath>,
+    /// A backend in this process (the demo simulator) that must accept connections before this
+    /// port does: pingora starts services side by side, so a first request could otherwise reach
+    /// the proxy before its upstream listens and be answered 502.
+    after: Option<SocketAddr>,
 }
+
+/// How long the port waits for an in-process backend before it opens anyway.
+const BACKEND_WAIT: Duration = Duration::from_secs(10);
 
 impl Listening {
     pub fn new(addr: String, app: FastPath) -> Listening {
-        Listening { addr, app: Some(app) }
+        Listening { addr, app: Some(app), after: None }
+    }
+
+    /// Opens the port only once `backend` accepts connections (or after [`BACKEND_WAIT`]).
+    pub fn after(mut self, backend: SocketAddr) -> Listening {
+        self.after = Some(backend);
+        self
+    }
+}
+
+/// Waits until `backend` accepts a connection, at most [`BACKEND_WAIT`].
+async fn wait_for(backend: SocketAddr) {
+    let deadline = tokio::time::Instant::now() + BACKEND_WAIT;
+    while tokio::net::TcpStream::connect(backend).await.is_err() {
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(%backend, "the built-in backend does not accept connections; opening the proxy port anyway");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
 #[async_trait]
 impl Service for Listening {
     async fn start_service(&mut self, fds: Option<ListenFds>, shutdown: ShutdownWatch, listeners_per_fd: usize) {
+        if let Some(backend) = self.after {
+            wait_for(backend).await;
+        }
         // As pingora's service: a port that cannot be bound stops the start (the address was
         // checked before the server was built, so this is a race with another process).
         let listener = match bind(&self.addr, fds) {
@@ -131,4 +159,28 @@ fn bind(addr: &str, fds: Option<ListenFds>) -> std::io::Result<TcpListener> {
         t.lock().add(addr.to_string(), listener.as_raw_fd());
     }
     Ok(listener)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    #[tokio::test]
+    async fn the_wait_ends_when_the_backend_listens() {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let bound = Arc::new(AtomicBool::new(false));
+        let flag = bound.clone();
+        let backend = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let l = TcpListener::bind(addr).await.unwrap();
+            flag.store(true, Ordering::SeqCst);
+            loop {
+                let _ = l.accept().await;
+            }
+        });
+        wait_for(addr).await;
+        assert!(bound.load(Ordering::SeqCst), "the wait ended before the backend listened");
+        backend.abort();
+    }
 }
