@@ -186,33 +186,14 @@ start_server() { # name dir
   cap_server
 }
 
-# --- SERVER_QUOTA: one CPU cap for every server ----------------------------------------------
-CGROUP=""
+# --- SERVER_QUOTA: one CPU cap for every server (cap_join in lib.sh) ---------------------------
 cap_server() {
   [ -n "$SERVER_QUOTA" ] || return 0
-  local quota p
-  quota=$(python3 -c "print(int($SERVER_QUOTA * $QUOTA_PERIOD_US))")
-  if [ -z "$CGROUP" ]; then
-    if [ -w /sys/fs/cgroup/cpu ]; then # cgroup v1
-      CGROUP=/sys/fs/cgroup/cpu/insights-bench-$$
-      mkdir -p "$CGROUP"
-      echo "$QUOTA_PERIOD_US" >"$CGROUP/cpu.cfs_period_us"
-      echo "$quota" >"$CGROUP/cpu.cfs_quota_us"
-    elif [ -f /sys/fs/cgroup/cgroup.controllers ]; then # cgroup v2
-      CGROUP=/sys/fs/cgroup/insights-bench-$$
-      mkdir -p "$CGROUP"
-      echo "$quota $QUOTA_PERIOD_US" >"$CGROUP/cpu.max"
-    else
-      die "SERVER_QUOTA needs a writable cgroup cpu controller"
-    fi
-  fi
-  for p in $SRV_PID $TLS_PID $(descendants "$SRV_PID") ${TLS_PID:+$(descendants "$TLS_PID")}; do
-    echo "$p" >"$CGROUP/cgroup.procs" 2>/dev/null || true
-  done
+  cap_join $SRV_PID $TLS_PID $(descendants "$SRV_PID") ${TLS_PID:+$(descendants "$TLS_PID")}
 }
 uncap() {
   cleanup
-  [ -z "$CGROUP" ] || rmdir "$CGROUP" 2>/dev/null || true
+  cap_remove
 }
 trap uncap EXIT
 stop_server() {

@@ -36,6 +36,31 @@ wait_port() { # port pid: until something accepts on 127.0.0.1:port (15 s), or t
   return 1
 }
 
+# --- a CPU cap (SERVER_QUOTA of one core over QUOTA_PERIOD_US µs) for the processes given -------
+CGROUP=""
+cap_join() { # pid...: into the cap's cgroup, made on first use (cgroup v1 or v2)
+  local quota p
+  quota=$(python3 -c "print(int($SERVER_QUOTA * ${QUOTA_PERIOD_US:-10000}))")
+  if [ -z "$CGROUP" ]; then
+    if [ -w /sys/fs/cgroup/cpu ]; then # cgroup v1
+      CGROUP=/sys/fs/cgroup/cpu/insights-bench-$$
+      mkdir -p "$CGROUP"
+      echo "${QUOTA_PERIOD_US:-10000}" >"$CGROUP/cpu.cfs_period_us"
+      echo "$quota" >"$CGROUP/cpu.cfs_quota_us"
+    elif [ -f /sys/fs/cgroup/cgroup.controllers ]; then # cgroup v2
+      CGROUP=/sys/fs/cgroup/insights-bench-$$
+      mkdir -p "$CGROUP"
+      echo "$quota ${QUOTA_PERIOD_US:-10000}" >"$CGROUP/cpu.max"
+    else
+      die "SERVER_QUOTA needs a writable cgroup cpu controller"
+    fi
+  fi
+  for p in "$@"; do
+    echo "$p" >"$CGROUP/cgroup.procs" 2>/dev/null || true
+  done
+}
+cap_remove() { [ -z "$CGROUP" ] || rmdir "$CGROUP" 2>/dev/null || true; }
+
 # install_missing "command:package" ...: apt-get install the packages whose command is missing.
 install_missing() {
   local need=() pair

@@ -7,14 +7,17 @@
 # come from distinct `filters_override` values (each is its own entry in the proxy): insights 1–50
 # (all three projects) x ENTRIES/50 values of `{"x": n}`, fetched with `?refresh=blocking` over
 # CONCURRENCY keep-alive connections, calculation delay 0. Then it reads VmRSS/VmHWM from
-# /proc/<pid>/status and the proxy's own gauges from the admin listener's /metrics
+# /proc/<pid>/status, the bodies held in sealed files (bodies of [cache] sendfile_min_bytes and more
+# live in memfds: shared memory that VmRSS counts only where the process touched its mapping; summed
+# from the sizes of the proxy's memfd descriptors, in whole pages), and the proxy's own gauges from the admin listener's /metrics
 # (insights_proxy_cache_entries, insights_proxy_cache_bytes), and reports RSS / payload, where
 # payload = the sum of the 200 answers' body sizes (what a client received; the proxy stores each
 # body once, without two per-answer fields).
 #
 # Settings (environment): CONCURRENCY=8 DEADLINE=900 (seconds for the fill) BASE_PORT=18100
 # INSIGHTS_PROXY_BIN (skip the build; otherwise cargo build --release, honouring CARGO_TARGET_DIR)
-# RUST_LOG=warn OUT=/tmp/insights-memory.XXXX. Only 127.0.0.1; everything started is stopped by PID.
+# RUST_LOG=warn SENDFILE_MIN_BYTES ([cache] sendfile_min_bytes; unset: the default)
+# OUT=/tmp/insights-memory.XXXX. Only 127.0.0.1; everything started is stopped by PID.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -44,6 +47,7 @@ wait_port "$SIM_PORT" "$SIM_PID" || die "the simulator did not start (see $OUT/s
 
 sed -e "s#@THREADS@#2#g" -e "s#@FRESH_S@#300#g" -e "s#@MAX_BYTES@#$((64 << 30))#g" \
   "$HERE/conf/insights-proxy.toml.template" >"$OUT/proxy.toml"
+[ -z "${SENDFILE_MIN_BYTES:-}" ] || sed -i "s/^max_bytes = .*/&\nsendfile_min_bytes = $SENDFILE_MIN_BYTES/" "$OUT/proxy.toml"
 "$BIN" --check-config --config "$OUT/proxy.toml" >/dev/null 2>&1 || sed -i '/BUDGET-BEGIN/,/BUDGET-END/d' "$OUT/proxy.toml"
 "$BIN" --config "$OUT/proxy.toml" --listen "127.0.0.1:$PROXY_PORT" --upstream "http://127.0.0.1:$SIM_PORT" \
   --admin-listen "127.0.0.1:$ADMIN_PORT" >"$OUT/proxy.log" 2>&1 &
@@ -75,13 +79,26 @@ python3 "$HERE/httpload.py" fill --port "$PROXY_PORT" --header "$AUTH" --targets
 sleep 2
 RSS=$(rss_kb VmRSS)
 HWM=$(rss_kb VmHWM)
+SEALED=$(python3 - "$PROXY_PID" <<'EOF'
+import os, sys
+fd_dir, total = f"/proc/{sys.argv[1]}/fd", 0
+for fd in os.listdir(fd_dir):
+    try:
+        if os.readlink(f"{fd_dir}/{fd}").startswith("/memfd:insights-body"):
+            total += -(-os.stat(f"{fd_dir}/{fd}").st_size // 4096) * 4096
+    except OSError:
+        pass
+print(total // 1024)
+EOF
+)
 ENTRIES_GAUGE=$(metric insights_proxy_cache_entries || true)
 BYTES_GAUGE=$(metric insights_proxy_cache_bytes || true)
 
-python3 - "$OUT/fill.json" "$BASE_RSS" "$RSS" "$HWM" "${ENTRIES_GAUGE:-0}" "${BYTES_GAUGE:-0}" <<'EOF' | tee "$OUT/summary.txt"
+python3 - "$OUT/fill.json" "$BASE_RSS" "$RSS" "$HWM" "${ENTRIES_GAUGE:-0}" "${BYTES_GAUGE:-0}" "$SEALED" <<'EOF' | tee "$OUT/summary.txt"
 import json, sys
 fill = json.load(open(sys.argv[1]))
 base, rss, hwm = (int(x) * 1024 for x in sys.argv[2:5])
+sealed = int(sys.argv[7]) * 1024
 entries, cbytes = int(float(sys.argv[5])), int(float(sys.argv[6]))
 payload = fill["body_bytes_200"]
 mib = lambda b: f"{b / 2**20:,.1f} MiB"
@@ -89,10 +106,10 @@ print(f"fill: {fill['done']:,} of {fill['requested']:,} requests in {fill['secon
       f"cache {fill['cache']}{' (DEADLINE HIT)' if fill['timed_out'] else ''}")
 print(f"cached entries (gauge): {entries:,}; insights_proxy_cache_bytes: {mib(cbytes)}")
 print(f"payload (sum of 200 bodies): {mib(payload)}; mean body {payload / max(1, fill['statuses'].get('200', 1)):,.0f} B")
-print(f"RSS: {mib(rss)} (peak {mib(hwm)}); before the fill: {mib(base)}")
+print(f"RSS: {mib(rss)} (peak {mib(hwm)}); before the fill: {mib(base)}; sealed bodies (memfd, outside RSS): {mib(sealed)}")
 if payload:
     print(f"RSS / payload = {rss / payload:.2f}; (RSS - start RSS) / payload = {(rss - base) / payload:.2f}; "
-          f"peak RSS / payload = {hwm / payload:.2f}")
+          f"peak RSS / payload = {hwm / payload:.2f}; (RSS + sealed) / payload = {(rss + sealed) / payload:.2f}")
 if cbytes:
     print(f"RSS / cache_bytes gauge = {rss / cbytes:.2f}; (RSS - start) per entry = {(rss - base) / max(1, entries):,.0f} B")
 EOF
