@@ -7,9 +7,10 @@
 # come from distinct `filters_override` values (each is its own entry in the proxy): insights 1–50
 # (all three projects) x ENTRIES/50 values of `{"x": n}`, fetched with `?refresh=blocking` over
 # CONCURRENCY keep-alive connections, calculation delay 0. Then it reads VmRSS/VmHWM from
-# /proc/<pid>/status, the bodies held in sealed files (bodies of [cache] sendfile_min_bytes and more
-# live in memfds: shared memory that VmRSS counts only where the process touched its mapping; summed
-# from the sizes of the proxy's memfd descriptors, in whole pages), and the proxy's own gauges from the admin listener's /metrics
+# /proc/<pid>/status, the bodies held in files for sendfile (bodies of [cache] sendfile_min_bytes
+# and more live in unnamed files in the page cache or in memfds, which VmRSS counts only where the
+# process touched their mapping; summed from the sizes of those descriptors, in whole pages), and the
+# proxy's own gauges from the admin listener's /metrics
 # (insights_proxy_cache_entries, insights_proxy_cache_bytes), and reports RSS / payload, where
 # payload = the sum of the 200 answers' body sizes (what a client received; the proxy stores each
 # body once, without two per-answer fields).
@@ -84,7 +85,8 @@ import os, sys
 fd_dir, total = f"/proc/{sys.argv[1]}/fd", 0
 for fd in os.listdir(fd_dir):
     try:
-        if os.readlink(f"{fd_dir}/{fd}").startswith("/memfd:insights-body"):
+        link = os.readlink(f"{fd_dir}/{fd}")
+        if link.startswith("/memfd:insights-body") or (link.startswith("/") and link.endswith(" (deleted)")):
             total += -(-os.stat(f"{fd_dir}/{fd}").st_size // 4096) * 4096
     except OSError:
         pass
@@ -106,10 +108,10 @@ print(f"fill: {fill['done']:,} of {fill['requested']:,} requests in {fill['secon
       f"cache {fill['cache']}{' (DEADLINE HIT)' if fill['timed_out'] else ''}")
 print(f"cached entries (gauge): {entries:,}; insights_proxy_cache_bytes: {mib(cbytes)}")
 print(f"payload (sum of 200 bodies): {mib(payload)}; mean body {payload / max(1, fill['statuses'].get('200', 1)):,.0f} B")
-print(f"RSS: {mib(rss)} (peak {mib(hwm)}); before the fill: {mib(base)}; sealed bodies (memfd, outside RSS): {mib(sealed)}")
+print(f"RSS: {mib(rss)} (peak {mib(hwm)}); before the fill: {mib(base)}; body files (outside RSS): {mib(sealed)}")
 if payload:
     print(f"RSS / payload = {rss / payload:.2f}; (RSS - start RSS) / payload = {(rss - base) / payload:.2f}; "
-          f"peak RSS / payload = {hwm / payload:.2f}; (RSS + sealed) / payload = {(rss + sealed) / payload:.2f}")
+          f"peak RSS / payload = {hwm / payload:.2f}; (RSS + body files) / payload = {(rss + sealed) / payload:.2f}")
 if cbytes:
     print(f"RSS / cache_bytes gauge = {rss / cbytes:.2f}; (RSS - start) per entry = {(rss - base) / max(1, entries):,.0f} B")
 EOF

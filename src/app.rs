@@ -40,7 +40,7 @@ impl App {
                 }
             }
         });
-        crate::cache::sealed::configure(config.sendfile_min_bytes, config.sendfile_max_files);
+        crate::cache::sealed::configure(config.sendfile_min_bytes, config.sendfile_max_files, &config.sendfile_files);
         let cache = Arc::new(
             InsightCache::new(config.cache_max_bytes, config.cache_ttl, Some(hook))
                 .with_page_ttl(config.list_page_ttl)

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::cache::sealed::BodyFiles;
 use crate::refresh::staleness::{Interval, Thresholds};
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -150,6 +151,7 @@ pub struct CacheSection {
     pub list_page_seconds: u64,
     pub sendfile_min_bytes: usize,
     pub sendfile_max_files: Option<usize>,
+    pub sendfile_dir: String,
 }
 
 impl Default for CacheSection {
@@ -161,6 +163,7 @@ impl Default for CacheSection {
             list_page_seconds: 60,
             sendfile_min_bytes: crate::cache::sealed::DEFAULT_MIN_BYTES,
             sendfile_max_files: None,
+            sendfile_dir: crate::cache::sealed::DEFAULT_DIR.into(),
         }
     }
 }
@@ -432,6 +435,8 @@ pub struct Config {
     /// once (`None`: a quarter of the descriptor limit, up to 16384). `cache::sealed`.
     pub sendfile_min_bytes: usize,
     pub sendfile_max_files: Option<usize>,
+    /// Where those bodies' files live.
+    pub sendfile_files: BodyFiles,
     pub partition_secret: Option<String>,
     pub thresholds: Thresholds,
     pub workers: usize,
@@ -709,6 +714,10 @@ impl Config {
         if file.cache.ttl_seconds == 0 {
             bad("cache.ttl_seconds", "must be at least 1".into());
         }
+        let sendfile_files = BodyFiles::parse(&file.cache.sendfile_dir).unwrap_or_else(|e| {
+            bad("cache.sendfile_dir", e);
+            BodyFiles::Memory
+        });
         if let Some(s) = &file.cache.partition_secret {
             if s.len() < 16 {
                 bad("cache.partition_secret", "must be at least 16 characters (or left out for a random key)".into());
@@ -880,6 +889,7 @@ impl Config {
             list_page_ttl: Duration::from_secs(file.cache.list_page_seconds),
             sendfile_min_bytes: file.cache.sendfile_min_bytes,
             sendfile_max_files: file.cache.sendfile_max_files,
+            sendfile_files,
             partition_secret: file.cache.partition_secret,
             thresholds,
             workers: file.refresh.workers,
