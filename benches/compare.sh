@@ -21,6 +21,11 @@
 #     then measures DURATION s: hits/s, p50/p99 (wrk --latency; h2load's per-request log), and
 #     requests per CPU-second = requests / the server's CPU time (utime+stime of every process of
 #     the server over the run, from /proc/<pid>/stat);
+#   * latency rows (not in the default ROWS): rate-3k and rate-50k, HTTP/1.1 at a fixed offered load
+#     of RATE requests/s in all (h2load --h1 --rps, CONNECTIONS connections, one request in flight
+#     each), p50/p99 from its per-request log. The servers then answer the same load below their
+#     capacity, so the latencies compare the servers, not how far each is pushed; run them without
+#     SERVER_QUOTA, whose pauses would set both p99s;
 #   * the load generator must not be the bottleneck: its CPU share (utime+stime of wrk or h2load
 #     over the run / wall time / client cores) is recorded per run, and a run where it exceeds
 #     MAX_CLIENT_SHARE (0.70) is INVALID: the row is retried (at most RETRIES times) with a
@@ -41,7 +46,8 @@
 #
 # Settings (environment): ROUNDS=5 DURATION=10 WARMUP=3 CONNECTIONS=64 H2_CLIENTS=16 H2_STREAMS=4
 # SERVERS="nginx insights-proxy" (add varnish for its HTTP/1.1 rows, herd and stale window; it has
-# no TLS) ROWS="hit-3k hit-50k tls-3k h2-3k" TESTS="herd stale" (empty: hit rows only)
+# no TLS) ROWS="hit-3k hit-50k tls-3k h2-3k" (add rate-3k rate-50k) RATE=20000 TESTS="herd stale"
+# (empty: hit rows only)
 # MAX_CLIENT_SHARE=0.70 RETRIES=2 PROXY_THREADS=1 CALC_MS=200 HERD_N=200 STALE_N=200 FRESH_S=2
 # SERVER_CPU=0 CLIENT_CPU=1 (the first client core) BASE_PORT=18000 OUT=/tmp/insights-bench.XXXX
 # SMALL="1 1" LARGE="365 4" (days and series of the two insights) HERD_INSIGHT=2 STALE_INSIGHT=14
@@ -68,6 +74,7 @@ H2_CLIENTS=${H2_CLIENTS:-16}
 H2_STREAMS=${H2_STREAMS:-4}
 SERVERS=${SERVERS:-"nginx insights-proxy"}
 ROWS=${ROWS:-"hit-3k hit-50k tls-3k h2-3k"}
+RATE=${RATE:-20000}
 TESTS=${TESTS-"herd stale"}
 MAX_CLIENT_SHARE=${MAX_CLIENT_SHARE:-0.70}
 RETRIES=${RETRIES:-2}
@@ -247,6 +254,10 @@ run_client() {
     wrk)
       { time taskset -c "$cpus" timeout $((secs + 20)) wrk -t"$threads" -c"$conns" -d"${secs}s" ${7:-} \
         -H "$AUTH" "$url" >"$file" 2>"$file.err"; } 2>"$file.time" ;;
+    h2load-rate) # HTTP/1.1, one request at a time per connection, RATE per second in all
+      { time taskset -c "$cpus" timeout $((secs + 20)) h2load --h1 -t"$threads" -c"$conns" -m1 \
+        --rps="$(((RATE + conns - 1) / conns))" -D"$secs" --log-file="$file.log" -H "$AUTH" "$url" \
+        >"$file" 2>"$file.err"; } 2>"$file.time" ;;
     h2load)
       [ "$conns" -ge "$threads" ] || conns=$threads
       { time taskset -c "$cpus" timeout $((secs + 20)) h2load -t"$threads" -c"$conns" -m"$H2_STREAMS" -D"$secs" \
@@ -262,6 +273,7 @@ hit_row() { # server round row dir
   local name=$1 round=$2 row=$3 dir=$4 base pid tool url path conns
   case "$row" in
     hit-*) base="http://127.0.0.1:${PORT[$name]}"; pid=$SRV_PID; tool=wrk; conns=$CONNECTIONS ;;
+    rate-*) base="http://127.0.0.1:${PORT[$name]}"; pid=$SRV_PID; tool=h2load-rate; conns=$CONNECTIONS ;;
     tls-*) base="https://127.0.0.1:${TLS_PORT[$name]:-}"; pid=$TLS_PID; tool=wrk; conns=$CONNECTIONS ;;
     h2-*) base="https://127.0.0.1:${TLS_PORT[$name]:-}"; pid=$TLS_PID; tool=h2load; conns=$H2_CLIENTS ;;
     *) die "unknown row $row" ;;
@@ -279,7 +291,7 @@ hit_row() { # server round row dir
   grep -qiE '^(cache-status: .*; hit|x-cache-status: hit|x-cache: hit)' "$dir/$row.hit.headers" \
     || log "warning: $name did not answer a hit on $row (see $dir/$row.hit.headers)"
   grep -qE '^HTTP/[0-9.]+ 200' "$dir/$row.hit.headers" || die "$name did not answer 200 on $row (see $dir/$row.hit.headers)"
-  if [[ "$row" != hit-* ]]; then # what was negotiated, to compare like with like
+  if [[ "$row" == tls-* || "$row" == h2-* ]]; then # what was negotiated, to compare like with like
     openssl s_client -connect "127.0.0.1:${TLS_PORT[$name]}" -alpn "$([ "$tool" = h2load ] && echo h2 || echo http/1.1)" \
       </dev/null 2>/dev/null | grep -aE '^(New, |Protocol|ALPN|Server Temp Key|Peer signature type)' | sort -u >"$dir/$row.tls.txt" || true
     log "  $name $row: $(tr '\n' ';' <"$dir/$row.tls.txt")"

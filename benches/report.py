@@ -3,6 +3,7 @@
 
 wrk FILE            -> "rps requests p50_ms p99_ms non2xx socket_errors bytes_per_response" from wrk --latency
 h2load FILE         -> the same from h2load's output, latencies from its --log-file FILE.log
+h2load-rate FILE    -> the same (h2load at a fixed rate)
 summary DIR         -> per row and server, median (min–max) over the valid runs of DIR/hits.tsv and
                        the ratios to nginx (median of the per-round ratios, so each ratio compares
                        runs made under the same machine noise); herd and stale window per round
@@ -134,7 +135,7 @@ def summary(out):
 
 
 if __name__ == "__main__":
-    commands = {"wrk": parse_wrk, "h2load": parse_h2load, "summary": summary}
+    commands = {"wrk": parse_wrk, "h2load": parse_h2load, "h2load-rate": parse_h2load, "summary": summary}
     if len(sys.argv) != 3 or sys.argv[1] not in commands:
         sys.exit(__doc__)
     commands[sys.argv[1]](sys.argv[2])
