@@ -26,7 +26,8 @@
 #
 # Settings (environment): SIZES="10 50 100" ITEM_BYTES=2440 RUNS=3 DURATION=10 CONNS=16
 # SERVER_CPU=0 CLIENT_CPU=1 BASE_PORT=18400 INSIGHTS_PROXY_BIN (skip the build) COMPARE_BIN (a second
-# build, measured the same way) CALLGRIND=0 NGINX_SENDFILE=on (nginx's sendfile and tcp_nopush, as
+# build, measured the same way) CALLGRIND=0 SENDFILE_MIN_BYTES ([cache] sendfile_min_bytes;
+# unset: the default) NGINX_SENDFILE=on (nginx's sendfile and tcp_nopush, as
 # its packaged nginx.conf sets them; off: its built-in default) OUT=/tmp/insights-listpage.XXXX. Installs wrk, nginx (and
 # valgrind) with apt-get when missing. Only 127.0.0.1; every run is bounded; everything started is
 # stopped by PID on exit.
@@ -135,6 +136,7 @@ page_url() { # port items
 sed -e "s#@THREADS@#1#g" -e "s#@FRESH_S@#3600#g" -e "s#@MAX_BYTES@#268435456#g" \
   "$HERE/conf/insights-proxy.toml.template" >"$OUT/proxy.toml"
 "$BIN" --check-config --config "$OUT/proxy.toml" >/dev/null 2>&1 || sed -i '/BUDGET-BEGIN/,/BUDGET-END/d' "$OUT/proxy.toml"
+[ -z "${SENDFILE_MIN_BYTES:-}" ] || sed -i "s/^max_bytes = .*/&\nsendfile_min_bytes = $SENDFILE_MIN_BYTES/" "$OUT/proxy.toml"
 
 # fill PORT SIZE LABEL: fills the entries through the proxy and checks the kept page; prints its size.
 fill() {

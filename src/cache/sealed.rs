@@ -32,9 +32,10 @@ use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
 
-/// Bodies from this size up are sealed unless configured otherwise: below it the copy costs less
-/// than the descriptor, the mapping and the page rounding.
-pub const DEFAULT_MIN_BYTES: usize = 32 * 1024;
+/// Bodies from this size up are sealed unless configured otherwise. Sending a 16 KiB body from a
+/// disk file already costs the kernel less than copying it (benches/RESULTS.md); below it the
+/// gain is gone while the descriptor and the page rounding (up to a quarter more) remain.
+pub const DEFAULT_MIN_BYTES: usize = 16 * 1024;
 /// The default bound on sealed bodies: a quarter of the process's descriptors, at most this.
 pub const DEFAULT_MAX_FILES: usize = 16 * 1024;
 /// Where body files live unless configured otherwise: on disk on every Linux distribution, and
