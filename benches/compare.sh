@@ -304,8 +304,10 @@ hit_row() { # server round row dir
     local srv0 srv1 cli0 cli1
     srv0=$(core_snapshot "$SERVER_CPU"); cli0=$(core_snapshot "$cpus")
     cpu_snapshot "$pid" >"$f.cpu.before"
+    local cap0 cap1; cap0=$(cap_stat)
     run_client "$f" "$cpus" "$conns" "$url" "$tool" "$DURATION" --latency
     cpu_snapshot "$pid" >"$f.cpu.after"
+    cap1=$(cap_stat)
     srv1=$(core_snapshot "$SERVER_CPU"); cli1=$(core_snapshot "$cpus")
     local cpu rps requests p50 p99 non2xx errs per share valid threads
     cpu=$(cpu_delta "$f.cpu.before" "$f.cpu.after")
@@ -318,12 +320,17 @@ hit_row() { # server round row dir
     util=$(python3 -c "print(round($cpu / $DURATION, 2))")
     busy=$(core_busy "$srv0" "$srv1"); cbusy=$(core_busy "$cli0" "$cli1")
     load=$(cut -d' ' -f1 /proc/loadavg)
+    local throttled="" # how often and how long the cap stopped the server: its pauses set p99
+    [ -z "$SERVER_QUOTA" ] || throttled=$(python3 -c "
+p0, t0, u0 = map(int, '$cap0'.split()); p1, t1, u1 = map(int, '$cap1'.split())
+n = t1 - t0
+print(f'; throttled in {n} of {p1 - p0} periods, {(u1 - u0) / max(n, 1) / 1000:.2f} ms each')")
     [ "$non2xx" -eq 0 ] || log "warning: $name $row: $non2xx non-2xx answers"
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
       "$round" "$name" "$row" "$valid" "$attempt" "$conns" "$cpus" "$share" "$cbusy" "$rps" "$per_cpu" "$cpu" "$util" \
       "$busy" "$load" "$requests" "$p50" "$p99" "$non2xx" "$errs" "$per" >>"$HITS"
     log "  $name $row: ${rps}/s, ${per_cpu} req/CPU-s, p50 ${p50} ms, p99 ${p99} ms (server cpu ${cpu}s, core busy ${busy};" \
-      "client ${share} of ${threads} core(s), ${conns} conns: ${valid}; load ${load})"
+      "client ${share} of ${threads} core(s), ${conns} conns: ${valid}; load ${load}${throttled})"
     [ "$valid" = valid ] && break
     [ "$attempt" -gt "$RETRIES" ] && break
     if [ ${#spare[@]} -gt 0 ]; then

@@ -60,6 +60,13 @@ cap_join() { # pid...: into the cap's cgroup, made on first use (cgroup v1 or v2
   done
 }
 cap_remove() { [ -z "$CGROUP" ] || rmdir "$CGROUP" 2>/dev/null || true; }
+# The cap's throttling so far: "periods throttled-periods throttled-µs" (cgroup v1 or v2), or "0 0 0".
+cap_stat() {
+  [ -n "$CGROUP" ] && [ -r "$CGROUP/cpu.stat" ] || { echo "0 0 0"; return; }
+  awk '$1 == "nr_periods" {p = $2} $1 == "nr_throttled" {t = $2}
+    $1 == "throttled_time" {us = $2 / 1000} $1 == "throttled_usec" {us = $2}
+    END {printf "%d %d %d\n", p, t, us}' "$CGROUP/cpu.stat"
+}
 
 # install_missing "command:package" ...: apt-get install the packages whose command is missing.
 install_missing() {

@@ -138,45 +138,45 @@ impl CacheStatus {
 impl CacheStatus {
     /// The header's value piece by piece: the one renderer behind [`Self::write_to`] and
     /// `Display`.
-    fn pieces(&self, mut put: impl FnMut(&str)) {
-        put(CACHE_NAME);
+    fn pieces(&self, mut put: impl FnMut(&[u8])) {
+        put(CACHE_NAME.as_bytes());
         put(match self.fwd {
-            None => "; hit",
-            Some(Fwd::Miss) => "; fwd=miss",
-            Some(Fwd::Stale) => "; fwd=stale",
-            Some(Fwd::Request) => "; fwd=request",
-            Some(Fwd::UriMiss) => "; fwd=uri-miss",
-            Some(Fwd::Bypass) => "; fwd=bypass",
+            None => b"; hit",
+            Some(Fwd::Miss) => b"; fwd=miss",
+            Some(Fwd::Stale) => b"; fwd=stale",
+            Some(Fwd::Request) => b"; fwd=request",
+            Some(Fwd::UriMiss) => b"; fwd=uri-miss",
+            Some(Fwd::Bypass) => b"; fwd=bypass",
         });
         let mut digits = [0u8; 20];
         if let Some(ttl) = self.ttl {
-            put("; ttl=");
+            put(b"; ttl=");
             put(decimal(ttl, &mut digits));
         }
         if let Some(s) = self.fwd_status {
-            put("; fwd-status=");
+            put(b"; fwd-status=");
             put(decimal(i64::from(s), &mut digits));
         }
         if self.stored {
-            put("; stored");
+            put(b"; stored");
         }
         if self.collapsed {
-            put("; collapsed");
+            put(b"; collapsed");
         }
         if let Some(d) = self.detail {
-            put("; detail=");
-            put(d.as_str());
+            put(b"; detail=");
+            put(d.as_str().as_bytes());
         }
     }
 
     /// Appends the header's value to `out` (the fast path's response head), without `fmt`.
     pub fn write_to(&self, out: &mut Vec<u8>) {
-        self.pieces(|s| out.extend_from_slice(s.as_bytes()));
+        self.pieces(|s| out.extend_from_slice(s));
     }
 }
 
-/// `n` in decimal, in `buf` (header values written without `fmt`).
-pub(crate) fn decimal(n: i64, buf: &mut [u8; 20]) -> &str {
+/// `n` in decimal ASCII, in `buf` (header values written without `fmt`).
+pub(crate) fn decimal(n: i64, buf: &mut [u8; 20]) -> &[u8] {
     let mut i = buf.len();
     let mut m = n.unsigned_abs();
     loop {
@@ -191,7 +191,7 @@ pub(crate) fn decimal(n: i64, buf: &mut [u8; 20]) -> &str {
         i -= 1;
         buf[i] = b'-';
     }
-    std::str::from_utf8(&buf[i..]).expect("ASCII digits")
+    &buf[i..]
 }
 
 impl fmt::Display for CacheStatus {
@@ -199,7 +199,8 @@ impl fmt::Display for CacheStatus {
         let mut written = Ok(());
         self.pieces(|s| {
             if written.is_ok() {
-                written = f.write_str(s);
+                // Every piece is ASCII.
+                written = std::str::from_utf8(s).map_err(|_| fmt::Error).and_then(|s| f.write_str(s));
             }
         });
         written

@@ -25,6 +25,8 @@ type Scope = (Partition, u64, u64);
 pub struct Trust {
     window: time::Duration,
     scope: RevalidateScope,
+    /// Each confirmation's end (when it was given plus the window): the hit path compares, and
+    /// never subtracts dates.
     confirmations: moka::sync::Cache<Scope, OffsetDateTime, FastHasher>,
     known: moka::sync::Cache<Partition, (), FastHasher>,
     refusals: moka::sync::Cache<Scope, Arc<UpstreamResponse>, FastHasher>,
@@ -77,7 +79,7 @@ impl Trust {
     /// The upstream just answered 200 to this principal for this project (and insight; `None`
     /// for a project-wide read such as a list page).
     pub fn confirm(&self, partition: Partition, project: u64, insight: Option<u64>, now: OffsetDateTime) {
-        self.confirmations.insert(self.scoped(partition, project, insight), now);
+        self.confirmations.insert(self.scoped(partition, project, insight), now.saturating_add(self.window));
         // Renewed on every acceptance, so an active principal never lapses into unknown.
         self.known.insert(partition, ());
         // Accepted again (a key re-granted): an earlier refusal no longer stands.
@@ -93,7 +95,7 @@ impl Trust {
         self.confirm(partition, project, Some(first), now);
         for &insight in rest {
             if self.scope == RevalidateScope::Insight {
-                self.confirmations.insert((partition, project, insight), now);
+                self.confirmations.insert((partition, project, insight), now.saturating_add(self.window));
             }
             self.refusals.invalidate(&(partition, project, insight));
         }
@@ -102,7 +104,7 @@ impl Trust {
     /// Whether cached data may reach this principal: the upstream accepted it for the scope
     /// within the revalidation window.
     pub fn is_confirmed(&self, partition: Partition, project: u64, insight: Option<u64>, now: OffsetDateTime) -> bool {
-        self.confirmations.get(&self.scoped(partition, project, insight)).is_some_and(|at| now - at <= self.window)
+        self.confirmations.get(&self.scoped(partition, project, insight)).is_some_and(|until| now <= until)
     }
 
     /// The upstream refused this principal (401: the credential, everywhere; 403: this project, or
@@ -190,6 +192,7 @@ mod tests {
         t.confirm(p, 1, Some(10), now);
         assert!(t.is_confirmed(p, 1, Some(11), now), "project scope: any insight of the project");
         assert!(!t.is_confirmed(p, 2, Some(10), now));
+        assert!(t.is_confirmed(p, 1, Some(10), now + time::Duration::seconds(60)), "the window's last instant");
         assert!(!t.is_confirmed(p, 1, Some(10), now + time::Duration::seconds(61)), "past the window");
         let t = trust(RevalidateScope::Insight);
         t.confirm(p, 1, Some(10), now);

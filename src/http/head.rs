@@ -130,7 +130,7 @@ fn put_field(head: &mut Vec<u8>, name: &HeaderName, value: Value<'_>) {
     head.extend_from_slice(b": ");
     match value {
         Value::Static(s) | Value::Text(s) => head.extend_from_slice(s.as_bytes()),
-        Value::Length(n) => head.extend_from_slice(decimal(n as i64, &mut [0u8; 20]).as_bytes()),
+        Value::Length(n) => head.extend_from_slice(decimal(n as i64, &mut [0u8; 20])),
         Value::CacheStatus(cs) => cs.write_to(head),
         Value::Header(v) => head.extend_from_slice(v.as_bytes()),
     }

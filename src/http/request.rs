@@ -79,8 +79,9 @@ impl<'b> OneRead<'b> {
         if version > 1 || !target.starts_with('/') || !target.bytes().all(is_target_byte) {
             return None;
         }
-        let (path, query) = match target.split_once('?') {
-            Some((path, query)) => (path, Some(query)),
+        // By byte position: `split_once('?')` sets up a `char` searcher on every hit.
+        let (path, query) = match target.bytes().position(|b| b == b'?') {
+            Some(i) => (&target[..i], Some(&target[i + 1..])),
             None => (target, None),
         };
         let mut connection = Connection::Unsaid;
