@@ -58,6 +58,10 @@
 # for each. On a machine whose client core cannot outpace a server that has a whole core (2 cores:
 # every run INVALID), this makes the server the bottleneck, so the run is valid; requests per
 # CPU-second are still the server's own, while hits/s and latency then include the cap's pauses.
+# Each run's log line says how often and for how long the cap throttled the server: its p99 is
+# those pauses. How long they are depends on when the kernel charges the server's time (at the
+# scheduler tick, 4 ms at HZ=250, for a server that never sleeps), not on the server's latency, and
+# it changes between runs; compare p99 in the rate rows.
 # Before/after a change: ALT_BIN=/path/to/other/insights-proxy SERVERS="nginx insights-proxy
 # insights-proxy-alt" runs a second build as the server "insights-proxy-alt", interleaved.
 # Only 127.0.0.1 is used; every wait and load is bounded; everything started is stopped by PID on exit.
