@@ -151,11 +151,7 @@ sim_calcs() { sim GET stats | python3 -c 'import json,sys; print(json.load(sys.s
 SRV_PID=""   # the server: nginx's master, varnishd, or the cleartext insights-proxy
 TLS_PID=""   # the insights-proxy instance with [server.tls] (nginx: the same as SRV_PID)
 start_proxy() { # bin dir port config -> pid in STARTED
-  sed -e "s#@THREADS@#$PROXY_THREADS#g" -e "s#@FRESH_S@#$FRESH_S#g" -e "s#@MAX_BYTES@#268435456#g" \
-    "$HERE/conf/insights-proxy.toml.template" >"$4"
-  if ! "$1" --check-config --config "$4" >/dev/null 2>&1; then
-    sed -i '/BUDGET-BEGIN/,/BUDGET-END/d' "$4" # a build without [budget]
-  fi
+  proxy_config "$1" "$4" "$PROXY_THREADS" "$FRESH_S" 268435456
   if [ "${5:-}" = tls ]; then
     printf '\n[server.tls]\ncert_path = "%s"\nkey_path = "%s"\nmin_version = "1.3"\n' "$OUT/cert.pem" "$OUT/key.pem" >>"$4"
   fi

@@ -55,9 +55,7 @@ for name in $SERVERS; do
       nginx -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log" >"$dir/server.log" 2>&1 &
       ;;
     insights-proxy)
-      sed -e "s#@THREADS@#1#g" -e "s#@FRESH_S@#300#g" -e "s#@MAX_BYTES@#268435456#g" \
-        "$HERE/conf/insights-proxy.toml.template" >"$dir/proxy.toml"
-      "$BIN" --check-config --config "$dir/proxy.toml" >/dev/null 2>&1 || sed -i '/BUDGET-BEGIN/,/BUDGET-END/d' "$dir/proxy.toml"
+      proxy_config "$BIN" "$dir/proxy.toml" 1 300 268435456
       "$BIN" --config "$dir/proxy.toml" --listen "127.0.0.1:$PORT" --upstream "http://127.0.0.1:$SIM_PORT" \
         --admin-listen off >"$dir/server.log" 2>&1 &
       ;;

@@ -60,6 +60,14 @@ cap_join() { # pid...: into the cap's cgroup, made on first use (cgroup v1 or v2
   done
 }
 cap_remove() { [ -z "$CGROUP" ] || rmdir "$CGROUP" 2>/dev/null || true; }
+# proxy_config BIN FILE THREADS FRESH_S MAX_BYTES: FILE from conf/insights-proxy.toml.template, with
+# [cache] sendfile_min_bytes = SENDFILE_MIN_BYTES when that is set, and without [budget] for a build
+# that does not know it.
+proxy_config() {
+  sed -e "s#@THREADS@#$3#g" -e "s#@FRESH_S@#$4#g" -e "s#@MAX_BYTES@#$5#g" "$HERE/conf/insights-proxy.toml.template" >"$2"
+  [ -z "${SENDFILE_MIN_BYTES:-}" ] || sed -i "s/^max_bytes = .*/&\nsendfile_min_bytes = $SENDFILE_MIN_BYTES/" "$2"
+  "$1" --check-config --config "$2" >/dev/null 2>&1 || sed -i '/BUDGET-BEGIN/,/BUDGET-END/d' "$2"
+}
 # The cap's throttling so far: "periods throttled-periods throttled-µs" (cgroup v1 or v2), or "0 0 0".
 cap_stat() {
   [ -n "$CGROUP" ] && [ -r "$CGROUP/cpu.stat" ] || { echo "0 0 0"; return; }

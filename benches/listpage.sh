@@ -133,10 +133,7 @@ page_url() { # port items
   if [ "$OFFSET" -gt 0 ]; then echo "http://127.0.0.1:$1$LIST?limit=$2&offset=$OFFSET"; else echo "http://127.0.0.1:$1$LIST?limit=$2"; fi
 }
 
-sed -e "s#@THREADS@#1#g" -e "s#@FRESH_S@#3600#g" -e "s#@MAX_BYTES@#268435456#g" \
-  "$HERE/conf/insights-proxy.toml.template" >"$OUT/proxy.toml"
-"$BIN" --check-config --config "$OUT/proxy.toml" >/dev/null 2>&1 || sed -i '/BUDGET-BEGIN/,/BUDGET-END/d' "$OUT/proxy.toml"
-[ -z "${SENDFILE_MIN_BYTES:-}" ] || sed -i "s/^max_bytes = .*/&\nsendfile_min_bytes = $SENDFILE_MIN_BYTES/" "$OUT/proxy.toml"
+proxy_config "$BIN" "$OUT/proxy.toml" 1 3600 268435456
 
 # fill PORT SIZE LABEL: fills the entries through the proxy and checks the kept page; prints its size.
 fill() {

@@ -46,10 +46,7 @@ sim_args=(simulate --listen "127.0.0.1:$SIM_PORT" --calc-delay-ms 0)
 SIM_PID=$!; PIDS+=("$SIM_PID")
 wait_port "$SIM_PORT" "$SIM_PID" || die "the simulator did not start (see $OUT/sim.log)"
 
-sed -e "s#@THREADS@#2#g" -e "s#@FRESH_S@#300#g" -e "s#@MAX_BYTES@#$((64 << 30))#g" \
-  "$HERE/conf/insights-proxy.toml.template" >"$OUT/proxy.toml"
-[ -z "${SENDFILE_MIN_BYTES:-}" ] || sed -i "s/^max_bytes = .*/&\nsendfile_min_bytes = $SENDFILE_MIN_BYTES/" "$OUT/proxy.toml"
-"$BIN" --check-config --config "$OUT/proxy.toml" >/dev/null 2>&1 || sed -i '/BUDGET-BEGIN/,/BUDGET-END/d' "$OUT/proxy.toml"
+proxy_config "$BIN" "$OUT/proxy.toml" 2 300 $((64 << 30))
 "$BIN" --config "$OUT/proxy.toml" --listen "127.0.0.1:$PROXY_PORT" --upstream "http://127.0.0.1:$SIM_PORT" \
   --admin-listen "127.0.0.1:$ADMIN_PORT" >"$OUT/proxy.log" 2>&1 &
 PROXY_PID=$!; PIDS+=("$PROXY_PID")

@@ -78,12 +78,7 @@ start_server() {
   mkdir -p "$dir"
   case "$name" in
     insights-proxy)
-      sed -e "s#@THREADS@#1#g" -e "s#@FRESH_S@#300#g" -e "s#@MAX_BYTES@#268435456#g" \
-        "$HERE/conf/insights-proxy.toml.template" >"$dir/proxy.toml"
-      if [ -n "$SENDFILE_MIN_BYTES" ]; then
-        sed -i "s/^max_bytes = .*/&\nsendfile_min_bytes = $SENDFILE_MIN_BYTES/" "$dir/proxy.toml"
-      fi
-      "$BIN" --check-config --config "$dir/proxy.toml" >/dev/null 2>&1 || sed -i '/BUDGET-BEGIN/,/BUDGET-END/d' "$dir/proxy.toml"
+      proxy_config "$BIN" "$dir/proxy.toml" 1 300 268435456
       RUST_LOG=$PROXY_LOG taskset -c "$SERVER_CPU" "$@" "$BIN" --config "$dir/proxy.toml" --listen "127.0.0.1:$PORT" \
         --upstream "http://127.0.0.1:$SIM_PORT" --admin-listen off >"$dir/server.out" 2>"$dir/server.err" &
       ;;

@@ -93,9 +93,10 @@ impl Trust {
     pub fn confirm_listed(&self, partition: Partition, project: u64, insights: &[u64], now: OffsetDateTime) {
         let Some((&first, rest)) = insights.split_first() else { return };
         self.confirm(partition, project, Some(first), now);
+        let until = now.saturating_add(self.window);
         for &insight in rest {
             if self.scope == RevalidateScope::Insight {
-                self.confirmations.insert((partition, project, insight), now.saturating_add(self.window));
+                self.confirmations.insert((partition, project, insight), until);
             }
             self.refusals.invalidate(&(partition, project, insight));
         }

@@ -98,11 +98,15 @@ fn usable_dir(dir: &Path) -> io::Result<CString> {
 /// A new unnamed file in `dir`, open for writing.
 fn unnamed_file(dir: &CString) -> io::Result<OwnedFd> {
     // SAFETY: a NUL-terminated path and flags; the result is checked.
-    let fd = unsafe { libc::open(dir.as_ptr(), libc::O_TMPFILE | libc::O_RDWR | libc::O_CLOEXEC, 0o600) };
+    owned(unsafe { libc::open(dir.as_ptr(), libc::O_TMPFILE | libc::O_RDWR | libc::O_CLOEXEC, 0o600) })
+}
+
+/// The descriptor a system call just returned, or its error.
+fn owned(fd: RawFd) -> io::Result<OwnedFd> {
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: `fd` was just opened and nothing else owns it.
+    // SAFETY: `fd` was just opened by the caller's call and nothing else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
@@ -240,7 +244,7 @@ pub fn seal(body: &[u8]) -> Option<(Bytes, SealedFile)> {
         OPEN.fetch_sub(1, Ordering::Relaxed);
         return None;
     }
-    let dir = DIR.read().unwrap_or_else(|e| e.into_inner()).clone();
+    let dir = DIR.read().unwrap_or_else(|e| e.into_inner());
     match map_file(body, dir.as_ref()) {
         Ok(mapping) => {
             let mapping = Arc::new(mapping);
@@ -270,13 +274,9 @@ fn map_file(body: &[u8], dir: Option<&CString>) -> io::Result<Mapping> {
         }
         None => {
             // SAFETY: a NUL-terminated name and flags; the result is checked.
-            let fd =
-                unsafe { libc::memfd_create(c"insights-body".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
-            if fd < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // SAFETY: `fd` was just created and nothing else owns it.
-            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            let fd = owned(unsafe {
+                libc::memfd_create(c"insights-body".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+            })?;
             write_all(&fd, body)?;
             let seals = libc::F_SEAL_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
             // SAFETY: `fcntl` on a descriptor we own.
@@ -321,12 +321,7 @@ fn write_all(fd: &OwnedFd, body: &[u8]) -> io::Result<()> {
 fn read_only(fd: OwnedFd) -> OwnedFd {
     let Ok(path) = CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())) else { return fd };
     // SAFETY: a NUL-terminated path and flags; the result is checked.
-    let ro = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
-    if ro < 0 {
-        return fd;
-    }
-    // SAFETY: `ro` was just opened and nothing else owns it.
-    unsafe { OwnedFd::from_raw_fd(ro) }
+    owned(unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) }).unwrap_or(fd)
 }
 
 #[cfg(test)]
